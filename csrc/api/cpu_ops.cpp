@@ -1,0 +1,39 @@
+// CPU backend: the C++ kernels of csrc/cpu/ behind the op bodies of op_bodies.h.
+#include <ATen/Dispatch.h>
+
+#include "api/op_bodies.h"
+
+namespace nsa::api {
+namespace {
+
+struct CpuBackend {
+  struct NoGuard {};
+  static NoGuard prepare(const at::Tensor&) { return {}; }
+
+  static void attn_fwd(const AttnFwdParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda attn_fwd (CPU)",
+                                    [&] { cpu::attn_fwd<scalar_t>(p); });
+  }
+  static void attn_bwd(const AttnBwdParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda attn_bwd (CPU)",
+                                    [&] { cpu::attn_bwd<scalar_t>(p); });
+  }
+  static void select_blocks(const SelectParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda select_blocks (CPU)",
+                                    [&] { cpu::select_blocks<scalar_t>(p); });
+  }
+  static void mean_compress(const cpu::CompressParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda mean_compress (CPU)",
+                                    [&] { cpu::mean_compress<scalar_t>(p); });
+  }
+  static void mean_compress_bwd(const cpu::CompressParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,
+                                    "nsa_cuda mean_compress_bwd (CPU)",
+                                    [&] { cpu::mean_compress_bwd<scalar_t>(p); });
+  }
+};
+
+}  // namespace
+}  // namespace nsa::api
+
+TORCH_LIBRARY_IMPL(nsa_cuda, CPU, m) { nsa::api::register_backend<nsa::api::CpuBackend>(m); }

@@ -1,0 +1,248 @@
+// The CPU attention mainloop, shared by the compressed, selected and window
+// branches: each query row walks its branch's key ranges (schedule.h) with the
+// online softmax the CUDA kernels use (running max, rescaled sum and output).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/schedule.h"
+
+namespace nsa::cpu {
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename acc_t, typename scalar_t>
+inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<acc_t>(b[i]);
+  return s;
+}
+
+template <typename acc_t, typename scalar_t>
+inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<acc_t>(x[i]);
+}
+
+// Maps a flat token index to its sequence, for parallel loops over all tokens.
+struct TokenMap {
+  std::vector<SeqInfo> seqs;
+  std::vector<int64_t> first_token;  // flat index of each sequence's first token
+  int64_t total = 0;
+
+  TokenMap(const int32_t* cu_seqlens, int64_t num_seqs, int64_t seqlen, int64_t l, int64_t d) {
+    for (int64_t b = 0; b < num_seqs; ++b) {
+      seqs.push_back(seq_info(cu_seqlens, b, seqlen, l, d));
+      first_token.push_back(total);
+      total += seqs.back().len;
+    }
+  }
+  // The sequence holding flat token `x` and the position in it.
+  std::pair<const SeqInfo*, int64_t> locate(int64_t x) const {
+    const auto it = std::upper_bound(first_token.begin(), first_token.end(), x);
+    const int64_t b = (it - first_token.begin()) - 1;
+    return {&seqs[b], x - first_token[b]};
+  }
+};
+
+inline TokenMap token_map(const AttnFwdParams& p) {
+  return TokenMap(p.cu_seqlens, p.num_seqs, p.seqlen, p.cmp_block_size, p.cmp_stride);
+}
+
+template <typename T>
+inline T* row_ptr(T* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
+                  int64_t b, int64_t row, int64_t h) {
+  return base + b * batch_stride + row * row_stride + h * head_stride;
+}
+
+template <typename scalar_t>
+struct Views {
+  using acc_t = acc_type<scalar_t>;
+  const AttnFwdParams& p;
+  const scalar_t* q_row(const SeqInfo& s, int64_t t, int64_t h) const {
+    return row_ptr(static_cast<const scalar_t*>(p.q), p.q_batch_stride, p.q_row_stride,
+                   p.q_head_stride, s.batch, s.row0 + t, h);
+  }
+  const scalar_t* k_row(const SeqInfo& s, int64_t r, int64_t kvh) const {
+    return row_ptr(static_cast<const scalar_t*>(p.k), p.k_batch_stride, p.k_row_stride,
+                   p.k_head_stride, s.batch, key_row0(p, s) + r, kvh);
+  }
+  const scalar_t* v_row(const SeqInfo& s, int64_t r, int64_t kvh) const {
+    return row_ptr(static_cast<const scalar_t*>(p.v), p.v_batch_stride, p.v_row_stride,
+                   p.v_head_stride, s.batch, key_row0(p, s) + r, kvh);
+  }
+  scalar_t* o_row(const SeqInfo& s, int64_t t, int64_t h) const {
+    return row_ptr(static_cast<scalar_t*>(p.o), p.o_batch_stride, p.o_row_stride,
+                   p.o_head_stride, s.batch, s.row0 + t, h);
+  }
+  acc_t& lse(const SeqInfo& s, int64_t t, int64_t h) const {
+    return static_cast<acc_t*>(p.lse)[s.batch * p.lse_batch_stride + h * p.lse_head_stride +
+                                      s.row0 + t];
+  }
+};
+
+// Online softmax over one query row: scores arrive in chunks; the running max
+// `m`, the sum `l` of exp(score - m) and the output accumulator are rescaled
+// whenever the max grows.
+template <typename acc_t>
+struct OnlineSoftmax {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  acc_t l = 0;
+
+  // Returns the factor that rescales what was accumulated before this chunk.
+  acc_t absorb_chunk(acc_t* scores, int64_t n) {
+    acc_t m_new = m;
+    for (int64_t i = 0; i < n; ++i) m_new = std::max(m_new, scores[i]);
+    const acc_t rescale = m == -std::numeric_limits<acc_t>::infinity() ? 0 : std::exp(m - m_new);
+    l *= rescale;
+    for (int64_t i = 0; i < n; ++i) {
+      scores[i] = std::exp(scores[i] - m_new);
+      l += scores[i];
+    }
+    m = m_new;
+    return rescale;
+  }
+  bool empty() const { return l == 0; }
+  acc_t lse() const {
+    return empty() ? -std::numeric_limits<acc_t>::infinity() : m + std::log(l);
+  }
+};
+
+constexpr int64_t kChunk = 64;
+
+template <typename scalar_t>
+void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo& s, int64_t t,
+             int64_t h, std::vector<acc_type<scalar_t>>& scratch) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t dk = p.head_dim_qk, dv = p.head_dim_v, kvh = h / p.group;
+  scratch.assign(dk + dv + kChunk, acc_t(0));
+  acc_t* q = scratch.data();
+  acc_t* acc = q + dk;
+  acc_t* scores = acc + dv;
+  const scalar_t* q_src = view.q_row(s, t, h);
+  for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]) * acc_t(p.scale);
+
+  OnlineSoftmax<acc_t> softmax;
+  for_each_key_range(p, s, t, h, [&](KeyRange range) {
+    for (int64_t r0 = range.begin; r0 < range.end; r0 += kChunk) {
+      const int64_t n = std::min(kChunk, range.end - r0);
+      for (int64_t i = 0; i < n; ++i) scores[i] = dot(q, view.k_row(s, r0 + i, kvh), dk);
+      const acc_t rescale = softmax.absorb_chunk(scores, n);
+      for (int64_t c = 0; c < dv; ++c) acc[c] *= rescale;
+      for (int64_t i = 0; i < n; ++i) axpy(scores[i], view.v_row(s, r0 + i, kvh), acc, dv);
+    }
+  });
+
+  scalar_t* o = view.o_row(s, t, h);
+  const acc_t inv_l = softmax.empty() ? acc_t(0) : acc_t(1) / softmax.l;
+  for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<scalar_t>(acc[c] * inv_l);
+  view.lse(s, t, h) = softmax.lse();
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void attn_fwd(const AttnFwdParams& p) {
+  const TokenMap tokens = token_map(p);
+  const Views<scalar_t> view{p};
+  const int64_t rows = tokens.total * p.num_heads_q;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_type<scalar_t>> scratch;
+    for (int64_t x = begin; x < end; ++x) {
+      const auto [seq, t] = tokens.locate(x / p.num_heads_q);
+      fwd_row(p, view, *seq, t, x % p.num_heads_q, scratch);
+    }
+  });
+}
+
+// Backward by (sequence, KV head): the task owns the dk/dv rows of its KV head
+// and the dq rows of the heads in its group, so no two tasks write the same
+// element and the result is the same whatever the thread count.
+template <typename scalar_t>
+void attn_bwd(const AttnBwdParams& p) {
+  using acc_t = acc_type<scalar_t>;
+  const TokenMap tokens = token_map(p);
+  const Views<scalar_t> view{p};
+  const int64_t dk = p.head_dim_qk, dv = p.head_dim_v;
+  const int64_t tasks = p.num_seqs * p.num_heads_kv;
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(dk), dq(dk), dout(dv), dk_acc, dv_acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const SeqInfo& s = tokens.seqs[task / p.num_heads_kv];
+      const int64_t kvh = task % p.num_heads_kv;
+      const int64_t keys = p.branch == Branch::kCompressed
+                               ? std::min(available_key_rows(p, s),
+                                          num_cmp_blocks(s.len, p.cmp_block_size, p.cmp_stride))
+                               : s.len;
+      dk_acc.assign(keys * dk, acc_t(0));
+      dv_acc.assign(keys * dv, acc_t(0));
+
+      for (int64_t t = 0; t < s.len; ++t) {
+        for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
+          const acc_t lse = view.lse(s, t, h);
+          const scalar_t* do_src = row_ptr(static_cast<const scalar_t*>(p.dout), p.do_batch_stride,
+                                           p.do_row_stride, p.do_head_stride, s.batch, s.row0 + t, h);
+          const scalar_t* o_src = view.o_row(s, t, h);
+          // delta = d(loss)/d(lse) folded in: ds = p * (dp - (rowsum(o * do) - dlse)).
+          acc_t delta = 0;
+          for (int64_t c = 0; c < dv; ++c) {
+            dout[c] = static_cast<acc_t>(do_src[c]);
+            delta += dout[c] * static_cast<acc_t>(o_src[c]);
+          }
+          if (p.dlse != nullptr) {
+            delta -= static_cast<const acc_t*>(p.dlse)[s.batch * p.lse_batch_stride +
+                                                      h * p.lse_head_stride + s.row0 + t];
+          }
+          const scalar_t* q_src = view.q_row(s, t, h);
+          for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]);
+          std::fill(dq.begin(), dq.end(), acc_t(0));
+
+          if (lse != -std::numeric_limits<acc_t>::infinity()) {
+            for_each_key_range(p, s, t, h, [&](KeyRange range) {
+              for (int64_t r = range.begin; r < range.end; ++r) {
+                const scalar_t* k_src = view.k_row(s, r, kvh);
+                const scalar_t* v_src = view.v_row(s, r, kvh);
+                const acc_t prob = std::exp(acc_t(p.scale) * dot(q.data(), k_src, dk) - lse);
+                const acc_t dp = dot(dout.data(), v_src, dv);
+                const acc_t ds = prob * (dp - delta);
+                axpy(prob, dout.data(), dv_acc.data() + r * dv, dv);
+                axpy(ds, k_src, dq.data(), dk);
+                axpy(ds, q.data(), dk_acc.data() + r * dk, dk);
+              }
+            });
+          }
+          scalar_t* dq_dst = row_ptr(static_cast<scalar_t*>(p.dq), p.dq_batch_stride,
+                                     p.dq_row_stride, p.dq_head_stride, s.batch, s.row0 + t, h);
+          for (int64_t i = 0; i < dk; ++i) dq_dst[i] = static_cast<scalar_t>(dq[i] * acc_t(p.scale));
+        }
+      }
+      const int64_t row0 = key_row0(p, s);
+      for (int64_t r = 0; r < keys; ++r) {
+        scalar_t* dk_dst = row_ptr(static_cast<scalar_t*>(p.dk), p.dk_batch_stride,
+                                   p.dk_row_stride, p.dk_head_stride, s.batch, row0 + r, kvh);
+        scalar_t* dv_dst = row_ptr(static_cast<scalar_t*>(p.dv), p.dv_batch_stride,
+                                   p.dv_row_stride, p.dv_head_stride, s.batch, row0 + r, kvh);
+        for (int64_t i = 0; i < dk; ++i)
+          dk_dst[i] = static_cast<scalar_t>(dk_acc[r * dk + i] * acc_t(p.scale));
+        for (int64_t c = 0; c < dv; ++c) dv_dst[c] = static_cast<scalar_t>(dv_acc[r * dv + c]);
+      }
+    }
+  });
+}
+
+#define NSA_INSTANTIATE_ATTN(T)                    \
+  template void attn_fwd<T>(const AttnFwdParams&); \
+  template void attn_bwd<T>(const AttnBwdParams&);
+NSA_INSTANTIATE_ATTN(float)
+NSA_INSTANTIATE_ATTN(double)
+NSA_INSTANTIATE_ATTN(c10::Half)
+NSA_INSTANTIATE_ATTN(c10::BFloat16)
+
+}  // namespace nsa::cpu

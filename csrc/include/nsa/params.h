@@ -1,0 +1,103 @@
+// Plain parameter structs filled once in csrc/api/ and read by every kernel.
+// Kernels never see a torch type: raw pointers, 64-bit element strides, ints.
+#pragma once
+
+#include <cstdint>
+
+namespace nsa {
+
+// The three attention branches share one mainloop; the branch picks the KV
+// schedule (which keys a query row visits) and the mask.
+enum class Branch : int32_t {
+  kCompressed = 0,  // keys: compressed rows [0, nc(t)) of sequence's k_cmp
+  kSelected = 1,    // keys: s <= t with s // slc_block in block_indices[t, h / G]
+  kWindow = 2,      // keys: [max(0, t - window + 1), t]
+};
+
+// Layout: q/o [B, T, H, D] ("bshd"), lse [B, Hq, T]; in varlen mode B == 1 in
+// memory, `num_seqs` sequences packed along T with offsets cu_seqlens.
+struct AttnFwdParams {
+  Branch branch;
+  // Inputs. q [B, T, Hq, Dk]; k [B, Tk, Hkv, Dk]; v [B, Tk, Hkv, Dv], where Tk is T
+  // for the selected/window branches and the compressed row count for kCompressed.
+  const void* q;
+  const void* k;
+  const void* v;
+  // Outputs. o [B, T, Hq, Dv] in q's dtype; lse [B, Hq, T] in the accumulate type
+  // (float32, float64 for fp64 inputs).
+  void* o;
+  void* lse;
+
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;  // row stride 1
+
+  // kSelected: block_indices [B, T, Hkv, slc_num_blocks] int32 (-1 or out of
+  // range = unused slot).
+  const int32_t* block_indices;
+  int64_t bi_batch_stride, bi_row_stride, bi_head_stride;
+
+  // Varlen: cu_seqlens [num_seqs + 1] (nullptr in batch mode).
+  const int32_t* cu_seqlens;
+
+  int64_t num_seqs;     // B, or the number of packed sequences
+  int64_t seqlen;       // T in batch mode; max_seqlen in varlen mode
+  int64_t k_rows;       // rows of k/v per batch entry (all packed rows in varlen)
+  int64_t num_heads_q;  // Hq
+  int64_t num_heads_kv; // Hkv
+  int64_t group;        // G = Hq / Hkv
+  int64_t head_dim_qk;  // Dk
+  int64_t head_dim_v;   // Dv
+  float scale;
+
+  int64_t cmp_block_size;  // l
+  int64_t cmp_stride;      // d
+  int64_t slc_block_size;  // l'
+  int64_t slc_num_blocks;  // n
+  int64_t window_size;     // w
+};
+
+struct AttnBwdParams : AttnFwdParams {
+  // do [B, T, Hq, Dv] like o; dlse [B, Hq, T] like lse (may be nullptr: zero).
+  const void* dout;
+  const void* dlse;
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  // Gradients: dq like q, dk like k, dv like v (contiguous, same shapes).
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+};
+
+// Block selection: q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], lse_cmp [B, Hq, T].
+// Output block_indices [B, T, Hkv, n] int32, ascending, -1 padded.
+struct SelectParams {
+  const void* q;
+  const void* k_cmp;
+  const void* lse_cmp;
+  int32_t* block_indices;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t lse_batch_stride, lse_head_stride;
+  int64_t bi_batch_stride, bi_row_stride, bi_head_stride;
+  const int32_t* cu_seqlens;
+  int64_t num_seqs, seqlen, k_rows, num_heads_q, num_heads_kv, group, head_dim_qk;
+  float scale;
+  int64_t cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks, slc_init_blocks,
+      slc_local_blocks;
+};
+
+// The rows of one sequence: where it starts in the packed (or batched) tensors
+// and how long it is. Shared by the CPU and CUDA kernels.
+struct SeqInfo {
+  int64_t batch;    // batch index into *_batch_stride (0 in varlen mode)
+  int64_t row0;     // first token row of the sequence
+  int64_t len;      // its length
+  int64_t cmp_row0; // first compressed row of the sequence
+};
+
+}  // namespace nsa

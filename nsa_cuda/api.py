@@ -1,0 +1,183 @@
+"""The public functions: validate, then call the registered ops.
+
+Each function checks its arguments (``_validate``), fills defaults and calls a
+custom op of the ``nsa_cuda`` library, so it runs on whatever backend the tensors
+live on and composes with autograd and torch.compile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate as check
+from .ops import ops
+
+Tensor = torch.Tensor
+
+
+def mean_compress(x: Tensor, cmp_block_size: int, cmp_stride: int,
+                  cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """Mean of each compressed block's ``l`` rows: ``[B, T, H, D] -> [B, Tc(T), H, D]``.
+
+    Block ``i`` covers rows ``[i*d, i*d + l)``. In varlen mode (``cu_seqlens``,
+    ``x`` is ``[1, total, H, D]``) sequence ``m``'s blocks start at row
+    ``sum_{m'<m} Tc(len_m')`` and the output has ``total // cmp_stride`` rows, a
+    bound known without a device sync; rows past the last block are zero.
+    """
+    check.tensor("x", x, 4)
+    check.dtype("x", x)
+    check.last_dim_contiguous("x", x)
+    check.nsa_sizes(cmp_block_size=cmp_block_size, cmp_stride=cmp_stride)
+    if cmp_block_size % cmp_stride:
+        raise ValueError(f"cmp_stride={cmp_stride} must divide cmp_block_size={cmp_block_size}")
+    check.cu_seqlens(cu_seqlens, x, None if cu_seqlens is None else x.shape[1])
+    return ops.mean_compress(x, cu_seqlens, cmp_block_size, cmp_stride)
+
+
+def compressed_attn(q: Tensor, k_cmp: Tensor, v_cmp: Tensor, *, cmp_block_size: int = 32,
+                    cmp_stride: int = 16, scale: Optional[float] = None,
+                    cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None):
+    """Branch 1: query ``t`` attends to the compressed blocks that ended at or before ``t``.
+
+    Returns ``(o [B, T, Hq, Dv], lse [B, Hq, T])``; rows with no visible block give
+    ``o = 0`` and ``lse = -inf``.
+    """
+    check.nsa_sizes(cmp_block_size=cmp_block_size, cmp_stride=cmp_stride)
+    check.compressed_kv(q, k_cmp, v_cmp, cmp_block_size, cmp_stride, cu_seqlens is not None)
+    max_seqlen = check.cu_seqlens(cu_seqlens, q, max_seqlen)
+    return ops.compressed_attn_fwd(q, k_cmp, v_cmp, cu_seqlens, max_seqlen, cmp_block_size,
+                                   cmp_stride, check.scale(scale, q.shape[3]))
+
+
+def select_blocks(q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, *, cmp_block_size: int = 32,
+                  cmp_stride: int = 16, slc_block_size: int = 64, slc_num_blocks: int = 16,
+                  slc_init_blocks: int = 1, slc_local_blocks: int = 2,
+                  scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None,
+                  max_seqlen: Optional[int] = None) -> Tensor:
+    """Top-n selection blocks per token and KV head, from the compressed scores.
+
+    ``lse_cmp`` is the compressed branch's log-sum-exp (``compressed_attn``'s second
+    output). Returns ``block_indices [B, T, Hkv, slc_num_blocks]`` int32: ascending,
+    padded with -1. Not differentiable (a discrete choice).
+    """
+    check.nsa_sizes(cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
+                    slc_block_size=slc_block_size, slc_num_blocks=slc_num_blocks,
+                    slc_init_blocks=slc_init_blocks, slc_local_blocks=slc_local_blocks)
+    check.compressed_kv(q, k_cmp, k_cmp, cmp_block_size, cmp_stride, cu_seqlens is not None)
+    check.tensor("lse_cmp", lse_cmp, 3)
+    expected = (q.shape[0], q.shape[2], q.shape[1])
+    if tuple(lse_cmp.shape) != expected:
+        raise ValueError(f"lse_cmp must have shape [B, Hq, T] = {list(expected)}, "
+                         f"got {tuple(lse_cmp.shape)}")
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if lse_cmp.dtype != lse_dtype:
+        raise TypeError(f"lse_cmp must be {lse_dtype} for {q.dtype} inputs, got {lse_cmp.dtype}")
+    check.same_device(q=q, lse_cmp=lse_cmp)
+    max_seqlen = check.cu_seqlens(cu_seqlens, q, max_seqlen)
+    return ops.select_blocks(q, k_cmp, lse_cmp.contiguous(), cu_seqlens, max_seqlen,
+                             cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
+                             slc_init_blocks, slc_local_blocks, check.scale(scale, q.shape[3]))
+
+
+def selected_attn(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, *,
+                  slc_block_size: int = 64, scale: Optional[float] = None,
+                  cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None):
+    """Branch 2: query ``t`` of head ``h`` attends to keys ``s <= t`` in the blocks
+    listed in ``block_indices[t, h // G]`` (any order; -1 or out-of-range = unused).
+
+    Returns ``(o [B, T, Hq, Dv], lse [B, Hq, T])``.
+    """
+    check.nsa_sizes(slc_block_size=slc_block_size)
+    check.qkv(q, k, v)
+    check.same_rows(q, k)
+    block_indices = check.block_indices(block_indices, q, k.shape[2])
+    max_seqlen = check.cu_seqlens(cu_seqlens, q, max_seqlen)
+    return ops.selected_attn_fwd(q, k, v, block_indices, cu_seqlens, max_seqlen, slc_block_size,
+                                 check.scale(scale, q.shape[3]))
+
+
+def window_attn(q: Tensor, k: Tensor, v: Tensor, *, window_size: int = 512,
+                scale: Optional[float] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None):
+    """Branch 3: query ``t`` attends to keys ``max(0, t - w + 1) <= s <= t``.
+
+    Returns ``(o [B, T, Hq, Dv], lse [B, Hq, T])``.
+    """
+    check.nsa_sizes(window_size=window_size)
+    check.qkv(q, k, v)
+    check.same_rows(q, k)
+    max_seqlen = check.cu_seqlens(cu_seqlens, q, max_seqlen)
+    return ops.window_attn_fwd(q, k, v, cu_seqlens, max_seqlen, window_size,
+                               check.scale(scale, q.shape[3]))
+
+
+def _gated(o: Tensor, g: Tensor) -> Tensor:
+    return g.to(o.dtype).unsqueeze(-1) * o
+
+
+def sparse_attn(q: Tensor, k: Tensor, v: Tensor, g_cmp: Optional[Tensor],
+                g_slc: Optional[Tensor], g_win: Optional[Tensor],
+                k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None, *,
+                cmp_block_size: int = 32, cmp_stride: int = 16, slc_block_size: int = 64,
+                slc_num_blocks: int = 16, slc_init_blocks: int = 1, slc_local_blocks: int = 2,
+                window_size: int = 512, scale: Optional[float] = None,
+                block_indices: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                max_seqlen: Optional[int] = None, return_aux: bool = False):
+    """Native Sparse Attention: ``o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win``.
+
+    q ``[B, T, Hq, Dk]``, k ``[B, T, Hkv, Dk]``, v ``[B, T, Hkv, Dv]``; gates
+    ``[B, T, Hq]`` (already activated; ``None`` turns a branch off). ``k_cmp``/``v_cmp``
+    default to ``mean_compress`` of ``k``/``v``. ``block_indices`` skips selection.
+    Varlen: ``cu_seqlens`` int32 ``[N+1]`` with q, k, v packed as ``[1, total, ...]``;
+    pass ``max_seqlen`` to avoid a device sync. ``return_aux=True`` returns
+    ``(o, aux)`` with the branch outputs, their lse and the block indices.
+    """
+    g, dk, dv = check.qkv(q, k, v)
+    check.same_rows(q, k)
+    check.nsa_sizes(cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
+                    slc_init_blocks, slc_local_blocks, window_size)
+    g_cmp, g_slc, g_win = (check.gate(n, x, q) for n, x in
+                           (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_win", g_win)))
+    max_seqlen = check.cu_seqlens(cu_seqlens, q, max_seqlen)
+    scale = check.scale(scale, dk)
+    if (k_cmp is None) != (v_cmp is None):
+        raise ValueError("pass both k_cmp and v_cmp, or neither (mean compression)")
+    if block_indices is not None:
+        block_indices = check.block_indices(block_indices, q, k.shape[2])
+
+    need_cmp = g_cmp is not None or (g_slc is not None and block_indices is None)
+    aux = dict.fromkeys(("block_indices", "o_cmp", "o_slc", "o_win", "lse_cmp", "lse_slc",
+                         "lse_win"))
+    cmp_sizes = dict(cmp_block_size=cmp_block_size, cmp_stride=cmp_stride)
+    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if need_cmp:
+        if k_cmp is None:
+            k_cmp = ops.mean_compress(k, cu_seqlens, cmp_block_size, cmp_stride)
+            v_cmp = ops.mean_compress(v, cu_seqlens, cmp_block_size, cmp_stride)
+        check.compressed_kv(q, k_cmp, v_cmp, cmp_block_size, cmp_stride, cu_seqlens is not None)
+        aux["o_cmp"], aux["lse_cmp"] = ops.compressed_attn_fwd(
+            q, k_cmp, v_cmp, cu_seqlens, max_seqlen, cmp_block_size, cmp_stride, scale)
+    if g_slc is not None:
+        if block_indices is None:
+            block_indices = ops.select_blocks(
+                q, k_cmp, aux["lse_cmp"], cu_seqlens, max_seqlen, cmp_block_size, cmp_stride,
+                slc_block_size, slc_num_blocks, slc_init_blocks, slc_local_blocks, scale)
+        aux["o_slc"], aux["lse_slc"] = ops.selected_attn_fwd(
+            q, k, v, block_indices, cu_seqlens, max_seqlen, slc_block_size, scale)
+        aux["block_indices"] = block_indices
+    if g_win is not None:
+        aux["o_win"], aux["lse_win"] = ops.window_attn_fwd(q, k, v, cu_seqlens, max_seqlen,
+                                                           window_size, scale)
+    if g_cmp is None:  # computed only to drive selection
+        aux["o_cmp"] = aux["lse_cmp"] = None
+
+    terms = [_gated(aux[name], gate) for name, gate in
+             (("o_cmp", g_cmp), ("o_slc", g_slc), ("o_win", g_win)) if gate is not None]
+    if terms:
+        o = terms[0]
+        for t in terms[1:]:
+            o = o + t
+    else:
+        o = q.new_zeros((*q.shape[:3], dv))
+    return (o, aux) if return_aux else o
