@@ -83,7 +83,8 @@ def extensions():
     debug = os.environ.get("NSA_DEBUG") == "1"
     cxx = ["-std=c++20", "-O0" if debug else "-O3", "-fopenmp"] + (["-g"] if debug else [])
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    sources = sorted(glob.glob("csrc/api/ops.cpp") + glob.glob("csrc/api/cpu_*.cpp")
+    sources = sorted(glob.glob("csrc/api/ops.cpp") + glob.glob("csrc/api/python_module.cpp")
+                     + glob.glob("csrc/api/cpu_*.cpp")
                      + glob.glob("csrc/cpu/*.cpp"))
 
     if not _want_cuda():

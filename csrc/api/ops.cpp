@@ -1,17 +1,7 @@
 // Op schemas of the nsa_cuda library. Backends register kernels under these
 // names (cpu_ops.cpp, cuda_ops.cpp); Python adds fake kernels and autograd
 // (nsa_cuda/ops.py). Forward ops are functional: they return fresh tensors.
-#include <Python.h>
 #include <torch/library.h>
-
-extern "C" {
-// Lets `import nsa_cuda._C` load the library (and run the registrations below)
-// without any pybind11 glue.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(nsa_cuda, m) {
   m.def("mean_compress(Tensor x, Tensor? cu_seqlens, int cmp_block_size, int cmp_stride) -> Tensor");
