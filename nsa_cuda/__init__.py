@@ -7,6 +7,8 @@ Branches (each a registered custom op with autograd): ``compressed_attn``,
 ``select_blocks``, ``selected_attn``, ``window_attn``, ``mean_compress``.
 ``nsa_cuda.reference`` is the readable pure-PyTorch implementation of the spec.
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (registers the nsa_cuda ops)
 except ImportError as e:  # pragma: no cover - depends on the install
@@ -36,3 +38,4 @@ __all__ = [
     "mean_compress",
     "reference",
 ]
+from .layer import NativeSparseAttention  # noqa: E402

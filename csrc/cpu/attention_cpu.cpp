@@ -21,12 +21,14 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
   acc_t s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<acc_t>(b[i]);
   return s;
 }
 
 template <typename acc_t, typename scalar_t>
 inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<acc_t>(x[i]);
 }
 
