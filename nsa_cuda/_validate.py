@@ -99,6 +99,8 @@ def qkv(q, k, v, k_name: str = "k", v_name: str = "v"):
                          f"Hkv={hkv} ({k_name}.shape[2])")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"{k_name} head dim {k.shape[3]} != q head dim {q.shape[3]}")
+    if q.shape[3] == 0:  # the default scale Dk ** -0.5 would raise ZeroDivisionError
+        raise ValueError("q head dim Dk must be >= 1, got 0")
     head_dims(q, q.shape[3], v.shape[3])
     return hq // hkv, q.shape[3], v.shape[3]
 

@@ -7,8 +7,17 @@ namespace nsa::api {
 namespace {
 
 struct CpuBackend {
+  static constexpr bool kHasBackward = true;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }
+  static void check_support(const at::Tensor& q, int64_t, int64_t, const char* op) {
+    const auto t = q.scalar_type();
+    TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+                "nsa_cuda: ", op, " on the CPU supports float32, float64, float16 and bfloat16, "
+                "got ", t);
+  }
+  static const at::Tensor& input(const at::Tensor& t) { return t; }
+  static void fresh(const at::Tensor&) {}
 
   static void attn_fwd(const AttnFwdParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda attn_fwd (CPU)",
@@ -22,11 +31,11 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda select_blocks (CPU)",
                                     [&] { cpu::select_blocks<scalar_t>(p); });
   }
-  static void mean_compress(const cpu::CompressParams& p, at::ScalarType t) {
+  static void mean_compress(const CompressParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda mean_compress (CPU)",
                                     [&] { cpu::mean_compress<scalar_t>(p); });
   }
-  static void mean_compress_bwd(const cpu::CompressParams& p, at::ScalarType t) {
+  static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,
                                     "nsa_cuda mean_compress_bwd (CPU)",
                                     [&] { cpu::mean_compress_bwd<scalar_t>(p); });

@@ -1,11 +1,14 @@
-// The bodies of the nsa_cuda ops, written once for every backend: allocate the
-// outputs, fill the plain params, call the backend's kernel. A backend is a
-// struct with static functions
-//   attn_fwd(const AttnFwdParams&, ScalarType), attn_bwd(const AttnBwdParams&, ScalarType),
-//   select_blocks(const SelectParams&, ScalarType),
-//   mean_compress(const cpu::CompressParams&, ScalarType),
-//   mean_compress_bwd(const cpu::CompressParams&, ScalarType)
-// plus `prepare(const at::Tensor&)` returning a guard for the duration of the call.
+// The bodies of the nsa_cuda ops, written once for every backend: check the
+// arguments, allocate the outputs, fill the plain params, call the backend's
+// kernel. A backend is a struct with static members:
+//   kHasBackward                       whether it implements the *_bwd ops
+//   prepare(q) -> guard                held for the call (CUDA: the device guard)
+//   check_support(q, Dk, Dv, op)       dtype / head dims this backend runs
+//   input(t) -> tensor                 layout the kernels need (CUDA: 16-byte aligned rows)
+//   fresh(t)                           called on every new output (CUDA: optional NaN poison)
+//   attn_fwd(AttnFwdParams, dtype), attn_bwd(AttnBwdParams, dtype),
+//   select_blocks(SelectParams, dtype), mean_compress(CompressParams, dtype),
+//   mean_compress_bwd(CompressParams, dtype)
 #pragma once
 
 #include <ATen/ops/zeros.h>
@@ -18,63 +21,120 @@ namespace nsa::api {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Rows of the compressed output: Tc(T) per batch entry, or the shape-only bound
+// total // d in varlen mode (packed rows, zero past the last sequence's blocks).
+inline int64_t compressed_rows(const at::Tensor& x, const OptTensor& cu_seqlens,
+                               int64_t cmp_block_size, int64_t cmp_stride) {
+  return cu_seqlens.has_value() ? packed_cmp_rows_bound(x.size(1), cmp_stride)
+                                : num_cmp_blocks(x.size(1), cmp_block_size, cmp_stride);
+}
+
+// What one attention call needs besides q, k, v: the branch and its sizes.
+struct AttnSpec {
+  Branch branch;
+  int64_t cmp_block_size = 1, cmp_stride = 1, slc_block_size = 1, window_size = 1;
+  const char* op;
+};
+
 template <class Backend>
-std::tuple<at::Tensor, at::Tensor> attn_fwd(Branch branch, const at::Tensor& q,
-                                            const at::Tensor& k, const at::Tensor& v,
+AttnFwdParams attn_params(const AttnSpec& spec, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+                          const OptTensor& block_indices, const OptTensor& cu_seqlens,
+                          int64_t seqlen, double scale) {
+  AttnFwdParams p = make_fwd_params(spec.branch, q, k, v, o, lse, block_indices, cu_seqlens,
+                                    seqlen, scale);
+  p.cmp_block_size = spec.cmp_block_size;
+  p.cmp_stride = spec.cmp_stride;
+  p.slc_block_size = spec.slc_block_size;
+  p.window_size = spec.window_size;
+  return p;
+}
+
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tensor& q_in,
+                                            const at::Tensor& k_in, const at::Tensor& v_in,
                                             const OptTensor& block_indices,
                                             const OptTensor& cu_seqlens, int64_t max_seqlen,
-                                            double scale, int64_t cmp_block_size,
-                                            int64_t cmp_stride, int64_t slc_block_size,
-                                            int64_t window_size) {
-  [[maybe_unused]] auto guard = Backend::prepare(q);
+                                            double scale) {
+  const bool cmp = spec.branch == Branch::kCompressed;
+  check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v", !cmp);
+  Backend::check_support(q_in, q_in.size(3), v_in.size(3), spec.op);
+  [[maybe_unused]] auto guard = Backend::prepare(q_in);
+  const int64_t seqlen = checked_seqlen(q_in, cu_seqlens, max_seqlen);
+  OptTensor bi;
+  if (block_indices.has_value()) bi = checked_block_indices(*block_indices, q_in, k_in.size(2));
+  const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), v = Backend::input(v_in);
   auto [o, lse] = alloc_fwd_outputs(q, v);
-  AttnFwdParams p = make_fwd_params(branch, q, k, v, o, lse, block_indices, cu_seqlens,
-                                    max_seqlen, scale);
-  p.cmp_block_size = cmp_block_size;
-  p.cmp_stride = cmp_stride;
-  p.slc_block_size = slc_block_size;
-  p.window_size = window_size;
+  Backend::fresh(o), Backend::fresh(lse);
+  const AttnFwdParams p =
+      attn_params<Backend>(spec, q, k, v, o, lse, bi, cu_seqlens, seqlen, scale);
   if (q.numel() > 0) Backend::attn_fwd(p, q.scalar_type());
   return {o, lse};
 }
 
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
-    Branch branch, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
-    const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+    const AttnSpec& spec, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& o, const at::Tensor& lse,
     const OptTensor& block_indices, const OptTensor& cu_seqlens, int64_t max_seqlen,
-    double scale, int64_t cmp_block_size, int64_t cmp_stride, int64_t slc_block_size,
-    int64_t window_size) {
-  [[maybe_unused]] auto guard = Backend::prepare(q);
+    double scale) {
+  const bool cmp = spec.branch == Branch::kCompressed;
+  check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v", !cmp);
+  Backend::check_support(q_in, q_in.size(3), v_in.size(3), spec.op);
+  TORCH_CHECK(dout.sizes() == o.sizes() && o.size(3) == v_in.size(3) &&
+                  o.sizes().slice(0, 3) == q_in.sizes().slice(0, 3),
+              "nsa_cuda: ", spec.op, ": dout and o must be [B, T, Hq, Dv], got ", dout.sizes(),
+              " and ", o.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q_in.size(0) && lse.size(1) == q_in.size(2) &&
+                  lse.size(2) == q_in.size(1) && lse.scalar_type() == lse_dtype(q_in),
+              "nsa_cuda: ", spec.op, ": lse must be ", lse_dtype(q_in), " [B, Hq, T]");
+  [[maybe_unused]] auto guard = Backend::prepare(q_in);
+  const int64_t seqlen = checked_seqlen(q_in, cu_seqlens, max_seqlen);
+  OptTensor bi;
+  if (block_indices.has_value()) bi = checked_block_indices(*block_indices, q_in, k_in.size(2));
+  const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), v = Backend::input(v_in);
   // Zeros: key rows no query visits (extra k_cmp rows, varlen padding) get no write.
-  auto dq = at::zeros_like(q);
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
-  const at::Tensor dout_c = dout.stride(-1) == 1 ? dout : dout.contiguous();
+  auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
+  auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
+  auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  const at::Tensor dout_c = Backend::input(dout.contiguous());
+  const at::Tensor o_c = Backend::input(o.contiguous());
+  const at::Tensor lse_c = lse.contiguous();
   OptTensor dlse_c;
   if (dlse.has_value()) dlse_c = dlse->to(lse.scalar_type()).contiguous();
-  AttnFwdParams fwd = make_fwd_params(branch, q, k, v, o, lse, block_indices, cu_seqlens,
-                                      max_seqlen, scale);
-  fwd.cmp_block_size = cmp_block_size;
-  fwd.cmp_stride = cmp_stride;
-  fwd.slc_block_size = slc_block_size;
-  fwd.window_size = window_size;
-  TORCH_CHECK(lse.is_contiguous(), "nsa_cuda: lse must be contiguous");
+  const AttnFwdParams fwd =
+      attn_params<Backend>(spec, q, k, v, o_c, lse_c, bi, cu_seqlens, seqlen, scale);
   const AttnBwdParams p = make_bwd_params(fwd, dout_c, dlse_c, dq, dk, dv);
   if (q.numel() > 0) Backend::attn_bwd(p, q.scalar_type());
   return {dq, dk, dv};
 }
 
 template <class Backend>
-at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at::Tensor& lse_cmp,
+at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,
                          const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t cmp_block_size,
                          int64_t cmp_stride, int64_t slc_block_size, int64_t slc_num_blocks,
                          int64_t slc_init_blocks, int64_t slc_local_blocks, double scale) {
-  [[maybe_unused]] auto guard = Backend::prepare(q);
+  check_attn_inputs(q_in, k_in, k_in, "k_cmp", "k_cmp", /*same_rows=*/false);
+  Backend::check_support(q_in, q_in.size(3), -1, "select_blocks");
+  check_nsa_sizes(cmp_block_size, cmp_stride, slc_block_size);
+  TORCH_CHECK(slc_num_blocks >= 1 && slc_init_blocks >= 0 && slc_local_blocks >= 1 &&
+                  slc_init_blocks + slc_local_blocks <= slc_num_blocks,
+              "nsa_cuda: select_blocks needs slc_num_blocks >= 1, slc_init_blocks >= 0, "
+              "slc_local_blocks >= 1 and slc_init_blocks + slc_local_blocks <= slc_num_blocks, got ",
+              slc_num_blocks, ", ", slc_init_blocks, ", ", slc_local_blocks);
+  TORCH_CHECK(lse_in.device() == q_in.device() && lse_in.scalar_type() == lse_dtype(q_in) &&
+                  lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) &&
+                  lse_in.size(1) == q_in.size(2) && lse_in.size(2) == q_in.size(1),
+              "nsa_cuda: lse_cmp must be a ", lse_dtype(q_in), " [B, Hq, T] = [", q_in.size(0), ", ",
+              q_in.size(2), ", ", q_in.size(1), "] tensor on q's device, got ", lse_in.sizes(),
+              " ", lse_in.scalar_type());
+  [[maybe_unused]] auto guard = Backend::prepare(q_in);
+  const int64_t seqlen = checked_seqlen(q_in, cu_seqlens, max_seqlen);
+  const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), lse = lse_in.contiguous();
   auto block_indices =
-      at::empty({q.size(0), q.size(1), k_cmp.size(2), slc_num_blocks}, q.options().dtype(at::kInt));
-  TORCH_CHECK(lse_cmp.is_contiguous(), "nsa_cuda: lse_cmp must be contiguous");
-  SelectParams p = make_select_params(q, k_cmp, lse_cmp, block_indices, cu_seqlens, max_seqlen, scale);
+      at::empty({q.size(0), q.size(1), k.size(2), slc_num_blocks}, q.options().dtype(at::kInt));
+  Backend::fresh(block_indices);
+  SelectParams p = make_select_params(q, k, lse, block_indices, cu_seqlens, seqlen, scale);
   p.cmp_block_size = cmp_block_size;
   p.cmp_stride = cmp_stride;
   p.slc_block_size = slc_block_size;
@@ -85,18 +145,10 @@ at::Tensor select_blocks(const at::Tensor& q, const at::Tensor& k_cmp, const at:
   return block_indices;
 }
 
-// Rows of the compressed output: Tc(T) per batch entry, or the shape-only bound
-// total // d in varlen mode (packed rows, zero past the last sequence's blocks).
-inline int64_t compressed_rows(const at::Tensor& x, const OptTensor& cu_seqlens,
-                               int64_t cmp_block_size, int64_t cmp_stride) {
-  return cu_seqlens.has_value() ? packed_cmp_rows_bound(x.size(1), cmp_stride)
-                                : num_cmp_blocks(x.size(1), cmp_block_size, cmp_stride);
-}
-
-inline cpu::CompressParams make_compress_params(const at::Tensor& x, const at::Tensor& out,
-                                                const OptTensor& cu_seqlens,
-                                                int64_t cmp_block_size, int64_t cmp_stride) {
-  cpu::CompressParams p{};
+inline CompressParams make_compress_params(const at::Tensor& x, const at::Tensor& out,
+                                           const OptTensor& cu_seqlens, int64_t cmp_block_size,
+                                           int64_t cmp_stride) {
+  CompressParams p{};
   p.x = x.data_ptr();
   p.out = out.data_ptr();
   p.x_batch_stride = x.stride(0), p.x_row_stride = x.stride(1), p.x_head_stride = x.stride(2);
@@ -104,6 +156,8 @@ inline cpu::CompressParams make_compress_params(const at::Tensor& x, const at::T
   p.cu_seqlens = cu_seqlens_ptr(cu_seqlens);
   p.num_seqs = num_seqs(x, cu_seqlens);
   p.seqlen = x.size(1);
+  p.batch = x.size(0);
+  p.rows_out = out.size(1);
   p.num_heads = x.size(2);
   p.head_dim = x.size(3);
   p.cmp_block_size = cmp_block_size;
@@ -111,11 +165,21 @@ inline cpu::CompressParams make_compress_params(const at::Tensor& x, const at::T
   return p;
 }
 
+inline void check_compress_args(const at::Tensor& x, const OptTensor& cu_seqlens,
+                                int64_t cmp_block_size, int64_t cmp_stride) {
+  check_last_dim_contiguous(x, "x");
+  TORCH_CHECK(cmp_block_size > 0 && cmp_stride > 0 && cmp_block_size % cmp_stride == 0,
+              "nsa_cuda: cmp_block_size (", cmp_block_size, ") and cmp_stride (", cmp_stride,
+              ") must be positive with cmp_stride dividing cmp_block_size");
+  checked_seqlen(x, cu_seqlens, 0);
+}
+
 template <class Backend>
 at::Tensor mean_compress(const at::Tensor& x, const OptTensor& cu_seqlens, int64_t cmp_block_size,
                          int64_t cmp_stride) {
+  check_compress_args(x, cu_seqlens, cmp_block_size, cmp_stride);
+  Backend::check_support(x, -1, -1, "mean_compress");
   [[maybe_unused]] auto guard = Backend::prepare(x);
-  check_last_dim_contiguous(x, "x");
   auto out = at::zeros({x.size(0), compressed_rows(x, cu_seqlens, cmp_block_size, cmp_stride),
                         x.size(2), x.size(3)},
                        x.options());
@@ -129,6 +193,14 @@ template <class Backend>
 at::Tensor mean_compress_bwd(const at::Tensor& grad_cmp, const at::Tensor& x,
                              const OptTensor& cu_seqlens, int64_t cmp_block_size,
                              int64_t cmp_stride) {
+  check_compress_args(x, cu_seqlens, cmp_block_size, cmp_stride);
+  Backend::check_support(x, -1, -1, "mean_compress_bwd");
+  const int64_t rows = compressed_rows(x, cu_seqlens, cmp_block_size, cmp_stride);
+  TORCH_CHECK(grad_cmp.dim() == 4 && grad_cmp.size(0) == x.size(0) && grad_cmp.size(1) == rows &&
+                  grad_cmp.size(2) == x.size(2) && grad_cmp.size(3) == x.size(3) &&
+                  grad_cmp.scalar_type() == x.scalar_type() && grad_cmp.device() == x.device(),
+              "nsa_cuda: mean_compress_bwd: grad_cmp must match mean_compress's output, got ",
+              grad_cmp.sizes());
   [[maybe_unused]] auto guard = Backend::prepare(x);
   const at::Tensor g = grad_cmp.contiguous();
   auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
@@ -141,47 +213,59 @@ at::Tensor mean_compress_bwd(const at::Tensor& grad_cmp, const at::Tensor& x,
 // Registers the op bodies above for one dispatch key.
 template <class Backend>
 void register_backend(torch::Library& m) {
-  using namespace nsa;
   m.impl("mean_compress", &mean_compress<Backend>);
-  m.impl("mean_compress_bwd", &mean_compress_bwd<Backend>);
   m.impl("compressed_attn_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d,
                                    double scale) {
-    return attn_fwd<Backend>(Branch::kCompressed, q, k, v, std::nullopt, cu, max_seqlen, scale, l,
-                             d, 0, 0);
+    check_nsa_sizes(l, d, d);
+    const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_fwd"};
+    return attn_fwd<Backend>(spec, q, k, v, std::nullopt, cu, max_seqlen, scale);
   });
-  m.impl("compressed_attn_bwd",
-         [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k,
-            const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const OptTensor& cu,
-            int64_t max_seqlen, int64_t l, int64_t d, double scale) {
-           return attn_bwd<Backend>(Branch::kCompressed, dout, dlse, q, k, v, o, lse, std::nullopt,
-                                    cu, max_seqlen, scale, l, d, 0, 0);
-         });
   m.impl("select_blocks", &select_blocks<Backend>);
   m.impl("selected_attn_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& bi, const OptTensor& cu, int64_t max_seqlen,
                                  int64_t lp, double scale) {
-    return attn_fwd<Backend>(Branch::kSelected, q, k, v, bi, cu, max_seqlen, scale, 0, 1, lp, 0);
+    TORCH_CHECK(lp > 0, "nsa_cuda: slc_block_size must be positive, got ", lp);
+    const AttnSpec spec{Branch::kSelected, 1, 1, lp, 1, "selected_attn_fwd"};
+    return attn_fwd<Backend>(spec, q, k, v, bi, cu, max_seqlen, scale);
   });
-  m.impl("selected_attn_bwd",
-         [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k,
-            const at::Tensor& v, const at::Tensor& bi, const at::Tensor& o, const at::Tensor& lse,
-            const OptTensor& cu, int64_t max_seqlen, int64_t lp, double scale) {
-           return attn_bwd<Backend>(Branch::kSelected, dout, dlse, q, k, v, o, lse, bi, cu,
-                                    max_seqlen, scale, 0, 1, lp, 0);
-         });
   m.impl("window_attn_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const OptTensor& cu, int64_t max_seqlen, int64_t w, double scale) {
-    return attn_fwd<Backend>(Branch::kWindow, q, k, v, std::nullopt, cu, max_seqlen, scale, 0, 1,
-                             0, w);
+    TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
+    const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_fwd"};
+    return attn_fwd<Backend>(spec, q, k, v, std::nullopt, cu, max_seqlen, scale);
   });
-  m.impl("window_attn_bwd",
-         [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q, const at::Tensor& k,
-            const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse, const OptTensor& cu,
-            int64_t max_seqlen, int64_t w, double scale) {
-           return attn_bwd<Backend>(Branch::kWindow, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                    max_seqlen, scale, 0, 1, 0, w);
-         });
+  if constexpr (Backend::kHasBackward) {
+    m.impl("mean_compress_bwd", &mean_compress_bwd<Backend>);
+    m.impl("compressed_attn_bwd",
+           [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
+              const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+              const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d, double scale) {
+             check_nsa_sizes(l, d, d);
+             const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_bwd"};
+             return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
+                                      max_seqlen, scale);
+           });
+    m.impl("selected_attn_bwd",
+           [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
+              const at::Tensor& k, const at::Tensor& v, const at::Tensor& bi, const at::Tensor& o,
+              const at::Tensor& lse, const OptTensor& cu, int64_t max_seqlen, int64_t lp,
+              double scale) {
+             TORCH_CHECK(lp > 0, "nsa_cuda: slc_block_size must be positive, got ", lp);
+             const AttnSpec spec{Branch::kSelected, 1, 1, lp, 1, "selected_attn_bwd"};
+             return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, bi, cu, max_seqlen,
+                                      scale);
+           });
+    m.impl("window_attn_bwd",
+           [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
+              const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+              const OptTensor& cu, int64_t max_seqlen, int64_t w, double scale) {
+             TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
+             const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_bwd"};
+             return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
+                                      max_seqlen, scale);
+           });
+  }
 }
 
 }  // namespace nsa::api

@@ -50,7 +50,7 @@ struct AttnFwdParams {
   int64_t group;        // G = Hq / Hkv
   int64_t head_dim_qk;  // Dk
   int64_t head_dim_v;   // Dv
-  float scale;
+  double scale;  // double: the fp64 CPU path needs it exact; CUDA kernels round it once
 
   int64_t cmp_block_size;  // l
   int64_t cmp_stride;      // d
@@ -86,9 +86,27 @@ struct SelectParams {
   int64_t bi_batch_stride, bi_row_stride, bi_head_stride;
   const int32_t* cu_seqlens;
   int64_t num_seqs, seqlen, k_rows, num_heads_q, num_heads_kv, group, head_dim_qk;
-  float scale;
+  double scale;  // double: the fp64 CPU path needs it exact; CUDA kernels round it once
   int64_t cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks, slc_init_blocks,
       slc_local_blocks;
+};
+
+// Mean compression: x [B, T, H, D] -> out [B, rows_out, H, D]; block i of a
+// sequence is the mean of its rows [i*d, i*d + l). Varlen packs sequence m's
+// blocks from row packed_cmp_row_begin(m). The gradient uses the same struct
+// with the roles swapped (x <- dx, out <- d out).
+struct CompressParams {
+  const void* x;
+  void* out;
+  int64_t x_batch_stride, x_row_stride, x_head_stride;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  const int32_t* cu_seqlens;  // nullptr in batch mode
+  int64_t num_seqs;           // B, or the number of packed sequences
+  int64_t seqlen;             // T per batch entry (total in varlen mode)
+  int64_t batch;              // B in memory (1 in varlen mode)
+  int64_t rows_out;           // output rows per batch entry
+  int64_t num_heads, head_dim;
+  int64_t cmp_block_size, cmp_stride;
 };
 
 // The rows of one sequence: where it starts in the packed (or batched) tensors

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The one script a lent GPU runs from the repo root (no network): install the
+# carried wheels (bench/wheels/), build the extension for this device's arch only,
+# run the CUDA tests, compute-sanitizer memcheck/racecheck on a small case of each
+# kernel, time the forward; write logs and ONE JSON record to $OUT/record.json and
+# print a summary table last. Every step is guarded: a failure still gives a record.
+#
+#   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to bench/out)
+# Environment: NSA_TEST_ARGS (extra pytest args, e.g. "-k 'not slow'"),
+# NSA_STEP_TIMEOUT (seconds per step, default 900).
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$ROOT/bench/out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+T_STEP=${NSA_STEP_TIMEOUT:-900}
+export PYTHONUNBUFFERED=1
+STATUS="$OUT/steps.txt"
+: > "$STATUS"
+
+step() {  # step NAME LOGFILE CMD...
+  local name=$1 log=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name: $*" | tee -a "$OUT/gpu_check.log"
+  timeout "$T_STEP" "$@" > "$OUT/$log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc secs=$(( $(date +%s) - t0 ))" | tee -a "$STATUS" "$OUT/gpu_check.log"
+  return 0
+}
+
+# 1. Wheels (no network): into a private site dir on PYTHONPATH.
+if ls bench/wheels/*.whl > /dev/null 2>&1; then
+  step wheels wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/nsa_site bench/wheels/*.whl
+  export PYTHONPATH=/tmp/nsa_site${PYTHONPATH:+:$PYTHONPATH}
+else
+  echo "wheels rc=skipped (no bench/wheels/*.whl)" >> "$STATUS"
+fi
+
+# 2. Build for this device only.
+ARCH=$("$PY" -c "import torch; ma, mi = torch.cuda.get_device_capability(); print('90a' if (ma, mi) == (9, 0) else f'{ma}{mi}')" 2>/dev/null || echo 90a)
+echo "arch=$ARCH" >> "$STATUS"
+step build build.log env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
+  "$PY" setup.py build_ext --inplace
+
+# 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise).
+step tests tests.log sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+
+# 4. compute-sanitizer on a small case of each kernel.
+if command -v compute-sanitizer > /dev/null 2>&1; then
+  step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_case.py
+  step racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" bench/sanitize_case.py
+else
+  echo "sanitizer rc=skipped (no compute-sanitizer)" >> "$STATUS"
+fi
+
+# 5. Timings.
+step bench bench.log "$PY" bench/bench_fwd.py --json "$OUT/bench.json"
+
+# 6. The record and the summary.
+"$PY" - "$OUT" <<'PYEOF'
+import datetime, json, os, re, subprocess, sys
+out = sys.argv[1]
+rec = {"commit": None, "device": None, "torch": None, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+       "tests": {"passed": 0, "failed": 0, "skipped": 0}, "sanitizer": {"errors": None}, "bench": [], "steps": {}}
+try:
+    rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+except Exception:
+    pass
+try:
+    import torch
+    rec["torch"] = torch.__version__
+    rec["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no cuda"
+except Exception as e:
+    rec["torch"] = f"import failed: {e}"
+try:
+    for line in open(os.path.join(out, "steps.txt")):
+        parts = line.split()
+        if parts:
+            rec["steps"][parts[0]] = " ".join(parts[1:])
+except Exception:
+    pass
+try:
+    import xml.etree.ElementTree as ET
+    root = ET.parse(os.path.join(out, "junit.xml")).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    tot = sum(int(s.get("tests", 0)) for s in suites)
+    fail = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+    skip = sum(int(s.get("skipped", 0)) for s in suites)
+    rec["tests"] = {"passed": tot - fail - skip, "failed": fail, "skipped": skip}
+except Exception as e:
+    rec["tests"]["error"] = f"no junit xml: {e}"
+errs, seen = 0, False
+for tool in ("memcheck", "racecheck"):
+    try:
+        text = open(os.path.join(out, f"{tool}.log")).read()
+        m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+        if m:
+            seen = True
+            errs += sum(int(x) for x in m)
+        rec["sanitizer"][tool] = int(m[-1]) if m else "no summary"
+    except Exception:
+        rec["sanitizer"][tool] = "not run"
+rec["sanitizer"]["errors"] = errs if seen else None
+try:
+    rec["bench"] = json.load(open(os.path.join(out, "bench.json")))
+except Exception as e:
+    rec["bench"] = []
+    rec["bench_error"] = str(e)
+json.dump(rec, open(os.path.join(out, "record.json"), "w"), indent=1)
+print("\n==== summary ====")
+print(f"device {rec['device']}  torch {rec['torch']}  commit {rec['commit']}")
+for k, v in rec["steps"].items():
+    print(f"  step {k:10s} {v}")
+print(f"  tests      {rec['tests']}")
+print(f"  sanitizer  {rec['sanitizer']}")
+if rec["bench"]:
+    print(f"  {'op':28s} {'T':>7s} {'ms':>9s}")
+    for r in rec["bench"]:
+        ms = r.get("ms")
+        print(f"  {r.get('op', '?'):28s} {r.get('T', ''):>7} {('%.3f' % ms) if isinstance(ms, (int, float)) else str(r.get('error', ms)):>9s}")
+PYEOF

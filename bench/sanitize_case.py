@@ -1,0 +1,51 @@
+"""A small case of every CUDA forward kernel, for compute-sanitizer (memcheck,
+racecheck): batch and varlen, each head-dim pair that is built, G = 1 and 5."""
+import itertools
+
+import torch
+
+import nsa_cuda  # noqa: F401
+
+OPS = torch.ops.nsa_cuda
+
+
+def run(dk, dv, G, dtype, lengths=None):
+    dev = "cuda"
+    Hkv = 2
+    if lengths is None:
+        B, T, cu, ms = 2, 150, None, 150
+    else:
+        B, T, ms = 1, sum(lengths), max(lengths)
+        cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=dev)
+    q = torch.randn(B, T, Hkv * G, dk, device=dev).to(dtype)
+    k = torch.randn(B, T, Hkv, dk, device=dev).to(dtype)
+    v = torch.randn(B, T, Hkv, dv, device=dev).to(dtype)
+    l, d, lp, n = 32, 16, 32, 3
+    kc = OPS.mean_compress(k, cu, l, d)
+    vc = OPS.mean_compress(v, cu, l, d)
+    scale = dk ** -0.5
+    _, lse = OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
+    bi = OPS.select_blocks(q, kc, lse, cu, ms, l, d, lp, n, 1, 1, scale)
+    bi2 = bi.clone()
+    bi2[..., 0] = 10 ** 6  # out-of-range slots must never be read
+    OPS.selected_attn_fwd(q, k, v, bi2, cu, ms, lp, scale)
+    OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
+
+
+def main():
+    for dk, dv in [(64, 64), (128, 128), (192, 128)]:
+        for G in (1, 5):
+            try:
+                run(dk, dv, G, torch.bfloat16)
+                run(dk, dv, G, torch.float16, lengths=[1, 17, 100, 33])
+            except RuntimeError as e:
+                if "compiled without" in str(e):
+                    print(f"skip ({dk},{dv}): {e}")
+                    continue
+                raise
+    torch.cuda.synchronize()
+    print("sanitize_case: done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+// CUDA backend of the nsa_cuda ops: the op bodies of op_bodies.h over the
+// explicitly instantiated CuTe kernels (csrc/cuda/instantiations). The kernels
+// never see torch.
+//
+// Debug switch: NSA_POISON_OUTPUTS=1 fills every output with NaN (int outputs
+// with 0x7fffffff) before the launch, so a test sees any element a kernel forgot.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+#include "api/op_bodies.h"
+#include "cuda/launch.h"
+#include "nsa/params.h"
+#include "nsa/rules.h"
+
+namespace nsa::api {
+namespace {
+
+using nsa::cuda::DType;
+
+bool poison_outputs() {
+  static const bool on = [] {
+    const char* v = std::getenv("NSA_POISON_OUTPUTS");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return on;
+}
+
+void poison(const at::Tensor& t) {
+  if (!poison_outputs()) return;
+  if (at::isFloatingType(t.scalar_type()))
+    const_cast<at::Tensor&>(t).fill_(std::numeric_limits<double>::quiet_NaN());
+  else
+    const_cast<at::Tensor&>(t).fill_(0x7fffffff);
+}
+
+DType cuda_dtype(const at::Tensor& q, const char* op) {
+  if (q.scalar_type() == at::kHalf) return DType::kFp16;
+  if (q.scalar_type() == at::kBFloat16) return DType::kBf16;
+  TORCH_CHECK(false, "nsa_cuda.", op, ": CUDA kernels support float16 and bfloat16, got q of dtype ",
+              q.scalar_type());
+  return DType::kFp16;
+}
+
+void check_built(int64_t dk, DType dt, const char* op) {
+  bool hdim_built = false, dtype_built = false;
+#ifdef NSA_HDIM_64
+  hdim_built |= dk == 64;
+#endif
+#ifdef NSA_HDIM_128
+  hdim_built |= dk == 128;
+#endif
+#ifdef NSA_HDIM_192
+  hdim_built |= dk == 192;
+#endif
+#ifdef NSA_DTYPE_FP16
+  dtype_built |= dt == DType::kFp16;
+#endif
+#ifdef NSA_DTYPE_BF16
+  dtype_built |= dt == DType::kBf16;
+#endif
+  TORCH_CHECK(hdim_built, "nsa_cuda.", op, ": this build of nsa_cuda was compiled without head dim ",
+              dk, " (NSA_HEADDIMS); rebuild with it to use it");
+  TORCH_CHECK(dtype_built, "nsa_cuda.", op, ": this build of nsa_cuda was compiled without dtype ",
+              dt == DType::kFp16 ? "fp16" : "bf16", " (NSA_DTYPES); rebuild with it to use it");
+}
+
+// The kernels load 16-byte chunks: base 16-byte aligned, row and head strides
+// multiples of 8 elements. Anything else is copied (rare: slices, odd strides).
+at::Tensor aligned(const at::Tensor& t) {
+  auto ok = [](const at::Tensor& x) {
+    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 &&
+           x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 && x.stride(3) == 1;
+  };
+  if (ok(t)) return t;
+  at::Tensor c = t.contiguous();
+  if (!ok(c)) c = t.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+template <class F>
+void run_kernel(const char* op, F f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nsa_cuda.", op, ": ", e.what());
+  }
+}
+
+// Calls the attention instance for (Dk, Dv, dtype): only built instances are referenced.
+void dispatch_attn(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
+  check_built(p.head_dim_qk, dt, op);
+  using nsa::cuda::run_attn_fwd;
+  run_kernel(op, [&] {
+    const bool bf16 = dt == DType::kBf16;
+    (void)bf16;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 64 && !bf16) return run_attn_fwd<64, 64, DType::kFp16>(p, s);
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 64 && bf16) return run_attn_fwd<64, 64, DType::kBf16>(p, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 128 && !bf16) return run_attn_fwd<128, 128, DType::kFp16>(p, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 128 && bf16) return run_attn_fwd<128, 128, DType::kBf16>(p, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 192 && !bf16) return run_attn_fwd<192, 128, DType::kFp16>(p, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 192 && bf16) return run_attn_fwd<192, 128, DType::kBf16>(p, s);
+#endif
+    throw std::runtime_error("no kernel instance for these head dims and dtype");
+  });
+}
+
+void dispatch_select(const SelectParams& p, DType dt, cudaStream_t s, const char* op) {
+  check_built(p.head_dim_qk, dt, op);
+  using nsa::cuda::run_select_blocks;
+  run_kernel(op, [&] {
+    const bool bf16 = dt == DType::kBf16;
+    (void)bf16;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 64 && !bf16) return run_select_blocks<64, DType::kFp16>(p, s);
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 64 && bf16) return run_select_blocks<64, DType::kBf16>(p, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 128 && !bf16) return run_select_blocks<128, DType::kFp16>(p, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 128 && bf16) return run_select_blocks<128, DType::kBf16>(p, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 192 && !bf16) return run_select_blocks<192, DType::kFp16>(p, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 192 && bf16) return run_select_blocks<192, DType::kBf16>(p, s);
+#endif
+    throw std::runtime_error("no kernel instance for this head dim and dtype");
+  });
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+struct CudaBackend {
+  static constexpr bool kHasBackward = false;  // the CUDA backward is issue 4
+
+  static c10::cuda::CUDAGuard prepare(const at::Tensor& q) { return c10::cuda::CUDAGuard(q.device()); }
+
+  // dk/dv < 0: not part of this op (selection reads no values, compression no heads).
+  static void check_support(const at::Tensor& q, int64_t dk, int64_t dv, const char* op) {
+    TORCH_CHECK(q.is_cuda(), "nsa_cuda.", op, ": q must be a CUDA tensor");
+    const DType dt = cuda_dtype(q, op);
+    if (dk < 0) return;
+    if (dv >= 0) {
+      TORCH_CHECK((dk == 64 && dv == 64) || (dk == 128 && dv == 128) || (dk == 192 && dv == 128),
+                  "nsa_cuda.", op, ": unsupported head dims (Dk, Dv) = (", dk, ", ", dv,
+                  ") on CUDA; supported: (64, 64), (128, 128), (192, 128)");
+    } else {
+      TORCH_CHECK(dk == 64 || dk == 128 || dk == 192, "nsa_cuda.", op, ": unsupported head dim Dk = ",
+                  dk, " on CUDA; supported: 64, 128, 192");
+    }
+    check_built(dk, dt, op);
+  }
+
+  static at::Tensor input(const at::Tensor& t) { return aligned(t); }
+  static void fresh(const at::Tensor& t) { poison(t); }
+
+  static void attn_fwd(const AttnFwdParams& p, at::ScalarType t) {
+    dispatch_attn(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(), "attn_fwd");
+  }
+  static void select_blocks(const SelectParams& p, at::ScalarType t) {
+    dispatch_select(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
+                    "select_blocks");
+  }
+  static void mean_compress(const CompressParams& p, at::ScalarType t) {
+    run_kernel("mean_compress", [&] {
+      nsa::cuda::run_mean_compress(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
+                                   current_stream());
+    });
+  }
+  static void attn_bwd(const AttnBwdParams&, at::ScalarType) {}
+  static void mean_compress_bwd(const CompressParams&, at::ScalarType) {}
+};
+
+}  // namespace
+}  // namespace nsa::api
+
+TORCH_LIBRARY_IMPL(nsa_cuda, CUDA, m) { nsa::api::register_backend<nsa::api::CudaBackend>(m); }

@@ -1,0 +1,229 @@
+// The attention forward mainloop shared by the compressed, selected and window
+// branches, and its launcher. The branch is a KV-schedule policy
+// (kv_schedule.cuh): which KV tiles a CTA visits and which keys each row sees.
+//
+// Group-centric tiling: a CTA owns one (sequence, kv head) and kBlockM rows of
+// the flattened index f = t * G + g over the sequence's tokens t and the G query
+// heads g of the group. The G heads of a token (and, for G < kBlockM, several
+// consecutive tokens) share every K/V tile loaded into shared memory.
+#pragma once
+
+#include "cuda/attn_traits.cuh"
+#include "cuda/kv_schedule.cuh"
+#include "cuda/softmax.cuh"
+
+namespace nsa::cuda {
+
+template <class Traits, class Schedule>
+__global__ void __launch_bounds__(Traits::kThreads)
+    attn_fwd_kernel(const AttnFwdParams p) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t G = p.group;
+
+  const SeqInfo si = Schedule::seq(p, blockIdx.z);
+  const int64_t rows_total = si.len * G;
+  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
+  if (f0 >= rows_total) return;  // varlen: a sequence shorter than the grid's max
+  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
+  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutV{});
+  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
+  Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
+  Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});  // after the mainloop
+  char* smem_schedule = smem + Traits::kSmemAttn;
+
+  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+
+  // Q: gather the tile's rows (token t, head hkv*G + g); rows past the sequence are zero.
+  load_rows_async<kBlockM, kDk, kThreads>(
+      sQ,
+      [&](int r) -> const Element* {
+        const int64_t f = f0 + r;
+        if (f > f_last) return nullptr;
+        return q + (si.row0 + f / G) * p.q_row_stride + (hkv * G + f % G) * p.q_head_stride;
+      },
+      static_cast<const Element*>(p.q), tid);
+  cute::cp_async_fence();
+
+  Schedule sched;
+  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  const int64_t key_row0 = sched.key_row0();
+
+  auto load_kv = [&](auto& s, const Element* base, int64_t row_stride, const KvTile& tile,
+                     auto cols) {
+    load_rows_async<kBlockN, decltype(cols)::value, kThreads>(
+        s,
+        [&](int r) -> const Element* {
+          const int64_t key = tile.begin + r;
+          return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
+        },
+        base, tid);
+  };
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tOrVt = thr_mma.partition_fragment_B(sVtNoSwizzle);
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kDv>>{});
+  clear(acc_o);
+  Tensor acc_o_rc = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+
+  auto copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_q = copy_q.get_thread_slice(tid);
+  Tensor tSsQ = thr_copy_q.partition_S(sQ);
+  auto copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  Tensor tSsK = thr_copy_k.partition_S(sK);
+  auto copy_v = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, mma);
+  auto thr_copy_v = copy_v.get_thread_slice(tid);
+  Tensor tOsVt = thr_copy_v.partition_S(sVt);
+
+  // (row, col) of each accumulator element of an S tile, in the rows x cols view.
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  int64_t row_t[kRows];
+  bool row_ok[kRows];
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
+    row_ok[mi] = f <= f_last;
+    row_t[mi] = f / G;
+  }
+
+  OnlineSoftmax<kRows> softmax;
+  const float scale_log2 = float(p.scale) * kLog2e;
+
+  KvTile tile;
+  bool have = sched.next(tile);
+  if (have) load_kv(sK, k, p.k_row_stride, tile, Int<kDk>{});
+  cute::cp_async_fence();
+
+  while (have) {
+    cute::cp_async_wait<0>();
+    __syncthreads();  // K (and Q) landed; everyone is done with the previous V
+    load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
+    cute::cp_async_fence();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+    Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+
+    if (tile.need_mask) {
+#pragma unroll
+      for (int mi = 0; mi < kRows; ++mi) {
+        int64_t lo = 0, hi = 0;  // rows past the sequence see nothing
+        if (row_ok[mi]) sched.row_range(row_t[mi], tile, lo, hi);
+        // Visible columns of the tile: [col_lo, col_hi) within [0, end - begin).
+        const int col_lo = int(max(lo - tile.begin, int64_t(0)));
+        const int col_hi = int(min(hi, tile.end) - tile.begin);
+#pragma unroll
+        for (int ni = 0; ni < size<1>(scores); ++ni) {
+          const int col = get<1>(tScS_rc(mi, ni));
+          if (col < col_lo || col >= col_hi) scores(mi, ni) = -INFINITY;
+        }
+      }
+    }
+    softmax.update(scores, acc_o_rc, scale_log2);
+
+    Tensor rP = make_tensor<Element>(acc_s.layout());
+    convert_fragment(acc_s, rP);
+    Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V landed; everyone is done reading K
+    KvTile next_tile;
+    const bool have_next = sched.next(next_tile);
+    if (have_next) load_kv(sK, k, p.k_row_stride, next_tile, Int<kDk>{});
+    cute::cp_async_fence();
+
+    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, copy_v, thr_copy_v);
+    tile = next_tile;
+    have = have_next;
+  }
+
+  // Epilogue: normalise, write lse (one thread of each quad) and O (through smem
+  // so that each row goes out in 16-byte stores).
+  float lse[kRows];
+  softmax.finalize(acc_o_rc, float(p.scale), lse);
+  float* lse_out = static_cast<float*>(p.lse) + si.batch * p.lse_batch_stride;
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    if (row_ok[mi] && tid % 4 == 0) {
+      const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
+      lse_out[(hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi]] = lse[mi];
+    }
+  }
+  Tensor rO = make_tensor<Element>(acc_o.layout());
+  convert_fragment(acc_o, rO);
+  cute::cp_async_wait<0>();
+  __syncthreads();  // everyone is done reading sQ (sO reuses it); no copy in flight
+  Tensor tOsO = thr_mma.partition_C(sO);
+#pragma unroll
+  for (int i = 0; i < size(rO); ++i) tOsO(i) = rO(i);
+  __syncthreads();
+
+  Element* o = static_cast<Element*>(p.o) + si.batch * p.o_batch_stride;
+  constexpr int kChunks = kDv / 8;
+#pragma unroll
+  for (int it = 0; it < kBlockM * kChunks / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int64_t f = f0 + r;
+    if (f <= f_last) {
+      Element* dst = o + (si.row0 + f / G) * p.o_row_stride + (hkv * G + f % G) * p.o_head_stride + c * 8;
+      *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&sO(r, c * 8));
+    }
+  }
+}
+
+template <class Traits, class Schedule>
+void launch_attn_fwd(const AttnFwdParams& p, cudaStream_t stream, const char* what) {
+  const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
+  if (m_blocks == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
+  if (m_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
+  const int smem = Traits::kSmemAttn + Schedule::smem_bytes(p);
+  auto kernel = attn_fwd_kernel<Traits, Schedule>;
+  set_smem_limit(kernel, smem, what);
+  dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  check_launch(what);
+}
+
+template <int kDk, int kDv, DType kDType>
+void run_attn_fwd(const AttnFwdParams& p, cudaStream_t stream) {
+  using Traits = AttnTraits<kDk, kDv, typename ElementOf<kDType>::type>;
+  switch (p.branch) {
+    case Branch::kCompressed:
+      launch_attn_fwd<Traits, CompressedSchedule<Traits::kBlockN>>(p, stream, "compressed_attn_fwd");
+      break;
+    case Branch::kSelected:
+      launch_attn_fwd<Traits, SelectedSchedule<Traits::kBlockM, Traits::kBlockN, Traits::kThreads>>(
+          p, stream, "selected_attn_fwd");
+      break;
+    case Branch::kWindow:
+      launch_attn_fwd<Traits, WindowSchedule<Traits::kBlockN>>(p, stream, "window_attn_fwd");
+      break;
+  }
+}
+
+}  // namespace nsa::cuda

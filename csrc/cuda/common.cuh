@@ -1,0 +1,170 @@
+// Small device helpers shared by the CUDA kernels: element types, cp.async row
+// loads with zero fill, warp reductions, CuTe layout reshapes of MMA fragments.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
+#include <cutlass/numeric_types.h>
+
+#include "cuda/launch.h"
+#include "nsa/params.h"
+#include "nsa/rules.h"
+
+namespace nsa::cuda {
+
+template <DType kDType>
+struct ElementOf;
+template <>
+struct ElementOf<DType::kFp16> { using type = cutlass::half_t; };
+template <>
+struct ElementOf<DType::kBf16> { using type = cutlass::bfloat16_t; };
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 16-byte cp.async; when `pred` is false nothing is read and the 16 smem bytes
+// are zeroed. `gmem` must still be a valid address (pass the tensor's base).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
+      *reinterpret_cast<const cute::uint128_t*>(gmem), *reinterpret_cast<cute::uint128_t*>(smem),
+      pred);
+}
+
+// Loads a kRows x kCols tile of 16-bit elements into a (possibly swizzled) smem
+// tensor, row by row: row_ptr(r) gives the gmem address of row r or nullptr for
+// a row to zero. 16-byte chunks; kCols % 8 == 0.
+template <int kRows, int kCols, int kThreads, class SmemTensor, class RowPtr, class T>
+__device__ __forceinline__ void load_rows_async(SmemTensor& s, const RowPtr& row_ptr,
+                                                const T* fallback, int tid) {
+  static_assert(kCols % 8 == 0);
+  constexpr int kChunks = kCols / 8;
+  constexpr int kTotal = kRows * kChunks;
+#pragma unroll
+  for (int it = 0; it < (kTotal + kThreads - 1) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    if (kTotal % kThreads == 0 || idx < kTotal) {
+      const int r = idx / kChunks;
+      const int c = idx % kChunks;
+      const T* src = row_ptr(r);
+      const bool pred = src != nullptr;
+      cp_async_16(&s(r, c * 8), pred ? src + c * 8 : fallback, pred);
+    }
+  }
+}
+
+template <int kWidth, class T, class Op>
+__device__ __forceinline__ T quad_allreduce(T x, Op op) {
+#pragma unroll
+  for (int off = kWidth / 2; off > 0; off /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+// MMA accumulator (4, MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)) for the
+// SM80 16x8 C fragment: values 0,1 share a row, 2,3 are 8 rows further.
+template <class Layout>
+__device__ __forceinline__ auto acc_rowcol(Layout acc) {
+  using namespace cute;
+  static_assert(decltype(rank(acc))::value == 3);
+  static_assert(decltype(size<0>(acc))::value == 4);
+  auto l = logical_divide(acc, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
+}
+
+// MMA accumulator (4, MMA_M, MMA_N) of m16n8k16 -> A operand ((4, 2), MMA_M, MMA_N/2):
+// two adjacent n8 accumulator tiles form one k16 A fragment.
+template <class Layout>
+__device__ __forceinline__ auto acc_as_a_operand(Layout acc) {
+  using namespace cute;
+  static_assert(decltype(size<0>(acc))::value == 4);
+  auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N/2))
+  return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
+}
+
+// fp32 fragment -> 16-bit fragment of the same shape (an owning register tensor).
+template <class TensorIn, class TensorOut>
+__device__ __forceinline__ void convert_fragment(const TensorIn& in, TensorOut& out) {
+  using namespace cute;
+  using From = typename TensorIn::value_type;
+  using To = typename TensorOut::value_type;
+  constexpr int N = decltype(size(in))::value;
+  static_assert(N == decltype(size(out))::value && N % 2 == 0);
+  cutlass::NumericArrayConverter<To, From, N> op;
+  *reinterpret_cast<cutlass::Array<To, N>*>(raw_pointer_cast(out.data())) =
+      op(*reinterpret_cast<const cutlass::Array<From, N>*>(raw_pointer_cast(in.data())));
+}
+
+// acc += A(smem) * B(smem) over the K mode, ldmatrix'ing the next k slice while
+// the current one multiplies.
+template <class Acc, class RA, class RB, class SA, class SB, class TiledMma, class CopyA,
+          class CopyB, class ThrCopyA, class ThrCopyB>
+__device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, const SA& sA, const SB& sB,
+                                        TiledMma mma, CopyA copy_a, CopyB copy_b,
+                                        ThrCopyA thr_a, ThrCopyB thr_b) {
+  using namespace cute;
+  auto rA_view = thr_a.retile_D(rA);
+  auto rB_view = thr_b.retile_D(rB);
+  copy(copy_a, sA(_, _, _0{}), rA_view(_, _, _0{}));
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+#pragma unroll
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) {
+      copy(copy_a, sA(_, _, k + 1), rA_view(_, _, k + 1));
+      copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    }
+    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// acc += A(registers) * B(smem).
+template <class Acc, class RA, class RB, class SB, class TiledMma, class CopyB, class ThrCopyB>
+__device__ __forceinline__ void gemm_rs(Acc& acc, RA& rA, RB& rB, const SB& sB, TiledMma mma,
+                                        CopyB copy_b, ThrCopyB thr_b) {
+  using namespace cute;
+  auto rB_view = thr_b.retile_D(rB);
+  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+#pragma unroll
+  for (int k = 0; k < size<2>(rA); ++k) {
+    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// The token rows of one sequence (selected and window branches: no compressed rows).
+__device__ __forceinline__ SeqInfo token_seq_info(const int32_t* cu_seqlens, int64_t seq,
+                                                  int64_t seqlen) {
+  SeqInfo s;
+  if (cu_seqlens == nullptr) {
+    s.batch = seq, s.row0 = 0, s.len = seqlen;
+  } else {
+    s.batch = 0, s.row0 = cu_seqlens[seq], s.len = cu_seqlens[seq + 1] - cu_seqlens[seq];
+  }
+  s.cmp_row0 = 0;
+  return s;
+}
+
+// Sets the dynamic smem limit of `kernel` when it needs more than 48 KB.
+template <class Kernel>
+inline void set_smem_limit(Kernel kernel, int bytes, const char* what) {
+  if (bytes > 48 * 1024) {
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess)
+      throw std::runtime_error(std::string("nsa_cuda: ") + what + ": cannot use " +
+                               std::to_string(bytes) + " bytes of shared memory: " +
+                               cudaGetErrorString(e));
+  }
+}
+
+}  // namespace nsa::cuda

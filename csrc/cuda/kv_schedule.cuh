@@ -1,0 +1,196 @@
+// KV schedules of the three attention branches: the policy types of the one
+// attention mainloop (attn_fwd.cuh). A schedule answers, for one CTA (a tile of
+// flattened (token, head) rows of one sequence and kv head):
+//   - key_row0(): the row of key 0 in k/v (the sequence's first row),
+//   - next(tile): the KV tiles to visit, each a key range [begin, end) of at most
+//     kBlockN keys (CTA-uniform; the selected schedule synchronises the CTA),
+//   - row_range(t, tile): the keys [lo, hi) that token t may see (the mask),
+//   - tile.need_mask: false where every row sees every key of the tile.
+// Rows whose token lies past the sequence never reach row_range (the mainloop
+// masks them whole).
+#pragma once
+
+#include <climits>
+
+#include "cuda/common.cuh"
+
+namespace nsa::cuda {
+
+struct KvTile {
+  int64_t begin = 0, end = 0;  // keys [begin, end), end - begin <= kBlockN
+  int64_t block = -1;          // kSelected: the selection block of the tile
+  bool need_mask = true;
+};
+
+// Branch 1: compressed rows [0, min(nc(t), rows available)).
+template <int kBlockN>
+struct CompressedSchedule {
+  static constexpr Branch kBranch = Branch::kCompressed;
+  int64_t l, d, avail, n_end, unmasked_end, cur, row0;
+
+  static int smem_bytes(const AttnFwdParams&) { return 0; }
+
+  __device__ static SeqInfo seq(const AttnFwdParams& p, int64_t s) {
+    return nsa::seq_info(p.cu_seqlens, s, p.seqlen, p.cmp_block_size, p.cmp_stride);
+  }
+
+  __device__ void init(const AttnFwdParams& p, const SeqInfo& si, int64_t t_lo, int64_t t_hi,
+                       int /*hkv*/, char* /*smem*/, int /*tid*/) {
+    l = p.cmp_block_size, d = p.cmp_stride;
+    // Clamp to the k_cmp rows that exist for this sequence, so nothing reads
+    // out of bounds when the caller passes fewer rows than Tc(len).
+    avail = p.k_rows - si.cmp_row0;
+    avail = avail > 0 ? avail : 0;
+    n_end = min(num_visible_cmp_blocks(t_hi, l, d), avail);
+    unmasked_end = min(num_visible_cmp_blocks(t_lo, l, d), avail);
+    cur = 0;
+    row0 = si.cmp_row0;
+  }
+  __device__ int64_t key_row0() const { return row0; }
+
+  __device__ bool next(KvTile& tile) {
+    if (cur >= n_end) return false;
+    tile.begin = cur;
+    tile.end = min(cur + kBlockN, n_end);
+    tile.need_mask = cur + kBlockN > unmasked_end;
+    cur += kBlockN;
+    return true;
+  }
+
+  __device__ void row_range(int64_t t, const KvTile&, int64_t& lo, int64_t& hi) const {
+    lo = 0;
+    hi = min(num_visible_cmp_blocks(t, l, d), avail);
+  }
+};
+
+// Branch 3: keys [window_begin(t), t]. The tiles are aligned to kBlockN (like
+// FlashAttention's get_n_block_min_max); a tile needs no mask when it lies
+// inside the window of every row: [window_begin(t_hi), t_lo].
+template <int kBlockN>
+struct WindowSchedule {
+  static constexpr Branch kBranch = Branch::kWindow;
+  int64_t w, cur, n_end, full_lo, full_hi, row0;
+
+  static int smem_bytes(const AttnFwdParams&) { return 0; }
+
+  __device__ static SeqInfo seq(const AttnFwdParams& p, int64_t s) {
+    return token_seq_info(p.cu_seqlens, s, p.seqlen);
+  }
+
+  __device__ void init(const AttnFwdParams& p, const SeqInfo& si, int64_t t_lo, int64_t t_hi,
+                       int, char*, int) {
+    w = p.window_size;
+    cur = window_begin(t_lo, w) / kBlockN * kBlockN;
+    n_end = t_hi + 1;
+    full_lo = window_begin(t_hi, w);
+    full_hi = t_lo + 1;
+    row0 = si.row0;
+  }
+  __device__ int64_t key_row0() const { return row0; }
+
+  __device__ bool next(KvTile& tile) {
+    if (cur >= n_end) return false;
+    tile.begin = cur;
+    tile.end = min(cur + kBlockN, n_end);
+    tile.need_mask = !(cur >= full_lo && cur + kBlockN <= full_hi);
+    cur += kBlockN;
+    return true;
+  }
+
+  __device__ void row_range(int64_t t, const KvTile&, int64_t& lo, int64_t& hi) const {
+    lo = window_begin(t, w);
+    hi = t + 1;
+  }
+};
+
+// Branch 2: the union of the selection blocks of the CTA's tokens, ascending,
+// each block in chunks of kBlockN keys, clipped to [j*l', t_hi]. A row sees a
+// tile's keys only when block j is in its own token's list (and s <= t). The
+// lists live in smem: list[tok * n + slot], -1 for an unused slot (negative,
+// >= ceil(len/l'), or starting after the token: never read out of bounds).
+template <int kBlockM, int kBlockN, int kThreads>
+struct SelectedSchedule {
+  static constexpr Branch kBranch = Branch::kSelected;
+  static constexpr int kWarps = kThreads / 32;
+  int64_t lp, t_lo, t_hi, row0;
+  int n, count;       // slots per token, tokens * slots
+  int32_t* list;      // smem [tokens][n]
+  int32_t* red;       // smem [kWarps]
+  int64_t cur_j, cur_begin, cur_block_end;
+
+  static int smem_bytes(const AttnFwdParams& p) {
+    return int(kBlockM * p.slc_num_blocks + kWarps) * int(sizeof(int32_t));
+  }
+
+  __device__ static SeqInfo seq(const AttnFwdParams& p, int64_t s) {
+    return token_seq_info(p.cu_seqlens, s, p.seqlen);
+  }
+
+  __device__ void init(const AttnFwdParams& p, const SeqInfo& si, int64_t t_lo_, int64_t t_hi_,
+                       int hkv, char* smem, int tid) {
+    lp = p.slc_block_size;
+    t_lo = t_lo_, t_hi = t_hi_;
+    row0 = si.row0;
+    n = int(p.slc_num_blocks);
+    count = int(t_hi - t_lo + 1) * n;  // tokens <= kBlockM
+    list = reinterpret_cast<int32_t*>(smem);
+    red = list + kBlockM * n;
+    const int64_t nblk = num_slc_blocks(si.len, lp);
+    const int32_t* bi = p.block_indices + si.batch * p.bi_batch_stride + hkv * p.bi_head_stride;
+    for (int idx = tid; idx < count; idx += kThreads) {
+      const int64_t t = t_lo + idx / n;
+      const int64_t j = bi[(row0 + t) * p.bi_row_stride + idx % n];
+      list[idx] = (j >= 0 && j < nblk && j * lp <= t) ? int32_t(j) : -1;
+    }
+    cur_j = -1;
+    cur_begin = cur_block_end = 0;
+    __syncthreads();
+  }
+  __device__ int64_t key_row0() const { return row0; }
+
+  // The smallest listed block > prev (INT_MAX if none), CTA-wide.
+  __device__ int32_t min_above(int64_t prev) {
+    const int tid = threadIdx.x;
+    int32_t best = INT_MAX;
+    for (int idx = tid; idx < count; idx += kThreads) {
+      const int32_t j = list[idx];
+      if (j > prev && j < best) best = j;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) best = min(best, __shfl_xor_sync(0xffffffffu, best, off));
+    __syncthreads();  // the previous call's readers of red[] are done
+    if (tid % 32 == 0) red[tid / 32] = best;
+    __syncthreads();
+    best = red[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) best = min(best, red[w]);
+    return best;
+  }
+
+  __device__ bool next(KvTile& tile) {
+    if (cur_j >= 0 && cur_begin + kBlockN < cur_block_end) {
+      cur_begin += kBlockN;
+    } else {
+      const int32_t j = min_above(cur_j);
+      if (j == INT_MAX) return false;
+      cur_j = j;
+      cur_begin = j * lp;
+      cur_block_end = min((j + 1) * lp, t_hi + 1);  // > j*lp: some token t >= j*lp listed it
+    }
+    tile.begin = cur_begin;
+    tile.end = min(cur_begin + kBlockN, cur_block_end);
+    tile.block = cur_j;
+    tile.need_mask = true;
+    return true;
+  }
+
+  __device__ void row_range(int64_t t, const KvTile& tile, int64_t& lo, int64_t& hi) const {
+    const int32_t* mine = list + (t - t_lo) * n;
+    bool listed = false;
+    for (int s = 0; s < n; ++s) listed |= mine[s] == tile.block;
+    lo = tile.block * lp;
+    hi = listed ? selected_block_end(tile.block, t, lp) : lo;
+  }
+};
+
+}  // namespace nsa::cuda

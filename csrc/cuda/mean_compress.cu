@@ -1,0 +1,63 @@
+// mean_compress: x [B, T, H, D] -> [B, rows_out, H, D], output row i of a
+// sequence = mean of its rows [i*d, i*d + l). Varlen: sequence m's blocks start at
+// packed_cmp_row_begin(m); output rows past the packed blocks are zero.
+// fp32 accumulation, output in x's dtype. One CTA per (output row, batch entry).
+#include "cuda/common.cuh"
+
+namespace nsa::cuda {
+
+template <class T>
+__global__ void __launch_bounds__(128) mean_compress_kernel(const CompressParams p) {
+  const int64_t r = blockIdx.x, b = blockIdx.y;
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + r * p.out_row_stride;
+  // Locate the output row: (batch entry, first token row) or none.
+  int64_t batch = b, row_first = -1;
+  if (p.cu_seqlens == nullptr) {
+    if (r < num_cmp_blocks(p.seqlen, p.cmp_block_size, p.cmp_stride)) row_first = r * p.cmp_stride;
+  } else {
+    batch = 0;
+    int64_t begin = 0;
+    for (int64_t m = 0; m < p.num_seqs; ++m) {
+      const int64_t len = p.cu_seqlens[m + 1] - p.cu_seqlens[m];
+      const int64_t tc = num_cmp_blocks(len, p.cmp_block_size, p.cmp_stride);
+      if (r < begin + tc) {
+        row_first = p.cu_seqlens[m] + (r - begin) * p.cmp_stride;
+        break;
+      }
+      begin += tc;
+    }
+  }
+  const float inv = 1.f / float(p.cmp_block_size);
+  for (int64_t e = threadIdx.x; e < p.num_heads * p.head_dim; e += blockDim.x) {
+    const int64_t h = e / p.head_dim, c = e % p.head_dim;
+    float acc = 0.f;
+    if (row_first >= 0) {
+      const T* src = x + batch * p.x_batch_stride + row_first * p.x_row_stride + h * p.x_head_stride + c;
+      for (int64_t k = 0; k < p.cmp_block_size; ++k) acc += float(src[k * p.x_row_stride]);
+      acc *= inv;
+    }
+    out[h * p.out_head_stride + c] = T(acc);
+  }
+}
+
+void run_mean_compress(const CompressParams& p, DType dtype, cudaStream_t stream) {
+  if (p.rows_out == 0 || p.batch == 0 || p.num_heads * p.head_dim == 0) return;
+  if (p.rows_out > INT32_MAX || p.batch > 65535)
+    throw std::runtime_error("nsa_cuda: mean_compress: problem too large for the grid");
+  dim3 grid(unsigned(p.rows_out), unsigned(p.batch));
+  if (dtype == DType::kFp16)
+    mean_compress_kernel<cutlass::half_t><<<grid, 128, 0, stream>>>(p);
+  else
+    mean_compress_kernel<cutlass::bfloat16_t><<<grid, 128, 0, stream>>>(p);
+  check_launch("mean_compress");
+}
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("nsa_cuda: launching ") + what + " failed: " +
+                             cudaGetErrorString(e));
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,254 @@
+// Block selection (NSA_SPEC "Block selection"), one kernel, no T x Tc matrix in
+// global memory:
+//   1. A CTA owns (sequence, kv head, `tokens` consecutive tokens). Their
+//      tokens*G (token, head) rows go through the tensor cores in chunks of
+//      kBlockM rows: S = Q K_cmp^T per tile of kBlockN compressed rows (the
+//      attention traits and gemm), p = exp(scale*s - lse_cmp) for the visible
+//      rows i < nc(t) (clamped to the k_cmp rows that exist).
+//   2. p is spread over the selection blocks it overlaps with weight w(i, j) and
+//      summed over the group's heads by shared-memory atomics into the token's
+//      score row: scores[token][j], j <= J = t // l' (at T = 128k, l' = 64: 2048
+//      floats per token; the launcher sizes `tokens` to fit).
+//   3. One warp per token: forced blocks, then top-n by repeated warp argmax
+//      (ties to the smaller j), then the selected set written ascending by a
+//      ballot compaction, -1 padded.
+#pragma once
+
+#include <climits>
+
+#include "cuda/attn_traits.cuh"
+
+namespace nsa::cuda {
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    select_blocks_kernel(const SelectParams p, int tokens, int score_stride) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kDk = Traits::kDk;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int hkv = blockIdx.y;
+  const int64_t G = p.group;
+  const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
+
+  const SeqInfo si = nsa::seq_info(p.cu_seqlens, blockIdx.z, p.seqlen, l, d);
+  const int64_t t_begin = int64_t(blockIdx.x) * tokens;
+  if (t_begin >= si.len) return;
+  const int ntok = int(min(int64_t(tokens), si.len - t_begin));
+  // Score rows: j < score_stride = ceil(seqlen / l') rounded up to 32 (the launcher's bound).
+  const int64_t j_cap = score_stride - 1;
+
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutK{});
+  int32_t* col_first = reinterpret_cast<int32_t*>(smem + Traits::kSmemQ + Traits::kSmemK);
+  int32_t* col_last = col_first + kBlockN;
+  float* sP = reinterpret_cast<float*>(col_last + kBlockN);                    // [kBlockM][kBlockN]
+  float* scores = sP + kBlockM * kBlockN;                                        // [tokens][stride]
+  uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
+
+  for (int i = tid; i < ntok * score_stride; i += kThreads) scores[i] = 0.f;
+
+  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+  const Element* k = static_cast<const Element*>(p.k_cmp) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const float* lse = static_cast<const float*>(p.lse_cmp) + si.batch * p.lse_batch_stride;
+  int64_t avail = p.k_rows - si.cmp_row0;
+  avail = avail > 0 ? avail : 0;
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  auto copy_q = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_q = copy_q.get_thread_slice(tid);
+  Tensor tSsQ = thr_copy_q.partition_S(sQ);
+  auto copy_k = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  Tensor tSsK = thr_copy_k.partition_S(sK);
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+
+  const float scale_log2 = float(p.scale) * kLog2e;
+  const int64_t rows_total = int64_t(ntok) * G;
+  for (int64_t m0 = 0; m0 < rows_total; m0 += kBlockM) {
+    const int64_t f_last = min(m0 + kBlockM, rows_total) - 1;
+    __syncthreads();  // everyone is done with the previous chunk's sQ / sK
+    load_rows_async<kBlockM, kDk, kThreads>(
+        sQ,
+        [&](int r) -> const Element* {
+          const int64_t f = m0 + r;
+          if (f > f_last) return nullptr;
+          return q + (si.row0 + t_begin + f / G) * p.q_row_stride + (hkv * G + f % G) * p.q_head_stride;
+        },
+        static_cast<const Element*>(p.q), tid);
+    cute::cp_async_fence();
+
+    // This thread's rows: visible compressed rows, lse in log2 units.
+    int64_t row_hi[kRows];
+    float row_lse2[kRows];
+#pragma unroll
+    for (int mi = 0; mi < kRows; ++mi) {
+      const int64_t f = m0 + get<0>(tScS_rc(mi, 0));
+      row_hi[mi] = 0;
+      row_lse2[mi] = 0.f;
+      if (f <= f_last) {
+        const int64_t t = t_begin + f / G;
+        const float lse_v = lse[(hkv * G + f % G) * p.lse_head_stride + si.row0 + t];
+        row_hi[mi] = lse_v == -INFINITY ? 0 : min(num_visible_cmp_blocks(t, l, d), avail);
+        row_lse2[mi] = lse_v * kLog2e;
+      }
+    }
+    const int64_t n_end = min(num_visible_cmp_blocks(t_begin + f_last / G, l, d), avail);
+
+    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+      const int64_t n_hi = min(n0 + kBlockN, n_end);
+      load_rows_async<kBlockN, kDk, kThreads>(
+          sK,
+          [&](int r) -> const Element* {
+            const int64_t i = n0 + r;
+            return i < n_hi ? k + (si.cmp_row0 + i) * p.k_row_stride : nullptr;
+          },
+          k, tid);
+      cute::cp_async_fence();
+      if (tid < kBlockN) {
+        const int64_t i = n0 + tid;
+        col_first[tid] = int32_t(first_overlapped_slc_block(i, d, lp));
+        col_last[tid] = int32_t(last_overlapped_slc_block(i, l, d, lp));
+      }
+      cute::cp_async_wait<0>();
+      __syncthreads();
+
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_s);
+      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+      Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+      // Phase A (registers, fixed shape): probabilities of the visible entries to sP.
+#pragma unroll
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int col_hi = int(min(row_hi[mi], n_hi) - n0);  // visible columns [0, col_hi)
+        const int row = get<0>(tScS_rc(mi, 0));
+#pragma unroll
+        for (int ni = 0; ni < size<1>(s_rc); ++ni) {
+          const int col = get<1>(tScS_rc(mi, ni));
+          sP[row * kBlockN + col] =
+              col < col_hi ? exp2f(s_rc(mi, ni) * scale_log2 - row_lse2[mi]) : 0.f;
+        }
+      }
+      __syncthreads();
+      // Phase B: spread each probability over the selection blocks it overlaps.
+      for (int idx = tid; idx < kBlockM * kBlockN; idx += kThreads) {
+        const float prob = sP[idx];
+        if (prob > 0.f) {
+          const int row = idx / kBlockN, col = idx % kBlockN;
+          const int64_t i = n0 + col;
+          float* row_scores = scores + ((m0 + row) / G) * score_stride;
+          const int64_t last = min(int64_t(col_last[col]), j_cap);
+          for (int64_t j = col_first[col]; j <= last; ++j)
+            atomicAdd(row_scores + j, cmp_slc_overlap_weight(i, j, l, d, lp) * prob);
+        }
+      }
+      __syncthreads();  // everyone is done with sK and col_first/col_last
+    }
+  }
+  cute::cp_async_wait<0>();
+  __syncthreads();
+
+  // Top-n, one warp per token.
+  const int64_t n = p.slc_num_blocks;
+  const int words = score_stride / 32;
+  for (int tok = warp; tok < ntok; tok += kThreads / 32) {
+    const int64_t t = t_begin + tok;
+    const int64_t J = min(last_candidate_slc_block(t, lp), j_cap);
+    const float* sc = scores + tok * score_stride;
+    uint32_t* tk = taken + tok * words;
+    const int nwords = int(J / 32) + 1;
+    const bool take_all = J + 1 <= n;
+    int64_t count = 0;
+    for (int w = 0; w < nwords; ++w) {
+      const int64_t j = int64_t(w) * 32 + lane;
+      const bool forced = j <= J && (take_all || is_forced_slc_block(j, J, p.slc_init_blocks, p.slc_local_blocks));
+      const uint32_t bits = __ballot_sync(0xffffffffu, forced);
+      if (lane == 0) tk[w] = bits;
+      count += __popc(bits);
+    }
+    __syncwarp();
+    const int64_t remaining = min(n, J + 1) - count;
+    for (int64_t it = 0; it < remaining; ++it) {
+      float best_s = 0.f;
+      int best_j = INT_MAX;
+      for (int j = lane; j <= J; j += 32) {
+        if ((tk[j / 32] >> (j % 32)) & 1u) continue;
+        const float s = sc[j];
+        if (best_j == INT_MAX ? s == s : slc_ranks_before(s, j, best_s, best_j)) best_s = s, best_j = j;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) {
+        const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
+        const int oj = __shfl_xor_sync(0xffffffffu, best_j, off);
+        if (oj != INT_MAX && (best_j == INT_MAX || slc_ranks_before(os, oj, best_s, best_j)))
+          best_s = os, best_j = oj;
+      }
+      if (best_j == INT_MAX) break;  // only NaN scores left
+      if (lane == 0) tk[best_j / 32] |= 1u << (best_j % 32);
+      __syncwarp();
+    }
+    __syncwarp();
+    int32_t* out = p.block_indices + si.batch * p.bi_batch_stride + (si.row0 + t) * p.bi_row_stride +
+                   hkv * p.bi_head_stride;
+    int64_t pos = 0;
+    for (int w = 0; w < nwords; ++w) {
+      const uint32_t bits = tk[w];
+      const int64_t slot = pos + __popc(bits & ((1u << lane) - 1u));
+      if (((bits >> lane) & 1u) && slot < n) out[slot] = int32_t(w * 32 + lane);
+      pos += __popc(bits);
+    }
+    for (int64_t s = pos + lane; s < n; s += 32) out[s] = -1;
+  }
+}
+
+// Shared memory of one CTA for `tokens` tokens.
+template <class Traits>
+inline int64_t select_smem_bytes(int64_t tokens, int64_t score_stride) {
+  return Traits::kSmemQ + Traits::kSmemK + 2 * Traits::kBlockN * 4 +
+         Traits::kBlockM * Traits::kBlockN * 4 + tokens * score_stride * 4 +
+         tokens * (score_stride / 32) * 4;
+}
+
+template <int kDk, DType kDType>
+void run_select_blocks(const SelectParams& p, cudaStream_t stream) {
+  using Traits = AttnTraits<kDk, kDk, typename ElementOf<kDType>::type>;
+  const char* what = "select_blocks";
+  if (p.seqlen == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
+  const int64_t score_stride = (num_slc_blocks(p.seqlen, p.slc_block_size) + 31) / 32 * 32;
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  // Tokens per CTA: enough for the G heads to fill the kBlockM rows, no more than
+  // fits in ~100 KB (two CTAs per SM) or, for very long rows, the device limit.
+  const int64_t want = std::max<int64_t>(1, Traits::kBlockM / p.group);
+  const int64_t budget = std::min<int64_t>(optin, 100 * 1024);
+  int64_t tokens = want;
+  while (tokens > 1 && select_smem_bytes<Traits>(tokens, score_stride) > budget) --tokens;
+  const int64_t smem = select_smem_bytes<Traits>(tokens, score_stride);
+  if (smem > optin)
+    throw std::runtime_error(std::string("nsa_cuda: select_blocks: sequences of ") +
+                             std::to_string(p.seqlen) + " tokens need " + std::to_string(smem) +
+                             " bytes of shared memory per CTA for the block scores; the device has " +
+                             std::to_string(optin));
+  const int64_t t_blocks = (p.seqlen + tokens - 1) / tokens;
+  if (t_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
+    throw std::runtime_error("nsa_cuda: select_blocks: problem too large for the grid");
+  auto kernel = select_blocks_kernel<Traits>;
+  set_smem_limit(kernel, int(smem), what);
+  dim3 grid(unsigned(t_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
+  kernel<<<grid, Traits::kThreads, int(smem), stream>>>(p, int(tokens), int(score_stride));
+  check_launch(what);
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,434 @@
+"""CUDA forward kernels against the fp64 reference (NSA_SPEC "Precision and
+tolerances"): max|x - ref| <= 2 * max|ref_lp - ref| + 1e-5, where ref is
+nsa_cuda.reference in fp64 and ref_lp the reference in the input dtype on the GPU.
+
+The ops are called directly through torch.ops.nsa_cuda with the schemas of
+csrc/api/ops.cpp. NSA_POISON_OUTPUTS=1 (set below, read once per process by the
+CUDA backend) makes every op fill its outputs with NaN before the launch, so an
+element a kernel forgets to write shows up as NaN.
+"""
+import math
+import os
+
+os.environ.setdefault("NSA_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+if torch.cuda.is_available():
+    import nsa_cuda  # noqa: F401  (loads nsa_cuda._C and its op registrations)
+    from nsa_cuda import reference as ref
+
+OPS = torch.ops.nsa_cuda
+DEV = "cuda"
+HEAD_DIMS = [(64, 64), (128, 128), (192, 128)]
+DTYPES = [torch.float16, torch.bfloat16]
+GROUPS = [1, 2, 4, 8, 16]
+PAPER = dict(l=32, d=16, lp=64, n=16, n_init=1, n_local=2, w=512)
+
+
+def _id(x):
+    if isinstance(x, torch.dtype):
+        return str(x).replace("torch.", "")
+    if isinstance(x, tuple):
+        return "x".join(map(str, x))
+    return str(x)
+
+
+def num_cmp(T, l, d):
+    return 0 if T < l else (T - l) // d + 1
+
+
+def rand(*shape, dtype):
+    return torch.randn(*shape, device=DEV, dtype=torch.float32).to(dtype)
+
+
+def assert_close(x, r64, r_lp, name):
+    """The spec's rule, plus: no NaN, and -inf exactly where the reference has it."""
+    x = x.detach().double()
+    r64 = r64.detach().to(x.device).double()
+    r_lp = r_lp.detach().to(x.device).double()
+    assert x.shape == r64.shape, f"{name}: shape {tuple(x.shape)} vs {tuple(r64.shape)}"
+    assert not torch.isnan(x).any(), f"{name}: NaN in the CUDA output"
+    fin = torch.isfinite(r64)
+    assert torch.equal(torch.isfinite(x), fin), f"{name}: inf positions differ from the reference"
+    assert torch.equal(x[~fin], r64[~fin]), f"{name}: infinite values differ from the reference"
+    if fin.sum() == 0:
+        return
+    err = (x - r64)[fin].abs().max().item()
+    lp_diff = (r_lp - r64)[fin]
+    lp_diff = torch.nan_to_num(lp_diff, nan=0.0, posinf=0.0, neginf=0.0)
+    tol = 2 * lp_diff.abs().max().item() + 1e-5
+    assert err <= tol, f"{name}: max error {err:.3e} > tolerance {tol:.3e}"
+
+
+def run_ref(fn, args, kwargs, dtype):
+    """(fp64 result, input-dtype result) of a reference function."""
+    def cast(a, dt):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a.to(dt)
+        return a
+    r64 = fn(*[cast(a, torch.float64) for a in args], **kwargs)
+    r_lp = fn(*[cast(a, dtype) for a in args], **kwargs)
+    return r64, r_lp
+
+
+def make_cu(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=DEV)
+
+
+# --------------------------------------------------------------------------- mean_compress
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("T,l,d", [(100, 32, 16), (31, 32, 16), (256, 64, 64), (300, 32, 8)])
+def test_mean_compress(dtype, T, l, d):
+    x = rand(2, T, 3, 64, dtype=dtype)
+    out = OPS.mean_compress(x, None, l, d)
+    r64, r_lp = run_ref(ref.mean_compress, (x, l, d), {}, dtype)
+    assert_close(out, r64, r_lp, "mean_compress")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_mean_compress_varlen(dtype):
+    lengths = [1, 17, 200, 64, 333]
+    cu = make_cu(lengths)
+    x = rand(1, sum(lengths), 2, 128, dtype=dtype)
+    out = OPS.mean_compress(x, cu, 32, 16)
+    r64, r_lp = run_ref(ref.mean_compress, (x, 32, 16), {"cu_seqlens": cu}, dtype)
+    assert_close(out, r64, r_lp, "mean_compress varlen")
+
+
+# --------------------------------------------------------------------------- compressed
+
+def compressed_case(B, T, Hkv, G, dk, dv, dtype, l, d, cu=None):
+    total = T
+    q = rand(B, total, Hkv * G, dk, dtype=dtype)
+    k = rand(B, total, Hkv, dk, dtype=dtype)
+    v = rand(B, total, Hkv, dv, dtype=dtype)
+    k_cmp = ref.mean_compress(k, l, d, cu_seqlens=cu)
+    v_cmp = ref.mean_compress(v, l, d, cu_seqlens=cu)
+    return q, k_cmp, v_cmp
+
+
+def check_compressed(q, k_cmp, v_cmp, l, d, cu=None, max_seqlen=None):
+    dtype = q.dtype
+    scale = q.shape[-1] ** -0.5
+    ms = max_seqlen if max_seqlen is not None else q.shape[1]
+    o, lse = OPS.compressed_attn_fwd(q, k_cmp, v_cmp, cu, ms, l, d, scale)
+    (o64, lse64), (o_lp, lse_lp) = run_ref(ref.compressed_attn, (q, k_cmp, v_cmp, l, d),
+                                           {"scale": scale, "cu_seqlens": cu}, dtype)
+    assert_close(o, o64, o_lp, "o_cmp")
+    assert_close(lse, lse64, lse_lp, "lse_cmp")
+    return o, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
+@pytest.mark.parametrize("G", GROUPS)
+def test_compressed(dims, dtype, G):
+    dk, dv = dims
+    q, kc, vc = compressed_case(2, 300, 2, G, dk, dv, dtype, 32, 16)
+    check_compressed(q, kc, vc, 32, 16)
+
+
+@pytest.mark.parametrize("T", [1, 20, 31, 32, 33, 47, 129, 1000])
+def test_compressed_lengths(T):
+    q, kc, vc = compressed_case(2, T, 1, 4, 128, 128, torch.bfloat16, 32, 16)
+    check_compressed(q, kc, vc, 32, 16)
+
+
+def test_compressed_fla_setting():
+    q, kc, vc = compressed_case(1, 777, 2, 8, 64, 64, torch.float16, 64, 64)
+    check_compressed(q, kc, vc, 64, 64)
+
+
+def test_compressed_fewer_rows():
+    """k_cmp with fewer rows than Tc(T): rows that do not exist are never read."""
+    q, kc, vc = compressed_case(1, 200, 1, 2, 64, 64, torch.float16, 32, 16)
+    kc, vc = kc[:, :5].contiguous(), vc[:, :5].contiguous()
+    o, lse = OPS.compressed_attn_fwd(q, kc, vc, None, 200, 32, 16, 64 ** -0.5)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+
+
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
+def test_compressed_varlen(dims):
+    dk, dv = dims
+    lengths = [1, 17, 300, 64, 129]
+    cu = make_cu(lengths)
+    q, kc, vc = compressed_case(1, sum(lengths), 2, 4, dk, dv, torch.bfloat16, 32, 16, cu=cu)
+    check_compressed(q, kc, vc, 32, 16, cu=cu, max_seqlen=max(lengths))
+
+
+# --------------------------------------------------------------------------- selection
+
+def check_selection(bi, ref_bi, ref_scores, n, lp, n_init, n_local, name="select"):
+    """Structure of every row, then equality up to near-ties (within 1e-3 relative
+    of the n-th selected score)."""
+    bi = bi.cpu().long()
+    ref_bi = ref_bi.cpu().long()
+    ref_scores = ref_scores.cpu().double()
+    B, T, H, nn = bi.shape
+    assert nn == n
+    t = torch.arange(T).view(1, T, 1)
+    J = (t // lp).expand(B, T, H)
+    valid = bi >= 0
+    # ascending, -1 only at the end, exactly min(n, J+1) entries, all in [0, J]
+    count = valid.sum(-1)
+    assert torch.equal(count, torch.minimum(J + 1, torch.full_like(J, n))), f"{name}: wrong count"
+    assert (bi[valid] >= 0).all()
+    assert torch.equal(valid, torch.arange(n).view(1, 1, 1, n) < count.unsqueeze(-1)), f"{name}: -1 not at the end"
+    sorted_ok = (bi[..., 1:] > bi[..., :-1]) | ~valid[..., 1:]
+    assert sorted_ok.all(), f"{name}: not ascending"
+    assert (torch.where(valid, bi, torch.zeros_like(bi)) <= J.unsqueeze(-1)).all(), f"{name}: block after t"
+    diff_rows = (bi != ref_bi).any(-1).nonzero().tolist()
+    for b, tt, h in diff_rows:
+        mine = set(bi[b, tt, h][bi[b, tt, h] >= 0].tolist())
+        theirs = set(ref_bi[b, tt, h][ref_bi[b, tt, h] >= 0].tolist())
+        Jt = tt // lp
+        for j in range(Jt + 1):
+            forced = j < n_init or j > Jt - n_local
+            if forced:
+                assert j in mine, f"{name}: forced block {j} missing at t={tt}"
+        sc = ref_scores[b, tt, h]
+        free = [j for j in theirs if not (j < n_init or j > Jt - n_local)]
+        nth = min(sc[j].item() for j in free) if free else 0.0
+        for j in mine ^ theirs:
+            assert abs(sc[j].item() - nth) <= 1e-3 * abs(nth) + 1e-12, (
+                f"{name}: block {j} at (b={b}, t={tt}, h={h}) differs from the reference and its "
+                f"score {sc[j].item():.6g} is not within 1e-3 of the n-th score {nth:.6g}")
+
+
+def run_selection(q, k_cmp, l, d, lp, n, n_init, n_local, cu=None, max_seqlen=None):
+    scale = q.shape[-1] ** -0.5
+    ms = max_seqlen if max_seqlen is not None else q.shape[1]
+    v_dummy = k_cmp[..., : (128 if q.shape[-1] == 192 else q.shape[-1])].contiguous()
+    _, lse = OPS.compressed_attn_fwd(q, k_cmp, v_dummy, cu, ms, l, d, scale)
+    bi = OPS.select_blocks(q, k_cmp, lse, cu, ms, l, d, lp, n, n_init, n_local, scale)
+    ref_bi, ref_scores = ref.select_blocks(q.double(), k_cmp.double(), l, d, lp, n, n_init, n_local,
+                                           scale=scale, cu_seqlens=cu)
+    return bi, ref_bi, ref_scores
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
+@pytest.mark.parametrize("G", GROUPS)
+def test_select_blocks(dims, dtype, G):
+    dk, dv = dims
+    q, kc, _ = compressed_case(2, 700, 2, G, dk, dv, dtype, 32, 16)
+    bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 4, 1, 2)
+    check_selection(bi, rbi, rsc, 4, 64, 1, 2)
+
+
+@pytest.mark.parametrize("T", [1, 20, 64, 65, 200, 1000])
+def test_select_blocks_lengths(T):
+    q, kc, _ = compressed_case(1, T, 1, 4, 128, 128, torch.float16, 32, 16)
+    bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 16, 1, 2)
+    check_selection(bi, rbi, rsc, 16, 64, 1, 2)
+
+
+def test_select_blocks_fla_setting():
+    q, kc, _ = compressed_case(2, 900, 1, 16, 64, 64, torch.bfloat16, 64, 64)
+    bi, rbi, rsc = run_selection(q, kc, 64, 64, 64, 4, 1, 1)
+    check_selection(bi, rbi, rsc, 4, 64, 1, 1)
+
+
+def test_select_blocks_varlen():
+    lengths = [1, 17, 700, 64, 333]
+    cu = make_cu(lengths)
+    q, kc, _ = compressed_case(1, sum(lengths), 2, 4, 192, 128, torch.bfloat16, 32, 16, cu=cu)
+    bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 4, 1, 2, cu=cu, max_seqlen=max(lengths))
+    # Row structure per sequence: check each sequence as its own batch.
+    for m, n_tok in enumerate(lengths):
+        a, b = cu[m].item(), cu[m + 1].item()
+        check_selection(bi[:, a:b], rbi[:, a:b], rsc[:, a:b], 4, 64, 1, 2, name=f"select seq {m}")
+
+
+# --------------------------------------------------------------------------- selected attention
+
+def random_block_indices(B, T, H, n, lp, lengths=None, garbage=True, seed=0):
+    """Per (t, h): the current block, a random subset of earlier blocks, shuffled,
+    with -1 slots, an out-of-range id and a duplicate mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    bi = torch.full((B, T, H, n), -1, dtype=torch.int32)
+    pos = torch.arange(T) if lengths is None else torch.cat([torch.arange(L) for L in lengths])
+    nblk_of = None if lengths is None else torch.cat([torch.full((L,), (L + lp - 1) // lp) for L in lengths])
+    for b in range(B):
+        for tt in range(T):
+            t = pos[tt].item()
+            J = t // lp
+            nblk = (T + lp - 1) // lp if nblk_of is None else nblk_of[tt].item()
+            for h in range(H):
+                cand = torch.randperm(J + 1, generator=g)[: n - 1].tolist()
+                if J not in cand:
+                    cand = cand[: n - 2] + [J]
+                row = cand[:]
+                if garbage and len(row) < n:
+                    row.append([nblk + 3, -7, 10 ** 6, row[0]][(t + h) % 4])
+                row = row[:n]
+                perm = torch.randperm(len(row), generator=g).tolist()
+                row = [row[i] for i in perm]
+                bi[b, tt, h, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    return bi.to(DEV)
+
+
+def check_selected(q, k, v, bi, lp, cu=None, max_seqlen=None):
+    dtype = q.dtype
+    scale = q.shape[-1] ** -0.5
+    ms = max_seqlen if max_seqlen is not None else q.shape[1]
+    o, lse = OPS.selected_attn_fwd(q, k, v, bi, cu, ms, lp, scale)
+    (o64, lse64), (o_lp, lse_lp) = run_ref(ref.selected_attn, (q, k, v, bi, lp),
+                                           {"scale": scale, "cu_seqlens": cu}, dtype)
+    assert_close(o, o64, o_lp, "o_slc")
+    assert_close(lse, lse64, lse_lp, "lse_slc")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
+@pytest.mark.parametrize("G", GROUPS)
+def test_selected(dims, dtype, G):
+    dk, dv = dims
+    B, T, Hkv = 2, 300, 2
+    q = rand(B, T, Hkv * G, dk, dtype=dtype)
+    k = rand(B, T, Hkv, dk, dtype=dtype)
+    v = rand(B, T, Hkv, dv, dtype=dtype)
+    bi = random_block_indices(B, T, Hkv, 3, 32, seed=G)
+    check_selected(q, k, v, bi, 32)
+
+
+@pytest.mark.parametrize("T,lp,n", [(1, 64, 16), (20, 64, 4), (130, 64, 2), (333, 16, 5), (257, 128, 3)])
+def test_selected_lengths(T, lp, n):
+    q = rand(1, T, 4, 64, dtype=torch.float16)
+    k = rand(1, T, 1, 64, dtype=torch.float16)
+    v = rand(1, T, 1, 64, dtype=torch.float16)
+    bi = random_block_indices(1, T, 1, n, lp, seed=T)
+    check_selected(q, k, v, bi, lp)
+
+
+def test_selected_int64_and_clean_indices():
+    T = 200
+    q = rand(2, T, 8, 128, dtype=torch.bfloat16)
+    k = rand(2, T, 2, 128, dtype=torch.bfloat16)
+    v = rand(2, T, 2, 128, dtype=torch.bfloat16)
+    bi = random_block_indices(2, T, 2, 4, 64, garbage=False, seed=3).long()
+    bi[0, -1, 0, -1] = 2 ** 33  # must not wrap around to a valid id
+    check_selected(q, k, v, bi, 64)
+
+
+def test_selected_from_selection():
+    """End to end: blocks chosen by select_blocks, then selected attention."""
+    B, T, Hkv, G = 1, 700, 2, 8
+    q, kc, _ = compressed_case(B, T, Hkv, G, 192, 128, torch.bfloat16, 32, 16)
+    k = rand(B, T, Hkv, 192, dtype=torch.bfloat16)
+    v = rand(B, T, Hkv, 128, dtype=torch.bfloat16)
+    bi, _, _ = run_selection(q, kc, 32, 16, 64, 4, 1, 2)
+    check_selected(q, k, v, bi, 64)
+
+
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
+def test_selected_varlen(dims):
+    dk, dv = dims
+    lengths = [1, 17, 300, 64, 129]
+    cu = make_cu(lengths)
+    total = sum(lengths)
+    q = rand(1, total, 4, dk, dtype=torch.float16)
+    k = rand(1, total, 2, dk, dtype=torch.float16)
+    v = rand(1, total, 2, dv, dtype=torch.float16)
+    bi = random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
+    check_selected(q, k, v, bi, 32, cu=cu, max_seqlen=max(lengths))
+
+
+# --------------------------------------------------------------------------- window
+
+def check_window(q, k, v, w, cu=None, max_seqlen=None):
+    dtype = q.dtype
+    scale = q.shape[-1] ** -0.5
+    ms = max_seqlen if max_seqlen is not None else q.shape[1]
+    o, lse = OPS.window_attn_fwd(q, k, v, cu, ms, w, scale)
+    (o64, lse64), (o_lp, lse_lp) = run_ref(ref.window_attn, (q, k, v, w),
+                                           {"scale": scale, "cu_seqlens": cu}, dtype)
+    assert_close(o, o64, o_lp, "o_win")
+    assert_close(lse, lse64, lse_lp, "lse_win")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
+@pytest.mark.parametrize("G", GROUPS)
+def test_window(dims, dtype, G):
+    dk, dv = dims
+    B, T, Hkv = 2, 300, 2
+    q = rand(B, T, Hkv * G, dk, dtype=dtype)
+    k = rand(B, T, Hkv, dk, dtype=dtype)
+    v = rand(B, T, Hkv, dv, dtype=dtype)
+    check_window(q, k, v, 100)
+
+
+@pytest.mark.parametrize("T,w", [(1, 512), (20, 512), (300, 1), (300, 64), (300, 65), (1000, 512), (130, 129)])
+def test_window_lengths(T, w):
+    q = rand(1, T, 2, 64, dtype=torch.bfloat16)
+    k = rand(1, T, 1, 64, dtype=torch.bfloat16)
+    v = rand(1, T, 1, 64, dtype=torch.bfloat16)
+    check_window(q, k, v, w)
+
+
+def test_window_varlen():
+    lengths = [1, 17, 600, 64, 129]
+    cu = make_cu(lengths)
+    total = sum(lengths)
+    q = rand(1, total, 8, 192, dtype=torch.bfloat16)
+    k = rand(1, total, 2, 192, dtype=torch.bfloat16)
+    v = rand(1, total, 2, 128, dtype=torch.bfloat16)
+    check_window(q, k, v, 100, cu=cu, max_seqlen=max(lengths))
+
+
+def test_non_contiguous_inputs():
+    """Strided q/k/v (a head slice of a larger tensor) go through the copy path."""
+    T = 150
+    big = rand(1, T, 6, 64, dtype=torch.float16)
+    q = big[:, :, :4]
+    k = big[:, :, 4:5]
+    v = big[:, :, 5:6]
+    check_window(q, k, v, 50)
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_unsupported_head_dim():
+    q = rand(1, 10, 2, 96, dtype=torch.float16)
+    k = rand(1, 10, 1, 96, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="head dims"):
+        OPS.window_attn_fwd(q, k, k, None, 10, 4, 1.0)
+
+
+def test_unsupported_dtype():
+    q = rand(1, 10, 2, 64, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="float16 and bfloat16"):
+        OPS.window_attn_fwd(q, q[:, :, :1], q[:, :, :1], None, 10, 4, 1.0)
+
+
+# --------------------------------------------------------------------------- long (paper settings)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T", [8192, 32768])
+def test_long_paper_settings(T):
+    P = PAPER
+    B, Hkv, G, dk, dv, dtype = 1, 1, 2, 192, 128, torch.bfloat16
+    q = rand(B, T, Hkv * G, dk, dtype=dtype)
+    k = rand(B, T, Hkv, dk, dtype=dtype)
+    v = rand(B, T, Hkv, dv, dtype=dtype)
+    k_cmp = OPS.mean_compress(k, None, P["l"], P["d"])
+    v_cmp = OPS.mean_compress(v, None, P["l"], P["d"])
+    _, lse = check_compressed(q, k_cmp, v_cmp, P["l"], P["d"])
+    scale = dk ** -0.5
+    bi = OPS.select_blocks(q, k_cmp, lse, None, T, P["l"], P["d"], P["lp"], P["n"], P["n_init"],
+                           P["n_local"], scale)
+    ref_bi, ref_scores = ref.select_blocks(q.double(), k_cmp.double(), P["l"], P["d"], P["lp"], P["n"],
+                                           P["n_init"], P["n_local"], scale=scale)
+    check_selection(bi, ref_bi, ref_scores, P["n"], P["lp"], P["n_init"], P["n_local"])
+    del ref_scores
+    check_selected(q, k, v, bi, P["lp"])
+    check_window(q, k, v, P["w"])
