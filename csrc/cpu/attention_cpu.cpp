@@ -53,6 +53,17 @@ struct TokenMap {
   }
 };
 
+// Rows per parallel chunk: small problems run on the calling thread, since waking
+// a thread pool costs more than they do.
+inline int64_t rows_per_chunk(const AttnFwdParams& p) {
+  int64_t keys = p.seqlen;  // an upper bound on the keys one row visits
+  if (p.branch == Branch::kCompressed) keys = p.seqlen / p.cmp_stride + 1;
+  if (p.branch == Branch::kWindow) keys = std::min(p.seqlen, p.window_size);
+  if (p.branch == Branch::kSelected) keys = std::min(p.seqlen, p.slc_num_blocks * p.slc_block_size);
+  const int64_t work_per_row = std::max<int64_t>(1, keys * (p.head_dim_qk + p.head_dim_v));
+  return std::max<int64_t>(1, (int64_t(1) << 18) / work_per_row);
+}
+
 inline TokenMap token_map(const AttnFwdParams& p) {
   return TokenMap(p.cu_seqlens, p.num_seqs, p.seqlen, p.cmp_block_size, p.cmp_stride);
 }
@@ -154,7 +165,7 @@ void attn_fwd(const AttnFwdParams& p) {
   const TokenMap tokens = token_map(p);
   const Views<scalar_t> view{p};
   const int64_t rows = tokens.total * p.num_heads_q;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, rows_per_chunk(p), [&](int64_t begin, int64_t end) {
     std::vector<acc_type<scalar_t>> scratch;
     for (int64_t x = begin; x < end; ++x) {
       const auto [seq, t] = tokens.locate(x / p.num_heads_q);
@@ -174,8 +185,12 @@ void attn_bwd(const AttnBwdParams& p) {
   const int64_t dk = p.head_dim_qk, dv = p.head_dim_v;
   const int64_t tasks = p.num_seqs * p.num_heads_kv;
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(dk), dq(dk), dout(dv), dk_acc, dv_acc;
+  // A task is a whole (sequence, KV head): G * T rows.
+  const int64_t task_grain = std::max<int64_t>(1, rows_per_chunk(p) / std::max<int64_t>(1, p.group * p.seqlen));
+  at::parallel_for(0, tasks, task_grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q(dk), dq(dk), dout(dv);
+    // dk/dv sum G * T terms per row: double keeps fp32 inputs within the spec's tolerance.
+    std::vector<double> dk_acc, dv_acc;
     for (int64_t task = begin; task < end; ++task) {
       const SeqInfo& s = tokens.seqs[task / p.num_heads_kv];
       const int64_t kvh = task % p.num_heads_kv;
@@ -183,8 +198,8 @@ void attn_bwd(const AttnBwdParams& p) {
                                ? std::min(available_key_rows(p, s),
                                           num_cmp_blocks(s.len, p.cmp_block_size, p.cmp_stride))
                                : s.len;
-      dk_acc.assign(keys * dk, acc_t(0));
-      dv_acc.assign(keys * dv, acc_t(0));
+      dk_acc.assign(keys * dk, 0.0);
+      dv_acc.assign(keys * dv, 0.0);
 
       for (int64_t t = 0; t < s.len; ++t) {
         for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
@@ -214,9 +229,9 @@ void attn_bwd(const AttnBwdParams& p) {
                 const acc_t prob = std::exp(acc_t(p.scale) * dot(q.data(), k_src, dk) - lse);
                 const acc_t dp = dot(dout.data(), v_src, dv);
                 const acc_t ds = prob * (dp - delta);
-                axpy(prob, dout.data(), dv_acc.data() + r * dv, dv);
+                axpy(double(prob), dout.data(), dv_acc.data() + r * dv, dv);
                 axpy(ds, k_src, dq.data(), dk);
-                axpy(ds, q.data(), dk_acc.data() + r * dk, dk);
+                axpy(double(ds), q.data(), dk_acc.data() + r * dk, dk);
               }
             });
           }
@@ -232,7 +247,7 @@ void attn_bwd(const AttnBwdParams& p) {
         scalar_t* dv_dst = row_ptr(static_cast<scalar_t*>(p.dv), p.dv_batch_stride,
                                    p.dv_row_stride, p.dv_head_stride, s.batch, row0 + r, kvh);
         for (int64_t i = 0; i < dk; ++i)
-          dk_dst[i] = static_cast<scalar_t>(dk_acc[r * dk + i] * acc_t(p.scale));
+          dk_dst[i] = static_cast<scalar_t>(dk_acc[r * dk + i] * p.scale);
         for (int64_t c = 0; c < dv; ++c) dv_dst[c] = static_cast<scalar_t>(dv_acc[r * dv + c]);
       }
     }

@@ -11,11 +11,16 @@
 
 namespace nsa::cpu {
 
+// (sequence, head) tasks per parallel chunk: small problems stay on one thread.
+inline int64_t grain(const CompressParams& p) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, p.seqlen * p.head_dim));
+}
+
 template <typename scalar_t>
 void mean_compress(const CompressParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride;
-  at::parallel_for(0, p.num_seqs * p.num_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_seqs * p.num_heads, grain(p), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(p.head_dim);
     for (int64_t x = begin; x < end; ++x) {
       const int64_t seq = x / p.num_heads, h = x % p.num_heads;
@@ -51,7 +56,7 @@ template <typename scalar_t>
 void mean_compress_bwd(const CompressParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride;
-  at::parallel_for(0, p.num_seqs * p.num_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.num_seqs * p.num_heads, grain(p), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(p.head_dim);
     for (int64_t x = begin; x < end; ++x) {
       const int64_t seq = x / p.num_heads, h = x % p.num_heads;

@@ -33,7 +33,10 @@ void select_blocks(const SelectParams& p) {
   const auto* k_base = static_cast<const scalar_t*>(p.k_cmp);
   const auto* lse_base = static_cast<const acc_t*>(p.lse_cmp);
 
-  at::parallel_for(0, total * p.num_heads_kv, 4, [&](int64_t begin, int64_t end) {
+  // Small problems run on the calling thread (a thread pool wake-up costs more).
+  const int64_t work = std::max<int64_t>(1, p.group * (p.seqlen / d + 1) * p.head_dim_qk);
+  at::parallel_for(0, total * p.num_heads_kv, std::max<int64_t>(1, (int64_t(1) << 18) / work),
+                   [&](int64_t begin, int64_t end) {
     std::vector<acc_t> score;
     std::vector<int64_t> order;
     for (int64_t x = begin; x < end; ++x) {
