@@ -93,61 +93,35 @@ def _require_backward_kernel(op_name: str, t: torch.Tensor) -> None:
             "available (see the README's support matrix)")
 
 
-def _compressed_setup(ctx, inputs, output):
-    q, k_cmp, v_cmp, cu_seqlens, *static = inputs
-    ctx.save_for_backward(q, k_cmp, v_cmp, *output)
-    ctx.cu_seqlens = cu_seqlens
-    ctx.static = static
+def _register_attention_autograd(name: str, num_index_inputs: int) -> None:
+    """Backward of ``nsa_cuda::{name}_fwd`` through ``nsa_cuda::{name}_bwd``.
+
+    The forward's inputs are ``(q, k, v, *index_tensors, cu_seqlens, *sizes)`` and the
+    backward's ``(dout, dlse, q, k, v, *index_tensors, o, lse, cu_seqlens, *sizes)``.
+    """
+    bwd_name = f"{name}_bwd"
+    num_saved = 3 + num_index_inputs
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:num_saved], *output)
+        ctx.cu_seqlens = inputs[num_saved]
+        ctx.sizes = inputs[num_saved + 1:]
+        ctx.num_inputs = len(inputs)
+
+    def backward(ctx, grad_o, grad_lse):
+        *inputs, o, lse = ctx.saved_tensors
+        _require_backward_kernel(bwd_name, inputs[0])
+        dq, dk, dv = getattr(ops, bwd_name)(grad_o, grad_lse, *inputs, o, lse, ctx.cu_seqlens,
+                                            *ctx.sizes)
+        return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
+
+    torch.library.register_autograd(f"nsa_cuda::{name}_fwd", backward,
+                                    setup_context=setup_context)
 
 
-def _compressed_backward(ctx, grad_o, grad_lse):
-    q, k_cmp, v_cmp, o, lse = ctx.saved_tensors
-    _require_backward_kernel("compressed_attn_bwd", q)
-    dq, dk, dv = ops.compressed_attn_bwd(grad_o, grad_lse, q, k_cmp, v_cmp, o, lse,
-                                         ctx.cu_seqlens, *ctx.static)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("nsa_cuda::compressed_attn_fwd", _compressed_backward,
-                                setup_context=_compressed_setup)
-
-
-def _selected_setup(ctx, inputs, output):
-    q, k, v, block_indices, cu_seqlens, *static = inputs
-    ctx.save_for_backward(q, k, v, block_indices, *output)
-    ctx.cu_seqlens = cu_seqlens
-    ctx.static = static
-
-
-def _selected_backward(ctx, grad_o, grad_lse):
-    q, k, v, block_indices, o, lse = ctx.saved_tensors
-    _require_backward_kernel("selected_attn_bwd", q)
-    dq, dk, dv = ops.selected_attn_bwd(grad_o, grad_lse, q, k, v, block_indices, o, lse,
-                                       ctx.cu_seqlens, *ctx.static)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("nsa_cuda::selected_attn_fwd", _selected_backward,
-                                setup_context=_selected_setup)
-
-
-def _window_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, *static = inputs
-    ctx.save_for_backward(q, k, v, *output)
-    ctx.cu_seqlens = cu_seqlens
-    ctx.static = static
-
-
-def _window_backward(ctx, grad_o, grad_lse):
-    q, k, v, o, lse = ctx.saved_tensors
-    _require_backward_kernel("window_attn_bwd", q)
-    dq, dk, dv = ops.window_attn_bwd(grad_o, grad_lse, q, k, v, o, lse, ctx.cu_seqlens,
-                                     *ctx.static)
-    return dq, dk, dv, None, None, None, None
-
-
-torch.library.register_autograd("nsa_cuda::window_attn_fwd", _window_backward,
-                                setup_context=_window_setup)
+_register_attention_autograd("compressed_attn", num_index_inputs=0)
+_register_attention_autograd("selected_attn", num_index_inputs=1)  # block_indices
+_register_attention_autograd("window_attn", num_index_inputs=0)
 
 
 def _mean_compress_setup(ctx, inputs, output):

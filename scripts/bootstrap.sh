@@ -25,7 +25,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 echo "== installing dependencies (requirements-dev.txt)"
 "$VENV/bin/pip" install -q --upgrade pip >/dev/null
-"$VENV/bin/pip" install -q -r requirements-dev.txt
+# (this machine's pip config lists local index folders that may be absent: drop that noise)
+"$VENV/bin/pip" install -q -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither" >&2)
 
 echo "== building nsa_cuda in place (MAX_JOBS=${MAX_JOBS:=$(nproc)}); the CUDA kernels take a while on few cores"
 export MAX_JOBS

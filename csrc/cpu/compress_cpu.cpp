@@ -1,5 +1,7 @@
 // Mean compression on the CPU: compressed row i of a sequence is the mean of
-// its rows [i*d, i*d + l).
+// its rows [i*d, i*d + l); the gradient hands each row dout / l from every
+// block that covers it. Both are one loop: each destination row is 1/l times the
+// sum of a contiguous range of source rows.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -10,79 +12,79 @@
 #include "nsa/rules.h"
 
 namespace nsa::cpu {
+namespace {
 
-// (sequence, head) tasks per parallel chunk: small problems stay on one thread.
-inline int64_t grain(const CompressParams& p) {
-  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, p.seqlen * p.head_dim));
+struct RowRange {
+  int64_t begin, end;  // [begin, end)
+};
+
+// One task per (sequence, head) owns its destination rows, so the result does not
+// depend on the thread count. `plan(seq_info, blocks)` returns the number of
+// destination rows and a function mapping a destination row to its source rows.
+template <typename scalar_t, bool kToTokens, typename Plan>
+void mean_of_row_ranges(const CompressParams& p, Plan plan) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t l = p.cmp_block_size, d = p.cmp_stride;
+  // Token rows live in `x`, compressed rows in `out` (roles swapped for the gradient).
+  auto token_row = [&](const SeqInfo& s, int64_t r, int64_t h) {
+    return static_cast<scalar_t*>(const_cast<void*>(p.x)) + s.batch * p.x_batch_stride +
+           (s.row0 + r) * p.x_row_stride + h * p.x_head_stride;
+  };
+  auto cmp_row = [&](const SeqInfo& s, int64_t i, int64_t h) {
+    return static_cast<scalar_t*>(p.out) + s.batch * p.out_batch_stride +
+           (s.cmp_row0 + i) * p.out_row_stride + h * p.out_head_stride;
+  };
+  // Small problems stay on the calling thread: waking a pool costs more.
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, p.seqlen * p.head_dim));
+  at::parallel_for(0, p.num_seqs * p.num_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(p.head_dim);
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t h = x % p.num_heads;
+      const SeqInfo s = seq_info(p.cu_seqlens, x / p.num_heads, p.seqlen, l, d);
+      const auto [rows, sources] = plan(s, num_cmp_blocks(s.len, l, d));
+      for (int64_t j = 0; j < rows; ++j) {
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        const RowRange src = sources(j);
+        for (int64_t r = src.begin; r < src.end; ++r) {
+          const scalar_t* row = kToTokens ? cmp_row(s, r, h) : token_row(s, r, h);
+          for (int64_t c = 0; c < p.head_dim; ++c) sum[c] += static_cast<acc_t>(row[c]);
+        }
+        scalar_t* dst = kToTokens ? token_row(s, j, h) : cmp_row(s, j, h);
+        for (int64_t c = 0; c < p.head_dim; ++c) dst[c] = static_cast<scalar_t>(sum[c] / acc_t(l));
+      }
+    }
+  });
 }
+
+}  // namespace
 
 template <typename scalar_t>
 void mean_compress(const CompressParams& p) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride;
-  at::parallel_for(0, p.num_seqs * p.num_heads, grain(p), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(p.head_dim);
-    for (int64_t x = begin; x < end; ++x) {
-      const int64_t seq = x / p.num_heads, h = x % p.num_heads;
-      const SeqInfo s = seq_info(p.cu_seqlens, seq, p.seqlen, l, d);
-      const int64_t blocks = num_cmp_blocks(s.len, l, d);
-      for (int64_t i = 0; i < blocks; ++i) {
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        for (int64_t r = i * d; r < i * d + l; ++r) {
-          const scalar_t* src = static_cast<const scalar_t*>(p.x) + s.batch * p.x_batch_stride +
-                                (s.row0 + r) * p.x_row_stride + h * p.x_head_stride;
-          for (int64_t c = 0; c < p.head_dim; ++c) sum[c] += static_cast<acc_t>(src[c]);
-        }
-        scalar_t* dst = static_cast<scalar_t*>(p.out) + s.batch * p.out_batch_stride +
-                        (s.cmp_row0 + i) * p.out_row_stride + h * p.out_head_stride;
-        for (int64_t c = 0; c < p.head_dim; ++c) dst[c] = static_cast<scalar_t>(sum[c] / acc_t(l));
-      }
-    }
+  mean_of_row_ranges<scalar_t, /*kToTokens=*/false>(p, [=](const SeqInfo&, int64_t blocks) {
+    return std::pair(blocks, [=](int64_t i) { return RowRange{i * d, i * d + l}; });
   });
 }
 
-template void mean_compress<float>(const CompressParams&);
-template void mean_compress<double>(const CompressParams&);
-template void mean_compress<c10::Half>(const CompressParams&);
-template void mean_compress<c10::BFloat16>(const CompressParams&);
-
-}  // namespace nsa::cpu
-
-namespace nsa::cpu {
-
-// Gradient of mean_compress: each row receives dout / l from every block that
-// covers it. One task per (sequence, head) owns its rows.
 template <typename scalar_t>
 void mean_compress_bwd(const CompressParams& p) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride;
-  at::parallel_for(0, p.num_seqs * p.num_heads, grain(p), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(p.head_dim);
-    for (int64_t x = begin; x < end; ++x) {
-      const int64_t seq = x / p.num_heads, h = x % p.num_heads;
-      const SeqInfo s = seq_info(p.cu_seqlens, seq, p.seqlen, l, d);
-      const int64_t blocks = num_cmp_blocks(s.len, l, d);
-      for (int64_t r = 0; r < s.len; ++r) {
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        const int64_t first = r - l + 1 > 0 ? (r - l + 1 + d - 1) / d : 0;
-        const int64_t last = std::min(r / d, blocks - 1);
-        for (int64_t i = first; i <= last; ++i) {
-          const scalar_t* src = static_cast<const scalar_t*>(p.out) + s.batch * p.out_batch_stride +
-                                (s.cmp_row0 + i) * p.out_row_stride + h * p.out_head_stride;
-          for (int64_t c = 0; c < p.head_dim; ++c) sum[c] += static_cast<acc_t>(src[c]);
-        }
-        scalar_t* dst = const_cast<scalar_t*>(static_cast<const scalar_t*>(p.x)) +
-                        s.batch * p.x_batch_stride + (s.row0 + r) * p.x_row_stride +
-                        h * p.x_head_stride;
-        for (int64_t c = 0; c < p.head_dim; ++c) dst[c] = static_cast<scalar_t>(sum[c] / acc_t(l));
-      }
-    }
+  mean_of_row_ranges<scalar_t, /*kToTokens=*/true>(p, [=](const SeqInfo& s, int64_t blocks) {
+    // Token r lies in the blocks i with i*d <= r < i*d + l.
+    return std::pair(s.len, [=](int64_t r) {
+      const int64_t first = r - l + 1 > 0 ? (r - l + 1 + d - 1) / d : 0;
+      return RowRange{first, std::min(r / d + 1, blocks)};
+    });
   });
 }
 
-template void mean_compress_bwd<float>(const CompressParams&);
-template void mean_compress_bwd<double>(const CompressParams&);
-template void mean_compress_bwd<c10::Half>(const CompressParams&);
-template void mean_compress_bwd<c10::BFloat16>(const CompressParams&);
+#define NSA_INSTANTIATE_COMPRESS(T)                          \
+  template void mean_compress<T>(const CompressParams&);     \
+  template void mean_compress_bwd<T>(const CompressParams&);
+NSA_INSTANTIATE_COMPRESS(float)
+NSA_INSTANTIATE_COMPRESS(double)
+NSA_INSTANTIATE_COMPRESS(c10::Half)
+NSA_INSTANTIATE_COMPRESS(c10::BFloat16)
 
 }  // namespace nsa::cpu
