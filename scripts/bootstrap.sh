@@ -10,13 +10,7 @@ cd "$(dirname "$0")/.."
 VENV=${NSA_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-if [ -z "${CUDA_HOME:-}" ]; then
-  # `nvcc` on PATH may be a wrapper script, from which torch guesses a wrong
-  # CUDA_HOME: look for the toolkit itself.
-  for d in /usr/local/cuda /usr/local/cuda-13.0 /usr/local/cuda-1[0-9]*; do
-    if [ -x "$d/bin/nvcc" ] && [ -f "$d/include/cuda_runtime.h" ]; then export CUDA_HOME=$d; break; fi
-  done
-fi
+source scripts/find_cuda_home.sh
 echo "== CUDA_HOME=${CUDA_HOME:-<none: CPU-only build>} NSA_BUILD_CUDA=${NSA_BUILD_CUDA:-auto}"
 
 if [ ! -x "$VENV/bin/python" ]; then
