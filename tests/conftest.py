@@ -336,20 +336,20 @@ def op_select(cfg: Cfg, q, k_cmp, cu_seqlens=None, lse_cmp=None):
                                   scale=cfg.scale, cu_seqlens=cu_seqlens)
 
 
-def ref_sparse(cfg: Cfg, inp: Dict, **kw):
+def _call_sparse(fn, cfg: Cfg, inp: Dict, **kw):
     args = dict(k_cmp=inp.get("k_cmp"), v_cmp=inp.get("v_cmp"), cu_seqlens=inp.get("cu_seqlens"))
     args.update(cfg.all_kw())
     args.update(kw)
-    return R.sparse_attn(inp["q"], inp["k"], inp["v"], inp.get("g_cmp"), inp.get("g_slc"),
-                         inp.get("g_win"), return_aux=True, **args)
+    return fn(inp["q"], inp["k"], inp["v"], inp.get("g_cmp"), inp.get("g_slc"), inp.get("g_win"),
+              return_aux=True, **args)
+
+
+def ref_sparse(cfg: Cfg, inp: Dict, **kw):
+    return _call_sparse(R.sparse_attn, cfg, inp, **kw)
 
 
 def op_sparse(cfg: Cfg, inp: Dict, **kw):
-    args = dict(k_cmp=inp.get("k_cmp"), v_cmp=inp.get("v_cmp"), cu_seqlens=inp.get("cu_seqlens"))
-    args.update(cfg.all_kw())
-    args.update(kw)
-    return nsa_cuda.sparse_attn(inp["q"], inp["k"], inp["v"], inp.get("g_cmp"), inp.get("g_slc"),
-                                inp.get("g_win"), return_aux=True, **args)
+    return _call_sparse(nsa_cuda.sparse_attn, cfg, inp, **kw)
 
 
 @pytest.fixture(autouse=True)

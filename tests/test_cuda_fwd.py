@@ -276,15 +276,21 @@ def random_block_indices(B, T, H, n, lp, lengths=None, garbage=True, seed=0):
     return bi.to(DEV)
 
 
-def check_selected(q, k, v, bi, lp, cu=None, max_seqlen=None):
+def check_branch(name, op, ref_fn, q, k, v, extra, size, cu=None, max_seqlen=None):
+    """One attention branch on CUDA against the fp64 reference, spec tolerance."""
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5
     ms = max_seqlen if max_seqlen is not None else q.shape[1]
-    o, lse = OPS.selected_attn_fwd(q, k, v, bi, cu, ms, lp, scale)
-    (o64, lse64), (o_lp, lse_lp) = run_ref(ref.selected_attn, (q, k, v, bi, lp),
+    o, lse = op(q, k, v, *extra, cu, ms, size, scale)
+    (o64, lse64), (o_lp, lse_lp) = run_ref(ref_fn, (q, k, v, *extra, size),
                                            {"scale": scale, "cu_seqlens": cu}, dtype)
-    assert_close(o, o64, o_lp, "o_slc")
-    assert_close(lse, lse64, lse_lp, "lse_slc")
+    assert_close(o, o64, o_lp, f"o_{name}")
+    assert_close(lse, lse64, lse_lp, f"lse_{name}")
+
+
+def check_selected(q, k, v, bi, lp, cu=None, max_seqlen=None):
+    check_branch("slc", OPS.selected_attn_fwd, ref.selected_attn, q, k, v, (bi,), lp, cu,
+                 max_seqlen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -345,14 +351,7 @@ def test_selected_varlen(dims):
 # --------------------------------------------------------------------------- window
 
 def check_window(q, k, v, w, cu=None, max_seqlen=None):
-    dtype = q.dtype
-    scale = q.shape[-1] ** -0.5
-    ms = max_seqlen if max_seqlen is not None else q.shape[1]
-    o, lse = OPS.window_attn_fwd(q, k, v, cu, ms, w, scale)
-    (o64, lse64), (o_lp, lse_lp) = run_ref(ref.window_attn, (q, k, v, w),
-                                           {"scale": scale, "cu_seqlens": cu}, dtype)
-    assert_close(o, o64, o_lp, "o_win")
-    assert_close(lse, lse64, lse_lp, "lse_win")
+    check_branch("win", OPS.window_attn_fwd, ref.window_attn, q, k, v, (), w, cu, max_seqlen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
