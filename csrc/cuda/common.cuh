@@ -160,10 +160,14 @@ template <class Kernel>
 inline void set_smem_limit(Kernel kernel, int bytes, const char* what) {
   if (bytes > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess)
+    if (e != cudaSuccess) {
+      // Clear the (non-sticky) error: left in the runtime's last-error slot it
+      // would surface in the next, unrelated launch check (ours or PyTorch's).
+      (void)cudaGetLastError();
       throw std::runtime_error(std::string("nsa_cuda: ") + what + ": cannot use " +
                                std::to_string(bytes) + " bytes of shared memory: " +
                                cudaGetErrorString(e));
+    }
   }
 }
 

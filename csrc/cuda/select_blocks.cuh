@@ -78,7 +78,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t rows_total = int64_t(ntok) * G;
   for (int64_t m0 = 0; m0 < rows_total; m0 += kBlockM) {
     const int64_t f_last = min(m0 + kBlockM, rows_total) - 1;
-    __syncthreads();  // everyone is done with the previous chunk's sQ / sK
+    // Everyone is done with the previous chunk's sQ / sK, and no copy into sQ is still
+    // in flight (a chunk that visited no K tile never waited for its Q load).
+    cute::cp_async_wait<0>();
+    __syncthreads();
     load_rows_async<kBlockM, kDk, kThreads>(
         sQ,
         [&](int r) -> const Element* {
