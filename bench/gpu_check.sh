@@ -7,7 +7,11 @@
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to bench/out)
 # Environment: NSA_TEST_ARGS (extra pytest args, e.g. "-k 'not slow'"),
-# NSA_STEP_TIMEOUT (seconds per step, default 900).
+# NSA_STEP_TIMEOUT (seconds per step, default 900),
+# NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
+# NSA_BENCH_LENGTHS (--lengths, default 8192,32768,65536),
+# NSA_BENCH_BUDGET (--budget-s: seconds of measuring before later rows are recorded as
+# skipped, default 360), NSA_BENCH_ARGS (extra suite args, e.g. "--skip flex").
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -55,8 +59,12 @@ else
   echo "sanitizer rc=skipped (no compute-sanitizer)" >> "$STATUS"
 fi
 
-# 5. Timings.
-step bench bench.log "$PY" bench/bench_fwd.py --json "$OUT/bench.json"
+# 5. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
+# FlexAttention, fla). It rewrites bench.json after every row, so a timeout still
+# leaves the rows measured so far. Plots go to $OUT/plots.
+step bench bench.log sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
+  --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"${NSA_BENCH_BUDGET:-360}\" \
+  --json \"$OUT/bench.json\" --plots \"$OUT/plots\" ${NSA_BENCH_ARGS:-}"
 
 # 6. The record and the summary.
 "$PY" - "$OUT" <<'PYEOF'
@@ -116,8 +124,11 @@ for k, v in rec["steps"].items():
 print(f"  tests      {rec['tests']}")
 print(f"  sanitizer  {rec['sanitizer']}")
 if rec["bench"]:
-    print(f"  {'op':28s} {'T':>7s} {'ms':>9s}")
+    print(f"  {'shape':6s} {'op':34s} {'T':>7s} {'pass':8s} {'ms':>9s} {'TF/s':>7s}")
     for r in rec["bench"]:
-        ms = r.get("ms")
-        print(f"  {r.get('op', '?'):28s} {r.get('T', ''):>7} {('%.3f' % ms) if isinstance(ms, (int, float)) else str(r.get('error', ms)):>9s}")
+        ms, tf = r.get("ms"), r.get("tflops")
+        print(f"  {str(r.get('shape', '')):6s} {r.get('op', '?'):34s} {r.get('T', ''):>7} {r.get('pass', ''):8s} "
+              f"{('%.3f' % ms) if isinstance(ms, (int, float)) else '-':>9s} "
+              f"{('%.1f' % tf) if isinstance(tf, (int, float)) else '':>7s} "
+              f"{'' if isinstance(ms, (int, float)) else str(r.get('error'))[:80]}")
 PYEOF

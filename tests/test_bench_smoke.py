@@ -1,0 +1,65 @@
+"""Smoke test of bench/suite.py: the CPU --quick configuration runs end to end and
+writes its JSON rows and PNG plots. It checks that the suite runs, not how fast."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = os.path.join(ROOT, "bench", "suite.py")
+
+BRANCHES = ("mean_compress", "compressed", "selection", "selected", "window", "combine")
+DIFFERENTIABLE = ("mean_compress", "compressed", "selected", "window", "combine")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+KEYS = ("op", "shape", "T", "pass", "ms", "tflops", "peak_mem_mb", "error")
+
+
+def test_bench_suite_cpu_quick(tmp_path):
+    out_json = tmp_path / "bench.json"
+    plots = tmp_path / "plots"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, SUITE, "--device", "cpu", "--quick", "--json", str(out_json),
+         "--plots", str(plots)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "==== results ====" in proc.stdout
+
+    rows = json.loads(out_json.read_text())
+    assert isinstance(rows, list) and rows
+    for r in rows:
+        assert all(k in r for k in KEYS), r
+        assert r["peak_mem_mb"] is None  # CPU
+        assert (r["ms"] is None) == (r["error"] is not None), r
+    lengths = sorted({r["T"] for r in rows})
+    assert lengths == [256, 512]
+
+    def row(op, T, p):
+        found = [r for r in rows if r["op"] == op and r["T"] == T and r["pass"] == p]
+        assert found, f"no row for {op} T={T} {p}"
+        return found[0]
+
+    for T in lengths:
+        for p in PASSES:
+            r = row("nsa_cuda.sparse_attn", T, p)
+            assert r["ms"] is not None and r["ms"] > 0 and r["tflops"] > 0, r  # CPU backward exists
+            assert row("sdpa.fastest", T, p)["ms"] is not None
+            for op in ("sdpa.cudnn", "sdpa.flash", "sdpa.efficient",
+                       "flex_attention.nsa_blockmask", "fla.parallel_nsa",
+                       "nsa_cuda@fla_conv.sparse_attn"):
+                row(op, T, p)  # present, timed or with its error
+        for b in BRANCHES:
+            r = row(f"nsa_cuda.branch.{b}", T, "fwd")
+            assert r["ms"] is not None, r
+        for b in DIFFERENTIABLE:
+            for p in ("bwd", "fwd+bwd"):
+                assert row(f"nsa_cuda.branch.{b}", T, p)["ms"] is not None
+        assert "APPROXIMATION" in row("flex_attention.nsa_blockmask", T, "fwd")["note"]
+
+    for name in ("speedup_fwd.png", "speedup_bwd.png", "branches.png"):
+        path = plots / name
+        assert path.exists() and path.stat().st_size > 1000, path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
