@@ -5,6 +5,7 @@
 
 Branches (each a registered custom op with autograd): ``compressed_attn``,
 ``select_blocks``, ``selected_attn``, ``window_attn``, ``mean_compress``.
+Decoding with a KV cache: ``sparse_attn_with_kvcache`` (and ``NSACache`` for the layer).
 ``nsa_cuda.reference`` is the readable pure-PyTorch implementation of the spec.
 """
 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
@@ -26,6 +27,7 @@ from .api import (  # noqa: E402
     sparse_attn,
     window_attn,
 )
+from .decode import cmp_cache_rows, sparse_attn_with_kvcache  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,10 @@ __all__ = [
     "selected_attn",
     "window_attn",
     "mean_compress",
+    "sparse_attn_with_kvcache",
+    "cmp_cache_rows",
     "reference",
+    "NativeSparseAttention",
+    "NSACache",
 ]
-from .layer import NativeSparseAttention  # noqa: E402
+from .layer import NativeSparseAttention, NSACache  # noqa: E402

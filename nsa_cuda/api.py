@@ -116,6 +116,18 @@ def _gated(o: Tensor, g: Tensor) -> Tensor:
     return g.to(o.dtype).unsqueeze(-1) * o
 
 
+def _combine_branches(q: Tensor, dv: int, aux: dict, g_cmp, g_slc, g_win) -> Tensor:
+    """``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` over the branches that are on."""
+    terms = [_gated(aux[name], gate) for name, gate in
+             (("o_cmp", g_cmp), ("o_slc", g_slc), ("o_win", g_win)) if gate is not None]
+    if not terms:
+        return q.new_zeros((*q.shape[:3], dv))
+    o = terms[0]
+    for t in terms[1:]:
+        o = o + t
+    return o
+
+
 def sparse_attn(q: Tensor, k: Tensor, v: Tensor, g_cmp: Optional[Tensor],
                 g_slc: Optional[Tensor], g_win: Optional[Tensor],
                 k_cmp: Optional[Tensor] = None, v_cmp: Optional[Tensor] = None, *,
@@ -172,12 +184,5 @@ def sparse_attn(q: Tensor, k: Tensor, v: Tensor, g_cmp: Optional[Tensor],
     if g_cmp is None:  # computed only to drive selection
         aux["o_cmp"] = aux["lse_cmp"] = None
 
-    terms = [_gated(aux[name], gate) for name, gate in
-             (("o_cmp", g_cmp), ("o_slc", g_slc), ("o_win", g_win)) if gate is not None]
-    if terms:
-        o = terms[0]
-        for t in terms[1:]:
-            o = o + t
-    else:
-        o = q.new_zeros((*q.shape[:3], dv))
+    o = _combine_branches(q, dv, aux, g_cmp, g_slc, g_win)
     return (o, aux) if return_aux else o

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api
+from . import api, decode
+from .ops import ops
 
-__all__ = ["NativeSparseAttention", "NSAInputs"]
+__all__ = ["NativeSparseAttention", "NSAInputs", "NSACache"]
 
 _BRANCHES = ("cmp", "slc", "win")
 
@@ -57,6 +58,51 @@ class NSAInputs(NamedTuple):
     g_cmp: Optional[Tensor]
     g_slc: Optional[Tensor]
     g_win: Optional[Tensor]
+
+
+class NSACache:
+    """The KV cache of one ``NativeSparseAttention`` layer, for generation.
+
+        cache = layer.new_cache(batch_size=2, capacity=4096)
+        y = layer(prompt, cache=cache)      # prefill: any length, fills the cache
+        y = layer(next_tokens, cache=cache) # decode: 1 to 8 new tokens per sequence
+
+    Holds the (RoPE'd) keys and values of every token so far: one set, or three
+    with ``independent_kv`` (compressed-branch source, selected, window); the
+    compressed keys and values, each written once when its block completes; and
+    ``seqlens`` (int32 ``[B]``), the tokens held per sequence.
+    """
+
+    def __init__(self, layer: "NativeSparseAttention", batch_size: int, capacity: int,
+                 device=None, dtype=None):
+        p = next(layer.parameters())
+        device = p.device if device is None else torch.device(device)
+        dtype = p.dtype if dtype is None else dtype
+        hkv, dk, dv = layer.num_kv_heads, layer.head_dim, layer.v_head_dim
+        n_sets = 3 if layer.independent_kv else 1
+        self.capacity = capacity
+        self.k = [torch.zeros(batch_size, capacity, hkv, dk, device=device, dtype=dtype)
+                  for _ in range(n_sets)]
+        self.v = [torch.zeros(batch_size, capacity, hkv, dv, device=device, dtype=dtype)
+                  for _ in range(n_sets)]
+        # Spare rows past Tc(capacity): a decode step compresses a fixed number of
+        # candidate blocks (no host sync) and the ones not complete yet land there or
+        # on rows that a later step overwrites.
+        rows = decode.cmp_cache_rows(capacity, layer.cmp_block_size, layer.cmp_stride)
+        rows += layer._max_new_cmp_blocks()
+        self.k_cmp = torch.zeros(batch_size, rows, hkv, dk, device=device, dtype=dtype)
+        self.v_cmp = torch.zeros(batch_size, rows, hkv, dv, device=device, dtype=dtype)
+        self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
+        self.empty = True  # host-side: the next call may prefill
+
+    @property
+    def batch_size(self) -> int:
+        return self.seqlens.shape[0]
+
+    def reset(self) -> None:
+        """Empties the cache (keeps its memory)."""
+        self.seqlens.zero_()
+        self.empty = True
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -197,12 +243,13 @@ class NativeSparseAttention(nn.Module):
         return pos - cu[seq]
 
     def _rope(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x [B, T, ..., D]; pos [T]."""
+        """x [B, T, ..., D]; pos [T], or [B, T] (decoding: per-sequence positions)."""
         if self.inv_freq is None:
             return x
-        freqs = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        shape = (1, emb.shape[0]) + (1,) * (x.dim() - 3) + (emb.shape[1],)
+        freqs = pos.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D] or [B, T, D]
+        lead = (1, emb.shape[0]) if emb.dim() == 2 else tuple(emb.shape[:2])
+        shape = lead + (1,) * (x.dim() - 3) + (emb.shape[-1],)
         cos, sin = emb.cos().view(shape), emb.sin().view(shape)
         xf = x.to(torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else x
         out = xf * cos.to(xf.dtype) + _rotate_half(xf) * sin.to(xf.dtype)
@@ -223,6 +270,10 @@ class NativeSparseAttention(nn.Module):
         block = rows - (ends[seq] - tc[seq])
         starts = torch.where(valid, cu[seq] + block * d, torch.zeros_like(rows))
         return starts, valid
+
+    def _max_new_cmp_blocks(self) -> int:
+        """A bound on the compressed blocks that up to MAX_DECODE_TOKENS new tokens complete."""
+        return decode.MAX_DECODE_TOKENS // self.cmp_stride + 1
 
     def compress(self, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor] = None):
         """phi over all blocks: ``k [B, T, Hkv, Dk] -> k_cmp [B, R, Hkv, Dk]`` (same for v).
@@ -261,15 +312,11 @@ class NativeSparseAttention(nn.Module):
         if cu_seqlens is not None and hidden_states.shape[0] != 1:
             raise ValueError("with cu_seqlens, hidden_states must be packed as [1, total, hidden]")
         B, T, _ = hidden_states.shape
-        hq, hkv, dk, dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
+        hq, dk = self.num_heads, self.head_dim
         n_kv = 3 if self.independent_kv else 1
         pos = self.positions(T, hidden_states.device, cu_seqlens)
         q = self._rope(self.q_proj(hidden_states).view(B, T, hq, dk), pos)
-        k = self._rope(self.k_proj(hidden_states).view(B, T, n_kv, hkv, dk), pos)
-        v = self.v_proj(hidden_states).view(B, T, n_kv, hkv, dv).to(q.dtype)
-        k = k.to(q.dtype)
-        ks = [k[:, :, i].contiguous() for i in range(n_kv)]
-        vs = [v[:, :, i].contiguous() for i in range(n_kv)]
+        ks, vs = self._kv_sets(hidden_states, pos, q.dtype)
         k_cmp, v_cmp = self.compress(ks[0], vs[0], cu_seqlens)
         k_slc, v_slc = ks[-2] if n_kv == 3 else ks[0], vs[-2] if n_kv == 3 else vs[0]
         gates = torch.sigmoid(self.g_proj(hidden_states)).view(B, T, 3, hq).to(q.dtype)
@@ -308,11 +355,132 @@ class NativeSparseAttention(nn.Module):
         return o
 
     def forward(self, hidden_states: Tensor, cu_seqlens: Optional[Tensor] = None,
-                max_seqlen: Optional[int] = None) -> Tensor:
+                max_seqlen: Optional[int] = None, *, cache: Optional[NSACache] = None) -> Tensor:
         """``hidden_states [B, T, hidden]`` (varlen: ``[1, total, hidden]`` with int32
         ``cu_seqlens [N+1]``; pass ``max_seqlen`` to avoid a device sync, and always under
-        torch.compile). Returns ``[B, T, hidden]``."""
+        torch.compile). Returns ``[B, T, hidden]``.
+
+        With ``cache`` (``new_cache``): an empty cache takes a prompt of any length
+        (prefill, written into the cache); after that each call takes 1 to 8 new tokens
+        per sequence (decoding), which continue the sequences in the cache."""
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("a cache takes batched [B, T, hidden] inputs, not cu_seqlens")
+            if cache.empty:
+                return self._prefill(hidden_states, cache)
+            return self._decode_step(hidden_states, cache)
         x = self.project(hidden_states, cu_seqlens)
         o = self.attend(x, cu_seqlens, max_seqlen)
+        return self._output(o, hidden_states)
+
+    def _output(self, o: Tensor, hidden_states: Tensor) -> Tensor:
         B, T = hidden_states.shape[:2]
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim).to(hidden_states.dtype))
+
+    # --- generation with a KV cache -------------------------------------------------------
+
+    def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None) -> NSACache:
+        """An empty ``NSACache`` for ``batch_size`` sequences of up to ``capacity`` tokens
+        (device and dtype default to the layer's parameters')."""
+        return NSACache(self, batch_size, capacity, device, dtype)
+
+    def _check_cache(self, hidden_states: Tensor, cache: NSACache) -> None:
+        if hidden_states.dim() != 3:
+            raise ValueError(f"hidden_states must be [B, T, hidden], got {tuple(hidden_states.shape)}")
+        if hidden_states.shape[0] != cache.batch_size:
+            raise ValueError(f"the cache holds {cache.batch_size} sequences but hidden_states has "
+                             f"batch {hidden_states.shape[0]}")
+        if cache.k_cmp.shape[2] != self.num_kv_heads or len(cache.k) != (
+                3 if self.independent_kv else 1):
+            raise ValueError("this cache was made for another layer configuration; "
+                             "use layer.new_cache(...)")
+
+    def _prefill(self, hidden_states: Tensor, cache: NSACache) -> Tensor:
+        """The prompt through the prefill kernels, then its k/v and compressed blocks into
+        the (empty) cache."""
+        self._check_cache(hidden_states, cache)
+        T = hidden_states.shape[1]
+        if T > cache.capacity:
+            raise ValueError(f"KV cache full: the prompt has {T} tokens but the cache holds "
+                             f"{cache.capacity}")
+        x = self.project(hidden_states)
+        o = self.attend(x)
+        sets = [(x.k_slc, x.v_slc)] if not self.independent_kv else None
+        if sets is None:  # the compression source is not in NSAInputs: recompute it
+            sets = self._kv_sets(hidden_states, self.positions(T, hidden_states.device),
+                                 x.q.dtype)
+            sets = list(zip(*sets))
+        for i, (k, v) in enumerate(sets):
+            cache.k[i][:, :T] = k
+            cache.v[i][:, :T] = v
+        tc = x.k_cmp.shape[1]
+        cache.k_cmp[:, :tc] = x.k_cmp
+        cache.v_cmp[:, :tc] = x.v_cmp
+        cache.seqlens.fill_(T)
+        cache.empty = False
+        return self._output(o, hidden_states)
+
+    def _kv_sets(self, hidden_states: Tensor, pos: Tensor, dtype: torch.dtype):
+        """RoPE'd k and v of every set in ``dtype``: lists of [B, T, Hkv, D] (one shared
+        set, or the compressed-branch source, selected and window sets)."""
+        B, T, _ = hidden_states.shape
+        n_kv = 3 if self.independent_kv else 1
+        k = self._rope(self.k_proj(hidden_states).view(B, T, n_kv, self.num_kv_heads,
+                                                       self.head_dim), pos)
+        v = self.v_proj(hidden_states).view(B, T, n_kv, self.num_kv_heads, self.v_head_dim)
+        return ([k[:, :, i].to(dtype).contiguous() for i in range(n_kv)],
+                [v[:, :, i].to(dtype).contiguous() for i in range(n_kv)])
+
+    def _compress_new_blocks(self, cache: NSACache, old_lens: Tensor, num_new: int) -> None:
+        """Writes phi of the blocks the new tokens complete into the compressed cache.
+
+        A fixed number of candidate blocks per sequence (no host sync): candidates
+        that are not complete yet are written to rows no query reads before a later
+        step overwrites them with the complete block."""
+        l, d = self.cmp_block_size, self.cmp_stride
+        if self.compression == "mean":
+            for x, x_cmp in ((cache.k[0], cache.k_cmp), (cache.v[0], cache.v_cmp)):
+                ops.update_cmp_cache(x, x_cmp, old_lens, num_new, l, d)
+            return
+        B, dev = old_lens.shape[0], old_lens.device
+        lens = old_lens.to(torch.long)
+        first = torch.where(lens >= l, (lens - l) // d + 1, torch.zeros_like(lens))
+        blocks = first[:, None] + torch.arange(self._max_new_cmp_blocks(), device=dev)  # [B, A]
+        rows = (blocks[..., None] * d + torch.arange(l, device=dev)).clamp(max=cache.capacity - 1)
+        batch = torch.arange(B, device=dev)[:, None]
+        for src, dst, phi in ((cache.k[0], cache.k_cmp, self.k_phi),
+                              (cache.v[0], cache.v_cmp, self.v_phi)):
+            tokens = src[batch[..., None], rows]            # [B, A, l, Hkv, D]
+            dst[batch, blocks] = phi(tokens.transpose(2, 3)).to(dst.dtype)
+
+    def _decode_step(self, hidden_states: Tensor, cache: NSACache) -> Tensor:
+        self._check_cache(hidden_states, cache)
+        B, S, _ = hidden_states.shape
+        if not 1 <= S <= decode.MAX_DECODE_TOKENS:
+            raise ValueError(f"a decoding step takes 1 to {decode.MAX_DECODE_TOKENS} new tokens "
+                             f"per sequence, got {S}; prompts go in the first call, on an empty "
+                             "cache (cache.reset() empties it)")
+        decode.check_cache_room(cache.seqlens, S, cache.capacity)
+        old_lens = cache.seqlens
+        pos = old_lens.to(torch.long)[:, None] + torch.arange(S, device=hidden_states.device)
+        q = self._rope(self.q_proj(hidden_states).view(B, S, self.num_heads, self.head_dim), pos)
+        ks, vs = self._kv_sets(hidden_states, pos, cache.k_cmp.dtype)
+        for i in range(len(ks)):
+            decode.append_to_cache(cache.k[i], ks[i], old_lens)
+            decode.append_to_cache(cache.v[i], vs[i], old_lens)
+        self._compress_new_blocks(cache, old_lens, S)
+        new_lens = (old_lens + S).to(torch.int32)
+        gates = torch.sigmoid(self.g_proj(hidden_states)).view(B, S, 3, self.num_heads)
+        gates = gates.to(cache.k_cmp.dtype)
+        g = [gates[:, :, i] if name in self.branches else None
+             for i, name in enumerate(_BRANCHES)]
+        slc, win = (1, 2) if self.independent_kv else (0, 0)
+        o, _ = decode.decode_branches(
+            q.to(cache.k_cmp.dtype).contiguous(), cache.k[slc], cache.v[slc], cache.k[win],
+            cache.v[win], cache.k_cmp, cache.v_cmp, new_lens, g[0], g[1], g[2],
+            cmp_block_size=self.cmp_block_size, cmp_stride=self.cmp_stride,
+            slc_block_size=self.slc_block_size, slc_num_blocks=self.slc_num_blocks,
+            slc_init_blocks=self.slc_init_blocks, slc_local_blocks=self.slc_local_blocks,
+            window_size=self.window_size, scale=self.scale)
+        cache.seqlens.copy_(new_lens)
+        return self._output(o, hidden_states)

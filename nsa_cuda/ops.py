@@ -82,6 +82,33 @@ def _(q, k_cmp, lse_cmp, cu_seqlens, max_seqlen, cmp_block_size, cmp_stride, slc
     return q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[2], slc_num_blocks), dtype=torch.int32)
 
 
+# Decode (KV cache): forward only, shapes follow q's S new tokens.
+@torch.library.register_fake("nsa_cuda::compressed_attn_decode")
+def _(q, k_cmp, v_cmp, seqlens_k, cmp_block_size, cmp_stride, scale):
+    return _fwd_outputs(q, v_cmp)
+
+
+@torch.library.register_fake("nsa_cuda::selected_attn_decode")
+def _(q, k, v, block_indices, seqlens_k, slc_block_size, scale):
+    return _fwd_outputs(q, v)
+
+
+@torch.library.register_fake("nsa_cuda::window_attn_decode")
+def _(q, k, v, seqlens_k, window_size, scale):
+    return _fwd_outputs(q, v)
+
+
+@torch.library.register_fake("nsa_cuda::select_blocks_decode")
+def _(q, k_cmp, lse_cmp, seqlens_k, cmp_block_size, cmp_stride, slc_block_size,
+      slc_num_blocks, slc_init_blocks, slc_local_blocks, scale):
+    return q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[2], slc_num_blocks), dtype=torch.int32)
+
+
+@torch.library.register_fake("nsa_cuda::update_cmp_cache")
+def _(x, x_cmp, cache_seqlens, num_new, cmp_block_size, cmp_stride):
+    return None
+
+
 # --- autograd ---------------------------------------------------------------------------
 
 def _require_backward_kernel(op_name: str, t: torch.Tensor) -> None:

@@ -54,7 +54,20 @@ def _op_args(varlen, requires_grad):
     def dl(lse):
         return torch.randn_like(lse)
 
-    return {
+    decode = {}
+    if not varlen:  # the decode ops read batched caches: the last S=2 positions of each entry
+        qd = q[:, -2:].detach().clone()
+        lens = torch.tensor([CFG.T, CFG.T - 3], dtype=torch.int32)
+        _, lse_d = ops.compressed_attn_decode(qd, kc, vc, lens, L, D, SCALE)
+        bi_d = ops.select_blocks_decode(qd, kc, lse_d, lens, L, D, LP, N, NI, NL, SCALE)
+        decode = {
+            "compressed_attn_decode": (qd, kc, vc, lens, L, D, SCALE),
+            "select_blocks_decode": (qd, kc, lse_d, lens, L, D, LP, N, NI, NL, SCALE),
+            "selected_attn_decode": (qd, k, v, bi_d, lens, LP, SCALE),
+            "window_attn_decode": (qd, k, v, lens, W, SCALE),
+            "update_cmp_cache": (k, kc.clone(), lens - 2, 2, L, D),
+        }
+    return decode | {
         "mean_compress": (rg(k), cu, L, D),
         "mean_compress_bwd": (torch.randn_like(kc), k, cu, L, D),
         "compressed_attn_fwd": (rg(q), rg(kc), rg(vc), cu, ms, L, D, SCALE),
@@ -80,14 +93,16 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "compressed_attn_bwd/no dlse", "select_blocks", "selected_attn_fwd",
             "selected_attn_bwd", "selected_attn_bwd/no dlse", "window_attn_fwd",
             "window_attn_bwd", "window_attn_bwd/no dlse"]
+DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "selected_attn_decode",
+              "window_attn_decode", "update_cmp_cache"]
 FWD_OPS = {"mean_compress", "compressed_attn_fwd", "select_blocks", "selected_attn_fwd",
            "window_attn_fwd"}
 
 
 def _opcheck_cases():
     cases = []
-    for name in OP_NAMES:
-        for varlen in (False, True):
+    for name in OP_NAMES + DECODE_OPS:
+        for varlen in ((False,) if name in DECODE_OPS else (False, True)):
             for rg in ((False, True) if name in FWD_OPS else (False,)):
                 cases.append(pytest.param(name, varlen, rg,
                                           id=f"{name}-{'varlen' if varlen else 'batch'}"
@@ -107,7 +122,7 @@ def test_all_ops_covered():
     """Every op of the library is opchecked above."""
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
              if n.startswith("nsa_cuda::")}
-    assert names == {n.split("/")[0] for n in OP_NAMES}
+    assert names == {n.split("/")[0] for n in OP_NAMES + DECODE_OPS}
 
 
 # --------------------------------------------------------------------------------------

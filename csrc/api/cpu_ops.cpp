@@ -35,6 +35,15 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda mean_compress (CPU)",
                                     [&] { cpu::mean_compress<scalar_t>(p); });
   }
+  // Decode runs the same kernels: seq_info() places the queries at the cache's end.
+  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) { attn_fwd(p, t); }
+  static void select_blocks_decode(const SelectParams& p, at::ScalarType t) {
+    select_blocks(p, t);
+  }
+  static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda update_cmp_cache (CPU)",
+                                    [&] { cpu::update_cmp_cache<scalar_t>(p); });
+  }
   static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,
                                     "nsa_cuda mean_compress_bwd (CPU)",

@@ -8,7 +8,9 @@
 //   fresh(t)                           called on every new output (CUDA: optional NaN poison)
 //   attn_fwd(AttnFwdParams, dtype), attn_bwd(AttnBwdParams, dtype),
 //   select_blocks(SelectParams, dtype), mean_compress(CompressParams, dtype),
-//   mean_compress_bwd(CompressParams, dtype)
+//   mean_compress_bwd(CompressParams, dtype),
+//   attn_decode(AttnFwdParams, dtype), select_blocks_decode(SelectParams, dtype),
+//   update_cmp_cache(CompressParams, dtype)     the KV-cache (decode) kernels
 #pragma once
 
 #include <ATen/ops/zeros.h>
@@ -27,6 +29,27 @@ inline int64_t compressed_rows(const at::Tensor& x, const OptTensor& cu_seqlens,
                                int64_t cmp_block_size, int64_t cmp_stride) {
   return cu_seqlens.has_value() ? packed_cmp_rows_bound(x.size(1), cmp_stride)
                                 : num_cmp_blocks(x.size(1), cmp_block_size, cmp_stride);
+}
+
+// Decode: seqlens_k is an int32 [B] tensor on q's device, the keys of batch
+// entry b. A CPU tensor's values are checked against the cache's capacity here;
+// on CUDA that would cost a host sync, so the kernels clamp to the capacity.
+inline void check_seqlens_k(const at::Tensor& seqlens_k, const at::Tensor& q, int64_t capacity,
+                            bool compressed, int64_t l, int64_t d, const char* op) {
+  TORCH_CHECK(seqlens_k.device() == q.device(), "nsa_cuda: ", op, ": seqlens_k is on ",
+              seqlens_k.device(), " but q is on ", q.device());
+  TORCH_CHECK(seqlens_k.scalar_type() == at::kInt && seqlens_k.dim() == 1 &&
+                  seqlens_k.size(0) == q.size(0) && seqlens_k.is_contiguous(),
+              "nsa_cuda: ", op, ": seqlens_k must be a contiguous int32 [B] = [", q.size(0),
+              "] tensor, got ", seqlens_k.scalar_type(), " ", seqlens_k.sizes());
+  if (!seqlens_k.is_cpu()) return;
+  const int32_t* len = seqlens_k.data_ptr<int32_t>();
+  for (int64_t b = 0; b < seqlens_k.size(0); ++b) {
+    const int64_t rows = compressed ? num_cmp_blocks(len[b], l, d) : len[b];
+    TORCH_CHECK(len[b] >= 0 && rows <= capacity, "nsa_cuda: ", op, ": batch entry ", b, " has ",
+                len[b], " tokens, more than its cache holds (", capacity,
+                compressed ? " compressed rows)" : " rows)");
+  }
 }
 
 // What one attention call needs besides q, k, v: the branch and its sizes.
@@ -50,25 +73,38 @@ AttnFwdParams attn_params(const AttnSpec& spec, const at::Tensor& q, const at::T
   return p;
 }
 
+// Forward of one branch; with seqlens_k, the decode form (queries at the end of
+// each cached sequence, keys from the caches).
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tensor& q_in,
                                             const at::Tensor& k_in, const at::Tensor& v_in,
                                             const OptTensor& block_indices,
                                             const OptTensor& cu_seqlens, int64_t max_seqlen,
-                                            double scale) {
+                                            double scale,
+                                            const OptTensor& seqlens_k = std::nullopt) {
   const bool cmp = spec.branch == Branch::kCompressed;
-  check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v", !cmp);
+  const bool decode = seqlens_k.has_value();
+  check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v",
+                    !cmp && !decode);
   Backend::check_support(q_in, q_in.size(3), v_in.size(3), spec.op);
   [[maybe_unused]] auto guard = Backend::prepare(q_in);
   const int64_t seqlen = checked_seqlen(q_in, cu_seqlens, max_seqlen);
+  if (decode)
+    check_seqlens_k(*seqlens_k, q_in, k_in.size(1), cmp, spec.cmp_block_size, spec.cmp_stride,
+                    spec.op);
   OptTensor bi;
   if (block_indices.has_value()) bi = checked_block_indices(*block_indices, q_in, k_in.size(2));
   const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), v = Backend::input(v_in);
   auto [o, lse] = alloc_fwd_outputs(q, v);
   Backend::fresh(o), Backend::fresh(lse);
-  const AttnFwdParams p =
-      attn_params<Backend>(spec, q, k, v, o, lse, bi, cu_seqlens, seqlen, scale);
-  if (q.numel() > 0) Backend::attn_fwd(p, q.scalar_type());
+  AttnFwdParams p = attn_params<Backend>(spec, q, k, v, o, lse, bi, cu_seqlens, seqlen, scale);
+  if (decode) p.seqlens_k = seqlens_k->data_ptr<int32_t>();
+  if (q.numel() > 0) {
+    if (decode)
+      Backend::attn_decode(p, q.scalar_type());
+    else
+      Backend::attn_fwd(p, q.scalar_type());
+  }
   return {o, lse};
 }
 
@@ -113,9 +149,11 @@ template <class Backend>
 at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& lse_in,
                          const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t cmp_block_size,
                          int64_t cmp_stride, int64_t slc_block_size, int64_t slc_num_blocks,
-                         int64_t slc_init_blocks, int64_t slc_local_blocks, double scale) {
+                         int64_t slc_init_blocks, int64_t slc_local_blocks, double scale,
+                         const OptTensor& seqlens_k = std::nullopt) {
+  const char* op = seqlens_k.has_value() ? "select_blocks_decode" : "select_blocks";
   check_attn_inputs(q_in, k_in, k_in, "k_cmp", "k_cmp", /*same_rows=*/false);
-  Backend::check_support(q_in, q_in.size(3), -1, "select_blocks");
+  Backend::check_support(q_in, q_in.size(3), -1, op);
   check_nsa_sizes(cmp_block_size, cmp_stride, slc_block_size);
   TORCH_CHECK(slc_num_blocks >= 1 && slc_init_blocks >= 0 && slc_local_blocks >= 1 &&
                   slc_init_blocks + slc_local_blocks <= slc_num_blocks,
@@ -130,6 +168,8 @@ at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const a
               " ", lse_in.scalar_type());
   [[maybe_unused]] auto guard = Backend::prepare(q_in);
   const int64_t seqlen = checked_seqlen(q_in, cu_seqlens, max_seqlen);
+  if (seqlens_k.has_value())
+    check_seqlens_k(*seqlens_k, q_in, k_in.size(1), true, cmp_block_size, cmp_stride, op);
   const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), lse = lse_in.contiguous();
   auto block_indices =
       at::empty({q.size(0), q.size(1), k.size(2), slc_num_blocks}, q.options().dtype(at::kInt));
@@ -141,7 +181,13 @@ at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const a
   p.slc_num_blocks = slc_num_blocks;
   p.slc_init_blocks = slc_init_blocks;
   p.slc_local_blocks = slc_local_blocks;
-  if (block_indices.numel() > 0) Backend::select_blocks(p, q.scalar_type());
+  if (seqlens_k.has_value()) p.seqlens_k = seqlens_k->data_ptr<int32_t>();
+  if (block_indices.numel() > 0) {
+    if (seqlens_k.has_value())
+      Backend::select_blocks_decode(p, q.scalar_type());
+    else
+      Backend::select_blocks(p, q.scalar_type());
+  }
   return block_indices;
 }
 
@@ -210,6 +256,30 @@ at::Tensor mean_compress_bwd(const at::Tensor& grad_cmp, const at::Tensor& x,
   return dx;
 }
 
+// The compressed cache grows with the token cache: x [B, capacity, H, D] holds
+// the tokens, x_cmp [B, rows, H, D] their compressed blocks.
+template <class Backend>
+void update_cmp_cache(const at::Tensor& x, const at::Tensor& x_cmp,
+                      const at::Tensor& cache_seqlens, int64_t num_new, int64_t cmp_block_size,
+                      int64_t cmp_stride) {
+  check_compress_args(x, std::nullopt, cmp_block_size, cmp_stride);
+  check_last_dim_contiguous(x_cmp, "x_cmp");
+  Backend::check_support(x, -1, -1, "update_cmp_cache");
+  TORCH_CHECK(x_cmp.device() == x.device() && x_cmp.scalar_type() == x.scalar_type() &&
+                  x_cmp.size(0) == x.size(0) && x_cmp.size(2) == x.size(2) &&
+                  x_cmp.size(3) == x.size(3),
+              "nsa_cuda: update_cmp_cache: the compressed cache ", x_cmp.sizes(), " ",
+              x_cmp.scalar_type(), " does not match the token cache ", x.sizes(), " ",
+              x.scalar_type());
+  TORCH_CHECK(num_new >= 0, "nsa_cuda: update_cmp_cache: num_new must be >= 0, got ", num_new);
+  check_seqlens_k(cache_seqlens, x, x.size(1) - num_new, false, 1, 1, "update_cmp_cache");
+  [[maybe_unused]] auto guard = Backend::prepare(x);
+  CompressParams p = make_compress_params(x, x_cmp, std::nullopt, cmp_block_size, cmp_stride);
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.num_new = num_new;
+  if (x_cmp.numel() > 0 && num_new > 0) Backend::update_cmp_cache(p, x.scalar_type());
+}
+
 // Registers the op bodies above for one dispatch key.
 template <class Backend>
 void register_backend(torch::Library& m) {
@@ -221,7 +291,11 @@ void register_backend(torch::Library& m) {
     const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_fwd"};
     return attn_fwd<Backend>(spec, q, k, v, std::nullopt, cu, max_seqlen, scale);
   });
-  m.impl("select_blocks", &select_blocks<Backend>);
+  m.impl("select_blocks", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+                             const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d,
+                             int64_t lp, int64_t n, int64_t n_init, int64_t n_local, double scale) {
+    return select_blocks<Backend>(q, k, lse, cu, max_seqlen, l, d, lp, n, n_init, n_local, scale);
+  });
   m.impl("selected_attn_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& bi, const OptTensor& cu, int64_t max_seqlen,
                                  int64_t lp, double scale) {
@@ -235,6 +309,34 @@ void register_backend(torch::Library& m) {
     const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_fwd"};
     return attn_fwd<Backend>(spec, q, k, v, std::nullopt, cu, max_seqlen, scale);
   });
+  m.impl("compressed_attn_decode", [](const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, const at::Tensor& seqlens_k, int64_t l,
+                                      int64_t d, double scale) {
+    check_nsa_sizes(l, d, d);
+    const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_decode"};
+    return attn_fwd<Backend>(spec, q, k, v, std::nullopt, std::nullopt, 0, scale, seqlens_k);
+  });
+  m.impl("select_blocks_decode",
+         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
+            const at::Tensor& seqlens_k, int64_t l, int64_t d, int64_t lp, int64_t n,
+            int64_t n_init, int64_t n_local, double scale) {
+           return select_blocks<Backend>(q, k, lse, std::nullopt, 0, l, d, lp, n, n_init, n_local,
+                                         scale, seqlens_k);
+         });
+  m.impl("selected_attn_decode", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& bi, const at::Tensor& seqlens_k, int64_t lp,
+                                    double scale) {
+    TORCH_CHECK(lp > 0, "nsa_cuda: slc_block_size must be positive, got ", lp);
+    const AttnSpec spec{Branch::kSelected, 1, 1, lp, 1, "selected_attn_decode"};
+    return attn_fwd<Backend>(spec, q, k, v, bi, std::nullopt, 0, scale, seqlens_k);
+  });
+  m.impl("window_attn_decode", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& seqlens_k, int64_t w, double scale) {
+    TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
+    const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_decode"};
+    return attn_fwd<Backend>(spec, q, k, v, std::nullopt, std::nullopt, 0, scale, seqlens_k);
+  });
+  m.impl("update_cmp_cache", &update_cmp_cache<Backend>);
   if constexpr (Backend::kHasBackward) {
     m.impl("mean_compress_bwd", &mean_compress_bwd<Backend>);
     m.impl("compressed_attn_bwd",

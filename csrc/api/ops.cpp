@@ -37,4 +37,26 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "window_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor? cu_seqlens, int max_seqlen, int window_size, float scale) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // Decode with a KV cache: q [B, S, Hq, D] holds the last S positions of each
+  // batch entry, whose keys are rows [0, seqlens_k[b]) of the caches (k, v
+  // [B, capacity, Hkv, D]; k_cmp, v_cmp [B, cmp capacity, Hkv, D]). Forward only.
+  m.def(
+      "compressed_attn_decode(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor seqlens_k, "
+      "int cmp_block_size, int cmp_stride, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "select_blocks_decode(Tensor q, Tensor k_cmp, Tensor lse_cmp, Tensor seqlens_k, "
+      "int cmp_block_size, int cmp_stride, int slc_block_size, int slc_num_blocks, "
+      "int slc_init_blocks, int slc_local_blocks, float scale) -> Tensor");
+  m.def(
+      "selected_attn_decode(Tensor q, Tensor k, Tensor v, Tensor block_indices, "
+      "Tensor seqlens_k, int slc_block_size, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "window_attn_decode(Tensor q, Tensor k, Tensor v, Tensor seqlens_k, int window_size, "
+      "float scale) -> (Tensor, Tensor)");
+  // Writes the mean of every compressed block that completes as batch entry b
+  // grows from cache_seqlens[b] to cache_seqlens[b] + num_new tokens.
+  m.def(
+      "update_cmp_cache(Tensor x, Tensor(a!) x_cmp, Tensor cache_seqlens, int num_new, "
+      "int cmp_block_size, int cmp_stride) -> ()");
 }

@@ -38,14 +38,15 @@ struct TokenMap {
   std::vector<int64_t> first_token;  // flat index of each sequence's first token
   int64_t total = 0;
 
-  TokenMap(const int32_t* cu_seqlens, int64_t num_seqs, int64_t seqlen, int64_t l, int64_t d) {
+  TokenMap(const int32_t* cu_seqlens, const int32_t* seqlens_k, int64_t num_seqs, int64_t seqlen,
+           int64_t l, int64_t d) {
     for (int64_t b = 0; b < num_seqs; ++b) {
-      seqs.push_back(seq_info(cu_seqlens, b, seqlen, l, d));
+      seqs.push_back(seq_info(cu_seqlens, seqlens_k, b, seqlen, l, d));
       first_token.push_back(total);
-      total += seqs.back().len;
+      total += seqs.back().q_len;
     }
   }
-  // The sequence holding flat token `x` and the position in it.
+  // The sequence holding flat query row `x` and the query row index in it.
   std::pair<const SeqInfo*, int64_t> locate(int64_t x) const {
     const auto it = std::upper_bound(first_token.begin(), first_token.end(), x);
     const int64_t b = (it - first_token.begin()) - 1;
@@ -56,16 +57,18 @@ struct TokenMap {
 // Rows per parallel chunk: small problems run on the calling thread, since waking
 // a thread pool costs more than they do.
 inline int64_t rows_per_chunk(const AttnFwdParams& p) {
-  int64_t keys = p.seqlen;  // an upper bound on the keys one row visits
-  if (p.branch == Branch::kCompressed) keys = p.seqlen / p.cmp_stride + 1;
-  if (p.branch == Branch::kWindow) keys = std::min(p.seqlen, p.window_size);
-  if (p.branch == Branch::kSelected) keys = std::min(p.seqlen, p.slc_num_blocks * p.slc_block_size);
+  // an upper bound on the keys one row visits
+  int64_t keys = p.seqlens_k != nullptr ? p.k_rows : p.seqlen;
+  if (p.branch == Branch::kCompressed) keys = keys / p.cmp_stride + 1;
+  if (p.branch == Branch::kWindow) keys = std::min(keys, p.window_size);
+  if (p.branch == Branch::kSelected) keys = std::min(keys, p.slc_num_blocks * p.slc_block_size);
   const int64_t work_per_row = std::max<int64_t>(1, keys * (p.head_dim_qk + p.head_dim_v));
   return std::max<int64_t>(1, (int64_t(1) << 18) / work_per_row);
 }
 
 inline TokenMap token_map(const AttnFwdParams& p) {
-  return TokenMap(p.cu_seqlens, p.num_seqs, p.seqlen, p.cmp_block_size, p.cmp_stride);
+  return TokenMap(p.cu_seqlens, p.seqlens_k, p.num_seqs, p.seqlen, p.cmp_block_size,
+                  p.cmp_stride);
 }
 
 template <typename T>
@@ -78,9 +81,10 @@ template <typename scalar_t>
 struct Views {
   using acc_t = acc_type<scalar_t>;
   const AttnFwdParams& p;
-  const scalar_t* q_row(const SeqInfo& s, int64_t t, int64_t h) const {
+  // Query-side rows are indexed by the query row i (position q_pos0 + i).
+  const scalar_t* q_row(const SeqInfo& s, int64_t i, int64_t h) const {
     return row_ptr(static_cast<const scalar_t*>(p.q), p.q_batch_stride, p.q_row_stride,
-                   p.q_head_stride, s.batch, s.row0 + t, h);
+                   p.q_head_stride, s.batch, s.q_row0 + i, h);
   }
   const scalar_t* k_row(const SeqInfo& s, int64_t r, int64_t kvh) const {
     return row_ptr(static_cast<const scalar_t*>(p.k), p.k_batch_stride, p.k_row_stride,
@@ -90,13 +94,13 @@ struct Views {
     return row_ptr(static_cast<const scalar_t*>(p.v), p.v_batch_stride, p.v_row_stride,
                    p.v_head_stride, s.batch, key_row0(p, s) + r, kvh);
   }
-  scalar_t* o_row(const SeqInfo& s, int64_t t, int64_t h) const {
+  scalar_t* o_row(const SeqInfo& s, int64_t i, int64_t h) const {
     return row_ptr(static_cast<scalar_t*>(p.o), p.o_batch_stride, p.o_row_stride,
-                   p.o_head_stride, s.batch, s.row0 + t, h);
+                   p.o_head_stride, s.batch, s.q_row0 + i, h);
   }
-  acc_t& lse(const SeqInfo& s, int64_t t, int64_t h) const {
+  acc_t& lse(const SeqInfo& s, int64_t i, int64_t h) const {
     return static_cast<acc_t*>(p.lse)[s.batch * p.lse_batch_stride + h * p.lse_head_stride +
-                                      s.row0 + t];
+                                      s.q_row0 + i];
   }
 };
 
@@ -130,7 +134,7 @@ struct OnlineSoftmax {
 constexpr int64_t kChunk = 64;
 
 template <typename scalar_t>
-void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo& s, int64_t t,
+void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo& s, int64_t i,
              int64_t h, std::vector<acc_type<scalar_t>>& scratch) {
   using acc_t = acc_type<scalar_t>;
   const int64_t dk = p.head_dim_qk, dv = p.head_dim_v, kvh = h / p.group;
@@ -138,24 +142,24 @@ void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo&
   acc_t* q = scratch.data();
   acc_t* acc = q + dk;
   acc_t* scores = acc + dv;
-  const scalar_t* q_src = view.q_row(s, t, h);
-  for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]) * acc_t(p.scale);
+  const scalar_t* q_src = view.q_row(s, i, h);
+  for (int64_t c = 0; c < dk; ++c) q[c] = static_cast<acc_t>(q_src[c]) * acc_t(p.scale);
 
   OnlineSoftmax<acc_t> softmax;
-  for_each_key_range(p, s, t, h, [&](KeyRange range) {
+  for_each_key_range(p, s, i, h, [&](KeyRange range) {
     for (int64_t r0 = range.begin; r0 < range.end; r0 += kChunk) {
       const int64_t n = std::min(kChunk, range.end - r0);
-      for (int64_t i = 0; i < n; ++i) scores[i] = dot(q, view.k_row(s, r0 + i, kvh), dk);
+      for (int64_t r = 0; r < n; ++r) scores[r] = dot(q, view.k_row(s, r0 + r, kvh), dk);
       const acc_t rescale = softmax.absorb_chunk(scores, n);
       for (int64_t c = 0; c < dv; ++c) acc[c] *= rescale;
-      for (int64_t i = 0; i < n; ++i) axpy(scores[i], view.v_row(s, r0 + i, kvh), acc, dv);
+      for (int64_t r = 0; r < n; ++r) axpy(scores[r], view.v_row(s, r0 + r, kvh), acc, dv);
     }
   });
 
-  scalar_t* o = view.o_row(s, t, h);
+  scalar_t* o = view.o_row(s, i, h);
   const acc_t inv_l = softmax.empty() ? acc_t(0) : acc_t(1) / softmax.l;
   for (int64_t c = 0; c < dv; ++c) o[c] = static_cast<scalar_t>(acc[c] * inv_l);
-  view.lse(s, t, h) = softmax.lse();
+  view.lse(s, i, h) = softmax.lse();
 }
 
 }  // namespace
@@ -168,8 +172,8 @@ void attn_fwd(const AttnFwdParams& p) {
   at::parallel_for(0, rows, rows_per_chunk(p), [&](int64_t begin, int64_t end) {
     std::vector<acc_type<scalar_t>> scratch;
     for (int64_t x = begin; x < end; ++x) {
-      const auto [seq, t] = tokens.locate(x / p.num_heads_q);
-      fwd_row(p, view, *seq, t, x % p.num_heads_q, scratch);
+      const auto [seq, i] = tokens.locate(x / p.num_heads_q);
+      fwd_row(p, view, *seq, i, x % p.num_heads_q, scratch);
     }
   });
 }
@@ -201,11 +205,11 @@ void attn_bwd(const AttnBwdParams& p) {
       dk_acc.assign(keys * dk, 0.0);
       dv_acc.assign(keys * dv, 0.0);
 
-      for (int64_t t = 0; t < s.len; ++t) {
+      for (int64_t t = 0; t < s.q_len; ++t) {  // t: query row
         for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
           const acc_t lse = view.lse(s, t, h);
           const scalar_t* do_src = row_ptr(static_cast<const scalar_t*>(p.dout), p.do_batch_stride,
-                                           p.do_row_stride, p.do_head_stride, s.batch, s.row0 + t, h);
+                                           p.do_row_stride, p.do_head_stride, s.batch, s.q_row0 + t, h);
           const scalar_t* o_src = view.o_row(s, t, h);
           // delta = d(loss)/d(lse) folded in: ds = p * (dp - (rowsum(o * do) - dlse)).
           acc_t delta = 0;
@@ -215,7 +219,7 @@ void attn_bwd(const AttnBwdParams& p) {
           }
           if (p.dlse != nullptr) {
             delta -= static_cast<const acc_t*>(p.dlse)[s.batch * p.lse_batch_stride +
-                                                      h * p.lse_head_stride + s.row0 + t];
+                                                      h * p.lse_head_stride + s.q_row0 + t];
           }
           const scalar_t* q_src = view.q_row(s, t, h);
           for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]);
@@ -236,7 +240,7 @@ void attn_bwd(const AttnBwdParams& p) {
             });
           }
           scalar_t* dq_dst = row_ptr(static_cast<scalar_t*>(p.dq), p.dq_batch_stride,
-                                     p.dq_row_stride, p.dq_head_stride, s.batch, s.row0 + t, h);
+                                     p.dq_row_stride, p.dq_head_stride, s.batch, s.q_row0 + t, h);
           for (int64_t i = 0; i < dk; ++i) dq_dst[i] = static_cast<scalar_t>(dq[i] * acc_t(p.scale));
         }
       }

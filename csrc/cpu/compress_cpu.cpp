@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -18,9 +19,27 @@ struct RowRange {
   int64_t begin, end;  // [begin, end)
 };
 
+// Destination rows [first, end) of one (sequence, head) task and the map from a
+// destination row to its source rows.
+template <typename Sources>
+struct RowPlan {
+  int64_t first, end;
+  Sources sources;
+};
+
+// The sequence a task works on: a KV-cache update grows batch entry b from
+// cache_seqlens[b] tokens by num_new.
+inline SeqInfo compress_seq_info(const CompressParams& p, int64_t seq) {
+  if (p.cache_seqlens == nullptr)
+    return seq_info(p.cu_seqlens, seq, p.seqlen, p.cmp_block_size, p.cmp_stride);
+  SeqInfo s{};
+  s.batch = seq;
+  s.len = std::min<int64_t>(p.cache_seqlens[seq] + p.num_new, p.seqlen);
+  return s;
+}
+
 // One task per (sequence, head) owns its destination rows, so the result does not
-// depend on the thread count. `plan(seq_info, blocks)` returns the number of
-// destination rows and a function mapping a destination row to its source rows.
+// depend on the thread count. `plan(seq_info, blocks)` returns the RowPlan.
 template <typename scalar_t, bool kToTokens, typename Plan>
 void mean_of_row_ranges(const CompressParams& p, Plan plan) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -41,9 +60,9 @@ void mean_of_row_ranges(const CompressParams& p, Plan plan) {
     std::vector<acc_t> sum(p.head_dim);
     for (int64_t x = begin; x < end; ++x) {
       const int64_t h = x % p.num_heads;
-      const SeqInfo s = seq_info(p.cu_seqlens, x / p.num_heads, p.seqlen, l, d);
-      const auto [rows, sources] = plan(s, num_cmp_blocks(s.len, l, d));
-      for (int64_t j = 0; j < rows; ++j) {
+      const SeqInfo s = compress_seq_info(p, x / p.num_heads);
+      const auto [first, end, sources] = plan(s, num_cmp_blocks(s.len, l, d));
+      for (int64_t j = first; j < end; ++j) {
         std::fill(sum.begin(), sum.end(), acc_t(0));
         const RowRange src = sources(j);
         for (int64_t r = src.begin; r < src.end; ++r) {
@@ -63,7 +82,17 @@ template <typename scalar_t>
 void mean_compress(const CompressParams& p) {
   const int64_t l = p.cmp_block_size, d = p.cmp_stride;
   mean_of_row_ranges<scalar_t, /*kToTokens=*/false>(p, [=](const SeqInfo&, int64_t blocks) {
-    return std::pair(blocks, [=](int64_t i) { return RowRange{i * d, i * d + l}; });
+    return RowPlan{0, blocks, [=](int64_t i) { return RowRange{i * d, i * d + l}; }};
+  });
+}
+
+template <typename scalar_t>
+void update_cmp_cache(const CompressParams& p) {
+  const int64_t l = p.cmp_block_size, d = p.cmp_stride;
+  mean_of_row_ranges<scalar_t, /*kToTokens=*/false>(p, [=](const SeqInfo& s, int64_t blocks) {
+    const int64_t old_len = std::clamp<int64_t>(p.cache_seqlens[s.batch], 0, s.len);
+    return RowPlan{num_cmp_blocks(old_len, l, d), std::min(blocks, p.rows_out),
+                   [=](int64_t i) { return RowRange{i * d, i * d + l}; }};
   });
 }
 
@@ -72,16 +101,17 @@ void mean_compress_bwd(const CompressParams& p) {
   const int64_t l = p.cmp_block_size, d = p.cmp_stride;
   mean_of_row_ranges<scalar_t, /*kToTokens=*/true>(p, [=](const SeqInfo& s, int64_t blocks) {
     // Token r lies in the blocks i with i*d <= r < i*d + l.
-    return std::pair(s.len, [=](int64_t r) {
+    return RowPlan{0, s.len, [=](int64_t r) {
       const int64_t first = r - l + 1 > 0 ? (r - l + 1 + d - 1) / d : 0;
       return RowRange{first, std::min(r / d + 1, blocks)};
-    });
+    }};
   });
 }
 
 #define NSA_INSTANTIATE_COMPRESS(T)                          \
   template void mean_compress<T>(const CompressParams&);     \
-  template void mean_compress_bwd<T>(const CompressParams&);
+  template void mean_compress_bwd<T>(const CompressParams&); \
+  template void update_cmp_cache<T>(const CompressParams&);
 NSA_INSTANTIATE_COMPRESS(float)
 NSA_INSTANTIATE_COMPRESS(double)
 NSA_INSTANTIATE_COMPRESS(c10::Half)

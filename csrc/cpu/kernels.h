@@ -16,5 +16,8 @@ template <typename scalar_t> void mean_compress(const CompressParams& p);
 // Its gradient: reads the compressed gradient from `out` and writes the
 // per-token gradient into `x` (roles swapped, same layout).
 template <typename scalar_t> void mean_compress_bwd(const CompressParams& p);
+// KV-cache update: the mean of each compressed block that completes as the
+// cache grows (CompressParams::cache_seqlens), written into the compressed cache.
+template <typename scalar_t> void update_cmp_cache(const CompressParams& p);
 
 }  // namespace nsa::cpu

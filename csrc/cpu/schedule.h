@@ -22,11 +22,14 @@ inline int64_t available_key_rows(const AttnFwdParams& p, const SeqInfo& s) {
   return s.len;
 }
 
-// Calls f(KeyRange) for each range query `t` of head `h` visits, ascending
-// within a range; selected blocks are visited once each, in slot order.
+// Calls f(KeyRange) for each range query row `i` (position t = q_pos0 + i) of
+// head `h` visits, ascending within a range; selected blocks are visited once
+// each, in slot order. A row before position 0 (decode only) visits nothing.
 template <typename F>
-inline void for_each_key_range(const AttnFwdParams& p, const SeqInfo& s, int64_t t, int64_t h,
+inline void for_each_key_range(const AttnFwdParams& p, const SeqInfo& s, int64_t i, int64_t h,
                                F&& f) {
+  const int64_t t = s.q_pos0 + i;
+  if (t < 0) return;
   const int64_t avail = available_key_rows(p, s);
   switch (p.branch) {
     case Branch::kCompressed: {
@@ -39,7 +42,7 @@ inline void for_each_key_range(const AttnFwdParams& p, const SeqInfo& s, int64_t
       break;
     case Branch::kSelected: {
       const int32_t* slots = p.block_indices + s.batch * p.bi_batch_stride +
-                             (s.row0 + t) * p.bi_row_stride + (h / p.group) * p.bi_head_stride;
+                             (s.q_row0 + i) * p.bi_row_stride + (h / p.group) * p.bi_head_stride;
       const int64_t num_blocks = num_slc_blocks(s.len, p.slc_block_size);
       for (int64_t a = 0; a < p.slc_num_blocks; ++a) {
         const int64_t j = slots[a];

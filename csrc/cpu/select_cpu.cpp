@@ -25,16 +25,17 @@ void select_blocks(const SelectParams& p) {
   std::vector<int64_t> first_token;
   int64_t total = 0;
   for (int64_t b = 0; b < p.num_seqs; ++b) {
-    seqs.push_back(seq_info(p.cu_seqlens, b, p.seqlen, l, d));
+    seqs.push_back(seq_info(p.cu_seqlens, p.seqlens_k, b, p.seqlen, l, d));
     first_token.push_back(total);
-    total += seqs.back().len;
+    total += seqs.back().q_len;
   }
   const auto* q_base = static_cast<const scalar_t*>(p.q);
   const auto* k_base = static_cast<const scalar_t*>(p.k_cmp);
   const auto* lse_base = static_cast<const acc_t*>(p.lse_cmp);
 
   // Small problems run on the calling thread (a thread pool wake-up costs more).
-  const int64_t work = std::max<int64_t>(1, p.group * (p.seqlen / d + 1) * p.head_dim_qk);
+  const int64_t cmp_keys = p.seqlens_k != nullptr ? p.k_rows : p.seqlen / d + 1;
+  const int64_t work = std::max<int64_t>(1, p.group * cmp_keys * p.head_dim_qk);
   at::parallel_for(0, total * p.num_heads_kv, std::max<int64_t>(1, (int64_t(1) << 18) / work),
                    [&](int64_t begin, int64_t end) {
     std::vector<acc_t> score;
@@ -44,27 +45,34 @@ void select_blocks(const SelectParams& p) {
       const int64_t b = (std::upper_bound(first_token.begin(), first_token.end(), token) -
                          first_token.begin()) - 1;
       const SeqInfo& s = seqs[b];
-      const int64_t t = token - first_token[b];
+      const int64_t i = token - first_token[b];  // query row; its position is t
+      const int64_t t = s.q_pos0 + i;
+      int32_t* out = p.block_indices + s.batch * p.bi_batch_stride +
+                     (s.q_row0 + i) * p.bi_row_stride + kvh * p.bi_head_stride;
+      if (t < 0) {  // decode: a query row before position 0 selects nothing
+        std::fill(out, out + p.slc_num_blocks, int32_t(-1));
+        continue;
+      }
       const int64_t last = last_candidate_slc_block(t, lp);  // J
       const int64_t avail = std::max<int64_t>(0, p.k_rows - s.cmp_row0);
       const int64_t nc = std::min(num_visible_cmp_blocks(t, l, d), avail);
       score.assign(last + 1, acc_t(0));
 
       for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
-        const acc_t lse = lse_base[s.batch * p.lse_batch_stride + h * p.lse_head_stride + s.row0 + t];
+        const acc_t lse = lse_base[s.batch * p.lse_batch_stride + h * p.lse_head_stride + s.q_row0 + i];
         if (lse == -std::numeric_limits<acc_t>::infinity()) continue;
-        const scalar_t* q = q_base + s.batch * p.q_batch_stride + (s.row0 + t) * p.q_row_stride +
+        const scalar_t* q = q_base + s.batch * p.q_batch_stride + (s.q_row0 + i) * p.q_row_stride +
                             h * p.q_head_stride;
-        for (int64_t i = 0; i < nc; ++i) {
+        for (int64_t blk = 0; blk < nc; ++blk) {  // compressed block
           const scalar_t* k = k_base + s.batch * p.k_batch_stride +
-                              (s.cmp_row0 + i) * p.k_row_stride + kvh * p.k_head_stride;
+                              (s.cmp_row0 + blk) * p.k_row_stride + kvh * p.k_head_stride;
           acc_t qk = 0;
           for (int64_t c = 0; c < p.head_dim_qk; ++c)
             qk += static_cast<acc_t>(q[c]) * static_cast<acc_t>(k[c]);
           const acc_t prob = std::exp(acc_t(p.scale) * qk - lse);
-          for (int64_t j = first_overlapped_slc_block(i, d, lp);
-               j <= last_overlapped_slc_block(i, l, d, lp) && j <= last; ++j)
-            score[j] += acc_t(cmp_slc_overlap_weight(i, j, l, d, lp)) * prob;
+          for (int64_t j = first_overlapped_slc_block(blk, d, lp);
+               j <= last_overlapped_slc_block(blk, l, d, lp) && j <= last; ++j)
+            score[j] += acc_t(cmp_slc_overlap_weight(blk, j, l, d, lp)) * prob;
         }
       }
 
@@ -81,8 +89,6 @@ void select_blocks(const SelectParams& p) {
       });
       std::sort(order.begin(), order.begin() + take);
 
-      int32_t* out = p.block_indices + s.batch * p.bi_batch_stride +
-                     (s.row0 + t) * p.bi_row_stride + kvh * p.bi_head_stride;
       for (int64_t a = 0; a < p.slc_num_blocks; ++a) out[a] = a < take ? int32_t(order[a]) : -1;
     }
   });

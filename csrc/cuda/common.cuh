@@ -152,6 +152,7 @@ __device__ __forceinline__ SeqInfo token_seq_info(const int32_t* cu_seqlens, int
     s.batch = 0, s.row0 = cu_seqlens[seq], s.len = cu_seqlens[seq + 1] - cu_seqlens[seq];
   }
   s.cmp_row0 = 0;
+  s.q_row0 = s.row0, s.q_len = s.len, s.q_pos0 = 0;
   return s;
 }
 

@@ -41,10 +41,14 @@ struct AttnFwdParams {
 
   // Varlen: cu_seqlens [num_seqs + 1] (nullptr in batch mode).
   const int32_t* cu_seqlens;
+  // Decode (KV cache): seqlens_k [B], the keys of batch entry b are rows
+  // [0, seqlens_k[b]) of k/v, and its `seqlen` query rows are the last positions,
+  // seqlens_k[b] - seqlen + i (nullptr outside decode; never with cu_seqlens).
+  const int32_t* seqlens_k;
 
   int64_t num_seqs;     // B, or the number of packed sequences
-  int64_t seqlen;       // T in batch mode; max_seqlen in varlen mode
-  int64_t k_rows;       // rows of k/v per batch entry (all packed rows in varlen)
+  int64_t seqlen;       // T in batch mode; max_seqlen in varlen mode; new tokens in decode
+  int64_t k_rows;       // rows of k/v per batch entry (all packed rows in varlen; capacity in decode)
   int64_t num_heads_q;  // Hq
   int64_t num_heads_kv; // Hkv
   int64_t group;        // G = Hq / Hkv
@@ -85,6 +89,7 @@ struct SelectParams {
   int64_t lse_batch_stride, lse_head_stride;
   int64_t bi_batch_stride, bi_row_stride, bi_head_stride;
   const int32_t* cu_seqlens;
+  const int32_t* seqlens_k;  // decode, as in AttnFwdParams
   int64_t num_seqs, seqlen, k_rows, num_heads_q, num_heads_kv, group, head_dim_qk;
   double scale;  // double: the fp64 CPU path needs it exact; CUDA kernels round it once
   int64_t cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks, slc_init_blocks,
@@ -107,15 +112,26 @@ struct CompressParams {
   int64_t rows_out;           // output rows per batch entry
   int64_t num_heads, head_dim;
   int64_t cmp_block_size, cmp_stride;
+  // KV-cache update (update_cmp_cache): x is the token cache [B, capacity, H, D],
+  // out the compressed cache [B, rows_out, H, D]. Batch entry b grows from
+  // cache_seqlens[b] to cache_seqlens[b] + num_new tokens and only the blocks that
+  // complete on the way are written. nullptr outside the update.
+  const int32_t* cache_seqlens;
+  int64_t num_new;
 };
 
 // The rows of one sequence: where it starts in the packed (or batched) tensors
-// and how long it is. Shared by the CPU and CUDA kernels.
+// and how long it is. Shared by the CPU and CUDA kernels. Outside decode the
+// queries are the sequence's tokens (q_row0 == row0, q_len == len, q_pos0 == 0);
+// in decode they are its last q_len positions.
 struct SeqInfo {
   int64_t batch;    // batch index into *_batch_stride (0 in varlen mode)
-  int64_t row0;     // first token row of the sequence
-  int64_t len;      // its length
+  int64_t row0;     // first key (token) row of the sequence
+  int64_t len;      // its length: keys 0 .. len - 1
   int64_t cmp_row0; // first compressed row of the sequence
+  int64_t q_row0;   // first row of its queries in q, o, lse and block_indices
+  int64_t q_len;    // number of query rows
+  int64_t q_pos0;   // position of query row 0 (negative rows see no key)
 };
 
 }  // namespace nsa

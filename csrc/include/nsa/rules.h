@@ -92,10 +92,21 @@ NSA_HOST_DEVICE int64_t packed_cmp_rows_bound(int64_t total, int64_t d) { return
 namespace nsa {
 
 // Offsets of sequence `seq`: batch mode indexes the batch dimension; varlen mode
-// reads cu_seqlens and packs compressed rows per packed_cmp_row_begin.
-NSA_HOST_DEVICE SeqInfo seq_info(const int32_t* cu_seqlens, int64_t seq, int64_t seqlen,
-                                 int64_t l, int64_t d) {
+// reads cu_seqlens and packs compressed rows per packed_cmp_row_begin; decode
+// (seqlens_k) reads the cache length and puts the `seqlen` queries at its end.
+NSA_HOST_DEVICE SeqInfo seq_info(const int32_t* cu_seqlens, const int32_t* seqlens_k,
+                                 int64_t seq, int64_t seqlen, int64_t l, int64_t d) {
   SeqInfo s;
+  if (seqlens_k != nullptr) {
+    s.batch = seq;
+    s.row0 = 0;
+    s.len = seqlens_k[seq];
+    s.cmp_row0 = 0;
+    s.q_row0 = 0;
+    s.q_len = seqlen;
+    s.q_pos0 = s.len - seqlen;
+    return s;
+  }
   if (cu_seqlens == nullptr) {
     s.batch = seq;
     s.row0 = 0;
@@ -107,7 +118,23 @@ NSA_HOST_DEVICE SeqInfo seq_info(const int32_t* cu_seqlens, int64_t seq, int64_t
     s.len = cu_seqlens[seq + 1] - cu_seqlens[seq];
     s.cmp_row0 = packed_cmp_row_begin(cu_seqlens, seq, l, d);
   }
+  s.q_row0 = s.row0;
+  s.q_len = s.len;
+  s.q_pos0 = 0;
   return s;
+}
+
+NSA_HOST_DEVICE SeqInfo seq_info(const int32_t* cu_seqlens, int64_t seq, int64_t seqlen,
+                                 int64_t l, int64_t d) {
+  return seq_info(cu_seqlens, nullptr, seq, seqlen, l, d);
+}
+
+// Compressed blocks that complete when a sequence grows from `old_len` to
+// `new_len` tokens: [num_cmp_blocks(old_len), num_cmp_blocks(new_len)). The
+// KV-cache update compresses exactly these.
+NSA_HOST_DEVICE int64_t num_new_cmp_blocks(int64_t old_len, int64_t new_len, int64_t l,
+                                           int64_t d) {
+  return num_cmp_blocks(new_len, l, d) - num_cmp_blocks(old_len, l, d);
 }
 
 }  // namespace nsa
