@@ -87,7 +87,7 @@ def main(argv=None):
     settings = dict(cmp_block_size=args.cmp_block_size, cmp_stride=args.cmp_stride,
                     slc_block_size=args.slc_block_size, slc_num_blocks=args.slc_num_blocks,
                     slc_init_blocks=1, slc_local_blocks=2, window_size=args.window_size)
-    steps = 4 if args.no_check else 5
+    steps = 4 if args.no_check else 5  # (the decode timing is part of step 3)
 
     print(f"nsa_cuda {nsa_cuda.__version__} | torch {torch.__version__} | device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if on_cuda else
@@ -116,7 +116,7 @@ def main(argv=None):
 
     nsa_total = _time(nsa_fwd_bwd, device, args.repeats)
 
-    _say(3, steps, "timing dense causal attention (torch SDPA, GQA)")
+    _say(3, steps, "timing dense causal attention (torch SDPA, GQA) and one decoding step")
     qs, ks, vs = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
     gqa = dict(enable_gqa=True) if hq != hkv else {}
 
@@ -131,7 +131,22 @@ def main(argv=None):
 
     dense_total = _time(dense_fwd_bwd, device, args.repeats)
 
-    rows = [("NSA forward", nsa_fwd, dense_fwd), ("NSA forward+backward", nsa_total, dense_total)]
+    # Decoding one token at position T-1 from a KV cache holding the sequence.
+    kc, vc = k.detach(), v.detach()
+    k_cmp = nsa_cuda.mean_compress(kc, args.cmp_block_size, args.cmp_stride)
+    v_cmp = nsa_cuda.mean_compress(vc, args.cmp_block_size, args.cmp_stride)
+    lens = torch.full((B,), T, dtype=torch.int32, device=device)
+    q1 = q.detach()[:, -1:]
+    g1 = [g.detach()[:, -1:] for g in gates]
+    nsa_dec = _time(lambda: nsa_cuda.sparse_attn_with_kvcache(
+        q1, kc, vc, k_cmp, v_cmp, lens, g_cmp=g1[0], g_slc=g1[1], g_win=g1[2], **settings),
+        device, args.repeats)
+    q1s = q1.transpose(1, 2)
+    dense_dec = _time(lambda: F.scaled_dot_product_attention(q1s, ks.detach(), vs.detach(),
+                                                             **gqa), device, args.repeats)
+
+    rows = [("NSA forward", nsa_fwd, dense_fwd), ("NSA forward+backward", nsa_total, dense_total),
+            ("NSA decode (1 token)", nsa_dec, dense_dec)]
     errors = []
     if not args.no_check:
         _say(4, steps, "checking against nsa_cuda.reference (float64, same block_indices)")
@@ -152,6 +167,29 @@ def main(argv=None):
             args.cmp_block_size, args.cmp_stride, args.slc_block_size, args.slc_num_blocks, 1, 2)
         same = (ref_bi == bi).all(-1).float().mean().item()
         errors.append(("rows with identical selection", same))
+        # Decoding the last 8 tokens, 4 per call, from a cache: the prefill's output.
+        S, n_dec = 4, min(8, T)
+        cache = [x.detach()[:, :T - n_dec].clone() for x in (k, v)]
+        k_cache = torch.cat([cache[0], torch.zeros_like(k[:, T - n_dec:])], 1)
+        v_cache = torch.cat([cache[1], torch.zeros_like(v[:, T - n_dec:])], 1)
+        rows_c = nsa_cuda.cmp_cache_rows(T, args.cmp_block_size, args.cmp_stride)
+        kc_cache = k.new_zeros(B, rows_c, hkv, dk).detach()
+        vc_cache = v.new_zeros(B, rows_c, hkv, dv).detach()
+        done = nsa_cuda.cmp_cache_rows(T - n_dec, args.cmp_block_size, args.cmp_stride)
+        kc_cache[:, :done] = k_cmp[:, :done]
+        vc_cache[:, :done] = v_cmp[:, :done]
+        lens = torch.full((B,), T - n_dec, dtype=torch.int32, device=device)
+        dec = []
+        for t in range(T - n_dec, T, S):
+            sl = slice(t, min(t + S, T))
+            dec.append(nsa_cuda.sparse_attn_with_kvcache(
+                q.detach()[:, sl], k_cache, v_cache, kc_cache, vc_cache, lens,
+                k.detach()[:, sl], v.detach()[:, sl], g_cmp=gates[0].detach()[:, sl],
+                g_slc=gates[1].detach()[:, sl], g_win=gates[2].detach()[:, sl],
+                block_indices=aux["block_indices"][:, sl], **settings))
+            lens += sl.stop - sl.start
+        dec_err = (torch.cat(dec, 1).double() - o.detach()[:, T - n_dec:].double()).abs().max()
+        errors.append((f"decode vs prefill ({n_dec} tokens)", dec_err.item()))
 
     _say(steps, steps, "done")
     print()

@@ -326,17 +326,19 @@ class NativeSparseAttention(nn.Module):
                          v_cmp.to(q.dtype), g[0], g[1], g[2])
 
     def attend(self, x: NSAInputs, cu_seqlens: Optional[Tensor] = None,
-               max_seqlen: Optional[int] = None) -> Tensor:
-        """The NSA ops on projected inputs: ``o [B, T, Hq, Dv]``."""
+               max_seqlen: Optional[int] = None, return_block_indices: bool = False):
+        """The NSA ops on projected inputs: ``o [B, T, Hq, Dv]``; with
+        ``return_block_indices``, ``(o, block_indices)`` (``None`` without "slc")."""
         sizes = dict(cmp_block_size=self.cmp_block_size, cmp_stride=self.cmp_stride)
         slc = dict(slc_block_size=self.slc_block_size, slc_num_blocks=self.slc_num_blocks,
                    slc_init_blocks=self.slc_init_blocks, slc_local_blocks=self.slc_local_blocks)
         varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=self.scale)
         if not self.independent_kv:
-            return api.sparse_attn(x.q, x.k_slc, x.v_slc, x.g_cmp, x.g_slc, x.g_win,
-                                   x.k_cmp, x.v_cmp, window_size=self.window_size,
-                                   **sizes, **slc, **varlen)
-        o = None
+            o, aux = api.sparse_attn(x.q, x.k_slc, x.v_slc, x.g_cmp, x.g_slc, x.g_win,
+                                     x.k_cmp, x.v_cmp, window_size=self.window_size,
+                                     **sizes, **slc, **varlen, return_aux=True)
+            return (o, aux["block_indices"]) if return_block_indices else o
+        o = bi = None
         if x.g_cmp is not None or x.g_slc is not None:
             o_cmp, lse_cmp = api.compressed_attn(x.q, x.k_cmp, x.v_cmp, **sizes, **varlen)
             if x.g_cmp is not None:
@@ -352,7 +354,7 @@ class NativeSparseAttention(nn.Module):
                                        **varlen)
             o_win = x.g_win.unsqueeze(-1) * o_win
             o = o_win if o is None else o + o_win
-        return o
+        return (o, bi) if return_block_indices else o
 
     def forward(self, hidden_states: Tensor, cu_seqlens: Optional[Tensor] = None,
                 max_seqlen: Optional[int] = None, *, cache: Optional[NSACache] = None) -> Tensor:
