@@ -363,13 +363,15 @@ class NativeSparseAttention(nn.Module):
         torch.compile). Returns ``[B, T, hidden]``.
 
         With ``cache`` (``new_cache``): an empty cache takes a prompt of any length
-        (prefill, written into the cache); after that each call takes 1 to 8 new tokens
-        per sequence (decoding), which continue the sequences in the cache."""
+        (prefill, written into the cache; prompts of different lengths go packed, with
+        ``cu_seqlens``, one sequence per cache entry); after that each call takes 1 to 8
+        new tokens per sequence (decoding), which continue the sequences in the cache."""
         if cache is not None:
-            if cu_seqlens is not None:
-                raise ValueError("a cache takes batched [B, T, hidden] inputs, not cu_seqlens")
             if cache.empty:
-                return self._prefill(hidden_states, cache)
+                return self._prefill(hidden_states, cache, cu_seqlens, max_seqlen)
+            if cu_seqlens is not None:
+                raise ValueError("decoding steps take batched [B, S, hidden] inputs; cu_seqlens "
+                                 "is for the prefill (the first call, on an empty cache)")
             return self._decode_step(hidden_states, cache)
         x = self.project(hidden_states, cu_seqlens)
         o = self.attend(x, cu_seqlens, max_seqlen)
@@ -386,10 +388,17 @@ class NativeSparseAttention(nn.Module):
         (device and dtype default to the layer's parameters')."""
         return NSACache(self, batch_size, capacity, device, dtype)
 
-    def _check_cache(self, hidden_states: Tensor, cache: NSACache) -> None:
+    def _check_cache(self, hidden_states: Tensor, cache: NSACache,
+                     cu_seqlens: Optional[Tensor] = None) -> None:
         if hidden_states.dim() != 3:
             raise ValueError(f"hidden_states must be [B, T, hidden], got {tuple(hidden_states.shape)}")
-        if hidden_states.shape[0] != cache.batch_size:
+        if cu_seqlens is not None:
+            if hidden_states.shape[0] != 1:
+                raise ValueError("with cu_seqlens, hidden_states must be packed as [1, total, hidden]")
+            if cu_seqlens.numel() - 1 != cache.batch_size:
+                raise ValueError(f"the cache holds {cache.batch_size} sequences but cu_seqlens has "
+                                 f"{cu_seqlens.numel() - 1}")
+        elif hidden_states.shape[0] != cache.batch_size:
             raise ValueError(f"the cache holds {cache.batch_size} sequences but hidden_states has "
                              f"batch {hidden_states.shape[0]}")
         if cache.k_cmp.shape[2] != self.num_kv_heads or len(cache.k) != (
@@ -397,28 +406,44 @@ class NativeSparseAttention(nn.Module):
             raise ValueError("this cache was made for another layer configuration; "
                              "use layer.new_cache(...)")
 
-    def _prefill(self, hidden_states: Tensor, cache: NSACache) -> Tensor:
+    def _prefill(self, hidden_states: Tensor, cache: NSACache,
+                 cu_seqlens: Optional[Tensor] = None, max_seqlen: Optional[int] = None) -> Tensor:
         """The prompt through the prefill kernels, then its k/v and compressed blocks into
-        the (empty) cache."""
-        self._check_cache(hidden_states, cache)
-        T = hidden_states.shape[1]
-        if T > cache.capacity:
-            raise ValueError(f"KV cache full: the prompt has {T} tokens but the cache holds "
-                             f"{cache.capacity}")
-        x = self.project(hidden_states)
-        o = self.attend(x)
+        the (empty) cache. Eager only: the packed case reads cu_seqlens on the host."""
+        self._check_cache(hidden_states, cache, cu_seqlens)
+        T, dev = hidden_states.shape[1], hidden_states.device
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]) if cu_seqlens is not None else None
+        longest = T if lens is None else int(lens.max().item())
+        if longest > cache.capacity:
+            raise ValueError(f"KV cache full: the prompt has {longest} tokens but the cache "
+                             f"holds {cache.capacity}")
+        x = self.project(hidden_states, cu_seqlens)
+        o = self.attend(x, cu_seqlens, max_seqlen)
         sets = [(x.k_slc, x.v_slc)] if not self.independent_kv else None
         if sets is None:  # the compression source is not in NSAInputs: recompute it
-            sets = self._kv_sets(hidden_states, self.positions(T, hidden_states.device),
-                                 x.q.dtype)
+            sets = self._kv_sets(hidden_states, self.positions(T, dev, cu_seqlens), x.q.dtype)
             sets = list(zip(*sets))
-        for i, (k, v) in enumerate(sets):
-            cache.k[i][:, :T] = k
-            cache.v[i][:, :T] = v
-        tc = x.k_cmp.shape[1]
-        cache.k_cmp[:, :tc] = x.k_cmp
-        cache.v_cmp[:, :tc] = x.v_cmp
-        cache.seqlens.fill_(T)
+        if cu_seqlens is None:
+            for i, (k, v) in enumerate(sets):
+                cache.k[i][:, :T] = k
+                cache.v[i][:, :T] = v
+            tc = x.k_cmp.shape[1]
+            cache.k_cmp[:, :tc] = x.k_cmp
+            cache.v_cmp[:, :tc] = x.v_cmp
+            cache.seqlens.fill_(T)
+        else:  # token r of the packed prompt -> (its sequence, its position in it)
+            cu = cu_seqlens.to(torch.long)
+            pos = self.positions(T, dev, cu_seqlens)
+            seq = torch.searchsorted(cu[1:], torch.arange(T, device=dev), right=True)
+            for i, (k, v) in enumerate(sets):
+                cache.k[i][seq, pos] = k[0]
+                cache.v[i][seq, pos] = v[0]
+            starts, valid = self._packed_block_starts(T, cu_seqlens)  # per packed cmp row
+            cmp_seq = torch.searchsorted(cu[1:], starts, right=True)[valid]
+            block = (starts[valid] - cu[cmp_seq]) // self.cmp_stride
+            cache.k_cmp[cmp_seq, block] = x.k_cmp[0][valid]
+            cache.v_cmp[cmp_seq, block] = x.v_cmp[0][valid]
+            cache.seqlens.copy_(lens)
         cache.empty = False
         return self._output(o, hidden_states)
 

@@ -261,6 +261,30 @@ def test_layer_generation_matches_full_forward(compression, independent_kv, prom
     assert_close_exact(torch.cat(outs, dim=1), y_full, "layer output")
 
 
+@pytest.mark.parametrize("compression", ["mlp", "mean"])
+@pytest.mark.parametrize("independent_kv", [False, True], ids=["shared", "indep"])
+def test_layer_packed_prompts_then_decoding(compression, independent_kv):
+    """Prompts of different lengths go in packed (cu_seqlens) and each cache entry then
+    continues its own sequence: every output equals the full forward of that sequence."""
+    layer = make_layer(compression, independent_kv)
+    prompts, extra = [13, 30, 5], 6
+    xs = [torch.randn(1, n + extra, 32, dtype=F64) for n in prompts]
+    cu = torch.tensor([0, 13, 43, 48], dtype=torch.int32)
+    with torch.no_grad():
+        want = [layer(x) for x in xs]
+        cache = layer.new_cache(batch_size=3, capacity=40)
+        y = layer(torch.cat([x[:, :n] for x, n in zip(xs, prompts)], 1), cu_seqlens=cu,
+                  max_seqlen=30, cache=cache)
+        for b, n in enumerate(prompts):
+            assert_close_exact(y[:, cu[b]:cu[b + 1]], want[b][:, :n], f"prompt {b}")
+        assert cache.seqlens.tolist() == prompts
+        for t in range(0, extra, 2):
+            step = torch.cat([x[:, n + t:n + t + 2] for x, n in zip(xs, prompts)], 0)
+            y = layer(step, cache=cache)
+            for b, n in enumerate(prompts):
+                assert_close_exact(y[b:b + 1], want[b][:, n + t:n + t + 2], f"seq {b} step {t}")
+
+
 def test_layer_cache_errors():
     layer = make_layer("mean", False)
     cache = layer.new_cache(batch_size=2, capacity=12)
