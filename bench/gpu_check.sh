@@ -6,36 +6,53 @@
 # print a summary table last. Every step is guarded: a failure still gives a record.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to bench/out)
+# Time: the whole script keeps to NSA_BUDGET_S seconds (default 540, so that one
+# device call of at most 600 s holds it). Each step gets at most its own cap and what
+# is left of the budget minus a reserve for the record; a step with no time left is
+# recorded as skipped.
 # Environment: NSA_TEST_ARGS (extra pytest args, e.g. "-k 'not slow'"),
-# NSA_STEP_TIMEOUT (seconds per step, default 900),
+# NSA_BUDGET_S (total seconds, default 540), NSA_STEP_TIMEOUT (cap per step, default 300),
 # NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
 # NSA_BENCH_LENGTHS (--lengths, default 8192,32768,65536),
 # NSA_BENCH_BUDGET (--budget-s: seconds of measuring before later rows are recorded as
-# skipped, default 360), NSA_BENCH_ARGS (extra suite args, e.g. "--skip flex").
+# skipped; default: what is left of the budget, at most the step cap, minus 30), NSA_BENCH_ARGS (extra suite args, e.g. "--skip flex").
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-$ROOT/bench/out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-T_STEP=${NSA_STEP_TIMEOUT:-900}
+T_STEP=${NSA_STEP_TIMEOUT:-300}
+START=$(date +%s)
+DEADLINE=$(( START + ${NSA_BUDGET_S:-540} ))
+RESERVE=15  # seconds kept for the record and the summary
 export PYTHONUNBUFFERED=1
 STATUS="$OUT/steps.txt"
 : > "$STATUS"
 
-step() {  # step NAME LOGFILE CMD...
-  local name=$1 log=$2; shift 2
-  local t0=$(date +%s)
-  echo "=== $name: $*" | tee -a "$OUT/gpu_check.log"
-  timeout "$T_STEP" "$@" > "$OUT/$log" 2>&1
+left() { echo $(( DEADLINE - RESERVE - $(date +%s) )); }
+
+step() {  # step NAME LOGFILE CAP_SECONDS CMD...
+  local name=$1 log=$2 cap=$3; shift 3
+  local t0=$(date +%s) budget
+  budget=$(left)
+  [ "$cap" -gt "$T_STEP" ] && cap=$T_STEP
+  [ "$budget" -lt "$cap" ] && cap=$budget
+  if [ "$cap" -lt 5 ]; then
+    echo "$name rc=skipped (time budget spent)" | tee -a "$STATUS" "$OUT/gpu_check.log"
+    return 0
+  fi
+  echo "=== $name (at most ${cap}s): $*" | tee -a "$OUT/gpu_check.log"
+  timeout -k 5 "$cap" "$@" > "$OUT/$log" 2>&1
   local rc=$?
+  [ $rc -eq 124 ] && rc="124(timeout)"
   echo "$name rc=$rc secs=$(( $(date +%s) - t0 ))" | tee -a "$STATUS" "$OUT/gpu_check.log"
   return 0
 }
 
 # 1. Wheels (no network): into a private site dir on PYTHONPATH.
 if ls bench/wheels/*.whl > /dev/null 2>&1; then
-  step wheels wheels.log "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  step wheels wheels.log 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/nsa_site bench/wheels/*.whl
   export PYTHONPATH=/tmp/nsa_site${PYTHONPATH:+:$PYTHONPATH}
 else
@@ -45,16 +62,16 @@ fi
 # 2. Build for this device only.
 ARCH=$("$PY" -c "import torch; ma, mi = torch.cuda.get_device_capability(); print('90a' if (ma, mi) == (9, 0) else f'{ma}{mi}')" 2>/dev/null || echo 90a)
 echo "arch=$ARCH" >> "$STATUS"
-step build build.log env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
+step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
   "$PY" setup.py build_ext --inplace
 
 # 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise).
-step tests tests.log sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+step tests tests.log 240 sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if command -v compute-sanitizer > /dev/null 2>&1; then
-  step memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_case.py
-  step racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" bench/sanitize_case.py
+  step memcheck memcheck.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_case.py
+  step racecheck racecheck.log 90 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" bench/sanitize_case.py
 else
   echo "sanitizer rc=skipped (no compute-sanitizer)" >> "$STATUS"
 fi
@@ -62,8 +79,10 @@ fi
 # 5. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
 # FlexAttention, fla). It rewrites bench.json after every row, so a timeout still
 # leaves the rows measured so far. Plots go to $OUT/plots.
-step bench bench.log sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
-  --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"${NSA_BENCH_BUDGET:-360}\" \
+BENCH_CAP=$(left); [ "$BENCH_CAP" -gt "$T_STEP" ] && BENCH_CAP=$T_STEP
+BENCH_BUDGET=${NSA_BENCH_BUDGET:-$(( BENCH_CAP - 30 ))}
+step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
+  --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"$BENCH_BUDGET\" \
   --json \"$OUT/bench.json\" --plots \"$OUT/plots\" ${NSA_BENCH_ARGS:-}"
 
 # 6. The record and the summary.
