@@ -1,6 +1,7 @@
 // Online softmax over KV tiles (FlashAttention-2 style): running row max and
 // row sum in fp32, exp2 with scale*log2(e) folded in, -inf rows guarded so an
-// empty row gives o = 0 and lse = -inf, never NaN.
+// empty row gives o = 0 and lse = -inf, never NaN. The max is taken over the
+// scaled scores, so any scale works (zero or negative too, like the CPU path).
 #pragma once
 
 #include "cuda/common.cuh"
@@ -9,7 +10,7 @@ namespace nsa::cuda {
 
 template <int kRows>
 struct OnlineSoftmax {
-  float row_max[kRows];  // raw (unscaled) score max, -inf while nothing is visible
+  float row_max[kRows];  // max of scale*log2(e)*score, -inf while nothing is visible
   float row_sum[kRows];  // this thread's partial sum; summed over the quad at the end
 
   __device__ __forceinline__ OnlineSoftmax() {
@@ -28,12 +29,19 @@ struct OnlineSoftmax {
     for (int mi = 0; mi < kRows; ++mi) {
       float m = row_max[mi];
 #pragma unroll
-      for (int ni = 0; ni < size<1>(scores); ++ni) m = fmaxf(m, scores(mi, ni));
+      for (int ni = 0; ni < size<1>(scores); ++ni) {
+        // Scale before the max: with scale <= 0 the raw max is not the scaled max
+        // (and -inf * scale would turn a masked entry into +inf or NaN).
+        const float s = scores(mi, ni);
+        const float x = s == -INFINITY ? -INFINITY : s * scale_log2;
+        scores(mi, ni) = x;
+        m = fmaxf(m, x);
+      }
       m = quad_allreduce<4>(m, MaxOp{});
       // With everything masked so far, m == -inf: subtract 0 instead so that
       // exp2(-inf - -inf) never appears; every p is then exp2(-inf) = 0.
-      const float base = m == -INFINITY ? 0.f : m * scale_log2;
-      const float rescale = exp2f(row_max[mi] * scale_log2 - base);  // 0 when old max is -inf
+      const float base = m == -INFINITY ? 0.f : m;
+      const float rescale = exp2f(row_max[mi] - base);  // 0 when old max is -inf
       row_max[mi] = m;
       row_sum[mi] *= rescale;
 #pragma unroll
@@ -41,7 +49,7 @@ struct OnlineSoftmax {
       float sum = 0.f;
 #pragma unroll
       for (int ni = 0; ni < size<1>(scores); ++ni) {
-        const float p = exp2f(scores(mi, ni) * scale_log2 - base);
+        const float p = exp2f(scores(mi, ni) - base);
         scores(mi, ni) = p;
         sum += p;
       }
@@ -52,14 +60,16 @@ struct OnlineSoftmax {
   // Normalises acc_o and returns the natural-log lse of each row (-inf, with
   // o = 0, for a row that saw no key).
   template <class AccO>
-  __device__ __forceinline__ void finalize(AccO& acc_o, float scale, float (&lse)[kRows]) {
+  __device__ __forceinline__ void finalize(AccO& acc_o, float /*scale: folded into row_max*/,
+                                           float (&lse)[kRows]) {
     using namespace cute;
+    constexpr float kLn2 = 0.6931471805599453f;
 #pragma unroll
     for (int mi = 0; mi < kRows; ++mi) {
       const float sum = quad_allreduce<4>(row_sum[mi], SumOp{});
       const bool empty = !(sum > 0.f);  // also catches NaN
       const float inv = empty ? 0.f : 1.f / sum;
-      lse[mi] = empty ? -INFINITY : row_max[mi] * scale + logf(sum);
+      lse[mi] = empty ? -INFINITY : row_max[mi] * kLn2 + logf(sum);
 #pragma unroll
       for (int ni = 0; ni < size<1>(acc_o); ++ni) acc_o(mi, ni) *= inv;
     }
