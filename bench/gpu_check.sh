@@ -48,8 +48,9 @@ echo "arch=$ARCH" >> "$STATUS"
 step build build.log env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
   "$PY" setup.py build_ext --inplace
 
-# 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise).
-step tests tests.log sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+# 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise): the CUDA forward
+# tests and the decode tests (CPU ones plus test_cuda_decode_matches_prefill).
+step tests tests.log sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py tests/test_decode.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if command -v compute-sanitizer > /dev/null 2>&1; then
