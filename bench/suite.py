@@ -258,6 +258,7 @@ class Runner:
               f"{('%.3f ms' % ms) if ms is not None else '-':>12s} "
               f"{('%.3g TF/s' % tf) if tf is not None else '':>11s} "
               f"{('%.0f MB' % row['peak_mem_mb']) if row['peak_mem_mb'] is not None else '':>9s}"
+              f"{'  B=%d' % row['B'] if row['pass'] == 'decode' else ''}"
               f"{('  ' + row['error'][:110]) if row['error'] else ''}", flush=True)
         self.rows.append(row)
         self.flush()
@@ -764,7 +765,9 @@ def print_table(rows: List[dict]):
         print(f"{r.get('shape', ''):6s} {r.get('T', 0):>7d} {r.get('op', '?'):38s} "
               f"{r.get('pass', ''):8s} {('%.3f' % ms) if ms is not None else '-':>10s} "
               f"{('%.3g' % tf) if tf is not None else '':>8s} "
-              f"{('%.0f' % mb) if mb is not None else '':>8s}  {(r.get('error') or '')[:90]}")
+              f"{('%.0f' % mb) if mb is not None else '':>8s}  "
+              f"{'B=%d ' % r['B'] if r.get('pass') == 'decode' and 'B' in r else ''}"
+              f"{(r.get('error') or '')[:90]}")
 
 
 def make_plots(rows: List[dict], out_dir: str) -> List[str]:
