@@ -199,6 +199,37 @@ def check(seed, B, S, Hq, Hkv, Dk, Dv, cap, l, d, lp, n, w, sms):
     assert torch.allclose(o, o_ref, atol=1e-9) and torch.allclose(lse_e, lse_ref, atol=1e-9), "win"
     return sp, sp2, sp3
 
+def check_update(seed):
+    """update_cmp_cache: CTA x of entry b writes block ncmp(old) + x; the grid has
+    min(ceil(num_new / d) + 1, rows_out) CTAs per entry: enough for every new block."""
+    random.seed(seed); torch.manual_seed(seed)
+    for _ in range(200):
+        l = random.choice([8, 16, 32, 64]); d = random.choice([x for x in (4, 8, 16, 32) if l % x == 0])
+        cap = random.randint(1, 300); num_new = random.randint(1, 9)
+        old = random.randint(-3, cap)
+        L = min(old + num_new, cap); o = min(max(old, 0), L)
+        first, end = ncmp(o, l, d), min(ncmp(L, l, d), ncmp(cap, l, d))
+        assert max(0, end - first) <= ceil_div(num_new, d) + 1, (l, d, old, num_new)
+    for B, cap, l, d, num_new in ((3, 100, 32, 16, 1), (2, 90, 16, 8, 8), (2, 64, 32, 32, 5)):
+        x = torch.randn(B, cap, 2, 8, dtype=torch.float64)
+        rows = ncmp(cap, l, d)
+        lens = torch.tensor([random.randint(0, cap - num_new) for _ in range(B)], dtype=torch.int32)
+        out = torch.zeros(B, rows, 2, 8, dtype=torch.float64)
+        ops.update_cmp_cache(x, out, lens, num_new, l, d)
+        exp = torch.zeros_like(out)
+        for b in range(B):
+            Lb = min(int(lens[b]) + num_new, cap); ob = min(max(int(lens[b]), 0), Lb)
+            first, end = ncmp(ob, l, d), min(ncmp(Lb, l, d), rows)
+            for x_ in range(min(ceil_div(num_new, d) + 1, rows)):
+                blk = first + x_
+                if blk >= end: continue
+                exp[b, blk] = x[b, blk * d:blk * d + l].mean(0)
+        assert torch.allclose(out, exp, atol=1e-12), "update_cmp_cache"
+
+
+check_update(0)
+print("update_cmp_cache plan OK")
+
 cases = [
     (1, 2, 1, 16, 1, 16, 8, 300, 32, 16, 64, 4, 128, 132),
     (2, 3, 8, 8, 2, 16, 16, 200, 32, 16, 32, 3, 48, 7),
