@@ -65,8 +65,10 @@ echo "arch=$ARCH" >> "$STATUS"
 step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
   "$PY" setup.py build_ext --inplace
 
-# 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise).
-step tests tests.log 240 sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+# 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise): every test file
+# with CUDA cases (the decode and layer files also run their fast CPU cases).
+CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_decode.py tests/test_layer.py"}
+step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if command -v compute-sanitizer > /dev/null 2>&1; then

@@ -1,5 +1,7 @@
 """A small case of every CUDA forward kernel, for compute-sanitizer (memcheck,
-racecheck): batch and varlen, each head-dim pair that is built, G = 1 and 5."""
+racecheck): batch and varlen, each head-dim pair that is built, G = 1 and 5; and the
+decode (KV-cache) kernels: the three branches, selection and update_cmp_cache, with
+lengths that leave rows before position 0, a full cache and an empty entry."""
 import itertools
 
 import torch
@@ -32,12 +34,45 @@ def run(dk, dv, G, dtype, lengths=None):
     OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
 
 
+def run_decode(dk, dv, G, dtype, S):
+    dev = "cuda"
+    Hkv, cap = 2, 200
+    l, d, lp, n, w = 32, 16, 32, 3, 40
+    B = 4
+    lens = torch.tensor([S - 1, 37, 150, cap], dtype=torch.int32, device=dev)[:B]
+    q = torch.randn(B, S, Hkv * G, dk, device=dev).to(dtype)
+    k = torch.randn(B, cap, Hkv, dk, device=dev).to(dtype)
+    v = torch.randn(B, cap, Hkv, dv, device=dev).to(dtype)
+    rows = nsa_cuda.cmp_cache_rows(cap, l, d)
+    kc = torch.zeros(B, rows, Hkv, dk, device=dev, dtype=dtype)
+    vc = torch.zeros(B, rows, Hkv, dv, device=dev, dtype=dtype)
+    # Grow the compressed caches from 0 tokens in steps, as decoding does.
+    old = torch.zeros_like(lens)
+    for step in (S, 64, cap):
+        new = torch.minimum(lens, torch.full_like(lens, step))
+        num_new = int((new - old).max().item())
+        if num_new > 0:
+            OPS.update_cmp_cache(k, kc, old, num_new, l, d)
+            OPS.update_cmp_cache(v, vc, old, num_new, l, d)
+        old = torch.minimum(lens, old + num_new)
+    scale = dk ** -0.5
+    _, lse = OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+    bi = OPS.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    bi2 = bi.clone()
+    bi2[..., 0] = 10 ** 6  # out-of-range slots must never be read
+    bi2[..., -1] = bi2[..., 1]  # duplicates count once
+    OPS.selected_attn_decode(q, k, v, bi2, lens, lp, scale)
+    OPS.window_attn_decode(q, k, v, lens, w, scale)
+
+
 def main():
     for dk, dv in [(64, 64), (128, 128), (192, 128)]:
         for G in (1, 5):
             try:
                 run(dk, dv, G, torch.bfloat16)
                 run(dk, dv, G, torch.float16, lengths=[1, 17, 100, 33])
+                for S in (1, 3):
+                    run_decode(dk, dv, G, torch.bfloat16 if S == 1 else torch.float16, S)
             except RuntimeError as e:
                 if "compiled without" in str(e):
                     print(f"skip ({dk},{dv}): {e}")

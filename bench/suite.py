@@ -258,6 +258,7 @@ class Runner:
               f"{('%.3f ms' % ms) if ms is not None else '-':>12s} "
               f"{('%.3g TF/s' % tf) if tf is not None else '':>11s} "
               f"{('%.0f MB' % row['peak_mem_mb']) if row['peak_mem_mb'] is not None else '':>9s}"
+              f"{'  B=%d' % row['B'] if row['pass'] == 'decode' else ''}"
               f"{('  ' + row['error'][:110]) if row['error'] else ''}", flush=True)
         self.rows.append(row)
         self.flush()
@@ -621,6 +622,102 @@ def bench_fla(run: Runner, base, s: Shape, T: int, cfg: NSA, sets):
               win=win, note=conv)
 
 
+# --- decode (KV cache) ----------------------------------------------------------------------
+
+def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype):
+    """Latency of one decode step (S = 1) at context length T, batch B: the new token is
+    appended at row T - 1 of caches of capacity T (its compressed block, if it completes
+    one, is written), then NSA decodes; against dense decoding with torch SDPA over the
+    same cache (GQA, all T keys). Rows: nsa_cuda.decode (eager: includes the cache-room
+    check's device sync), nsa_cuda.decode.graph (the same call replayed from a CUDA graph,
+    CUDA only), sdpa.decode. Caches that do not fit in free memory skip their rows."""
+    base = dict(shape=s.name, T=T, B=B, S=1, Hq=s.Hq, Hkv=s.Hkv, Dk=s.Dk, Dv=s.Dv,
+                dtype=str(dtype).replace("torch.", ""), device=device,
+                nsa=dict(l=cfg.l, d=cfg.d, lp=cfg.lp, n=cfg.n, w=cfg.w))
+    cuda = device == "cuda"
+    ops = ["nsa_cuda.decode"] + (["nsa_cuda.decode.graph"] if cuda else []) + ["sdpa.decode"]
+    print(f"== decode {s.name} B={B} T={T} {base['dtype']} on {device}", flush=True)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    rows_cmp = nsa_cuda.cmp_cache_rows(T, cfg.l, cfg.d)
+    set_bytes = B * (T + rows_cmp) * s.Hkv * (s.Dk + s.Dv) * elt
+    if cuda:
+        free, _ = torch.cuda.mem_get_info()
+        if 1.3 * set_bytes > free:
+            for op in ops:
+                run.add(base, op, "decode", skipped=True,
+                        error=f"skipped: caches need {set_bytes / 2**30:.1f} GiB, "
+                              f"{free / 2**30:.1f} GiB free")
+            return
+    nsets = num_sets(set_bytes, device) if cuda else 1
+    sets = []
+    try:
+        for _ in range(nsets):
+            k = torch.randn(B, T, s.Hkv, s.Dk, device=device, dtype=dtype)
+            v = torch.randn(B, T, s.Hkv, s.Dv, device=device, dtype=dtype)
+            sets.append(dict(
+                q=torch.randn(B, 1, s.Hq, s.Dk, device=device, dtype=dtype), k=k, v=v,
+                kc=nsa_cuda.mean_compress(k, cfg.l, cfg.d),
+                vc=nsa_cuda.mean_compress(v, cfg.l, cfg.d),
+                k_new=k[:, T - 1:].clone(), v_new=v[:, T - 1:].clone(),
+                g=torch.rand(B, 1, s.Hq, device=device, dtype=dtype),
+                lens=torch.full((B,), T - 1, dtype=torch.int32, device=device)))
+    except torch.cuda.OutOfMemoryError as e:
+        for op in ops:
+            run.add(base, op, "decode", skipped=True,
+                    error="skipped: out of memory making caches: " + _err(e))
+        del sets
+        torch.cuda.empty_cache()
+        return
+    kw = cfg.kwargs()
+
+    def nsa_step(i):
+        x = sets[i]
+        return nsa_cuda.sparse_attn_with_kvcache(
+            x["q"], x["k"], x["v"], x["kc"], x["vc"], x["lens"], x["k_new"], x["v_new"],
+            g_cmp=x["g"], g_slc=x["g"], g_win=x["g"], **kw)
+
+    note = f"decode step, S=1, {nsets} cache set(s) rotated"
+    run.add(base, "nsa_cuda.decode", "decode", nsa_step, nsets=nsets,
+            note=note + "; eager (includes the cache-room check's device sync)")
+    if cuda:
+        try:
+            graph = None
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    nsa_step(0)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                nsa_step(0)
+            run.add(base, "nsa_cuda.decode.graph", "decode", lambda i: graph.replay(), nsets=1,
+                    note="decode step replayed from a CUDA graph (one cache set)")
+        except Exception as e:  # noqa: BLE001
+            run.add(base, "nsa_cuda.decode.graph", "decode", error="graph capture: " + _err(e))
+        finally:
+            graph = None
+
+    F = torch.nn.functional
+    tsets = [dict(q=x["q"].transpose(1, 2), k=x["k"].transpose(1, 2), v=x["v"].transpose(1, 2))
+             for x in sets]
+
+    def sdpa_step(i):
+        x = tsets[i]
+        if cuda:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                              SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], enable_gqa=True)
+        return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], enable_gqa=True)
+
+    run.add(base, "sdpa.decode", "decode", sdpa_step, nsets=nsets,
+            note=note + "; dense over all T cached keys, enable_gqa=True")
+    del sets, tsets
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 # --- driver -------------------------------------------------------------------------------
 
 def bench_point(run: Runner, s: Shape, T: int, cfg: NSA, device, dtype, args):
@@ -668,7 +765,9 @@ def print_table(rows: List[dict]):
         print(f"{r.get('shape', ''):6s} {r.get('T', 0):>7d} {r.get('op', '?'):38s} "
               f"{r.get('pass', ''):8s} {('%.3f' % ms) if ms is not None else '-':>10s} "
               f"{('%.3g' % tf) if tf is not None else '':>8s} "
-              f"{('%.0f' % mb) if mb is not None else '':>8s}  {(r.get('error') or '')[:90]}")
+              f"{('%.0f' % mb) if mb is not None else '':>8s}  "
+              f"{'B=%d ' % r['B'] if r.get('pass') == 'decode' and 'B' in r else ''}"
+              f"{(r.get('error') or '')[:90]}")
 
 
 def make_plots(rows: List[dict], out_dir: str) -> List[str]:
@@ -765,7 +864,12 @@ def parse_args(argv=None):
                     help="measured time to aim for per row (CUDA default 300)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop measuring after this many seconds (later rows: skipped)")
-    ap.add_argument("--skip", default="", help="comma list of nsa,sdpa,flex,fla to leave out")
+    ap.add_argument("--skip", default="",
+                    help="comma list of nsa,sdpa,flex,fla,decode to leave out")
+    ap.add_argument("--decode-batches", default=None,
+                    help="batch sizes of the decode rows (default 1,32; --quick: 1,2)")
+    ap.add_argument("--decode-shapes", default="paper",
+                    help="shapes of the decode rows (--quick: the tiny shape)")
     ap.add_argument("--flex-eager", action="store_true",
                     help="FlexAttention without torch.compile (default on CPU --quick)")
     args = ap.parse_args(argv)
@@ -812,6 +916,20 @@ def main(argv=None) -> int:
     for s in shapes:
         for T in lengths:
             bench_point(run, s, T, cfg, device, dtype, args)
+    if "decode" not in args.skip:
+        batches = [int(x) for x in (args.decode_batches or ("1,2" if args.quick else "1,32"))
+                   .split(",") if x]
+        dshapes = [QUICK_SHAPE] if args.quick else [
+            SHAPES[x] for x in args.decode_shapes.split(",") if x]
+        for s in dshapes:
+            for T in lengths:
+                for B in batches:
+                    try:
+                        bench_decode(run, s, T, B, cfg, device, dtype)
+                    except Exception as e:  # noqa: BLE001
+                        traceback.print_exc()
+                        run.add(dict(shape=s.name, T=T, B=B), "decode", "decode",
+                                error="suite error: " + _err(e))
     print_table(run.rows)
     run.flush()
     if args.plots:

@@ -5,6 +5,7 @@
 // Debug switch: NSA_POISON_OUTPUTS=1 fills every output with NaN (int outputs
 // with 0x7fffffff) before the launch, so a test sees any element a kernel forgot.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
@@ -19,6 +20,7 @@
 #include <tuple>
 
 #include "api/op_bodies.h"
+#include "cuda/decode_plan.h"
 #include "cuda/launch.h"
 #include "nsa/params.h"
 #include "nsa/rules.h"
@@ -154,6 +156,96 @@ void dispatch_select(const SelectParams& p, DType dt, cudaStream_t s, const char
   });
 }
 
+// Streaming multiprocessors of the current device (cached per device; a host query,
+// no sync): the decode split count fills the GPU from it.
+int num_sms() {
+  static int cache[64] = {};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 132;
+  if (cache[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+      (void)cudaGetLastError();
+      n = 132;
+    }
+    cache[dev] = n;
+  }
+  return cache[dev];
+}
+
+// fp32 workspace on the current device from the torch caching allocator; freed (and
+// reusable) in stream order once the kernels that read it have run.
+at::Tensor workspace(int64_t numel) {
+  return at::empty({numel}, at::TensorOptions().dtype(at::kFloat).device(
+                                at::kCUDA, c10::cuda::current_device()));
+}
+
+// Decode attention of one branch: split-KV kernel + combine over the splits.
+void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
+  check_built(p.head_dim_qk, dt, op);
+  using nsa::cuda::run_attn_decode;
+  const int splits = nsa::cuda::decode_num_splits(p, num_sms());
+  const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
+  at::Tensor o_part = workspace(int64_t(splits) * rows * p.head_dim_v);
+  at::Tensor lse_part = workspace(int64_t(splits) * rows);
+  float* op_ = o_part.data_ptr<float>();
+  float* lp_ = lse_part.data_ptr<float>();
+  run_kernel(op, [&] {
+    const bool bf16 = dt == DType::kBf16;
+    (void)bf16, (void)op_, (void)lp_;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 64 && !bf16) return run_attn_decode<64, 64, DType::kFp16>(p, splits, op_, lp_, s);
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 64 && bf16) return run_attn_decode<64, 64, DType::kBf16>(p, splits, op_, lp_, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 128 && !bf16) return run_attn_decode<128, 128, DType::kFp16>(p, splits, op_, lp_, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 128 && bf16) return run_attn_decode<128, 128, DType::kBf16>(p, splits, op_, lp_, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 192 && !bf16) return run_attn_decode<192, 128, DType::kFp16>(p, splits, op_, lp_, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 192 && bf16) return run_attn_decode<192, 128, DType::kBf16>(p, splits, op_, lp_, s);
+#endif
+    throw std::runtime_error("no decode kernel instance for these head dims and dtype");
+  });
+}
+
+void dispatch_select_decode(const SelectParams& p, DType dt, cudaStream_t s, const char* op) {
+  check_built(p.head_dim_qk, dt, op);
+  using nsa::cuda::run_select_blocks_decode;
+  at::Tensor scores = workspace(p.num_seqs * p.num_heads_kv * p.seqlen *
+                                nsa::cuda::select_score_width(p));
+  float* sc = scores.data_ptr<float>();
+  run_kernel(op, [&] {
+    const bool bf16 = dt == DType::kBf16;
+    (void)bf16, (void)sc;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 64 && !bf16) return run_select_blocks_decode<64, DType::kFp16>(p, sc, s);
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 64 && bf16) return run_select_blocks_decode<64, DType::kBf16>(p, sc, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 128 && !bf16) return run_select_blocks_decode<128, DType::kFp16>(p, sc, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 128 && bf16) return run_select_blocks_decode<128, DType::kBf16>(p, sc, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 192 && !bf16) return run_select_blocks_decode<192, DType::kFp16>(p, sc, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 192 && bf16) return run_select_blocks_decode<192, DType::kBf16>(p, sc, s);
+#endif
+    throw std::runtime_error("no decode selection instance for this head dim and dtype");
+  });
+}
+
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaBackend {
@@ -191,6 +283,20 @@ struct CudaBackend {
     run_kernel("mean_compress", [&] {
       nsa::cuda::run_mean_compress(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
                                    current_stream());
+    });
+  }
+  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
+    dispatch_attn_decode(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
+                         "attn_decode");
+  }
+  static void select_blocks_decode(const SelectParams& p, at::ScalarType t) {
+    dispatch_select_decode(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
+                           "select_blocks_decode");
+  }
+  static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
+    run_kernel("update_cmp_cache", [&] {
+      nsa::cuda::run_update_cmp_cache(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
+                                      current_stream());
     });
   }
   static void attn_bwd(const AttnBwdParams&, at::ScalarType) {}

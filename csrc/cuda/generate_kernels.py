@@ -27,6 +27,15 @@ template void run_select_blocks<{dk}, DType::{dt}>(const SelectParams&, cudaStre
 }}  // namespace nsa::cuda
 """
 
+DECODE = HEADER + """#include "cuda/decode.cuh"
+
+namespace nsa::cuda {{
+template void run_attn_decode<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, int, float*, float*,
+                                                        cudaStream_t);
+template void run_select_blocks_decode<{dk}, DType::{dt}>(const SelectParams&, float*, cudaStream_t);
+}}  // namespace nsa::cuda
+"""
+
 
 def files():
     out = {}
@@ -34,6 +43,7 @@ def files():
         for name, dt in DTYPES.items():
             out[f"attn_fwd_hdim{dk}x{dv}_{name}.cu"] = ATTN.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)
+            out[f"decode_hdim{dk}x{dv}_{name}.cu"] = DECODE.format(dk=dk, dv=dv, dt=dt)
     return out
 
 

@@ -21,6 +21,19 @@ void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
 template <int kDk, DType kDType>
 void run_select_blocks(const SelectParams& params, cudaStream_t stream);
 
+// Decode (KV cache), csrc/cuda/decode*.cuh; instantiations in
+// csrc/cuda/instantiations/decode_hdim*.cu. The caller (cuda_ops.cpp) allocates the
+// fp32 workspaces with the torch allocator, sized by decode_plan.h:
+//   attention: o_part [num_splits, B, S, Hq, Dv], lse_part [num_splits, B, S, Hq]
+//   selection: scores [B, Hkv, S, select_score_width(params)]
+template <int kDk, int kDv, DType kDType>
+void run_attn_decode(const AttnFwdParams& params, int num_splits, float* o_part,
+                     float* lse_part, cudaStream_t stream);
+template <int kDk, DType kDType>
+void run_select_blocks_decode(const SelectParams& params, float* scores, cudaStream_t stream);
+// Compresses the blocks that complete as the caches grow (CompressParams::cache_seqlens).
+void run_update_cmp_cache(const CompressParams& params, DType dtype, cudaStream_t stream);
+
 // Mean pooling of blocks (CompressParams in nsa/params.h; fp16/bf16).
 void run_mean_compress(const CompressParams& params, DType dtype, cudaStream_t stream);
 

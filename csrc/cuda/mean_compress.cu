@@ -2,6 +2,8 @@
 // sequence = mean of its rows [i*d, i*d + l). Varlen: sequence m's blocks start at
 // packed_cmp_row_begin(m); output rows past the packed blocks are zero.
 // fp32 accumulation, output in x's dtype. One CTA per (output row, batch entry).
+#include <algorithm>
+
 #include "cuda/common.cuh"
 
 namespace nsa::cuda {
@@ -39,6 +41,51 @@ __global__ void __launch_bounds__(128) mean_compress_kernel(const CompressParams
     }
     out[h * p.out_head_stride + c] = T(acc);
   }
+}
+
+// update_cmp_cache: batch entry b grows from cache_seqlens[b] to cache_seqlens[b] +
+// num_new tokens (clipped to the capacity, p.seqlen); the blocks that complete on the
+// way, [num_cmp_blocks(old), num_cmp_blocks(new)) clipped to rows_out, are written
+// (the rule of compress_cpu.cpp's update_cmp_cache). CTA (x, b) writes block
+// num_cmp_blocks(old) + x if it is one of them; fp32 accumulation as above.
+template <class T>
+__global__ void __launch_bounds__(128) update_cmp_cache_kernel(const CompressParams p) {
+  const int64_t b = blockIdx.y;
+  const int64_t l = p.cmp_block_size, d = p.cmp_stride;
+  const int64_t grown = int64_t(p.cache_seqlens[b]) + p.num_new;
+  const int64_t len = grown < p.seqlen ? grown : p.seqlen;
+  int64_t old_len = p.cache_seqlens[b];
+  old_len = old_len < 0 ? 0 : (old_len > len ? len : old_len);
+  const int64_t blk = num_cmp_blocks(old_len, l, d) + blockIdx.x;
+  const int64_t end = num_cmp_blocks(len, l, d);
+  if (blk >= end || blk >= p.rows_out) return;  // uniform over the CTA
+  // Sources: token rows [blk * d, blk * d + l), all < len <= capacity.
+  const T* x = static_cast<const T*>(p.x) + b * p.x_batch_stride + blk * d * p.x_row_stride;
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + blk * p.out_row_stride;
+  const float inv = 1.f / float(l);
+  for (int64_t e = threadIdx.x; e < p.num_heads * p.head_dim; e += blockDim.x) {
+    const int64_t h = e / p.head_dim, c = e % p.head_dim;
+    const T* src = x + h * p.x_head_stride + c;
+    float acc = 0.f;
+    for (int64_t r = 0; r < l; ++r) acc += float(src[r * p.x_row_stride]);
+    out[h * p.out_head_stride + c] = T(acc * inv);
+  }
+}
+
+void run_update_cmp_cache(const CompressParams& p, DType dtype, cudaStream_t stream) {
+  if (p.rows_out == 0 || p.batch == 0 || p.num_new <= 0 || p.num_heads * p.head_dim == 0) return;
+  // Blocks completing while a sequence grows by num_new tokens: their ends
+  // i*d + l - 1 are d apart, so at most ceil(num_new / d) of them (+1 spare).
+  const int64_t max_blocks = std::min<int64_t>((p.num_new + p.cmp_stride - 1) / p.cmp_stride + 1,
+                                               p.rows_out);
+  if (max_blocks > INT32_MAX || p.batch > 65535)
+    throw std::runtime_error("nsa_cuda: update_cmp_cache: problem too large for the grid");
+  dim3 grid(unsigned(max_blocks), unsigned(p.batch));
+  if (dtype == DType::kFp16)
+    update_cmp_cache_kernel<cutlass::half_t><<<grid, 128, 0, stream>>>(p);
+  else
+    update_cmp_cache_kernel<cutlass::bfloat16_t><<<grid, 128, 0, stream>>>(p);
+  check_launch("update_cmp_cache");
 }
 
 void run_mean_compress(const CompressParams& p, DType dtype, cudaStream_t stream) {

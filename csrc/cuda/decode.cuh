@@ -1,0 +1,65 @@
+// Launchers of the decode (KV-cache) kernels: decode_attn + decode_combine for the
+// three attention branches, and the two selection kernels. Explicitly instantiated
+// per (Dk, Dv, dtype) in csrc/cuda/instantiations/decode_hdim*.cu. All sizes come
+// from shapes (decode_plan.h): no device sync, CUDA-graph capturable.
+#pragma once
+
+#include <climits>
+
+#include "cuda/decode_attn.cuh"
+#include "cuda/decode_combine.cuh"
+#include "cuda/decode_select.cuh"
+
+namespace nsa::cuda {
+
+template <int kDk, int kDv, DType kDType>
+void run_attn_decode(const AttnFwdParams& p, int num_splits, float* o_part, float* lse_part,
+                     cudaStream_t stream) {
+  using Traits = DecodeTraits<kDk, kDv, kDType>;
+  using Element = typename Traits::Element;
+  if (p.num_seqs == 0 || p.seqlen == 0 || p.num_heads_q == 0) return;
+  const int64_t row_tiles = decode_row_tiles(p);
+  const int64_t kv_ctas = p.num_seqs * p.num_heads_kv;
+  const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
+  if (kv_ctas > INT32_MAX || row_tiles > 65535 || num_splits < 1 || num_splits > 65535 ||
+      rows > INT32_MAX || p.k_rows >= INT32_MAX / 2)
+    throw std::runtime_error("problem too large for the decode grid");
+  const int64_t smem = decode_attn_smem(p, kDk, kDv);
+  if (smem > 227 * 1024)
+    throw std::runtime_error("decode_attn: slc_num_blocks too large for shared memory");
+  auto kernel = decode_attn_kernel<Traits>;
+  set_smem_limit(kernel, int(smem), "decode_attn");
+  const DecodeWorkspace ws{o_part, lse_part, num_splits};
+  const dim3 grid{unsigned(kv_ctas), unsigned(row_tiles), unsigned(num_splits)};
+  kernel<<<grid, Traits::kThreads, smem, stream>>>(p, ws);
+  check_launch("decode_attn");
+  decode_combine_kernel<kDv, Element><<<unsigned(rows), 128, 0, stream>>>(p, ws);
+  check_launch("decode_combine");
+}
+
+template <int kDk, DType kDType>
+void run_select_blocks_decode(const SelectParams& p, float* scores, cudaStream_t stream) {
+  using Element = typename ElementOf<kDType>::type;
+  if (p.num_seqs == 0 || p.seqlen == 0 || p.num_heads_kv == 0 || p.slc_num_blocks == 0) return;
+  const int64_t width = select_score_width(p);
+  const int64_t score_ctas = ceil_div64(width, kSelectBlocksPerCta);
+  const int64_t tokens = p.num_seqs * p.num_heads_kv * p.seqlen;
+  if (score_ctas > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535 ||
+      tokens > INT32_MAX)
+    throw std::runtime_error("problem too large for the selection grid");
+  const int64_t smem = select_score_smem(p, kDk);
+  if (smem > 227 * 1024)
+    throw std::runtime_error("select_blocks_decode: slc_block_size / cmp_stride too large for shared memory");
+  auto scores_kernel = decode_select_scores_kernel<kDk, Element>;
+  set_smem_limit(scores_kernel, int(smem), "select_blocks_decode");
+  const dim3 grid{unsigned(score_ctas), unsigned(p.num_heads_kv), unsigned(p.num_seqs)};
+  scores_kernel<<<grid, kSelectThreads, smem, stream>>>(p, scores, width);
+  check_launch("select_blocks_decode (scores)");
+  const int64_t topn_smem = ceil_div64(width, 32) * 4;
+  if (topn_smem > 48 * 1024)
+    throw std::runtime_error("select_blocks_decode: cache too long for the top-n kernel");
+  decode_select_topn_kernel<Element><<<unsigned(tokens), 32, topn_smem, stream>>>(p, scores, width);
+  check_launch("select_blocks_decode (top-n)");
+}
+
+}  // namespace nsa::cuda

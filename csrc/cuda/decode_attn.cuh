@@ -1,0 +1,323 @@
+// decode_attn: one memory-bound split-KV kernel for the three branches of the
+// decode step (KV cache). A CTA owns (KV split, row tile, KV head, batch entry);
+// its kDecodeRows rows are r = i * G + g (new token i, head g of the KV head's
+// group), so the G heads x S tokens share every K/V chunk, loaded once into shared
+// memory by cp.async. The branch gives the tile's key schedule (the union over its
+// tokens) as chunks of kDecodeKeys keys and a per-row mask:
+//   compressed  keys [0, nc(t_last)), row mask key < nc(t)         (nc clamped to k_cmp rows)
+//   window      keys [window_begin(t_first), t_last], row mask [window_begin(t), t]
+//   selected    chunks of the union of the blocks the tile's tokens selected (-1,
+//               out-of-range and duplicate entries dropped); row mask: block in
+//               that token's set and key <= t
+// The chunks are split evenly over gridDim.z CTAs; each writes its rows' partial
+// result (normalised o in fp32 and lse, -inf when it saw no key) to the workspace
+// and decode_combine.cuh merges the splits. Math on CUDA cores (fp32 FMAs from
+// smem); tensor cores are a follow-up (NOTES_FOR_LEAD.md).
+#pragma once
+
+#include "cuda/decode_traits.cuh"
+
+namespace nsa::cuda {
+
+// q[0..8) . k[0..8): q fp32 in smem (16-byte aligned), k eight 16-bit elements
+// (16-byte aligned) converted in registers.
+template <class Element>
+__device__ __forceinline__ float dot8(const float* q, const Element* k) {
+  const cutlass::Array<Element, 8> kv = *reinterpret_cast<const cutlass::Array<Element, 8>*>(k);
+  const cutlass::NumericArrayConverter<float, Element, 8> cvt;
+  const cutlass::Array<float, 8> kf = cvt(kv);
+  const float4 qa = *reinterpret_cast<const float4*>(q);
+  const float4 qb = *reinterpret_cast<const float4*>(q + 4);
+  return qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
+         qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+}
+
+__device__ __forceinline__ int64_t decode_part_row(const AttnFwdParams& p, int64_t split,
+                                                   int64_t b, int64_t i, int64_t h) {
+  return ((split * p.num_seqs + b) * p.seqlen + i) * p.num_heads_q + h;
+}
+
+// Tokens of batch entry b on CUDA: seqlens_k clamped to what the caches hold
+// (token rows: the capacity; compressed: the count is clamped per row instead).
+__device__ __forceinline__ int64_t decode_len(const AttnFwdParams& p, int64_t b) {
+  int64_t len = p.seqlens_k[b];
+  len = len > 0 ? len : 0;
+  if (p.branch != Branch::kCompressed && len > p.k_rows) len = p.k_rows;
+  return len;
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    decode_attn_kernel(const AttnFwdParams p, const DecodeWorkspace ws) {
+  using Element = typename Traits::Element;
+  constexpr int kDk = Traits::kDk, kDv = Traits::kDv;
+  constexpr int kRows = Traits::kRows, kKeys = Traits::kKeys, kThreads = Traits::kThreads;
+  constexpr int kKS = Traits::kKStride, kVS = Traits::kVStride;
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t b = int64_t(blockIdx.x) / p.num_heads_kv;
+  const int64_t kvh = int64_t(blockIdx.x) % p.num_heads_kv;
+  const int64_t r0 = int64_t(blockIdx.y) * kRows;  // first row of the tile
+  const int split = blockIdx.z;
+  const int64_t G = p.group, S = p.seqlen;
+  const int64_t rows_total = S * G;
+  const int rows_here = int(min(int64_t(kRows), rows_total - r0));  // >= 1 (grid)
+
+  extern __shared__ __align__(16) char smem[];
+  float* sQ = reinterpret_cast<float*>(smem);                            // [kRows][kDk]
+  Element* sK = reinterpret_cast<Element*>(sQ + kRows * kDk);            // [kKeys][kKS]
+  Element* sV = sK + kKeys * kKS;                                        // [kKeys][kVS]
+  float* sP = reinterpret_cast<float*>(sV + kKeys * kVS);                // [kRows][kKeys]
+  float* sScale = sP + kRows * kKeys;                                    // [kRows] rescale of this chunk
+  int* sLo = reinterpret_cast<int*>(sScale + kRows);                     // [kRows] first visible key
+  int* sHi = sLo + kRows;                                                // [kRows] end of visible keys
+  int* sTok = sHi + kRows;                                               // [kRows] row's token - i_first
+  int* sCount = sTok + kRows;                                            // [4] union size
+  // kSelected only: candidate / keep lists [tile_tokens * n], union, membership.
+  int* sCand = sCount + 4;
+
+  // Positions: query row i of entry b is at t = len - S + i.
+  const int64_t len = decode_len(p, b);
+  const int64_t i_first = r0 / G;
+  const int64_t i_last = (r0 + rows_here - 1) / G;
+  const int64_t t_first = len - S + i_first;
+  const int64_t t_last = len - S + i_last;
+
+  // Per-row visible key interval [lo, hi) (membership of selected blocks aside).
+  if (tid < kRows) {
+    int lo = 0, hi = 0, tok = 0;
+    if (tid < rows_here) {
+      const int64_t i = (r0 + tid) / G;
+      const int64_t t = len - S + i;
+      tok = int(i - i_first);
+      if (t >= 0) {
+        switch (p.branch) {
+          case Branch::kCompressed: {
+            const int64_t nc = num_visible_cmp_blocks(t, p.cmp_block_size, p.cmp_stride);
+            hi = int(nc < p.k_rows ? nc : p.k_rows);
+            break;
+          }
+          case Branch::kWindow:
+            lo = int(window_begin(t, p.window_size));
+            hi = int(t + 1);
+            break;
+          case Branch::kSelected:
+            hi = int(t + 1);
+            break;
+        }
+      }
+    }
+    sLo[tid] = lo, sHi[tid] = hi, sTok[tid] = tok;
+  }
+
+  // q, pre-scaled by scale * log2(e): scores are in the exp2 domain.
+  const float scale_log2 = float(p.scale) * kLog2e;
+  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
+  for (int e = tid; e < kRows * kDk; e += kThreads) {
+    const int r = e / kDk, c = e % kDk;
+    float x = 0.f;
+    if (r < rows_here) {
+      const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
+      x = float(q[i * p.q_row_stride + h * p.q_head_stride + c]) * scale_log2;
+    }
+    sQ[e] = x;
+  }
+
+  // The tile's key schedule: num_chunks chunks, chunk c = keys [begin(c), end(c)).
+  int64_t key_begin = 0, key_end = 0;  // compressed / window: one contiguous range
+  int num_union = 0, chunks_per_block = 1;
+  const int64_t lp = p.slc_block_size;
+  const int64_t n_slots = p.slc_num_blocks;
+  const int tile_tokens = int(i_last - i_first + 1);
+  int* sKeep = sCand + tile_tokens * n_slots;
+  int* sUnion = sKeep + tile_tokens * n_slots;
+  int* sMember = sUnion + tile_tokens * n_slots;  // bit a: token i_first + a selected it
+  if (p.branch == Branch::kCompressed) {
+    if (t_last >= 0) {
+      const int64_t nc = num_visible_cmp_blocks(t_last, p.cmp_block_size, p.cmp_stride);
+      key_end = nc < p.k_rows ? nc : p.k_rows;
+    }
+  } else if (p.branch == Branch::kWindow) {
+    if (t_last >= 0) {
+      key_begin = window_begin(t_first > 0 ? t_first : 0, p.window_size);
+      key_end = t_last + 1;
+    }
+  } else {
+    // Candidates: slot s of token i_first + a; -1 when unusable (t < 0, j < 0, j >= blocks).
+    const int64_t num_blocks = num_slc_blocks(len, lp);
+    const int total = tile_tokens * int(n_slots);
+    for (int e = tid; e < total; e += kThreads) {
+      const int64_t a = e / n_slots, slot = e % n_slots;
+      const int64_t i = i_first + a;
+      int j = -1;
+      if (len - S + i >= 0) {
+        const int64_t v = p.block_indices[b * p.bi_batch_stride + i * p.bi_row_stride +
+                                          kvh * p.bi_head_stride + slot];
+        if (v >= 0 && v < num_blocks) j = int(v);
+      }
+      sCand[e] = j;
+    }
+    __syncthreads();
+    // Keep the first occurrence of each block.
+    for (int e = tid; e < total; e += kThreads) {
+      const int j = sCand[e];
+      bool keep = j >= 0;
+      for (int e2 = 0; e2 < e && keep; ++e2) keep = sCand[e2] != j;
+      sKeep[e] = keep;
+    }
+    __syncthreads();
+    // Compact the kept blocks in candidate order (warp 0, ballot prefix sums).
+    if (warp == 0) {
+      int base = 0;
+      for (int e0 = 0; e0 < total; e0 += 32) {
+        const int e = e0 + lane;
+        const bool keep = e < total && sKeep[e] != 0;
+        const unsigned bal = __ballot_sync(0xffffffffu, keep);
+        if (keep) sUnion[base + __popc(bal & ((1u << lane) - 1u))] = sCand[e];
+        base += __popc(bal);
+      }
+      if (lane == 0) sCount[0] = base;
+    }
+    __syncthreads();
+    num_union = sCount[0];
+    for (int u = tid; u < num_union; u += kThreads) {
+      const int j = sUnion[u];
+      int bits = 0;
+      for (int a = 0; a < tile_tokens; ++a)
+        for (int64_t s = 0; s < n_slots; ++s)
+          if (sCand[a * n_slots + s] == j) bits |= 1 << a;
+      sMember[u] = bits;
+    }
+    chunks_per_block = int(ceil_div64(lp, kKeys));
+  }
+  const int64_t num_chunks = p.branch == Branch::kSelected
+                                 ? int64_t(num_union) * chunks_per_block
+                                 : ceil_div64(key_end - key_begin, kKeys);
+  const int64_t per_split = ceil_div64(num_chunks, ws.num_splits);
+  const int64_t c_begin = int64_t(split) * per_split;
+  const int64_t c_end = min(c_begin + per_split, num_chunks);
+  __syncthreads();  // sQ, sLo/sHi/sTok, sMember ready
+
+  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride;
+
+  // Online softmax state of this warp's rows r = warp + kWarps * m (all lanes hold it).
+  float row_max[Traits::kRowsPerWarp], row_sum[Traits::kRowsPerWarp];
+#pragma unroll
+  for (int m = 0; m < Traits::kRowsPerWarp; ++m) row_max[m] = -INFINITY, row_sum[m] = 0.f;
+  float acc[Traits::kAccPerThread];
+#pragma unroll
+  for (int a = 0; a < Traits::kAccPerThread; ++a) acc[a] = 0.f;
+
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    // Keys [kb, ke) of this chunk and, for the selected branch, its union entry.
+    int64_t kb, ke;
+    int member = 0;
+    if (p.branch == Branch::kSelected) {
+      const int u = int(c / chunks_per_block), sub = int(c % chunks_per_block);
+      const int64_t j = sUnion[u];
+      member = sMember[u];
+      kb = j * lp + int64_t(sub) * kKeys;
+      const int64_t sub_end = j * lp + min(int64_t(sub + 1) * kKeys, lp);
+      ke = min(sub_end, len);  // keys past the cache's tokens are never visible
+    } else {
+      kb = key_begin + c * kKeys;
+      ke = min(kb + kKeys, key_end);
+    }
+    if (kb >= ke) continue;  // uniform: every thread computed the same bounds
+    const int n_keys = int(ke - kb);
+
+    // Load K and V rows [kb, ke); missing rows are zero-filled.
+    constexpr int kKChunks = kDk / 8, kVChunks = kDv / 8;
+    for (int e = tid; e < kKeys * kKChunks; e += kThreads) {
+      const int r = e / kKChunks, c8 = e % kKChunks;
+      const bool pred = r < n_keys;
+      cp_async_16(sK + r * kKS + c8 * 8, pred ? k + (kb + r) * p.k_row_stride + c8 * 8 : k, pred);
+    }
+    for (int e = tid; e < kKeys * kVChunks; e += kThreads) {
+      const int r = e / kVChunks, c8 = e % kVChunks;
+      const bool pred = r < n_keys;
+      cp_async_16(sV + r * kVS + c8 * 8, pred ? v + (kb + r) * p.v_row_stride + c8 * 8 : v, pred);
+    }
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();
+
+    // Scores: warp w takes rows w, w + kWarps, ...; lane n takes key kb + n.
+#pragma unroll
+    for (int m = 0; m < Traits::kRowsPerWarp; ++m) {
+      const int r = warp + Traits::kWarps * m;
+      const int64_t key = kb + lane;
+      bool visible = r < rows_here && lane < n_keys && key >= sLo[r] && key < sHi[r];
+      if (p.branch == Branch::kSelected) visible = visible && ((member >> sTok[r]) & 1);
+      float s = -INFINITY;
+      if (visible) {
+        const float* qr = sQ + r * kDk;
+        const Element* kr = sK + lane * kKS;
+        float dot = 0.f;
+#pragma unroll 4
+        for (int c8 = 0; c8 < kDk; c8 += 8) dot += dot8(qr + c8, kr + c8);
+        s = dot;
+      }
+      // Online softmax of row r over this chunk (exp2 domain; -inf guarded).
+      float mx = s;
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float m_new = fmaxf(row_max[m], mx);
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float pr = exp2f(s - base);  // 0 for a masked key
+      const float rescale = exp2f(row_max[m] - base);  // 0 while nothing was visible
+      float sum = pr;
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      row_max[m] = m_new;
+      row_sum[m] = row_sum[m] * rescale + sum;
+      sP[r * kKeys + lane] = pr;
+      if (lane == 0) sScale[r] = rescale;
+    }
+    __syncthreads();
+
+    // O = O * rescale + P V: thread owns elements e = tid + a * kThreads of [kRows][kDv].
+#pragma unroll
+    for (int a = 0; a < Traits::kAccPerThread; ++a) {
+      const int e = tid + a * kThreads;
+      const int r = e / kDv, col = e % kDv;
+      const float* pr = sP + r * kKeys;
+      float o = acc[a] * sScale[r];
+#pragma unroll 8
+      for (int n = 0; n < kKeys; ++n) o += pr[n] * float(sV[n * kVS + col]);
+      acc[a] = o;
+    }
+    __syncthreads();  // sK, sV, sP are rewritten by the next chunk
+  }
+
+  // Epilogue: row stats to smem, then o / sum and lse (natural log) per row.
+  float* sSum = sP;             // [kRows]
+  float* sMax = sP + kRows;     // [kRows]
+#pragma unroll
+  for (int m = 0; m < Traits::kRowsPerWarp; ++m) {
+    const int r = warp + Traits::kWarps * m;
+    if (lane == 0) sSum[r] = row_sum[m], sMax[r] = row_max[m];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < Traits::kAccPerThread; ++a) {
+    const int e = tid + a * kThreads;
+    const int r = e / kDv, col = e % kDv;
+    if (r >= rows_here) continue;
+    const float sum = sSum[r];
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
+    ws.o_part[decode_part_row(p, split, b, i, h) * kDv + col] = acc[a] * inv;
+  }
+  if (tid < rows_here) {
+    const int r = tid;
+    const float sum = sSum[r];
+    const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
+    // lse = ln(sum * 2^max) = (max + log2(sum)) * ln 2
+    ws.lse_part[decode_part_row(p, split, b, i, h)] =
+        sum > 0.f ? (sMax[r] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+  }
+}
+
+}  // namespace nsa::cuda

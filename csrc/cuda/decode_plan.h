@@ -1,0 +1,101 @@
+// Shapes of the decode (KV-cache) kernels, shared by the host (cuda_ops.cpp,
+// which sizes the workspaces) and the kernels (decode*.cuh). Plain C++: no CUDA,
+// no torch. Every bound here is computed from shapes alone (no device sync).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "nsa/params.h"
+#include "nsa/rules.h"
+
+namespace nsa::cuda {
+
+// decode_attn: a CTA owns kDecodeRows rows r = i * G + g (new token i, head g of
+// its KV head's group) and walks its branch's keys in chunks of kDecodeKeys.
+constexpr int kDecodeRows = 16;
+constexpr int kDecodeKeys = 32;
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeMaxSplits = 256;
+
+// select_blocks_decode: a score CTA owns kSelectBlocksPerCta selection blocks and
+// works on at most kSelectHeadsPerPass query heads at a time.
+constexpr int kSelectBlocksPerCta = 16;
+constexpr int kSelectHeadsPerPass = 16;
+constexpr int kSelectThreads = 128;
+
+NSA_HOST_DEVICE int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+NSA_HOST_DEVICE int64_t decode_row_tiles(const AttnFwdParams& p) {
+  return ceil_div64(p.seqlen * p.group, kDecodeRows);
+}
+
+// New tokens a row tile can span: rows [r0, r0 + kDecodeRows) cover at most
+// (kDecodeRows - 1) / G + 2 consecutive tokens, never more than S.
+NSA_HOST_DEVICE int64_t decode_tile_tokens(const AttnFwdParams& p) {
+  const int64_t span = (kDecodeRows - 1) / p.group + 2;
+  return span < p.seqlen ? span : p.seqlen;
+}
+
+// Upper bound on the key chunks of one row tile, from shapes only.
+inline int64_t decode_max_chunks(const AttnFwdParams& p) {
+  switch (p.branch) {
+    case Branch::kCompressed:
+      return ceil_div64(p.k_rows, kDecodeKeys);
+    case Branch::kWindow:
+      // keys [window_begin(t_first), t_last] of at most w + S - 1 keys, clipped to the capacity
+      return ceil_div64(std::min<int64_t>(p.window_size + p.seqlen - 1, p.k_rows), kDecodeKeys);
+    case Branch::kSelected:
+      return decode_tile_tokens(p) * p.slc_num_blocks * ceil_div64(p.slc_block_size, kDecodeKeys);
+  }
+  return 1;
+}
+
+// KV splits: enough CTAs to fill the GPU about twice (batch 1 included), never
+// more splits than chunks.
+inline int decode_num_splits(const AttnFwdParams& p, int num_sms) {
+  const int64_t ctas = p.num_seqs * p.num_heads_kv * decode_row_tiles(p);
+  const int64_t chunks = std::max<int64_t>(1, decode_max_chunks(p));
+  const int64_t want = ceil_div64(2 * int64_t(std::max(num_sms, 1)), std::max<int64_t>(ctas, 1));
+  return int(std::clamp<int64_t>(std::min(want, chunks), 1, kDecodeMaxSplits));
+}
+
+// Dynamic smem of decode_attn: sQ (fp32), sK, sV (16-bit, rows padded by 8
+// elements), sP, per-row state, and the selected branch's block lists.
+inline int64_t decode_attn_smem(const AttnFwdParams& p, int dk, int dv) {
+  int64_t bytes = int64_t(kDecodeRows) * dk * 4 + int64_t(kDecodeKeys) * (dk + 8) * 2 +
+                  int64_t(kDecodeKeys) * (dv + 8) * 2 + int64_t(kDecodeRows) * kDecodeKeys * 4 +
+                  int64_t(kDecodeRows) * 4 * 4 + 16;
+  if (p.branch == Branch::kSelected) bytes += 4 * 4 * decode_tile_tokens(p) * p.slc_num_blocks;
+  return (bytes + 15) / 16 * 16;
+}
+
+// Selection on CUDA: the token positions whose selection blocks the score
+// workspace covers. k_cmp holds k_rows compressed rows, so the cache it belongs to
+// holds at most select_max_tokens tokens (Tc(T) <= k_rows); the kernels clamp
+// seqlens_k to it (a no-op for any valid cache).
+NSA_HOST_DEVICE int64_t select_max_tokens(int64_t k_rows, int64_t l, int64_t d) {
+  return k_rows > 0 ? (k_rows - 1) * d + l + d - 1 : l - 1;
+}
+
+NSA_HOST_DEVICE int64_t select_score_width(const SelectParams& p) {
+  const int64_t w = num_slc_blocks(select_max_tokens(p.k_rows, p.cmp_block_size, p.cmp_stride),
+                                   p.slc_block_size);
+  return w > 0 ? w : 1;
+}
+
+// Compressed rows a score CTA reads: those overlapping kSelectBlocksPerCta
+// selection blocks, plus slack for the conservative range (decode_select.cuh).
+NSA_HOST_DEVICE int64_t select_cta_cmp_rows(const SelectParams& p) {
+  return (int64_t(kSelectBlocksPerCta) * p.slc_block_size + p.cmp_block_size) / p.cmp_stride + 3;
+}
+
+inline int64_t select_score_smem(const SelectParams& p, int dk) {
+  const int64_t rows = select_cta_cmp_rows(p);
+  const int64_t bytes = rows * (dk + 8) * 2 + int64_t(kSelectHeadsPerPass) * dk * 4 +
+                        int64_t(kSelectHeadsPerPass) * rows * 4 + rows * 4 +
+                        kSelectHeadsPerPass * 4;
+  return (bytes + 15) / 16 * 16;
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,205 @@
+// select_blocks_decode (NSA_SPEC "Block selection", the rule of select_cpu.cpp)
+// in two deterministic kernels, no float atomics:
+//   1. decode_select_scores: a CTA owns (kSelectBlocksPerCta selection blocks j,
+//      KV head, batch entry). It loads the compressed rows overlapping its blocks
+//      once, and for each new token computes p(h, i) = exp(scale * q_h.k_i - lse_h)
+//      for the group's heads h (heads with lse = -inf skipped) and the visible
+//      rows i < nc(t) (clamped to the k_cmp rows), sums over the heads, and writes
+//      score[j] = sum_i w(i, j) * p(i) for j <= J = t // l' into the workspace
+//      [B, Hkv, S, W] (W = select_score_width). Entries j > J are not written.
+//   2. decode_select_topn: one warp per (b, kv head, token): forced blocks first,
+//      then the top scores (slc_ranks_before: ties to the smaller j) by n rounds of
+//      warp argmax, then the chosen set written ascending by ballot compaction,
+//      -1 padded; a token before position 0 selects nothing.
+// Positions: query row i of entry b is at t = len - S + i with len = seqlens_k[b]
+// clamped to [0, select_max_tokens(k_rows)] (decode_plan.h).
+#pragma once
+
+#include "cuda/common.cuh"
+#include "cuda/decode_attn.cuh"  // dot8
+#include "cuda/decode_plan.h"
+
+namespace nsa::cuda {
+
+__device__ __forceinline__ int64_t select_decode_len(const SelectParams& p, int64_t b) {
+  int64_t len = p.seqlens_k[b];
+  len = len > 0 ? len : 0;
+  const int64_t cap = select_max_tokens(p.k_rows, p.cmp_block_size, p.cmp_stride);
+  return len < cap ? len : cap;
+}
+
+template <int kDk, class Element>
+__global__ void __launch_bounds__(kSelectThreads)
+    decode_select_scores_kernel(const SelectParams p, float* scores, int64_t width) {
+  constexpr int kThreads = kSelectThreads;
+  constexpr int kKS = kDk + 8;  // padded rows, as in decode_attn
+  constexpr int kHeads = kSelectHeadsPerPass;
+  const int tid = threadIdx.x;
+  const int64_t kvh = blockIdx.y, b = blockIdx.z;
+  const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
+  const int64_t G = p.group, S = p.seqlen;
+
+  const int64_t j0 = int64_t(blockIdx.x) * kSelectBlocksPerCta;
+  const int64_t j1 = min(j0 + kSelectBlocksPerCta, width);  // blocks [j0, j1)
+  const int64_t len = select_decode_len(p, b);
+  const int64_t t_last = len - 1;
+  if (t_last < 0 || j0 > last_candidate_slc_block(t_last, lp)) return;  // nothing read there
+
+  // Compressed rows that can overlap blocks [j0, j1): a conservative range
+  // [i_lo, i_hi] (the overlap test below is the exact rule), clipped to the rows
+  // visible to the last token.
+  const int64_t nc_last_raw = num_visible_cmp_blocks(t_last, l, d);
+  const int64_t nc_last = nc_last_raw < p.k_rows ? nc_last_raw : p.k_rows;
+  const int64_t lo = j0 * lp - l;
+  const int64_t i_lo = lo > 0 ? lo / d : 0;
+  const int64_t i_hi = min((j1 * lp) / d, nc_last - 1);
+  const int num_rows = i_hi >= i_lo ? int(i_hi - i_lo + 1) : 0;  // <= select_cta_cmp_rows
+
+  extern __shared__ __align__(16) char smem[];
+  const int64_t max_rows = select_cta_cmp_rows(p);
+  Element* sK = reinterpret_cast<Element*>(smem);                    // [max_rows][kKS]
+  float* sQ = reinterpret_cast<float*>(sK + max_rows * kKS);          // [kHeads][kDk]
+  float* sP = sQ + kHeads * kDk;                                      // [kHeads][max_rows]
+  float* sPsum = sP + kHeads * max_rows;                              // [max_rows]
+  float* sLse = sPsum + max_rows;                                     // [kHeads]
+
+  const Element* k = static_cast<const Element*>(p.k_cmp) + b * p.k_batch_stride +
+                     kvh * p.k_head_stride;
+  constexpr int kChunks = kDk / 8;
+  for (int e = tid; e < num_rows * kChunks; e += kThreads) {
+    const int r = e / kChunks, c8 = e % kChunks;
+    cp_async_16(sK + r * kKS + c8 * 8, k + (i_lo + r) * p.k_row_stride + c8 * 8, true);
+  }
+  cute::cp_async_fence();
+  cute::cp_async_wait<0>();
+  __syncthreads();
+
+  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
+  const float* lse = static_cast<const float*>(p.lse_cmp) + b * p.lse_batch_stride;
+  const float scale = float(p.scale);
+  for (int64_t i = 0; i < S; ++i) {
+    const int64_t t = len - S + i;
+    if (t < 0) continue;  // uniform; top-n writes -1 for this token
+    const int64_t J = last_candidate_slc_block(t, lp);
+    if (j0 > J) continue;
+    const int64_t nc_raw = num_visible_cmp_blocks(t, l, d);
+    const int64_t nc = nc_raw < p.k_rows ? nc_raw : p.k_rows;
+
+    for (int r = tid; r < num_rows; r += kThreads) sPsum[r] = 0.f;
+    for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
+      const int heads = int(min(int64_t(kHeads), G - g0));
+      __syncthreads();  // sQ, sP, sLse of the previous pass are consumed
+      for (int e = tid; e < heads * kDk; e += kThreads) {
+        const int g = e / kDk, c = e % kDk;
+        const int64_t h = kvh * G + g0 + g;
+        sQ[e] = float(q[i * p.q_row_stride + h * p.q_head_stride + c]);
+      }
+      if (tid < heads) sLse[tid] = lse[(kvh * G + g0 + tid) * p.lse_head_stride + i];
+      __syncthreads();
+      // p(g, r): lane-consecutive r read different padded K rows (conflict free).
+      for (int e = tid; e < heads * num_rows; e += kThreads) {
+        const int g = e / num_rows, r = e % num_rows;
+        const float lse_h = sLse[g];
+        float prob = 0.f;
+        if (lse_h != -INFINITY && i_lo + r < nc) {
+          const float* qr = sQ + g * kDk;
+          const Element* kr = sK + r * kKS;
+          float dot = 0.f;
+#pragma unroll 4
+          for (int c8 = 0; c8 < kDk; c8 += 8) dot += dot8(qr + c8, kr + c8);
+          prob = __expf(scale * dot - lse_h);
+        }
+        sP[g * max_rows + r] = prob;
+      }
+      __syncthreads();
+      // Sum over the pass's heads in a fixed order (the owner of row r only).
+      for (int r = tid; r < num_rows; r += kThreads) {
+        float s = sPsum[r];
+        for (int g = 0; g < heads; ++g) s += sP[g * max_rows + r];
+        sPsum[r] = s;
+      }
+    }
+    __syncthreads();
+    // score[j] = sum over the rows overlapping j of w(i, j) * p(i), j <= J.
+    float* out = scores + ((b * p.num_heads_kv + kvh) * S + i) * width;
+    for (int64_t j = j0 + tid; j < j1 && j <= J; j += kThreads) {
+      float s = 0.f;
+      for (int r = 0; r < num_rows; ++r) {
+        const int64_t blk = i_lo + r;
+        if (blk >= nc) break;
+        if (j < first_overlapped_slc_block(blk, d, lp) || j > last_overlapped_slc_block(blk, l, d, lp))
+          continue;
+        s += cmp_slc_overlap_weight(blk, j, l, d, lp) * sPsum[r];
+      }
+      out[j] = s;
+    }
+    __syncthreads();  // sPsum is reset for the next token
+  }
+}
+
+// One warp per (b, kv head, token): blockIdx.x = (b * Hkv + kvh) * S + i, 32 threads.
+// Dynamic smem: the `taken` bitmask of ceil(width / 32) words. A template (on the
+// element type, unused) so that every decode TU can hold its own copy.
+template <class Element>
+__global__ void __launch_bounds__(32)
+    decode_select_topn_kernel(const SelectParams p, const float* scores, int64_t width) {
+  const int lane = threadIdx.x;
+  const int64_t S = p.seqlen;
+  const int64_t i = int64_t(blockIdx.x) % S;
+  const int64_t kvh = (int64_t(blockIdx.x) / S) % p.num_heads_kv;
+  const int64_t b = int64_t(blockIdx.x) / (S * p.num_heads_kv);
+  const int64_t lp = p.slc_block_size, n = p.slc_num_blocks;
+  int32_t* out = p.block_indices + b * p.bi_batch_stride + i * p.bi_row_stride +
+                 kvh * p.bi_head_stride;
+  const int64_t t = select_decode_len(p, b) - S + i;
+  if (t < 0) {
+    for (int64_t a = lane; a < n; a += 32) out[a] = -1;
+    return;
+  }
+  const int64_t J = last_candidate_slc_block(t, lp);  // candidates 0..J, J < width
+  const float* score = scores + ((b * p.num_heads_kv + kvh) * S + i) * width;
+  extern __shared__ uint32_t taken[];
+  const int64_t words = (J + 1 + 31) / 32;
+  for (int64_t w = lane; w < words; w += 32) taken[w] = 0u;
+  __syncwarp();
+
+  const int64_t take = n < J + 1 ? n : J + 1;
+  for (int64_t round = 0; round < take; ++round) {
+    // This lane's best untaken candidate, then the warp's.
+    int64_t best = -1;
+    bool best_forced = false;
+    float best_score = 0.f;
+    for (int64_t j = lane; j <= J; j += 32) {
+      if ((taken[j / 32] >> (j % 32)) & 1u) continue;
+      const bool f = is_forced_slc_block(j, J, p.slc_init_blocks, p.slc_local_blocks);
+      const float s = score[j];
+      const bool better = best < 0 || (f != best_forced ? f : slc_ranks_before(s, j, best_score, best));
+      if (better) best = j, best_forced = f, best_score = s;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      const int64_t oj = __shfl_xor_sync(0xffffffffu, best, off);
+      const bool of = __shfl_xor_sync(0xffffffffu, best_forced, off);
+      const float os = __shfl_xor_sync(0xffffffffu, best_score, off);
+      const bool better =
+          oj >= 0 && (best < 0 || (of != best_forced ? of : slc_ranks_before(os, oj, best_score, best)));
+      if (better) best = oj, best_forced = of, best_score = os;
+    }
+    // Every lane holds the same winner (take <= J + 1 keeps one available).
+    if (lane == 0) taken[best / 32] |= 1u << (best % 32);
+    __syncwarp();
+  }
+
+  // Ascending compaction of the taken set, then -1 padding.
+  int64_t base = 0;
+  for (int64_t j0 = 0; j0 <= J; j0 += 32) {
+    const int64_t j = j0 + lane;
+    const bool on = j <= J && ((taken[j / 32] >> (j % 32)) & 1u);
+    const unsigned bal = __ballot_sync(0xffffffffu, on);
+    if (on) out[base + __popc(bal & ((1u << lane) - 1u))] = int32_t(j);
+    base += __popc(bal);
+  }
+  for (int64_t a = base + lane; a < n; a += 32) out[a] = -1;
+}
+
+}  // namespace nsa::cuda
