@@ -49,8 +49,9 @@ class Rows:
     def shapes(self) -> List[str]:
         return sorted({r["shape"] for r in self.rows if r.get("shape")})
 
-    def lengths(self, shape: str) -> List[int]:
-        return sorted({r["T"] for r in self.rows if r.get("shape") == shape and r.get("T")})
+    def lengths(self, shape: str, prefill: bool = True) -> List[int]:
+        return sorted({r["T"] for r in self.rows if r.get("shape") == shape and r.get("T")
+                       and (r.get("pass") != "decode" or not prefill)})
 
 
 def _ms(x: Optional[float]) -> str:
@@ -130,15 +131,41 @@ def targets(rows: Rows, T: int = 65536) -> List[Tuple[str, str, str]]:
                                       else "yes where measured (4k not measured)")))
     else:
         res.append(("fwd+bwd faster than dense from 4k tokens on (paper)", "not measured", "-"))
-    dec = [(r["T"], r) for r in rows.rows if r.get("shape") == "paper" and r.get("T") == T
-           and "decode" in r.get("op", "") and r.get("ms") is not None]
-    nsa_dec = next((r["ms"] for _, r in dec if r["op"].startswith("nsa_cuda")
-                    and r.get("B", 1) == 1), None)
-    dense_dec = next((r["ms"] for _, r in dec if r["op"].startswith("sdpa")
-                      and r.get("B", 1) == 1), None)
+    nsa_dec = decode_ms(rows, "paper", T, 1, NSA_DECODE)
+    dense_dec = decode_ms(rows, "paper", T, 1, (DENSE_DECODE,))
     add("decode step at 64k >= 10x dense decoding (paper, batch 1)", _ratio(dense_dec, nsa_dec),
         "{:.2f}x", lambda v: v >= 10)
     return res
+
+
+NSA_DECODE = ("nsa_cuda.decode", "nsa_cuda.decode.graph")
+DENSE_DECODE = "sdpa.decode"
+
+
+def decode_ms(rows: Rows, shape: str, T: int, B: int, ops) -> Optional[float]:
+    """The fastest of these decode rows (NSA: eager or replayed from a CUDA graph)."""
+    times = [r["ms"] for r in rows.rows if r.get("shape") == shape and r.get("T") == T
+             and r.get("B", 1) == B and r.get("op") in ops and r.get("pass") == "decode"
+             and r.get("ms") is not None]
+    return min(times) if times else None
+
+
+def decode_table(rows: Rows) -> List[str]:
+    keys = sorted({(r["shape"], r.get("B", 1), r["T"]) for r in rows.rows
+                   if r.get("pass") == "decode" and r.get("op") in NSA_DECODE + (DENSE_DECODE,)})
+    if not keys:
+        return []
+    out = ["**decode step** (one new token, ms; speedup = dense / NSA)", "",
+           "| shape | B | T | NSA eager | NSA CUDA graph | dense SDPA | speedup |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for shape, B, T in keys:
+        eager = decode_ms(rows, shape, T, B, ("nsa_cuda.decode",))
+        graph = decode_ms(rows, shape, T, B, ("nsa_cuda.decode.graph",))
+        dense = decode_ms(rows, shape, T, B, (DENSE_DECODE,))
+        best = decode_ms(rows, shape, T, B, NSA_DECODE)
+        out.append(f"| {shape} | {B} | {T} | {_ms(eager)} | {_ms(graph)} | {_ms(dense)} "
+                   f"| {_x(_ratio(dense, best))} |")
+    return out + [""]
 
 
 def render(record: dict, rows_list: List[dict]) -> str:
@@ -151,7 +178,9 @@ def render(record: dict, rows_list: List[dict]) -> str:
                   f"tests: {tests.get('passed')} passed, {tests.get('failed')} failed; "
                   f"compute-sanitizer errors: {record.get('sanitizer', {}).get('errors')}.", ""]
     for shape in rows.shapes():
-        lines += shape_table(rows, shape) + [""]
+        if rows.lengths(shape, prefill=True):
+            lines += shape_table(rows, shape) + [""]
+    lines += decode_table(rows)
     lines += ["| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(rows)]
     return "\n".join(lines) + "\n"

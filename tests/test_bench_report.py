@@ -34,8 +34,10 @@ def synthetic_rows():
              row("gqa4", "nsa_cuda.branch.selected", "fwd", 1.2, flops=0.5e12),
              row("paper", "nsa_cuda.sparse_attn", "fwd+bwd", 5.0, T=4096),
              row("paper", "sdpa.fastest", "fwd+bwd", 4.0, T=4096),
-             row("paper", "nsa_cuda.decode", "fwd", 0.05, B=1),
-             row("paper", "sdpa.decode", "fwd", 0.4, B=1),
+             row("paper", "nsa_cuda.decode", "decode", 0.06, B=1),
+             row("paper", "nsa_cuda.decode.graph", "decode", 0.05, B=1),
+             row("paper", "sdpa.decode", "decode", 0.4, B=1),
+             row("paper", "sdpa.decode", "decode", 0.1, B=32),  # another batch: not the target
              row("paper", "sdpa.fastest", "bwd", None, T=4096)]
     return rows
 
@@ -70,5 +72,6 @@ def test_render_and_readme_section(tmp_path):
     # the paper table's 64k row: fwd 10 vs 80 ms -> 8.00x; the failed 4k bwd row shows "-"
     assert "| 65536 | 10.00 | 80.00 | 8.00x | 20.00 | 100 | 5.00x |" in text
     assert "| 4096 | - | - | - | - | - | - | 5.00 | 4.00 | 0.80x |" in text
+    assert "| paper | 1 | 65536 | 0.06 | 0.05 | 0.40 | 8.00x |" in text  # decode table
     # a shape with no rows for a target says so
     assert "not measured" not in report.render({}, synthetic_rows()).split("| target |")[0]
