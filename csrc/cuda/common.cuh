@@ -142,6 +142,37 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA& rA, RB& rB, const SB& sB, 
   }
 }
 
+// Epilogue of the attention kernels: converts the fp32 accumulator `acc` (a
+// kRows x kCols C fragment of `thr_mma`) to Element, stages it in the smem tile
+// `s` (free for reuse: waits for every cp.async and every thread first) and
+// writes each row r to row_dst(r) (nullptr: skip) in 16-byte stores.
+template <int kRows, int kCols, int kThreads, class Element, class Acc, class SmemTensor,
+          class ThrMma, class RowDst>
+__device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, const ThrMma& thr_mma,
+                                               int tid, const RowDst& row_dst) {
+  using namespace cute;
+  Tensor r = make_tensor<Element>(acc.layout());
+  convert_fragment(acc, r);
+  cute::cp_async_wait<0>();
+  __syncthreads();  // everyone is done reading `s`; no copy in flight
+  Tensor ts = thr_mma.partition_C(s);
+#pragma unroll
+  for (int i = 0; i < size(r); ++i) ts(i) = r(i);
+  __syncthreads();
+  constexpr int kChunks = kCols / 8;
+#pragma unroll
+  for (int it = 0; it < (kRows * kChunks + kThreads - 1) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    if (idx < kRows * kChunks) {
+      const int row = idx / kChunks, c = idx % kChunks;
+      Element* dst = row_dst(row);
+      if (dst != nullptr)
+        *reinterpret_cast<cute::uint128_t*>(dst + c * 8) =
+            *reinterpret_cast<const cute::uint128_t*>(&s(row, c * 8));
+    }
+  }
+}
+
 // The token rows of one sequence (selected and window branches: no compressed rows).
 __device__ __forceinline__ SeqInfo token_seq_info(const int32_t* cu_seqlens, int64_t seq,
                                                   int64_t seqlen) {
