@@ -9,6 +9,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -154,10 +155,57 @@ void dispatch_select(const SelectParams& p, DType dt, cudaStream_t s, const char
   });
 }
 
+// The attention backward instance for (Dk, Dv, dtype), plus its workspace:
+// delta (float32, lse's layout) and, for the selected branch, the inverse index
+// (keys from a kernel, sorted with at::sort: equal keys are equal values, so the
+// order is deterministic). All from the caching allocator on the current
+// stream; no host sync.
+void dispatch_attn_bwd(const AttnBwdParams& p, DType dt, cudaStream_t s, const char* op) {
+  check_built(p.head_dim_qk, dt, op);
+  using nsa::cuda::run_attn_bwd;
+  run_kernel(op, [&] {
+    const auto opts = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device());
+    const int64_t batches = p.cu_seqlens != nullptr ? 1 : p.num_seqs;
+    at::Tensor delta = at::empty({batches * p.lse_batch_stride}, opts.dtype(at::kFloat));
+    nsa::cuda::AttnBwdWorkspace ws;
+    ws.delta = delta.data_ptr<float>();
+    ws.q_rows = p.lse_head_stride;  // lse is a contiguous [B, Hq, T]
+    at::Tensor sorted_keys;
+    if (p.branch == Branch::kSelected) {
+      at::Tensor keys = at::empty({nsa::cuda::slc_inverse_key_count(p)}, opts.dtype(at::kLong));
+      nsa::cuda::run_slc_inverse_keys(p, keys.data_ptr<int64_t>(), s);
+      sorted_keys = std::get<0>(at::sort(keys, /*dim=*/0, /*descending=*/false));
+      ws.slc_keys = sorted_keys.data_ptr<int64_t>();
+      ws.slc_key_count = sorted_keys.numel();
+    }
+    const bool bf16 = dt == DType::kBf16;
+    (void)bf16;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 64 && !bf16) return run_attn_bwd<64, 64, DType::kFp16>(p, ws, s);
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 64 && bf16) return run_attn_bwd<64, 64, DType::kBf16>(p, ws, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 128 && !bf16) return run_attn_bwd<128, 128, DType::kFp16>(p, ws, s);
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 128 && bf16) return run_attn_bwd<128, 128, DType::kBf16>(p, ws, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+    if (p.head_dim_qk == 192 && !bf16) return run_attn_bwd<192, 128, DType::kFp16>(p, ws, s);
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+    if (p.head_dim_qk == 192 && bf16) return run_attn_bwd<192, 128, DType::kBf16>(p, ws, s);
+#endif
+    throw std::runtime_error("no kernel instance for these head dims and dtype");
+  });
+}
+
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaBackend {
-  static constexpr bool kHasBackward = false;  // the CUDA backward is issue 4
+  static constexpr bool kHasBackward = true;
 
   static c10::cuda::CUDAGuard prepare(const at::Tensor& q) { return c10::cuda::CUDAGuard(q.device()); }
 
@@ -193,8 +241,16 @@ struct CudaBackend {
                                    current_stream());
     });
   }
-  static void attn_bwd(const AttnBwdParams&, at::ScalarType) {}
-  static void mean_compress_bwd(const CompressParams&, at::ScalarType) {}
+  static void attn_bwd(const AttnBwdParams& p, at::ScalarType t) {
+    dispatch_attn_bwd(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
+                      "attn_bwd");
+  }
+  static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
+    run_kernel("mean_compress_bwd", [&] {
+      nsa::cuda::run_mean_compress_bwd(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
+                                       current_stream());
+    });
+  }
 };
 
 }  // namespace

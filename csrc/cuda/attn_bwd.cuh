@@ -458,8 +458,10 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
               smem_dq, stream>>>(p, ws);
   check_launch(what);
 
-  const int64_t n_blocks = QSchedule::key_tiles(p);
-  if (n_blocks == 0) return;  // no key row (e.g. no complete compressed block)
+  int64_t n_blocks = QSchedule::key_tiles(p);
+  // No key tile (no complete compressed block): varlen still zeroes the padding rows.
+  if (n_blocks == 0 && p.cu_seqlens != nullptr && p.k_rows > 0) n_blocks = 1;
+  if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
   const int smem_dkv = Traits::kSmemTiles + Traits::kSmemRowData;
   auto dkv_kernel = attn_bwd_dkdv_kernel<Traits, QSchedule>;
