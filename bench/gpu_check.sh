@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script a lent GPU runs from the repo root (no network): install the
 # carried wheels (bench/wheels/), build the extension for this device's arch only,
-# run the CUDA tests, compute-sanitizer memcheck/racecheck on a small case of each
-# kernel, time the forward; write logs and ONE JSON record to $OUT/record.json and
-# print a summary table last. Every step is guarded: a failure still gives a record.
+# run the CUDA tests (forward and backward), compute-sanitizer memcheck/racecheck on a
+# small case of each kernel (backward included), time the forward and backward;
+# write logs and ONE JSON record to $OUT/record.json and print a summary table last.
+# Every step is guarded: a failure still gives a record.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to bench/out)
 # Environment: NSA_TEST_ARGS (extra pytest args, e.g. "-k 'not slow'"),
@@ -49,7 +50,7 @@ step build build.log env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_AR
   "$PY" setup.py build_ext --inplace
 
 # 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise).
-step tests tests.log sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+step tests tests.log sh -c "\"$PY\" -m pytest tests/test_cuda_fwd.py tests/test_cuda_bwd.py -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if command -v compute-sanitizer > /dev/null 2>&1; then

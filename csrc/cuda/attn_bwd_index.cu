@@ -8,9 +8,9 @@
 
 namespace nsa::cuda {
 
-__global__ void __launch_bounds__(256) slc_inverse_keys_kernel(const AttnBwdParams p, int64_t* keys) {
+__global__ void __launch_bounds__(256) slc_inverse_keys_kernel(const AttnBwdParams p, int64_t* keys,
+                                                                       int64_t total) {
   const int64_t n = p.slc_num_blocks, hkv_count = p.num_heads_kv, rows = p.k_rows;
-  const int64_t total = slc_inverse_key_count(p);
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t slot = idx % n;
@@ -50,7 +50,7 @@ void run_slc_inverse_keys(const AttnBwdParams& p, int64_t* keys, cudaStream_t st
   const int64_t total = slc_inverse_key_count(p);
   if (total == 0) return;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 65535 * 16);
-  slc_inverse_keys_kernel<<<unsigned(blocks), 256, 0, stream>>>(p, keys);
+  slc_inverse_keys_kernel<<<unsigned(blocks), 256, 0, stream>>>(p, keys, total);
   check_launch("selected_attn_bwd (inverse index)");
 }
 
