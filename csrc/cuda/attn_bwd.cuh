@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnBwdParams
                        (si.row0 + t) * p.o_row_stride + h * p.o_head_stride + lane * 8;
     const Element* d = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride +
                        (si.row0 + t) * p.do_row_stride + h * p.do_head_stride + lane * 8;
-    cutlass::Array<Element, 8> ov, dv;
+    cutlass::AlignedArray<Element, 8> ov, dv;  // 16-byte aligned for the vector copies
     *reinterpret_cast<cute::uint128_t*>(&ov) = *reinterpret_cast<const cute::uint128_t*>(o);
     *reinterpret_cast<cute::uint128_t*>(&dv) = *reinterpret_cast<const cute::uint128_t*>(d);
 #pragma unroll
