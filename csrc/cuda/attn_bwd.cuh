@@ -8,7 +8,8 @@
 //      transposed tiles S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are
 //      already A operands in registers: dv += P^T dO, dk += scale * dS^T Q.
 // Every gradient row is written once by one CTA: no atomics, bitwise repeatable.
-// Both kernels hold four 64-row tiles in smem: Q, dO (query rows) and K, V (keys).
+// Both kernels hold four tiles in smem: Q, dO (query rows) and K, V (keys); 64 rows
+// each, except the dk/dv kernel's Q, dO for Dk >= 128 (kBlockQ = 32).
 #pragma once
 
 #include "cuda/attn_traits.cuh"
@@ -28,9 +29,29 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
       cute::make_layout(cute::Shape<cute::Int<Base::kDk>, cute::Int<Base::kBlockN>>{},
                         cute::GenRowMajor{})));
   using SmemLayoutKtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutKt{}));
-  // Q (or K), dO (or V), K, V, then 3 x kBlockM words of per-row data.
+  // dq kernel: Q, dO, K, V tiles of 64 rows, then the KV schedule's data.
   static constexpr int kSmemTiles = 2 * Base::kSmemQ + 2 * Base::kSmemV;
-  static constexpr int kSmemRowData = 3 * Base::kBlockM * 4;
+
+  // dk/dv kernel: query rows per step. The CTA keeps dK and dV (64 x (Dk + Dv)
+  // fp32) in registers, so for Dk >= 128 the S^T / dP^T tiles shrink to 32 query
+  // columns to stay within 255 registers.
+  static constexpr int kBlockQ = Base::kDk >= 128 ? 32 : 64;
+  using SmemLayoutQs = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
+                                                    cute::Shape<cute::Int<kBlockQ>, cute::Int<Base::kDk>>{}));
+  using SmemLayoutdOs = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
+                                                     cute::Shape<cute::Int<kBlockQ>, cute::Int<Base::kDv>>{}));
+  using SmemLayoutQst = decltype(cute::composition(
+      SmemLayoutQs{}, cute::make_layout(cute::Shape<cute::Int<Base::kDk>, cute::Int<kBlockQ>>{},
+                                        cute::GenRowMajor{})));
+  using SmemLayoutdOst = decltype(cute::composition(
+      SmemLayoutdOs{}, cute::make_layout(cute::Shape<cute::Int<Base::kDv>, cute::Int<kBlockQ>>{},
+                                         cute::GenRowMajor{})));
+  using SmemLayoutQstNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutQst{}));
+  using SmemLayoutdOstNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutdOst{}));
+  // K, V (64 rows), Q, dO (kBlockQ rows), then 3 x kBlockQ words of per-row data.
+  static constexpr int kSmemDkvTiles =
+      Base::kSmemK + Base::kSmemV + kBlockQ * (Base::kDk + Base::kDv) * int(sizeof(Element_));
+  static constexpr int kSmemDkv = kSmemDkvTiles + 3 * kBlockQ * 4;
 };
 
 // --- 1. delta -----------------------------------------------------------------
@@ -269,7 +290,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     attn_bwd_dkdv_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
   using namespace cute;
   using Element = typename Traits::Element;
-  constexpr int kBlockM = Traits::kBlockM;  // query rows per step
+  constexpr int kBlockM = Traits::kBlockQ;  // query rows per step
   constexpr int kBlockN = Traits::kBlockN;  // keys of the CTA
   constexpr int kDk = Traits::kDk;
   constexpr int kDv = Traits::kDv;
@@ -296,13 +317,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Key-side tiles in the A-operand roles, query-side tiles as B operands.
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutV{});
-  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutO{});
-  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutKt{});
-  Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutKtNoSwizzle{});
-  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutVt{});
-  Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
-  int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemTiles);
+  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQs{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutdOs{});
+  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQst{});
+  Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutQstNoSwizzle{});
+  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutdOst{});
+  Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutdOstNoSwizzle{});
+  int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemDkvTiles);
   float* s_lse2 = reinterpret_cast<float*>(s_tok + kBlockM);
   float* s_delta = s_lse2 + kBlockM;
 
@@ -420,10 +441,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= float(p.scale);
   Element* dk_b = dk + si.batch * p.dk_batch_stride + hkv * p.dk_head_stride;
   Element* dv_b = dv + si.batch * p.dv_batch_stride + hkv * p.dv_head_stride;
-  store_acc_rows<kBlockN, kDk, kThreads, Element>(acc_dk, sQ, thr_mma, tid, [&](int r) -> Element* {
+  // Staged through sK / sV (kBlockN rows; K and V are no longer read).
+  store_acc_rows<kBlockN, kDk, kThreads, Element>(acc_dk, sK, thr_mma, tid, [&](int r) -> Element* {
     return kb + r < ke ? dk_b + (key_row0 + kb + r) * p.dk_row_stride : nullptr;
   });
-  store_acc_rows<kBlockN, kDv, kThreads, Element>(acc_dv, sdO, thr_mma, tid, [&](int r) -> Element* {
+  store_acc_rows<kBlockN, kDv, kThreads, Element>(acc_dv, sV, thr_mma, tid, [&](int r) -> Element* {
     return kb + r < ke ? dv_b + (key_row0 + kb + r) * p.dv_row_stride : nullptr;
   });
 }
@@ -463,7 +485,7 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
   if (n_blocks == 0 && p.cu_seqlens != nullptr && p.k_rows > 0) n_blocks = 1;
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
-  const int smem_dkv = Traits::kSmemTiles + Traits::kSmemRowData;
+  const int smem_dkv = Traits::kSmemDkv;
   auto dkv_kernel = attn_bwd_dkdv_kernel<Traits, QSchedule>;
   set_smem_limit(dkv_kernel, smem_dkv, what);
   dkv_kernel<<<dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
