@@ -9,7 +9,7 @@
 //      already A operands in registers: dv += P^T dO, dk += scale * dS^T Q.
 // Every gradient row is written once by one CTA: no atomics, bitwise repeatable.
 // Both kernels hold four tiles in smem: Q, dO (query rows) and K, V (keys); 64 rows
-// each, except the dk/dv kernel's Q, dO for Dk >= 128 (kBlockQ = 32).
+// each, except the dk/dv kernel's Q, dO for Dk >= 128 (kBlockS = 32).
 #pragma once
 
 #include "cuda/attn_traits.cuh"
@@ -21,37 +21,30 @@ namespace nsa::cuda {
 template <int kDk_, int kDv_, class Element_>
 struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
   using Base = AttnTraits<kDk_, kDv_, Element_>;
-  // One 64-row tile shape serves queries and keys: sQ/sK share a layout, so do
-  // sdO/sV, and the transposed views K^T (dq) and Q^T (dk) are the same type.
   static_assert(Base::kBlockM == Base::kBlockN);
-  using SmemLayoutKt = decltype(cute::composition(
-      typename Base::SmemLayoutK{},
-      cute::make_layout(cute::Shape<cute::Int<Base::kDk>, cute::Int<Base::kBlockN>>{},
-                        cute::GenRowMajor{})));
-  using SmemLayoutKtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutKt{}));
-  // dq kernel: Q, dO, K, V tiles of 64 rows, then the KV schedule's data.
-  static constexpr int kSmemTiles = 2 * Base::kSmemQ + 2 * Base::kSmemV;
-
-  // dk/dv kernel: query rows per step. The CTA keeps dK and dV (64 x (Dk + Dv)
-  // fp32) in registers, so for Dk >= 128 the S^T / dP^T tiles shrink to 32 query
-  // columns to stay within 255 registers.
-  static constexpr int kBlockQ = Base::kDk >= 128 ? 32 : 64;
-  using SmemLayoutQs = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
-                                                    cute::Shape<cute::Int<kBlockQ>, cute::Int<Base::kDk>>{}));
-  using SmemLayoutdOs = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
-                                                     cute::Shape<cute::Int<kBlockQ>, cute::Int<Base::kDv>>{}));
-  using SmemLayoutQst = decltype(cute::composition(
-      SmemLayoutQs{}, cute::make_layout(cute::Shape<cute::Int<Base::kDk>, cute::Int<kBlockQ>>{},
+  // Rows of the streamed tiles: the dq kernel's KV tiles and the dk/dv kernel's
+  // query tiles. Each kernel keeps a 64-row fp32 accumulator of width Dk (and Dv)
+  // in registers, so for Dk >= 128 the S / dP tiles shrink to 64 x 32 to stay
+  // within 255 registers. The fixed tiles (dq: Q, dO; dk/dv: K, V) keep 64 rows.
+  static constexpr int kBlockS = Base::kDk >= 128 ? 32 : 64;
+  using SmemLayoutSk = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
+                                                    cute::Shape<cute::Int<kBlockS>, cute::Int<Base::kDk>>{}));
+  using SmemLayoutSv = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
+                                                     cute::Shape<cute::Int<kBlockS>, cute::Int<Base::kDv>>{}));
+  using SmemLayoutSkt = decltype(cute::composition(
+      SmemLayoutSk{}, cute::make_layout(cute::Shape<cute::Int<Base::kDk>, cute::Int<kBlockS>>{},
                                         cute::GenRowMajor{})));
-  using SmemLayoutdOst = decltype(cute::composition(
-      SmemLayoutdOs{}, cute::make_layout(cute::Shape<cute::Int<Base::kDv>, cute::Int<kBlockQ>>{},
+  using SmemLayoutSvt = decltype(cute::composition(
+      SmemLayoutSv{}, cute::make_layout(cute::Shape<cute::Int<Base::kDv>, cute::Int<kBlockS>>{},
                                          cute::GenRowMajor{})));
-  using SmemLayoutQstNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutQst{}));
-  using SmemLayoutdOstNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutdOst{}));
-  // K, V (64 rows), Q, dO (kBlockQ rows), then 3 x kBlockQ words of per-row data.
-  static constexpr int kSmemDkvTiles =
-      Base::kSmemK + Base::kSmemV + kBlockQ * (Base::kDk + Base::kDv) * int(sizeof(Element_));
-  static constexpr int kSmemDkv = kSmemDkvTiles + 3 * kBlockQ * 4;
+  using SmemLayoutSktNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSkt{}));
+  using SmemLayoutSvtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSvt{}));
+  // Two fixed 64-row tiles (Dk and Dv wide), two streamed kBlockS-row tiles; the
+  // dk/dv kernel adds 3 x kBlockS words of per-row data, the dq kernel its KV
+  // schedule's data.
+  static constexpr int kSmemStreamTiles =
+      Base::kSmemK + Base::kSmemV + kBlockS * (Base::kDk + Base::kDv) * int(sizeof(Element_));
+  static constexpr int kSmemDkv = kSmemStreamTiles + 3 * kBlockS * 4;
 };
 
 // --- 1. delta -----------------------------------------------------------------
@@ -139,7 +132,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kBlockN = Traits::kBlockS;  // keys per KV tile (the schedule's kBlockN)
   constexpr int kDk = Traits::kDk;
   constexpr int kDv = Traits::kDv;
   constexpr int kThreads = Traits::kThreads;
@@ -164,11 +157,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutO{});
-  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutK{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutV{});
-  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});
-  Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Traits::SmemLayoutKtNoSwizzle{});
-  char* smem_schedule = smem + Traits::kSmemTiles;
+  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutSk{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutSv{});
+  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutSkt{});
+  Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
+  char* smem_schedule = smem + Traits::kSmemStreamTiles;
 
   const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
   const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
@@ -290,7 +283,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     attn_bwd_dkdv_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
   using namespace cute;
   using Element = typename Traits::Element;
-  constexpr int kBlockM = Traits::kBlockQ;  // query rows per step
+  constexpr int kBlockM = Traits::kBlockS;  // query rows per step
   constexpr int kBlockN = Traits::kBlockN;  // keys of the CTA
   constexpr int kDk = Traits::kDk;
   constexpr int kDv = Traits::kDv;
@@ -317,13 +310,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Key-side tiles in the A-operand roles, query-side tiles as B operands.
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutV{});
-  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutQs{});
-  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutdOs{});
-  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQst{});
-  Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutQstNoSwizzle{});
-  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutdOst{});
-  Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutdOstNoSwizzle{});
-  int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemDkvTiles);
+  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutSk{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutSv{});
+  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutSkt{});
+  Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
+  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
+  Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
+  int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles);
   float* s_lse2 = reinterpret_cast<float*>(s_tok + kBlockM);
   float* s_delta = s_lse2 + kBlockM;
 
@@ -473,7 +466,7 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
 
   const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
   check_grid(m_blocks, p, z, what);
-  const int smem_dq = Traits::kSmemTiles + Schedule::smem_bytes(p);
+  const int smem_dq = Traits::kSmemStreamTiles + Schedule::smem_bytes(p);
   auto dq_kernel = attn_bwd_dq_kernel<Traits, Schedule>;
   set_smem_limit(dq_kernel, smem_dq, what);
   dq_kernel<<<dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
@@ -496,18 +489,19 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
 template <int kDk, int kDv, DType kDType>
 void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream) {
   using Traits = AttnBwdTraits<kDk, kDv, typename ElementOf<kDType>::type>;
-  constexpr int kN = Traits::kBlockN;
+  constexpr int kN = Traits::kBlockN;  // keys per dk/dv CTA
+  constexpr int kS = Traits::kBlockS;  // keys per dq KV tile
   switch (p.branch) {
     case Branch::kCompressed:
-      launch_attn_bwd<Traits, CompressedSchedule<kN>, CompressedQuerySchedule<kN>>(
+      launch_attn_bwd<Traits, CompressedSchedule<kS>, CompressedQuerySchedule<kN>>(
           p, ws, stream, "compressed_attn_bwd");
       break;
     case Branch::kSelected:
-      launch_attn_bwd<Traits, SelectedSchedule<Traits::kBlockM, kN, Traits::kThreads>,
+      launch_attn_bwd<Traits, SelectedSchedule<Traits::kBlockM, kS, Traits::kThreads>,
                       SelectedQuerySchedule<kN>>(p, ws, stream, "selected_attn_bwd");
       break;
     case Branch::kWindow:
-      launch_attn_bwd<Traits, WindowSchedule<kN>, WindowQuerySchedule<kN>>(p, ws, stream,
+      launch_attn_bwd<Traits, WindowSchedule<kS>, WindowQuerySchedule<kN>>(p, ws, stream,
                                                                           "window_attn_bwd");
       break;
   }
