@@ -40,11 +40,11 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
   using SmemLayoutSktNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSkt{}));
   using SmemLayoutSvtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSvt{}));
   // Two fixed 64-row tiles (Dk and Dv wide), two streamed kBlockS-row tiles; the
-  // dk/dv kernel adds 3 x kBlockS words of per-row data, the dq kernel its KV
+  // dk/dv kernel adds 5 x kBlockS words of per-row data, the dq kernel its KV
   // schedule's data.
   static constexpr int kSmemStreamTiles =
       Base::kSmemK + Base::kSmemV + kBlockS * (Base::kDk + Base::kDv) * int(sizeof(Element_));
-  static constexpr int kSmemDkv = kSmemStreamTiles + 3 * kBlockS * 4;
+  static constexpr int kSmemDkv = kSmemStreamTiles + 5 * kBlockS * 4;
 };
 
 // --- 1. delta -----------------------------------------------------------------
@@ -317,7 +317,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
   Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
   int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles);
-  float* s_lse2 = reinterpret_cast<float*>(s_tok + kBlockM);
+  // Per query row of the current tile: the CTA's keys it sees, [s_lo, s_hi) as
+  // offsets from kb (empty for no row), its log2-domain lse and delta.
+  int32_t* s_lo = s_tok + kBlockM;
+  int32_t* s_hi = s_lo + kBlockM;
+  float* s_lse2 = reinterpret_cast<float*>(s_hi + kBlockM);
   float* s_delta = s_lse2 + kBlockM;
 
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
@@ -374,6 +378,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (tid < kBlockM) {
       const int64_t f = f0 + tid;
       int64_t t = -1;
+      int32_t lo = 0, hi = 0;
       float l2 = INFINITY, dl = 0.f;
       if (f < q_rows_total) {
         t = qs.token(f / G);
@@ -381,9 +386,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
           const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + t;
           l2 = lse_log2(lse[idx]);
           dl = delta[idx];
+          int64_t klo, khi;
+          qs.key_range(t, klo, khi);
+          lo = int32_t(max(klo - kb, int64_t(0)));
+          hi = int32_t(max(min(khi, ke) - kb, int64_t(0)));
         }
       }
       s_tok[tid] = int32_t(t);
+      s_lo[tid] = lo;
+      s_hi[tid] = hi;
       s_lse2[tid] = l2;
       s_delta[tid] = dl;
     }
@@ -413,10 +424,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
-      const int64_t key = kb + get<0>(tScS_rc(mi, ni));
-      const int c = get<1>(tScS_rc(mi, ni));
-      const int64_t t = s_tok[c];
-      return ElemInfo{t >= 0 && key < ke && qs.visible(t, key), s_lse2[c], s_delta[c]};
+      const int r = get<0>(tScS_rc(mi, ni)), c = get<1>(tScS_rc(mi, ni));
+      return ElemInfo{r >= s_lo[c] && r < s_hi[c], s_lse2[c], s_delta[c]};
     });
 
     Tensor rP = make_tensor<Element>(acc_s.layout());

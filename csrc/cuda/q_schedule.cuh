@@ -3,7 +3,8 @@
 // kv head) and visits the queries that see any of them, as a list of query
 // positions pos in [0, n_pos); position pos is token token(pos) (-1: skip) and
 // expands to the G query heads of the group (flattened row pos * G + g, like the
-// forward's rows). visible(t, key) is the branch's mask.
+// forward's rows). key_range(t, lo, hi): the keys [lo, hi) token t sees (the
+// branch's mask, like the forward schedules' row_range).
 //   key_tiles(p)     host: CTAs per (sequence, kv head) along grid x
 //   init(...)        false when the CTA owns no key row
 //   tail_begin(p)    varlen: first key row owned by no sequence (zeroed)
@@ -48,7 +49,10 @@ struct CompressedQuerySchedule {
     return true;
   }
   __device__ int64_t token(int64_t pos) const { return t_first + pos; }
-  __device__ bool visible(int64_t t, int64_t key) const { return t >= key * d + l - 1; }
+  __device__ void key_range(int64_t t, int64_t& lo, int64_t& hi) const {
+    lo = 0;
+    hi = num_visible_cmp_blocks(t, l, d);
+  }
 };
 
 // Branch 3: query t sees key s iff t - w + 1 <= s <= t: the tokens
@@ -75,7 +79,10 @@ struct WindowQuerySchedule {
     return true;
   }
   __device__ int64_t token(int64_t pos) const { return t_first + pos; }
-  __device__ bool visible(int64_t t, int64_t key) const { return key <= t && key >= t - w + 1; }
+  __device__ void key_range(int64_t t, int64_t& lo, int64_t& hi) const {
+    lo = window_begin(t, w);
+    hi = t + 1;
+  }
 };
 
 // Branch 2: the tokens that selected block j, read from the sorted inverse-index
@@ -133,7 +140,10 @@ struct SelectedQuerySchedule {
     if (pos > 0 && keys[lo + pos - 1] == key) return -1;
     return key % rows - row0;
   }
-  __device__ bool visible(int64_t t, int64_t key) const { return key <= t; }
+  __device__ void key_range(int64_t t, int64_t& lo, int64_t& hi) const {
+    lo = 0;  // the CTA's keys all lie in the listed block
+    hi = t + 1;
+  }
 };
 
 }  // namespace nsa::cuda
