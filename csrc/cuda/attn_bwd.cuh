@@ -45,6 +45,8 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
   static constexpr int kSmemStreamTiles =
       Base::kSmemK + Base::kSmemV + kBlockS * (Base::kDk + Base::kDv) * int(sizeof(Element_));
   static constexpr int kSmemDkv = kSmemStreamTiles + 5 * kBlockS * 4;
+  // The dQ / dK GEMMs have N = Dk: no B prefetch when that is wide (gemm_rs).
+  static constexpr bool kPrefetchWideB = Base::kDk < 192;
 };
 
 // --- 1. delta -----------------------------------------------------------------
@@ -264,7 +266,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, rdS);
     Tensor tdQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
-    gemm_rs(acc_dq, tdQrdS, tdQrKt, tdQsKt, mma, copy_bt, thr_copy_bt);
+    gemm_rs<Traits::kPrefetchWideB>(acc_dq, tdQrdS, tdQrKt, tdQsKt, mma, copy_bt, thr_copy_bt);
   }
 
 #pragma unroll
@@ -435,7 +437,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, rdS);
     Tensor tdKrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
-    gemm_rs(acc_dk, tdKrdS, tdKrQt, tdKsQt, mma, copy_bt, thr_copy_bt);
+    gemm_rs<Traits::kPrefetchWideB>(acc_dk, tdKrdS, tdKrQt, tdKsQt, mma, copy_bt, thr_copy_bt);
   }
 
   // Every owned key row is written, zeros where no query saw it.

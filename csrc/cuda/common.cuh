@@ -128,16 +128,23 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, const SA& sA, 
   }
 }
 
-// acc += A(registers) * B(smem).
-template <class Acc, class RA, class RB, class SB, class TiledMma, class CopyB, class ThrCopyB>
+// acc += A(registers) * B(smem). kPrefetch: ldmatrix the next k slice of B while
+// the current one multiplies (two slices live); off for a wide B (N = Dk = 192 in
+// the backward) where a second slice costs 48 more registers.
+template <bool kPrefetch = true, class Acc, class RA, class RB, class SB, class TiledMma,
+          class CopyB, class ThrCopyB>
 __device__ __forceinline__ void gemm_rs(Acc& acc, RA& rA, RB& rB, const SB& sB, TiledMma mma,
                                         CopyB copy_b, ThrCopyB thr_b) {
   using namespace cute;
   auto rB_view = thr_b.retile_D(rB);
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  if constexpr (kPrefetch) copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
 #pragma unroll
   for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    if constexpr (kPrefetch) {
+      if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    } else {
+      copy(copy_b, sB(_, _, k), rB_view(_, _, k));
+    }
     gemm(mma, rA(_, _, k), rB(_, _, k), acc);
   }
 }
