@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_cuda_fwd import (  # noqa: F401  (sets NSA_POISON_OUTPUTS=1 first)
-    DTYPES, GROUPS, HEAD_DIMS, OPS, PAPER, _id, assert_close, make_cu, rand,
+    DEV, DTYPES, GROUPS, HEAD_DIMS, OPS, PAPER, _id, assert_close, make_cu, rand,
     random_block_indices)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -173,7 +173,7 @@ def test_sparse_attn_all_grads(G):
              slc_init_blocks=1, slc_local_blocks=2, window_size=64)
     B, T, Hkv, dk, dv, dtype = 2, 256, 2, 128, 128, torch.bfloat16
     q, k, v = qkv(B, T, Hkv, G, dk, dv, dtype)
-    gates = [torch.rand(B, T, Hkv * G, device="cuda").to(dtype) for _ in range(3)]
+    gates = [torch.rand(B, T, Hkv * G, device=DEV).to(dtype) for _ in range(3)]
     do = rand(B, T, Hkv * G, dv, dtype=dtype)
     # Fix the selection (it is not differentiable) so all three runs use the same blocks.
     _, aux = nsa_cuda.sparse_attn(q, k, v, *gates, return_aux=True, **P)
@@ -184,9 +184,9 @@ def test_sparse_attn_all_grads(G):
         o = fn(*leaves[:3], *leaves[3:], block_indices=bi.to(dev), **P)
         return torch.autograd.grad((o * do.to(dev, dt)).sum(), leaves)
 
-    got = grads(nsa_cuda.sparse_attn, dtype, "cuda")
-    r64 = grads(ref.sparse_attn, torch.float64, "cuda")
-    r_lp = grads(ref.sparse_attn, dtype, "cuda")
+    got = grads(nsa_cuda.sparse_attn, dtype, DEV)
+    r64 = grads(ref.sparse_attn, torch.float64, DEV)
+    r_lp = grads(ref.sparse_attn, dtype, DEV)
     for n, x, a, b in zip(("q", "k", "v", "g_cmp", "g_slc", "g_win"), got, r64, r_lp):
         assert_close(x, a, b, f"d{n}")
 
@@ -203,7 +203,7 @@ def test_bwd_bitwise_repeatable():
     os_, lses = OPS.selected_attn_fwd(q, k, v, bi, None, T, lp, s)
     ow, lsew = OPS.window_attn_fwd(q, k, v, None, T, 100, s)
     do = rand(*o.shape, dtype=q.dtype)
-    dl = torch.randn(lse.shape, device="cuda") * torch.isfinite(lse)
+    dl = torch.randn(lse.shape, device=DEV) * torch.isfinite(lse)
     runs = []
     for _ in range(2):
         runs.append(OPS.compressed_attn_bwd(do, dl, q, kc, vc, o, lse, None, T, 32, 16, s)
@@ -223,7 +223,7 @@ def test_gradients_poisoned_before_launch():
     q, k, v = qkv(1, total + 7, 1, 3, 64, 64, torch.float16)  # 7 padding rows
     kc, vc = cmp_kv(k, v, 32, 16, cu)
     s = 0.125
-    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32, device="cuda")
+    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32, device=DEV)
     bi[..., 0] = 0
     for fwd, bwd, kk, vv, extra, size in (
             (_cmp_fwd, _cmp_bwd, kc, vc, (), (32, 16)),
@@ -244,10 +244,10 @@ def test_gradients_poisoned_before_launch():
 def test_training_smoke():
     torch.manual_seed(0)
     layer = nsa_cuda.NativeSparseAttention(256, 4, 2, 64, window_size=64, slc_block_size=32,
-                                           slc_num_blocks=4).cuda().to(torch.bfloat16)
+                                           slc_num_blocks=4).to(DEV).to(torch.bfloat16)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
-    x = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(2, 512, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 512, 256, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(2, 512, 256, device=DEV, dtype=torch.bfloat16)
     losses = []
     for _ in range(50):
         opt.zero_grad(set_to_none=True)
