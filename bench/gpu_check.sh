@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script a lent GPU runs from the repo root (no network): install the
 # carried wheels (bench/wheels/), build the extension for this device's arch only,
-# run the CUDA tests, compute-sanitizer memcheck/racecheck on a small case of each
-# kernel, time the forward; write logs and ONE JSON record to $OUT/record.json and
-# print a summary table last. Every step is guarded: a failure still gives a record.
+# run the CUDA tests (forward and backward), compute-sanitizer memcheck/racecheck on a
+# small case of each kernel (backward included), time the forward and backward;
+# write logs and ONE JSON record to $OUT/record.json and print a summary table last.
+# Every step is guarded: a failure still gives a record.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to bench/out)
 # Time: the whole script keeps to NSA_BUDGET_S seconds (default 540, so that one
@@ -67,7 +68,7 @@ step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUD
 
 # 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise): every test file
 # with CUDA cases (the decode and layer files also run their fast CPU cases).
-CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_decode.py tests/test_layer.py"}
+CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_decode.py tests/test_layer.py"}
 step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.

@@ -1,7 +1,8 @@
-"""A small case of every CUDA forward kernel, for compute-sanitizer (memcheck,
-racecheck): batch and varlen, each head-dim pair that is built, G = 1 and 5; and the
-decode (KV-cache) kernels: the three branches, selection and update_cmp_cache, with
-lengths that leave rows before position 0, a full cache and an empty entry."""
+"""A small case of every CUDA kernel, for compute-sanitizer (memcheck, racecheck):
+the forward and backward of each branch and of mean compression (batch and varlen,
+each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
+the three branches, selection and update_cmp_cache, with lengths that leave rows
+before position 0, a full cache and an empty entry."""
 import itertools
 
 import torch
@@ -30,8 +31,16 @@ def run(dk, dv, G, dtype, lengths=None):
     bi = OPS.select_blocks(q, kc, lse, cu, ms, l, d, lp, n, 1, 1, scale)
     bi2 = bi.clone()
     bi2[..., 0] = 10 ** 6  # out-of-range slots must never be read
-    OPS.selected_attn_fwd(q, k, v, bi2, cu, ms, lp, scale)
-    OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
+    o_c, lse_c = OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
+    o_s, lse_s = OPS.selected_attn_fwd(q, k, v, bi2, cu, ms, lp, scale)
+    o_w, lse_w = OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
+    # Backward of each branch (dlse given once) and of mean_compress.
+    do = torch.randn_like(o_c)
+    dlse = torch.randn_like(lse_c) * torch.isfinite(lse_c)
+    OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale)
+    OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale)
+    OPS.window_attn_bwd(do, None, q, k, v, o_w, lse_w, cu, ms, 40, scale)
+    OPS.mean_compress_bwd(torch.randn_like(kc), k, cu, l, d)
 
 
 def run_decode(dk, dv, G, dtype, S):

@@ -111,15 +111,6 @@ def _(x, x_cmp, cache_seqlens, num_new, cmp_block_size, cmp_stride):
 
 # --- autograd ---------------------------------------------------------------------------
 
-def _require_backward_kernel(op_name: str, t: torch.Tensor) -> None:
-    key = "CUDA" if t.device.type == "cuda" else "CPU"
-    if t.device.type in ("cpu", "cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"nsa_cuda::{op_name}", key):
-        raise NotImplementedError(
-            f"nsa_cuda::{op_name} has no {key} kernel in this build: the {key} backward is not "
-            "available (see the README's support matrix)")
-
-
 def _register_attention_autograd(name: str, num_index_inputs: int) -> None:
     """Backward of ``nsa_cuda::{name}_fwd`` through ``nsa_cuda::{name}_bwd``.
 
@@ -137,7 +128,6 @@ def _register_attention_autograd(name: str, num_index_inputs: int) -> None:
 
     def backward(ctx, grad_o, grad_lse):
         *inputs, o, lse = ctx.saved_tensors
-        _require_backward_kernel(bwd_name, inputs[0])
         dq, dk, dv = getattr(ops, bwd_name)(grad_o, grad_lse, *inputs, o, lse, ctx.cu_seqlens,
                                             *ctx.sizes)
         return (dq, dk, dv) + (None,) * (ctx.num_inputs - 3)
@@ -159,7 +149,6 @@ def _mean_compress_setup(ctx, inputs, output):
 
 def _mean_compress_backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    _require_backward_kernel("mean_compress_bwd", x)
     return ops.mean_compress_bwd(grad, x, *ctx.args), None, None, None
 
 

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -99,60 +100,49 @@ void run_kernel(const char* op, F f) {
   }
 }
 
+// Calls f.template operator()<Dk, Dv, dtype>() for the built kernel instance of
+// (dk, dt): the only place that lists the instances (NSA_HEADDIMS x NSA_DTYPES).
+template <class F>
+void with_instance(int64_t dk, DType dt, F&& f) {
+  const bool bf16 = dt == DType::kBf16;
+  (void)bf16;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+  if (dk == 64 && !bf16) return f.template operator()<64, 64, DType::kFp16>();
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+  if (dk == 64 && bf16) return f.template operator()<64, 64, DType::kBf16>();
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+  if (dk == 128 && !bf16) return f.template operator()<128, 128, DType::kFp16>();
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+  if (dk == 128 && bf16) return f.template operator()<128, 128, DType::kBf16>();
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+  if (dk == 192 && !bf16) return f.template operator()<192, 128, DType::kFp16>();
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+  if (dk == 192 && bf16) return f.template operator()<192, 128, DType::kBf16>();
+#endif
+  throw std::runtime_error("no kernel instance for these head dims and dtype");
+}
+
 // Calls the attention instance for (Dk, Dv, dtype): only built instances are referenced.
 void dispatch_attn(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);
-  using nsa::cuda::run_attn_fwd;
   run_kernel(op, [&] {
-    const bool bf16 = dt == DType::kBf16;
-    (void)bf16;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 64 && !bf16) return run_attn_fwd<64, 64, DType::kFp16>(p, s);
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 64 && bf16) return run_attn_fwd<64, 64, DType::kBf16>(p, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 128 && !bf16) return run_attn_fwd<128, 128, DType::kFp16>(p, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 128 && bf16) return run_attn_fwd<128, 128, DType::kBf16>(p, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 192 && !bf16) return run_attn_fwd<192, 128, DType::kFp16>(p, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 192 && bf16) return run_attn_fwd<192, 128, DType::kBf16>(p, s);
-#endif
-    throw std::runtime_error("no kernel instance for these head dims and dtype");
+    with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_attn_fwd<kDk, kDv, kDT>(p, s);
+    });
   });
 }
 
 void dispatch_select(const SelectParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);
-  using nsa::cuda::run_select_blocks;
   run_kernel(op, [&] {
-    const bool bf16 = dt == DType::kBf16;
-    (void)bf16;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 64 && !bf16) return run_select_blocks<64, DType::kFp16>(p, s);
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 64 && bf16) return run_select_blocks<64, DType::kBf16>(p, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 128 && !bf16) return run_select_blocks<128, DType::kFp16>(p, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 128 && bf16) return run_select_blocks<128, DType::kBf16>(p, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 192 && !bf16) return run_select_blocks<192, DType::kFp16>(p, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 192 && bf16) return run_select_blocks<192, DType::kBf16>(p, s);
-#endif
-    throw std::runtime_error("no kernel instance for this head dim and dtype");
+    with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_select_blocks<kDk, kDT>(p, s);
+    });
   });
 }
 
@@ -183,7 +173,6 @@ at::Tensor workspace(int64_t numel) {
 // Decode attention of one branch: split-KV kernel + combine over the splits.
 void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);
-  using nsa::cuda::run_attn_decode;
   const int splits = nsa::cuda::decode_num_splits(p, num_sms());
   const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
   at::Tensor o_part = workspace(int64_t(splits) * rows * p.head_dim_v);
@@ -191,65 +180,56 @@ void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, cons
   float* op_ = o_part.data_ptr<float>();
   float* lp_ = lse_part.data_ptr<float>();
   run_kernel(op, [&] {
-    const bool bf16 = dt == DType::kBf16;
-    (void)bf16, (void)op_, (void)lp_;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 64 && !bf16) return run_attn_decode<64, 64, DType::kFp16>(p, splits, op_, lp_, s);
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 64 && bf16) return run_attn_decode<64, 64, DType::kBf16>(p, splits, op_, lp_, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 128 && !bf16) return run_attn_decode<128, 128, DType::kFp16>(p, splits, op_, lp_, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 128 && bf16) return run_attn_decode<128, 128, DType::kBf16>(p, splits, op_, lp_, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 192 && !bf16) return run_attn_decode<192, 128, DType::kFp16>(p, splits, op_, lp_, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 192 && bf16) return run_attn_decode<192, 128, DType::kBf16>(p, splits, op_, lp_, s);
-#endif
-    throw std::runtime_error("no decode kernel instance for these head dims and dtype");
+    with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, op_, lp_, s);
+    });
   });
 }
 
 void dispatch_select_decode(const SelectParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);
-  using nsa::cuda::run_select_blocks_decode;
   at::Tensor scores = workspace(p.num_seqs * p.num_heads_kv * p.seqlen *
                                 nsa::cuda::select_score_width(p));
   float* sc = scores.data_ptr<float>();
   run_kernel(op, [&] {
-    const bool bf16 = dt == DType::kBf16;
-    (void)bf16, (void)sc;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 64 && !bf16) return run_select_blocks_decode<64, DType::kFp16>(p, sc, s);
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 64 && bf16) return run_select_blocks_decode<64, DType::kBf16>(p, sc, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 128 && !bf16) return run_select_blocks_decode<128, DType::kFp16>(p, sc, s);
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 128 && bf16) return run_select_blocks_decode<128, DType::kBf16>(p, sc, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-    if (p.head_dim_qk == 192 && !bf16) return run_select_blocks_decode<192, DType::kFp16>(p, sc, s);
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-    if (p.head_dim_qk == 192 && bf16) return run_select_blocks_decode<192, DType::kBf16>(p, sc, s);
-#endif
-    throw std::runtime_error("no decode selection instance for this head dim and dtype");
+    with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_select_blocks_decode<kDk, kDT>(p, sc, s);
+    });
+  });
+}
+
+// The attention backward instance for (Dk, Dv, dtype), plus its workspace:
+// delta (float32, lse's layout) and, for the selected branch, the inverse index
+// (keys from a kernel, sorted with at::sort: equal keys are equal values, so the
+// order is deterministic). All from the caching allocator on the current
+// stream; no host sync.
+void dispatch_attn_bwd(const AttnBwdParams& p, DType dt, cudaStream_t s, const char* op) {
+  check_built(p.head_dim_qk, dt, op);
+  run_kernel(op, [&] {
+    const auto opts = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device());
+    const int64_t batches = p.cu_seqlens != nullptr ? 1 : p.num_seqs;
+    at::Tensor delta = at::empty({batches * p.lse_batch_stride}, opts.dtype(at::kFloat));
+    nsa::cuda::AttnBwdWorkspace ws;
+    ws.delta = delta.data_ptr<float>();
+    ws.q_rows = p.lse_head_stride;  // lse is a contiguous [B, Hq, T]
+    at::Tensor sorted_keys;
+    if (p.branch == Branch::kSelected) {
+      at::Tensor keys = at::empty({nsa::cuda::slc_inverse_key_count(p)}, opts.dtype(at::kLong));
+      nsa::cuda::run_slc_inverse_keys(p, keys.data_ptr<int64_t>(), s);
+      sorted_keys = std::get<0>(at::sort(keys, /*dim=*/0, /*descending=*/false));
+      ws.slc_keys = sorted_keys.data_ptr<int64_t>();
+      ws.slc_key_count = sorted_keys.numel();
+    }
+    with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_attn_bwd<kDk, kDv, kDT>(p, ws, s);
+    });
   });
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 struct CudaBackend {
-  static constexpr bool kHasBackward = false;  // the CUDA backward is issue 4
+  static constexpr bool kHasBackward = true;
 
   static c10::cuda::CUDAGuard prepare(const at::Tensor& q) { return c10::cuda::CUDAGuard(q.device()); }
 
@@ -299,8 +279,16 @@ struct CudaBackend {
                                       current_stream());
     });
   }
-  static void attn_bwd(const AttnBwdParams&, at::ScalarType) {}
-  static void mean_compress_bwd(const CompressParams&, at::ScalarType) {}
+  static void attn_bwd(const AttnBwdParams& p, at::ScalarType t) {
+    dispatch_attn_bwd(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
+                      "attn_bwd");
+  }
+  static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
+    run_kernel("mean_compress_bwd", [&] {
+      nsa::cuda::run_mean_compress_bwd(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
+                                       current_stream());
+    });
+  }
 };
 
 }  // namespace

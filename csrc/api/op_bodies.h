@@ -129,10 +129,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   OptTensor bi;
   if (block_indices.has_value()) bi = checked_block_indices(*block_indices, q_in, k_in.size(2));
   const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), v = Backend::input(v_in);
-  // Zeros: key rows no query visits (extra k_cmp rows, varlen padding) get no write.
+  // Zeros: the CPU kernel leaves key rows no query visits (extra k_cmp rows,
+  // varlen padding) unwritten. The CUDA kernels write every row, zeros included,
+  // so fresh() may poison them (NSA_POISON_OUTPUTS); the CPU's fresh() is a no-op.
   auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
   auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
   auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
+  Backend::fresh(dq), Backend::fresh(dk), Backend::fresh(dv);
   const at::Tensor dout_c = Backend::input(dout.contiguous());
   const at::Tensor o_c = Backend::input(o.contiguous());
   const at::Tensor lse_c = lse.contiguous();
@@ -250,6 +253,7 @@ at::Tensor mean_compress_bwd(const at::Tensor& grad_cmp, const at::Tensor& x,
   [[maybe_unused]] auto guard = Backend::prepare(x);
   const at::Tensor g = grad_cmp.contiguous();
   auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  Backend::fresh(dx);  // the CUDA kernel writes every row (see attn_bwd)
   if (dx.numel() > 0)
     Backend::mean_compress_bwd(make_compress_params(dx, g, cu_seqlens, cmp_block_size, cmp_stride),
                                x.scalar_type());

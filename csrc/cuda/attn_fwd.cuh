@@ -127,21 +127,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
 
-    if (tile.need_mask) {
-#pragma unroll
-      for (int mi = 0; mi < kRows; ++mi) {
-        int64_t lo = 0, hi = 0;  // rows past the sequence see nothing
-        if (row_ok[mi]) sched.row_range(row_t[mi], tile, lo, hi);
-        // Visible columns of the tile: [col_lo, col_hi) within [0, end - begin).
-        const int col_lo = int(max(lo - tile.begin, int64_t(0)));
-        const int col_hi = int(min(hi, tile.end) - tile.begin);
-#pragma unroll
-        for (int ni = 0; ni < size<1>(scores); ++ni) {
-          const int col = get<1>(tScS_rc(mi, ni));
-          if (col < col_lo || col >= col_hi) scores(mi, ni) = -INFINITY;
-        }
-      }
-    }
+    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
     softmax.update(scores, acc_o_rc, scale_log2);
 
     Tensor rP = make_tensor<Element>(acc_s.layout());
@@ -172,27 +158,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
       lse_out[(hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi]] = lse[mi];
     }
   }
-  Tensor rO = make_tensor<Element>(acc_o.layout());
-  convert_fragment(acc_o, rO);
-  cute::cp_async_wait<0>();
-  __syncthreads();  // everyone is done reading sQ (sO reuses it); no copy in flight
-  Tensor tOsO = thr_mma.partition_C(sO);
-#pragma unroll
-  for (int i = 0; i < size(rO); ++i) tOsO(i) = rO(i);
-  __syncthreads();
-
   Element* o = static_cast<Element*>(p.o) + si.batch * p.o_batch_stride;
-  constexpr int kChunks = kDv / 8;
-#pragma unroll
-  for (int it = 0; it < kBlockM * kChunks / kThreads; ++it) {
-    const int idx = tid + it * kThreads;
-    const int r = idx / kChunks, c = idx % kChunks;
+  store_acc_rows<kBlockM, kDv, kThreads, Element>(acc_o, sO, thr_mma, tid, [&](int r) -> Element* {
     const int64_t f = f0 + r;
-    if (f <= f_last) {
-      Element* dst = o + (si.row0 + f / G) * p.o_row_stride + (hkv * G + f % G) * p.o_head_stride + c * 8;
-      *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&sO(r, c * 8));
-    }
-  }
+    if (f > f_last) return nullptr;
+    return o + (si.row0 + f / G) * p.o_row_stride + (hkv * G + f % G) * p.o_head_stride;
+  });
 }
 
 template <class Traits, class Schedule>

@@ -128,17 +128,55 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, const SA& sA, 
   }
 }
 
-// acc += A(registers) * B(smem).
-template <class Acc, class RA, class RB, class SB, class TiledMma, class CopyB, class ThrCopyB>
+// acc += A(registers) * B(smem). kPrefetch: ldmatrix the next k slice of B while
+// the current one multiplies (two slices live); off for a wide B (N = Dk = 192 in
+// the backward) where a second slice costs 48 more registers.
+template <bool kPrefetch = true, class Acc, class RA, class RB, class SB, class TiledMma,
+          class CopyB, class ThrCopyB>
 __device__ __forceinline__ void gemm_rs(Acc& acc, RA& rA, RB& rB, const SB& sB, TiledMma mma,
                                         CopyB copy_b, ThrCopyB thr_b) {
   using namespace cute;
   auto rB_view = thr_b.retile_D(rB);
-  copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
+  if constexpr (kPrefetch) copy(copy_b, sB(_, _, _0{}), rB_view(_, _, _0{}));
 #pragma unroll
   for (int k = 0; k < size<2>(rA); ++k) {
-    if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    if constexpr (kPrefetch) {
+      if (k + 1 < size<2>(rA)) copy(copy_b, sB(_, _, k + 1), rB_view(_, _, k + 1));
+    } else {
+      copy(copy_b, sB(_, _, k), rB_view(_, _, k));
+    }
     gemm(mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// Epilogue of the attention kernels: converts the fp32 accumulator `acc` (a
+// kRows x kCols C fragment of `thr_mma`) to Element, stages it in the smem tile
+// `s` (free for reuse: waits for every cp.async and every thread first) and
+// writes each row r to row_dst(r) (nullptr: skip) in 16-byte stores.
+template <int kRows, int kCols, int kThreads, class Element, class Acc, class SmemTensor,
+          class ThrMma, class RowDst>
+__device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, const ThrMma& thr_mma,
+                                               int tid, const RowDst& row_dst) {
+  using namespace cute;
+  Tensor r = make_tensor<Element>(acc.layout());
+  convert_fragment(acc, r);
+  cute::cp_async_wait<0>();
+  __syncthreads();  // everyone is done reading `s`; no copy in flight
+  Tensor ts = thr_mma.partition_C(s);
+#pragma unroll
+  for (int i = 0; i < size(r); ++i) ts(i) = r(i);
+  __syncthreads();
+  constexpr int kChunks = kCols / 8;
+#pragma unroll
+  for (int it = 0; it < (kRows * kChunks + kThreads - 1) / kThreads; ++it) {
+    const int idx = tid + it * kThreads;
+    if (idx < kRows * kChunks) {
+      const int row = idx / kChunks, c = idx % kChunks;
+      Element* dst = row_dst(row);
+      if (dst != nullptr)
+        *reinterpret_cast<cute::uint128_t*>(dst + c * 8) =
+            *reinterpret_cast<const cute::uint128_t*>(&s(row, c * 8));
+    }
   }
 }
 

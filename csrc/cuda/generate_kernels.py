@@ -20,6 +20,14 @@ template void run_attn_fwd<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaSt
 }}  // namespace nsa::cuda
 """
 
+ATTN_BWD = HEADER + """#include "cuda/attn_bwd.cuh"
+
+namespace nsa::cuda {{
+template void run_attn_bwd<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&, const AttnBwdWorkspace&,
+                                                 cudaStream_t);
+}}  // namespace nsa::cuda
+"""
+
 SELECT = HEADER + """#include "cuda/select_blocks.cuh"
 
 namespace nsa::cuda {{
@@ -42,6 +50,7 @@ def files():
     for dk, dv in HEAD_DIMS:
         for name, dt in DTYPES.items():
             out[f"attn_fwd_hdim{dk}x{dv}_{name}.cu"] = ATTN.format(dk=dk, dv=dv, dt=dt)
+            out[f"attn_bwd_hdim{dk}x{dv}_{name}.cu"] = ATTN_BWD.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)
             out[f"decode_hdim{dk}x{dv}_{name}.cu"] = DECODE.format(dk=dk, dv=dv, dt=dt)
     return out

@@ -193,4 +193,29 @@ struct SelectedSchedule {
   }
 };
 
+// Sets the scores a row may not see to -inf: `scores` is the (rows, cols) view of
+// an S tile (query rows x keys of `tile`), `coords` its identity partition,
+// row_ok/row_t the rows' validity and tokens. Shared by the forward and the
+// query-side backward (dq).
+template <class Scores, class Coords, class Schedule, int kRows>
+__device__ __forceinline__ void mask_scores(Scores& scores, const Coords& coords,
+                                            const Schedule& sched, const KvTile& tile,
+                                            const bool (&row_ok)[kRows],
+                                            const int64_t (&row_t)[kRows]) {
+  using namespace cute;
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    int64_t lo = 0, hi = 0;  // rows past the sequence see nothing
+    if (row_ok[mi]) sched.row_range(row_t[mi], tile, lo, hi);
+    // Visible columns of the tile: [col_lo, col_hi) within [0, end - begin).
+    const int col_lo = int(max(lo - tile.begin, int64_t(0)));
+    const int col_hi = int(min(hi, tile.end) - tile.begin);
+#pragma unroll
+    for (int ni = 0; ni < size<1>(scores); ++ni) {
+      const int col = get<1>(coords(mi, ni));
+      if (col < col_lo || col >= col_hi) scores(mi, ni) = -INFINITY;
+    }
+  }
+}
+
 }  // namespace nsa::cuda

@@ -34,6 +34,38 @@ void run_select_blocks_decode(const SelectParams& params, float* scores, cudaStr
 // Compresses the blocks that complete as the caches grow (CompressParams::cache_seqlens).
 void run_update_cmp_cache(const CompressParams& params, DType dtype, cudaStream_t stream);
 
+// Scratch of the attention backward, allocated by the caller (torch's caching
+// allocator on the current stream).
+struct AttnBwdWorkspace {
+  // delta = rowsum(o * do) - dlse, float32, laid out like lse ([B, Hq, T] with
+  // lse's strides).
+  float* delta = nullptr;
+  // Rows of q / dq per batch entry (T, or the packed total in varlen mode).
+  int64_t q_rows = 0;
+  // kSelected: the inverse index, sorted ascending (see run_slc_inverse_keys).
+  const int64_t* slc_keys = nullptr;
+  int64_t slc_key_count = 0;
+};
+
+// Attention backward for one branch: delta, then dq (query-side, the forward's
+// KV schedules) and dk/dv (KV-side, one CTA per KV tile writing its rows once).
+// Deterministic: no atomics. Instantiations in instantiations/attn_bwd_hdim*.cu.
+template <int kDk, int kDv, DType kDType>
+void run_attn_bwd(const AttnBwdParams& params, const AttnBwdWorkspace& ws, cudaStream_t stream);
+
+// Inverse index of the selected branch, step 1: one int64 key per
+// (batch entry, token row, kv head, slot) of block_indices,
+//   key = ((b * Hkv + h) * R + row0 + j * l') * R + row0 + t   (R = p.k_rows),
+// or INT64_MAX for an unused slot (j < 0 or j * l' > t). Sorted ascending by the
+// caller, the tokens that selected block j of (b, h) are one contiguous run.
+void run_slc_inverse_keys(const AttnBwdParams& params, int64_t* keys, cudaStream_t stream);
+inline int64_t slc_inverse_key_count(const AttnBwdParams& p) {
+  return (p.cu_seqlens == nullptr ? p.num_seqs : 1) * p.k_rows * p.num_heads_kv * p.slc_num_blocks;
+}
+
+// Gradient of mean_compress (CompressParams with x <- dx, out <- d out).
+void run_mean_compress_bwd(const CompressParams& params, DType dtype, cudaStream_t stream);
+
 // Mean pooling of blocks (CompressParams in nsa/params.h; fp16/bf16).
 void run_mean_compress(const CompressParams& params, DType dtype, cudaStream_t stream);
 

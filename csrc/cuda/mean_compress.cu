@@ -100,6 +100,56 @@ void run_mean_compress(const CompressParams& p, DType dtype, cudaStream_t stream
   check_launch("mean_compress");
 }
 
+// Gradient: token r of a sequence receives d out[i] / l from every block i with
+// i*d <= r < i*d + l (i < Tc(len)). CompressParams roles swapped: x <- dx
+// (written), out <- d out (read). One CTA per (token row, batch entry); rows
+// owned by no sequence (varlen padding) are written as zero.
+template <class T>
+__global__ void __launch_bounds__(128) mean_compress_bwd_kernel(const CompressParams p) {
+  const int64_t r = blockIdx.x, b = blockIdx.y;
+  const int64_t l = p.cmp_block_size, d = p.cmp_stride;
+  T* dx = static_cast<T*>(const_cast<void*>(p.x)) + b * p.x_batch_stride + r * p.x_row_stride;
+  const T* g = static_cast<const T*>(p.out) + b * p.out_batch_stride;
+  // The sequence of row r: its length, r's position in it and its first block row.
+  int64_t t = r, len = p.seqlen, cmp_row0 = 0;
+  if (p.cu_seqlens != nullptr) {
+    len = 0;  // padding row unless a sequence holds it
+    for (int64_t m = 0; m < p.num_seqs; ++m) {
+      const int64_t begin = p.cu_seqlens[m], end = p.cu_seqlens[m + 1];
+      if (r >= begin && r < end) {
+        t = r - begin, len = end - begin;
+        break;
+      }
+      cmp_row0 += num_cmp_blocks(end - begin, l, d);
+    }
+  }
+  int64_t first = 0, last = 0;  // blocks [first, last)
+  if (t < len) {
+    first = t - l + 1 > 0 ? (t - l + 1 + d - 1) / d : 0;
+    last = min(t / d + 1, num_cmp_blocks(len, l, d));
+  }
+  const float inv = 1.f / float(l);
+  for (int64_t e = threadIdx.x; e < p.num_heads * p.head_dim; e += blockDim.x) {
+    const int64_t h = e / p.head_dim, c = e % p.head_dim;
+    float acc = 0.f;
+    for (int64_t i = first; i < last; ++i)
+      acc += float(g[(cmp_row0 + i) * p.out_row_stride + h * p.out_head_stride + c]);
+    dx[h * p.x_head_stride + c] = T(acc * inv);
+  }
+}
+
+void run_mean_compress_bwd(const CompressParams& p, DType dtype, cudaStream_t stream) {
+  if (p.seqlen == 0 || p.batch == 0 || p.num_heads * p.head_dim == 0) return;
+  if (p.seqlen > INT32_MAX || p.batch > 65535)
+    throw std::runtime_error("nsa_cuda: mean_compress_bwd: problem too large for the grid");
+  dim3 grid(unsigned(p.seqlen), unsigned(p.batch));
+  if (dtype == DType::kFp16)
+    mean_compress_bwd_kernel<cutlass::half_t><<<grid, 128, 0, stream>>>(p);
+  else
+    mean_compress_bwd_kernel<cutlass::bfloat16_t><<<grid, 128, 0, stream>>>(p);
+  check_launch("mean_compress_bwd");
+}
+
 void check_launch(const char* what) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)

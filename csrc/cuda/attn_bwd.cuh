@@ -1,0 +1,521 @@
+// The attention backward of the three branches (FlashAttention-2 style, with
+// delta preprocessing) and its launcher:
+//   1. preprocess: delta = rowsum(o * do) - dlse per (token, query head);
+//   2. dq, query-side: the forward's CTA tiling and KV schedules (kv_schedule.cuh);
+//      dq += scale * dS K over the KV tiles a row visits;
+//   3. dk/dv, KV-side: a CTA owns kBlockN keys of one (sequence, kv head) and
+//      visits the query rows that see them (q_schedule.cuh); it computes the
+//      transposed tiles S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are
+//      already A operands in registers: dv += P^T dO, dk += scale * dS^T Q.
+// Every gradient row is written once by one CTA: no atomics, bitwise repeatable.
+// Both kernels hold four tiles in smem: Q, dO (query rows) and K, V (keys); 64 rows
+// each, except the dk/dv kernel's Q, dO for Dk >= 128 (kBlockS = 32).
+#pragma once
+
+#include "cuda/attn_traits.cuh"
+#include "cuda/kv_schedule.cuh"
+#include "cuda/q_schedule.cuh"
+
+namespace nsa::cuda {
+
+template <int kDk_, int kDv_, class Element_>
+struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
+  using Base = AttnTraits<kDk_, kDv_, Element_>;
+  static_assert(Base::kBlockM == Base::kBlockN);
+  // Rows of the streamed tiles: the dq kernel's KV tiles and the dk/dv kernel's
+  // query tiles. Each kernel keeps a 64-row fp32 accumulator of width Dk (and Dv)
+  // in registers, so for Dk >= 128 the S / dP tiles shrink to 64 x 32 to stay
+  // within 255 registers. The fixed tiles (dq: Q, dO; dk/dv: K, V) keep 64 rows.
+  static constexpr int kBlockS = Base::kDk >= 128 ? 32 : 64;
+  using SmemLayoutSk = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
+                                                    cute::Shape<cute::Int<kBlockS>, cute::Int<Base::kDk>>{}));
+  using SmemLayoutSv = decltype(cute::tile_to_shape(typename Base::SmemAtom{},
+                                                     cute::Shape<cute::Int<kBlockS>, cute::Int<Base::kDv>>{}));
+  using SmemLayoutSkt = decltype(cute::composition(
+      SmemLayoutSk{}, cute::make_layout(cute::Shape<cute::Int<Base::kDk>, cute::Int<kBlockS>>{},
+                                        cute::GenRowMajor{})));
+  using SmemLayoutSvt = decltype(cute::composition(
+      SmemLayoutSv{}, cute::make_layout(cute::Shape<cute::Int<Base::kDv>, cute::Int<kBlockS>>{},
+                                         cute::GenRowMajor{})));
+  using SmemLayoutSktNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSkt{}));
+  using SmemLayoutSvtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSvt{}));
+  // Two fixed 64-row tiles (Dk and Dv wide), two streamed kBlockS-row tiles; the
+  // dk/dv kernel adds 5 x kBlockS words of per-row data, the dq kernel its KV
+  // schedule's data.
+  static constexpr int kSmemStreamTiles =
+      Base::kSmemK + Base::kSmemV + kBlockS * (Base::kDk + Base::kDv) * int(sizeof(Element_));
+  static constexpr int kSmemDkv = kSmemStreamTiles + 5 * kBlockS * 4;
+  // The dQ / dK GEMMs have N = Dk: no B prefetch when that is wide (gemm_rs).
+  static constexpr bool kPrefetchWideB = Base::kDk < 192;
+};
+
+// --- 1. delta -----------------------------------------------------------------
+// One warp per (token row, query head); 16-byte loads, fp32 sum.
+template <class Element, int kDv>
+__global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnBwdParams p,
+                                                             const AttnBwdWorkspace ws) {
+  static_assert(kDv % 8 == 0 && kDv / 8 <= 32);
+  const SeqInfo si = token_seq_info(p.cu_seqlens, blockIdx.z, p.seqlen);
+  const int64_t w = int64_t(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = w / p.num_heads_q, h = w % p.num_heads_q;
+  if (t >= si.len) return;
+  float sum = 0.f;
+  if (lane < kDv / 8) {
+    const Element* o = static_cast<const Element*>(p.o) + si.batch * p.o_batch_stride +
+                       (si.row0 + t) * p.o_row_stride + h * p.o_head_stride + lane * 8;
+    const Element* d = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride +
+                       (si.row0 + t) * p.do_row_stride + h * p.do_head_stride + lane * 8;
+    cutlass::AlignedArray<Element, 8> ov, dv;  // 16-byte aligned for the vector copies
+    *reinterpret_cast<cute::uint128_t*>(&ov) = *reinterpret_cast<const cute::uint128_t*>(o);
+    *reinterpret_cast<cute::uint128_t*>(&dv) = *reinterpret_cast<const cute::uint128_t*>(d);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += float(ov[i]) * float(dv[i]);
+  }
+  sum = quad_allreduce<32>(sum, SumOp{});
+  if (lane == 0) {
+    const int64_t idx = si.batch * p.lse_batch_stride + h * p.lse_head_stride + si.row0 + t;
+    if (p.dlse != nullptr) sum -= static_cast<const float*>(p.dlse)[idx];
+    ws.delta[idx] = sum;
+  }
+}
+
+// log2-domain lse of a row; +inf for a row that saw no key (or no row), so that
+// exp2(s * scale_log2 - lse2) is 0 there instead of NaN.
+__device__ __forceinline__ float lse_log2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+// P = exp(scale * s - lse) where visible, else 0, into `s`; dS = P * (dP - delta)
+// into `dp`. (rows, cols) views of two accumulators of one shape; info(mi, ni)
+// gives {visible, lse2, delta} of an element.
+template <class S, class DP, class Info>
+__device__ __forceinline__ void probs_and_dscores(S& s, DP& dp, float scale_log2, const Info& info) {
+  using namespace cute;
+#pragma unroll
+  for (int mi = 0; mi < size<0>(s); ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < size<1>(s); ++ni) {
+      const auto [vis, lse2, delta] = info(mi, ni);
+      const float prob = vis ? exp2f(s(mi, ni) * scale_log2 - lse2) : 0.f;
+      s(mi, ni) = prob;
+      dp(mi, ni) = prob * (dp(mi, ni) - delta);
+    }
+  }
+}
+
+struct ElemInfo {
+  bool visible;
+  float lse2, delta;
+};
+
+// Zeroes rows [r_begin, r_end) of a [rows, heads, kCols] gradient for heads
+// [h_begin, h_end) (varlen padding rows, owned by no sequence), grid-strided over
+// blockIdx.x.
+template <int kCols, class Element>
+__device__ void zero_rows(Element* base, int64_t row_stride, int64_t head_stride, int64_t r_begin,
+                          int64_t r_end, int64_t h_begin, int64_t h_end) {
+  constexpr int kChunks = kCols / 8;
+  const int64_t heads = h_end - h_begin;
+  const int64_t total = (r_end - r_begin) * heads * kChunks;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % kChunks, h = h_begin + (idx / kChunks) % heads;
+    const int64_t r = r_begin + idx / (kChunks * heads);
+    *reinterpret_cast<cute::uint128_t*>(base + r * row_stride + h * head_stride + c * 8) =
+        cute::uint128_t{0, 0};
+  }
+}
+
+// --- 2. dq (query-side) -------------------------------------------------------
+template <class Traits, class Schedule>
+__global__ void __launch_bounds__(Traits::kThreads)
+    attn_bwd_dq_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockS;  // keys per KV tile (the schedule's kBlockN)
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t G = p.group;
+  Element* dq = static_cast<Element*>(p.dq);
+
+  if (blockIdx.z == p.num_seqs) {  // varlen: dq rows past the last sequence
+    zero_rows<kDk>(dq, p.dq_row_stride, p.dq_head_stride, p.cu_seqlens[p.num_seqs], ws.q_rows,
+                   hkv * G, (hkv + 1) * G);
+    return;
+  }
+  const SeqInfo si = Schedule::seq(p, blockIdx.z);
+  const int64_t rows_total = si.len * G;
+  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
+  if (f0 >= rows_total) return;
+  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
+  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutO{});
+  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutSk{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutSv{});
+  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutSkt{});
+  Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
+  char* smem_schedule = smem + Traits::kSmemStreamTiles;
+
+  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+  const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
+  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+
+  auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
+    return [=](int r) -> const Element* {
+      const int64_t f = f0 + r;
+      if (f > f_last) return nullptr;
+      return base + (si.row0 + f / G) * row_stride + (hkv * G + f % G) * head_stride;
+    };
+  };
+  load_rows_async<kBlockM, kDk, kThreads>(sQ, query_row(q, p.q_row_stride, p.q_head_stride),
+                                          static_cast<const Element*>(p.q), tid);
+  load_rows_async<kBlockM, kDv, kThreads>(sdO, query_row(dout, p.do_row_stride, p.do_head_stride),
+                                          static_cast<const Element*>(p.dout), tid);
+  cute::cp_async_fence();
+
+  Schedule sched;
+  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  const int64_t key_row0 = sched.key_row0();
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);
+  Tensor tdPrdO = thr_mma.partition_fragment_A(sdO);
+  Tensor tdPrV = thr_mma.partition_fragment_B(sV);
+  Tensor tdQrKt = thr_mma.partition_fragment_B(sKtNoSwizzle);
+  Tensor acc_dq = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kDk>>{});
+  clear(acc_dq);
+
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_b = copy_b.get_thread_slice(tid);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, mma);
+  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
+  Tensor tSsQ = thr_copy_a.partition_S(sQ);
+  Tensor tdPsdO = thr_copy_a.partition_S(sdO);
+  Tensor tSsK = thr_copy_b.partition_S(sK);
+  Tensor tdPsV = thr_copy_b.partition_S(sV);
+  Tensor tdQsKt = thr_copy_bt.partition_S(sKt);
+
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  int64_t row_t[kRows];
+  bool row_ok[kRows];
+  float row_lse2[kRows], row_delta[kRows];
+  const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
+  const float* delta = ws.delta + si.batch * p.lse_batch_stride;
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
+    row_ok[mi] = f <= f_last;
+    row_t[mi] = f / G;
+    const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi];
+    row_lse2[mi] = row_ok[mi] ? lse_log2(lse[idx]) : INFINITY;
+    row_delta[mi] = row_ok[mi] ? delta[idx] : 0.f;
+  }
+  const float scale_log2 = float(p.scale) * kLog2e;
+
+  auto load_kv = [&](auto& s, const Element* base, int64_t row_stride, const KvTile& tile, auto cols) {
+    load_rows_async<kBlockN, decltype(cols)::value, kThreads>(
+        s,
+        [&](int r) -> const Element* {
+          const int64_t key = tile.begin + r;
+          return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
+        },
+        base, tid);
+  };
+
+  KvTile tile;
+  while (sched.next(tile)) {
+    __syncthreads();  // everyone is done with the previous K and V
+    load_kv(sK, k, p.k_row_stride, tile, Int<kDk>{});
+    load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();  // K, V (and Q, dO) landed
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+
+    Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+    // Masked scores are -inf: exp2(-inf - lse2) = 0, no visibility test needed.
+    probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int) {
+      return ElemInfo{true, row_lse2[mi], row_delta[mi]};
+    });
+
+    Tensor rdS = make_tensor<Element>(acc_dp.layout());
+    convert_fragment(acc_dp, rdS);
+    Tensor tdQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
+    gemm_rs<Traits::kPrefetchWideB>(acc_dq, tdQrdS, tdQrKt, tdQsKt, mma, copy_bt, thr_copy_bt);
+  }
+
+#pragma unroll
+  for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
+  Element* dq_b = dq + si.batch * p.dq_batch_stride;
+  store_acc_rows<kBlockM, kDk, kThreads, Element>(acc_dq, sQ, thr_mma, tid, [&](int r) -> Element* {
+    const int64_t f = f0 + r;
+    if (f > f_last) return nullptr;
+    return dq_b + (si.row0 + f / G) * p.dq_row_stride + (hkv * G + f % G) * p.dq_head_stride;
+  });
+}
+
+// --- 3. dk, dv (KV-side) ------------------------------------------------------
+template <class Traits, class QSchedule>
+__global__ void __launch_bounds__(Traits::kThreads)
+    attn_bwd_dkdv_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockS;  // query rows per step
+  constexpr int kBlockN = Traits::kBlockN;  // keys of the CTA
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t G = p.group;
+  Element* dk = static_cast<Element*>(p.dk);
+  Element* dv = static_cast<Element*>(p.dv);
+
+  if (blockIdx.z == p.num_seqs) {  // varlen: key rows past the last sequence
+    const int64_t r0 = QSchedule::tail_begin(p);
+    zero_rows<kDk>(dk, p.dk_row_stride, p.dk_head_stride, r0, p.k_rows, hkv, hkv + 1);
+    zero_rows<kDv>(dv, p.dv_row_stride, p.dv_head_stride, r0, p.k_rows, hkv, hkv + 1);
+    return;
+  }
+  const SeqInfo si = QSchedule::seq(p, blockIdx.z);
+  QSchedule qs;
+  if (!qs.init(p, ws, si, blockIdx.x, hkv)) return;
+  const int64_t kb = qs.kb, ke = qs.ke, key_row0 = qs.key_row0;
+
+  // Key-side tiles in the A-operand roles, query-side tiles as B operands.
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutV{});
+  Tensor sQ = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutSk{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutSv{});
+  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutSkt{});
+  Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
+  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
+  Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
+  int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles);
+  // Per query row of the current tile: the CTA's keys it sees, [s_lo, s_hi) as
+  // offsets from kb (empty for no row), its log2-domain lse and delta.
+  int32_t* s_lo = s_tok + kBlockM;
+  int32_t* s_hi = s_lo + kBlockM;
+  float* s_lse2 = reinterpret_cast<float*>(s_hi + kBlockM);
+  float* s_delta = s_lse2 + kBlockM;
+
+  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+  const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
+  const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
+  const float* delta = ws.delta + si.batch * p.lse_batch_stride;
+
+  auto key_row = [&](const Element* base, int64_t row_stride) {
+    return [=](int r) -> const Element* {
+      return kb + r < ke ? base + (key_row0 + kb + r) * row_stride : nullptr;
+    };
+  };
+  load_rows_async<kBlockN, kDk, kThreads>(sK, key_row(k, p.k_row_stride), k, tid);
+  load_rows_async<kBlockN, kDv, kThreads>(sV, key_row(v, p.v_row_stride), v, tid);
+  cute::cp_async_fence();
+
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
+  Tensor tdPrV = thr_mma.partition_fragment_A(sV);
+  Tensor tdPrdO = thr_mma.partition_fragment_B(sdO);
+  Tensor tdVrdOt = thr_mma.partition_fragment_B(sdOtNoSwizzle);
+  Tensor tdKrQt = thr_mma.partition_fragment_B(sQtNoSwizzle);
+  Tensor acc_dk = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kDk>>{});
+  Tensor acc_dv = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kDv>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemCopyAtom{}, mma);
+  auto thr_copy_b = copy_b.get_thread_slice(tid);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemCopyAtomT{}, mma);
+  auto thr_copy_bt = copy_bt.get_thread_slice(tid);
+  Tensor tSsK = thr_copy_a.partition_S(sK);
+  Tensor tdPsV = thr_copy_a.partition_S(sV);
+  Tensor tSsQ = thr_copy_b.partition_S(sQ);
+  Tensor tdPsdO = thr_copy_b.partition_S(sdO);
+  Tensor tdVsdOt = thr_copy_bt.partition_S(sdOt);
+  Tensor tdKsQt = thr_copy_bt.partition_S(sQt);
+
+  // (key, query row) of each element of an S^T tile.
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{});
+  Tensor tScS = thr_mma.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+  const float scale_log2 = float(p.scale) * kLog2e;
+  const int64_t q_rows_total = qs.n_pos * G;
+
+  for (int64_t f0 = 0; f0 < q_rows_total; f0 += kBlockM) {
+    __syncthreads();  // everyone is done with the previous Q, dO and row data
+    if (tid < kBlockM) {
+      const int64_t f = f0 + tid;
+      int64_t t = -1;
+      int32_t lo = 0, hi = 0;
+      float l2 = INFINITY, dl = 0.f;
+      if (f < q_rows_total) {
+        t = qs.token(f / G);
+        if (t >= 0) {
+          const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + t;
+          l2 = lse_log2(lse[idx]);
+          dl = delta[idx];
+          int64_t klo, khi;
+          qs.key_range(t, klo, khi);
+          lo = int32_t(max(klo - kb, int64_t(0)));
+          hi = int32_t(max(min(khi, ke) - kb, int64_t(0)));
+        }
+      }
+      s_tok[tid] = int32_t(t);
+      s_lo[tid] = lo;
+      s_hi[tid] = hi;
+      s_lse2[tid] = l2;
+      s_delta[tid] = dl;
+    }
+    __syncthreads();
+    auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
+      return [=](int r) -> const Element* {
+        const int64_t t = s_tok[r];
+        if (t < 0) return nullptr;
+        return base + (si.row0 + t) * row_stride + (hkv * G + (f0 + r) % G) * head_stride;
+      };
+    };
+    load_rows_async<kBlockM, kDk, kThreads>(sQ, query_row(q, p.q_row_stride, p.q_head_stride),
+                                            static_cast<const Element*>(p.q), tid);
+    load_rows_async<kBlockM, kDv, kThreads>(sdO, query_row(dout, p.do_row_stride, p.do_head_stride),
+                                            static_cast<const Element*>(p.dout), tid);
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();  // Q, dO (and K, V) landed
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, tSrK, tSrQ, tSsK, tSsQ, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    clear(acc_dp);
+    gemm_ss(acc_dp, tdPrV, tdPrdO, tdPsV, tdPsdO, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+
+    Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
+      const int r = get<0>(tScS_rc(mi, ni)), c = get<1>(tScS_rc(mi, ni));
+      return ElemInfo{r >= s_lo[c] && r < s_hi[c], s_lse2[c], s_delta[c]};
+    });
+
+    Tensor rP = make_tensor<Element>(acc_s.layout());
+    convert_fragment(acc_s, rP);
+    Tensor tdVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+    gemm_rs(acc_dv, tdVrP, tdVrdOt, tdVsdOt, mma, copy_bt, thr_copy_bt);
+    Tensor rdS = make_tensor<Element>(acc_dp.layout());
+    convert_fragment(acc_dp, rdS);
+    Tensor tdKrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
+    gemm_rs<Traits::kPrefetchWideB>(acc_dk, tdKrdS, tdKrQt, tdKsQt, mma, copy_bt, thr_copy_bt);
+  }
+
+  // Every owned key row is written, zeros where no query saw it.
+#pragma unroll
+  for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= float(p.scale);
+  Element* dk_b = dk + si.batch * p.dk_batch_stride + hkv * p.dk_head_stride;
+  Element* dv_b = dv + si.batch * p.dv_batch_stride + hkv * p.dv_head_stride;
+  // Staged through sK / sV (kBlockN rows; K and V are no longer read).
+  store_acc_rows<kBlockN, kDk, kThreads, Element>(acc_dk, sK, thr_mma, tid, [&](int r) -> Element* {
+    return kb + r < ke ? dk_b + (key_row0 + kb + r) * p.dk_row_stride : nullptr;
+  });
+  store_acc_rows<kBlockN, kDv, kThreads, Element>(acc_dv, sV, thr_mma, tid, [&](int r) -> Element* {
+    return kb + r < ke ? dv_b + (key_row0 + kb + r) * p.dv_row_stride : nullptr;
+  });
+}
+
+// --- launchers ----------------------------------------------------------------
+inline void check_grid(int64_t x, const AttnBwdParams& p, int64_t z, const char* what) {
+  if (x > INT32_MAX || p.num_heads_kv > 65535 || z > 65535)
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
+}
+
+template <class Traits, class Schedule, class QSchedule>
+void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
+                     const char* what) {
+  using Element = typename Traits::Element;
+  if (p.num_heads_kv == 0 || p.num_seqs == 0 || p.seqlen == 0) return;
+  // Varlen: one more z slice zeroes the padding rows owned by no sequence.
+  const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
+
+  const int64_t warps = p.seqlen * p.num_heads_q;
+  const int64_t delta_blocks = (warps + 3) / 4;
+  check_grid(delta_blocks, p, p.num_seqs, what);
+  attn_bwd_delta_kernel<Element, Traits::kDv>
+      <<<dim3(unsigned(delta_blocks), 1, unsigned(p.num_seqs)), 128, 0, stream>>>(p, ws);
+  check_launch(what);
+
+  const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
+  check_grid(m_blocks, p, z, what);
+  const int smem_dq = Traits::kSmemStreamTiles + Schedule::smem_bytes(p);
+  auto dq_kernel = attn_bwd_dq_kernel<Traits, Schedule>;
+  set_smem_limit(dq_kernel, smem_dq, what);
+  dq_kernel<<<dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
+              smem_dq, stream>>>(p, ws);
+  check_launch(what);
+
+  int64_t n_blocks = QSchedule::key_tiles(p);
+  // No key tile (no complete compressed block): varlen still zeroes the padding rows.
+  if (n_blocks == 0 && p.cu_seqlens != nullptr && p.k_rows > 0) n_blocks = 1;
+  if (n_blocks == 0) return;
+  check_grid(n_blocks, p, z, what);
+  const int smem_dkv = Traits::kSmemDkv;
+  auto dkv_kernel = attn_bwd_dkdv_kernel<Traits, QSchedule>;
+  set_smem_limit(dkv_kernel, smem_dkv, what);
+  dkv_kernel<<<dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
+               smem_dkv, stream>>>(p, ws);
+  check_launch(what);
+}
+
+template <int kDk, int kDv, DType kDType>
+void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream) {
+  using Traits = AttnBwdTraits<kDk, kDv, typename ElementOf<kDType>::type>;
+  constexpr int kN = Traits::kBlockN;  // keys per dk/dv CTA
+  constexpr int kS = Traits::kBlockS;  // keys per dq KV tile
+  switch (p.branch) {
+    case Branch::kCompressed:
+      launch_attn_bwd<Traits, CompressedSchedule<kS>, CompressedQuerySchedule<kN>>(
+          p, ws, stream, "compressed_attn_bwd");
+      break;
+    case Branch::kSelected:
+      launch_attn_bwd<Traits, SelectedSchedule<Traits::kBlockM, kS, Traits::kThreads>,
+                      SelectedQuerySchedule<kN>>(p, ws, stream, "selected_attn_bwd");
+      break;
+    case Branch::kWindow:
+      launch_attn_bwd<Traits, WindowSchedule<kS>, WindowQuerySchedule<kN>>(p, ws, stream,
+                                                                          "window_attn_bwd");
+      break;
+  }
+}
+
+}  // namespace nsa::cuda
