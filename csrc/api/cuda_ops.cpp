@@ -228,6 +228,9 @@ void dispatch_attn_bwd(const AttnBwdParams& p, DType dt, cudaStream_t s, const c
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// The kernels' dtype (check_support has already refused anything but fp16/bf16).
+DType dtype_of(at::ScalarType t) { return t == at::kBFloat16 ? DType::kBf16 : DType::kFp16; }
+
 struct CudaBackend {
   static constexpr bool kHasBackward = true;
 
@@ -253,41 +256,31 @@ struct CudaBackend {
   static void fresh(const at::Tensor& t) { poison(t); }
 
   static void attn_fwd(const AttnFwdParams& p, at::ScalarType t) {
-    dispatch_attn(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(), "attn_fwd");
+    dispatch_attn(p, dtype_of(t), current_stream(), "attn_fwd");
   }
   static void select_blocks(const SelectParams& p, at::ScalarType t) {
-    dispatch_select(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
-                    "select_blocks");
-  }
-  static void mean_compress(const CompressParams& p, at::ScalarType t) {
-    run_kernel("mean_compress", [&] {
-      nsa::cuda::run_mean_compress(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
-                                   current_stream());
-    });
-  }
-  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
-    dispatch_attn_decode(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
-                         "attn_decode");
-  }
-  static void select_blocks_decode(const SelectParams& p, at::ScalarType t) {
-    dispatch_select_decode(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
-                           "select_blocks_decode");
-  }
-  static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
-    run_kernel("update_cmp_cache", [&] {
-      nsa::cuda::run_update_cmp_cache(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
-                                      current_stream());
-    });
+    dispatch_select(p, dtype_of(t), current_stream(), "select_blocks");
   }
   static void attn_bwd(const AttnBwdParams& p, at::ScalarType t) {
-    dispatch_attn_bwd(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16, current_stream(),
-                      "attn_bwd");
+    dispatch_attn_bwd(p, dtype_of(t), current_stream(), "attn_bwd");
+  }
+  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
+    dispatch_attn_decode(p, dtype_of(t), current_stream(), "attn_decode");
+  }
+  static void select_blocks_decode(const SelectParams& p, at::ScalarType t) {
+    dispatch_select_decode(p, dtype_of(t), current_stream(), "select_blocks_decode");
+  }
+  // Mean compression, its gradient and the cache update take the dtype at run time.
+  static void mean_compress(const CompressParams& p, at::ScalarType t) {
+    run_kernel("mean_compress", [&] { nsa::cuda::run_mean_compress(p, dtype_of(t), current_stream()); });
   }
   static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
-    run_kernel("mean_compress_bwd", [&] {
-      nsa::cuda::run_mean_compress_bwd(p, t == at::kBFloat16 ? DType::kBf16 : DType::kFp16,
-                                       current_stream());
-    });
+    run_kernel("mean_compress_bwd",
+               [&] { nsa::cuda::run_mean_compress_bwd(p, dtype_of(t), current_stream()); });
+  }
+  static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
+    run_kernel("update_cmp_cache",
+               [&] { nsa::cuda::run_update_cmp_cache(p, dtype_of(t), current_stream()); });
   }
 };
 

@@ -72,32 +72,36 @@ __global__ void __launch_bounds__(128) update_cmp_cache_kernel(const CompressPar
   }
 }
 
+// Launches `kernel(tag)` (a lambda that instantiates the kernel for the element
+// type of `tag`) on a (rows, batch) grid of 128-thread CTAs.
+template <class Launch>
+void launch_rows(const char* what, int64_t rows, int64_t batch, DType dtype, Launch launch) {
+  if (rows > INT32_MAX || batch > 65535)
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
+  const dim3 grid{unsigned(rows), unsigned(batch)};
+  if (dtype == DType::kFp16)
+    launch(cutlass::half_t{}, grid);
+  else
+    launch(cutlass::bfloat16_t{}, grid);
+  check_launch(what);
+}
+
 void run_update_cmp_cache(const CompressParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows_out == 0 || p.batch == 0 || p.num_new <= 0 || p.num_heads * p.head_dim == 0) return;
   // Blocks completing while a sequence grows by num_new tokens: their ends
   // i*d + l - 1 are d apart, so at most ceil(num_new / d) of them (+1 spare).
   const int64_t max_blocks = std::min<int64_t>((p.num_new + p.cmp_stride - 1) / p.cmp_stride + 1,
                                                p.rows_out);
-  if (max_blocks > INT32_MAX || p.batch > 65535)
-    throw std::runtime_error("nsa_cuda: update_cmp_cache: problem too large for the grid");
-  dim3 grid(unsigned(max_blocks), unsigned(p.batch));
-  if (dtype == DType::kFp16)
-    update_cmp_cache_kernel<cutlass::half_t><<<grid, 128, 0, stream>>>(p);
-  else
-    update_cmp_cache_kernel<cutlass::bfloat16_t><<<grid, 128, 0, stream>>>(p);
-  check_launch("update_cmp_cache");
+  launch_rows("update_cmp_cache", max_blocks, p.batch, dtype, [&](auto tag, const dim3& grid) {
+    update_cmp_cache_kernel<decltype(tag)><<<grid, 128, 0, stream>>>(p);
+  });
 }
 
 void run_mean_compress(const CompressParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows_out == 0 || p.batch == 0 || p.num_heads * p.head_dim == 0) return;
-  if (p.rows_out > INT32_MAX || p.batch > 65535)
-    throw std::runtime_error("nsa_cuda: mean_compress: problem too large for the grid");
-  dim3 grid(unsigned(p.rows_out), unsigned(p.batch));
-  if (dtype == DType::kFp16)
-    mean_compress_kernel<cutlass::half_t><<<grid, 128, 0, stream>>>(p);
-  else
-    mean_compress_kernel<cutlass::bfloat16_t><<<grid, 128, 0, stream>>>(p);
-  check_launch("mean_compress");
+  launch_rows("mean_compress", p.rows_out, p.batch, dtype, [&](auto tag, const dim3& grid) {
+    mean_compress_kernel<decltype(tag)><<<grid, 128, 0, stream>>>(p);
+  });
 }
 
 // Gradient: token r of a sequence receives d out[i] / l from every block i with
@@ -140,14 +144,9 @@ __global__ void __launch_bounds__(128) mean_compress_bwd_kernel(const CompressPa
 
 void run_mean_compress_bwd(const CompressParams& p, DType dtype, cudaStream_t stream) {
   if (p.seqlen == 0 || p.batch == 0 || p.num_heads * p.head_dim == 0) return;
-  if (p.seqlen > INT32_MAX || p.batch > 65535)
-    throw std::runtime_error("nsa_cuda: mean_compress_bwd: problem too large for the grid");
-  dim3 grid(unsigned(p.seqlen), unsigned(p.batch));
-  if (dtype == DType::kFp16)
-    mean_compress_bwd_kernel<cutlass::half_t><<<grid, 128, 0, stream>>>(p);
-  else
-    mean_compress_bwd_kernel<cutlass::bfloat16_t><<<grid, 128, 0, stream>>>(p);
-  check_launch("mean_compress_bwd");
+  launch_rows("mean_compress_bwd", p.seqlen, p.batch, dtype, [&](auto tag, const dim3& grid) {
+    mean_compress_bwd_kernel<decltype(tag)><<<grid, 128, 0, stream>>>(p);
+  });
 }
 
 void check_launch(const char* what) {
