@@ -11,7 +11,11 @@
 # device call of at most 600 s holds it). Each step gets at most its own cap and what
 # is left of the budget minus a reserve for the record; a step with no time left is
 # recorded as skipped.
-# Environment: NSA_TEST_ARGS (extra pytest args, e.g. "-k 'not slow'"),
+# Order: wheels, build, tests (fast), memcheck, racecheck, slow tests (8k/32k), bench:
+# what the issues need first. NSA_STEPS picks steps (default
+# "wheels,build,tests,sanitizer,slow,bench"), so a second call on the same warm
+# machine can run what the first had no time for (the build is then a no-op).
+# Environment: NSA_TEST_ARGS (extra pytest args for both test steps),
 # NSA_BUDGET_S (total seconds, default 540), NSA_STEP_TIMEOUT (cap per step, default 300),
 # NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
 # NSA_BENCH_LENGTHS (--lengths, default 8192,32768,65536),
@@ -27,6 +31,8 @@ T_STEP=${NSA_STEP_TIMEOUT:-300}
 START=$(date +%s)
 DEADLINE=$(( START + ${NSA_BUDGET_S:-540} ))
 RESERVE=15  # seconds kept for the record and the summary
+STEPS=",${NSA_STEPS:-wheels,build,tests,sanitizer,slow,bench},"
+want() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 export PYTHONUNBUFFERED=1
 STATUS="$OUT/steps.txt"
 : > "$STATUS"
@@ -52,7 +58,9 @@ step() {  # step NAME LOGFILE CAP_SECONDS CMD...
 }
 
 # 1. Wheels (no network): into a private site dir on PYTHONPATH.
-if ls bench/wheels/*.whl > /dev/null 2>&1; then
+if ! want wheels; then
+  echo "wheels rc=not-requested" >> "$STATUS"
+elif ls bench/wheels/*.whl > /dev/null 2>&1; then
   step wheels wheels.log 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/nsa_site bench/wheels/*.whl
   export PYTHONPATH=/tmp/nsa_site${PYTHONPATH:+:$PYTHONPATH}
@@ -63,32 +71,37 @@ fi
 # 2. Build for this device only.
 ARCH=$("$PY" -c "import torch; ma, mi = torch.cuda.get_device_capability(); print('90a' if (ma, mi) == (9, 0) else f'{ma}{mi}')" 2>/dev/null || echo 90a)
 echo "arch=$ARCH" >> "$STATUS"
-step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
+want build && step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
   "$PY" setup.py build_ext --inplace
 
 # 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise): every test file
 # with CUDA cases (the decode and layer files also run their fast CPU cases).
 CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_decode.py tests/test_layer.py"}
-step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+want tests && step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m 'not slow' --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.
-if command -v compute-sanitizer > /dev/null 2>&1; then
+if ! want sanitizer; then
+  echo "sanitizer rc=not-requested" >> "$STATUS"
+elif command -v compute-sanitizer > /dev/null 2>&1; then
   step memcheck memcheck.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_case.py
   step racecheck racecheck.log 90 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" bench/sanitize_case.py
 else
   echo "sanitizer rc=skipped (no compute-sanitizer)" >> "$STATUS"
 fi
 
-# 5. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
+# 5. The long cases (8k and 32k tokens, paper shapes).
+want slow && step slow slow.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m slow --junitxml=\"$OUT/junit_slow.xml\" ${NSA_TEST_ARGS:-}"
+
+# 6. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
 # FlexAttention, fla). It rewrites bench.json after every row, so a timeout still
 # leaves the rows measured so far. Plots go to $OUT/plots.
 BENCH_CAP=$(left); [ "$BENCH_CAP" -gt "$T_STEP" ] && BENCH_CAP=$T_STEP
 BENCH_BUDGET=${NSA_BENCH_BUDGET:-$(( BENCH_CAP - 30 ))}
-step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
+want bench && step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
   --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"$BENCH_BUDGET\" \
   --json \"$OUT/bench.json\" --plots \"$OUT/plots\" ${NSA_BENCH_ARGS:-}"
 
-# 6. The record and the summary.
+# 7. The record and the summary.
 "$PY" - "$OUT" <<'PYEOF'
 import datetime, json, os, re, subprocess, sys
 out = sys.argv[1]
@@ -112,9 +125,15 @@ try:
 except Exception:
     pass
 try:
+    import glob
     import xml.etree.ElementTree as ET
-    root = ET.parse(os.path.join(out, "junit.xml")).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root)
+    files = sorted(glob.glob(os.path.join(out, "junit*.xml")))
+    if not files:
+        raise FileNotFoundError("no junit*.xml in " + out)
+    suites = []
+    for f in files:
+        root = ET.parse(f).getroot()
+        suites += [root] if root.tag == "testsuite" else list(root)
     tot = sum(int(s.get("tests", 0)) for s in suites)
     fail = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
     skip = sum(int(s.get("skipped", 0)) for s in suites)
