@@ -628,8 +628,8 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
     """Latency of one decode step (S = 1) at context length T, batch B: the new token is
     appended at row T - 1 of caches of capacity T (its compressed block, if it completes
     one, is written), then NSA decodes; against dense decoding with torch SDPA over the
-    same cache (GQA, all T keys). Rows: nsa_cuda.decode (eager: includes the cache-room
-    check's device sync), nsa_cuda.decode.graph (the same call replayed from a CUDA graph,
+    same cache (GQA, all T keys). Rows: nsa_cuda.decode (eager, with a host-side length
+    bound: no device sync), nsa_cuda.decode.graph (the same call replayed from a CUDA graph,
     CUDA only), sdpa.decode. Caches that do not fit in free memory skip their rows."""
     base = dict(shape=s.name, T=T, B=B, S=1, Hq=s.Hq, Hkv=s.Hkv, Dk=s.Dk, Dv=s.Dv,
                 dtype=str(dtype).replace("torch.", ""), device=device,
@@ -674,11 +674,11 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
         x = sets[i]
         return nsa_cuda.sparse_attn_with_kvcache(
             x["q"], x["k"], x["v"], x["kc"], x["vc"], x["lens"], x["k_new"], x["v_new"],
-            g_cmp=x["g"], g_slc=x["g"], g_win=x["g"], **kw)
+            g_cmp=x["g"], g_slc=x["g"], g_win=x["g"], max_cache_seqlen=T - 1, **kw)
 
     note = f"decode step, S=1, {nsets} cache set(s) rotated"
     run.add(base, "nsa_cuda.decode", "decode", nsa_step, nsets=nsets,
-            note=note + "; eager (includes the cache-room check's device sync)")
+            note=note + "; eager, host-side length bound (no device sync)")
     if cuda:
         try:
             graph = None

@@ -139,7 +139,8 @@ def main(argv=None):
     q1 = q.detach()[:, -1:]
     g1 = [g.detach()[:, -1:] for g in gates]
     nsa_dec = _time(lambda: nsa_cuda.sparse_attn_with_kvcache(
-        q1, kc, vc, k_cmp, v_cmp, lens, g_cmp=g1[0], g_slc=g1[1], g_win=g1[2], **settings),
+        q1, kc, vc, k_cmp, v_cmp, lens, g_cmp=g1[0], g_slc=g1[1], g_win=g1[2],
+        max_cache_seqlen=T, **settings),
         device, args.repeats)
     q1s = q1.transpose(1, 2)
     dense_dec = _time(lambda: F.scaled_dot_product_attention(q1s, ks.detach(), vs.detach(),

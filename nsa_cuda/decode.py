@@ -43,12 +43,24 @@ def _capacity_checkable(t: Tensor) -> bool:
     return True
 
 
-def check_cache_room(cache_seqlens: Tensor, num_new: int, capacity: int) -> None:
+def check_cache_room(cache_seqlens: Tensor, num_new: int, capacity: int,
+                     max_cache_seqlen: Optional[int] = None) -> None:
     """Raises when a batch entry's cache cannot take ``num_new`` more tokens.
 
-    This reads ``cache_seqlens`` (one device sync on CUDA). It is skipped under
-    torch.compile and during CUDA-graph capture; the kernels then clamp reads to the
-    capacity, so a full cache cannot make them read out of bounds."""
+    With ``max_cache_seqlen`` (a host-side bound on ``cache_seqlens``) the check costs
+    nothing. Without it, it reads ``cache_seqlens`` (one device sync on CUDA), except
+    under torch.compile and during CUDA-graph capture, where it is skipped; the
+    kernels then clamp reads to the capacity, so a full cache cannot make them read
+    out of bounds."""
+    if max_cache_seqlen is not None:
+        if isinstance(max_cache_seqlen, bool) or not isinstance(max_cache_seqlen, int):
+            raise TypeError(f"max_cache_seqlen must be an int, got {type(max_cache_seqlen).__name__}")
+        if max_cache_seqlen + num_new > capacity:
+            raise ValueError(
+                f"KV cache full: the longest sequence holds up to {max_cache_seqlen} tokens "
+                f"(max_cache_seqlen) and {num_new} new ones do not fit in a cache of capacity "
+                f"{capacity}; allocate a larger cache or start a new sequence")
+        return
     if not _capacity_checkable(cache_seqlens):
         return
     lens = cache_seqlens.tolist()
@@ -152,7 +164,8 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
                              slc_num_blocks: int = 16, slc_init_blocks: int = 1,
                              slc_local_blocks: int = 2, window_size: int = 512,
                              scale: Optional[float] = None, update_cmp_cache: bool = True,
-                             block_indices: Optional[Tensor] = None, return_aux: bool = False):
+                             block_indices: Optional[Tensor] = None,
+                             max_cache_seqlen: Optional[int] = None, return_aux: bool = False):
     """NSA for new tokens against a KV cache (decoding, speculative decoding).
 
     Args:
@@ -170,6 +183,8 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
             the new tokens complete into the compressed caches. Pass ``False`` when the
             caller maintains them (a learned compression, as NativeSparseAttention does).
         block_indices: ``[B, S, Hkv, n]`` to skip selection.
+        max_cache_seqlen: a host-side upper bound on ``cache_seqlens`` (before the
+            append). With it the capacity check needs no device sync.
         The NSA settings and ``scale`` are those of ``sparse_attn``.
 
     Returns ``o [B, S, Hq, Dv]``, or ``(o, aux)`` with ``return_aux=True``.
@@ -177,8 +192,9 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
     The query ``i`` of batch entry ``b`` is at position ``L_b - S + i`` where ``L_b`` is
     the length after the append, and sees exactly what that position sees in
     ``sparse_attn`` over the whole sequence. A call that would overflow a cache
-    raises ``ValueError`` (a device sync on CUDA; skipped under torch.compile and
-    CUDA-graph capture, where the kernels clamp to the capacity instead).
+    raises ``ValueError``. Without ``max_cache_seqlen`` that check is a device sync on
+    CUDA; it is skipped under torch.compile and CUDA-graph capture, where the kernels
+    clamp to the capacity instead.
     """
     check_decode_queries(q)
     g, dk, dv = check.qkv(q, k_cache, v_cache, "k_cache", "v_cache")
@@ -203,7 +219,7 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
                                  f"got {tuple(new.shape)}")
             check.dtype(name, new, q)
             check.same_device(q=q, **{name: new})
-        check_cache_room(cache_seqlens, S, capacity)
+        check_cache_room(cache_seqlens, S, capacity, max_cache_seqlen)
         append_to_cache(k_cache, k_new, cache_seqlens)
         append_to_cache(v_cache, v_new, cache_seqlens)
         if update_cmp_cache:
@@ -211,7 +227,7 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
                 ops.update_cmp_cache(x, x_cmp, cache_seqlens, S, cmp_block_size, cmp_stride)
         seqlens_k = cache_seqlens + S
     else:
-        check_cache_room(cache_seqlens, 0, capacity)
+        check_cache_room(cache_seqlens, 0, capacity, max_cache_seqlen)
         seqlens_k = cache_seqlens
     o, aux = decode_branches(
         q, k_cache, v_cache, k_cache, v_cache, k_cmp_cache, v_cmp_cache,

@@ -94,6 +94,7 @@ class NSACache:
         self.v_cmp = torch.zeros(batch_size, rows, hkv, dv, device=device, dtype=dtype)
         self.seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
         self.empty = True  # host-side: the next call may prefill
+        self.max_len = 0   # host-side bound on seqlens: capacity checks without a sync
 
     @property
     def batch_size(self) -> int:
@@ -103,6 +104,7 @@ class NSACache:
         """Empties the cache (keeps its memory)."""
         self.seqlens.zero_()
         self.empty = True
+        self.max_len = 0
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -445,6 +447,7 @@ class NativeSparseAttention(nn.Module):
             cache.v_cmp[cmp_seq, block] = x.v_cmp[0][valid]
             cache.seqlens.copy_(lens)
         cache.empty = False
+        cache.max_len = longest
         return self._output(o, hidden_states)
 
     def _kv_sets(self, hidden_states: Tensor, pos: Tensor, dtype: torch.dtype):
@@ -487,7 +490,7 @@ class NativeSparseAttention(nn.Module):
             raise ValueError(f"a decoding step takes 1 to {decode.MAX_DECODE_TOKENS} new tokens "
                              f"per sequence, got {S}; prompts go in the first call, on an empty "
                              "cache (cache.reset() empties it)")
-        decode.check_cache_room(cache.seqlens, S, cache.capacity)
+        decode.check_cache_room(cache.seqlens, S, cache.capacity, cache.max_len)
         old_lens = cache.seqlens
         pos = old_lens.to(torch.long)[:, None] + torch.arange(S, device=hidden_states.device)
         q = self._rope(self.q_proj(hidden_states).view(B, S, self.num_heads, self.head_dim), pos)
@@ -510,4 +513,5 @@ class NativeSparseAttention(nn.Module):
             slc_init_blocks=self.slc_init_blocks, slc_local_blocks=self.slc_local_blocks,
             window_size=self.window_size, scale=self.scale)
         cache.seqlens.copy_(new_lens)
+        cache.max_len += S
         return self._output(o, hidden_states)

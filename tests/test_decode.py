@@ -109,6 +109,21 @@ def test_varying_lengths_in_one_batch(cfg):
         assert_close_exact(o[b:b + 1], o_ref[:, p:p + S], f"batch entry {b}")
 
 
+def test_host_bound_on_lengths():
+    """max_cache_seqlen replaces the read of cache_seqlens; the result is the same."""
+    cfg = SMALL
+    inp = make_inputs(cfg, seed=19)
+    outs = []
+    for bound in (None, 6):
+        caches = empty_caches(cfg, capacity=cfg.T)
+        lens = torch.tensor([6, 2], dtype=torch.int32)
+        for b, n in enumerate(lens.tolist()):
+            caches["k_cache"][b, :n] = inp["k"][b, :n]
+            caches["v_cache"][b, :n] = inp["v"][b, :n]
+        outs.append(decode_step(cfg, caches, lens, inp, 6, 2, max_cache_seqlen=bound)[0])
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_caches_already_hold_the_new_tokens():
     """Without k_new/v_new the caches are read as they are: cache_seqlens counts the
     new tokens, and nothing is written."""
@@ -158,6 +173,12 @@ def test_full_cache_raises():
     with pytest.raises(ValueError, match="KV cache full: batch entry 0 holds 8 tokens"):
         decode_step(cfg, caches, lens, inp, 0, 4)
     assert caches["k_cache"].abs().sum() == 0  # nothing was written
+    # a host-side bound checks the same without reading cache_seqlens
+    with pytest.raises(ValueError, match="KV cache full: the longest sequence holds up to 8"):
+        decode_step(cfg, caches, lens, inp, 0, 4, max_cache_seqlen=8)
+    with pytest.raises(TypeError, match="max_cache_seqlen must be an int"):
+        decode_step(cfg, caches, lens, inp, 0, 1, max_cache_seqlen=8.0)
+    assert caches["k_cache"].abs().sum() == 0
     # the ops' own guard, for callers that skip the Python checks
     with pytest.raises(RuntimeError, match="more than its cache holds"):
         ops.window_attn_decode(inp["q"][:, :1], caches["k_cache"], caches["v_cache"],
