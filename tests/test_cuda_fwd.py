@@ -409,6 +409,18 @@ def test_unsupported_dtype():
         OPS.window_attn_fwd(q, q[:, :, :1], q[:, :, :1], None, 10, 4, 1.0)
 
 
+def test_selected_too_many_slots():
+    """Block lists beyond shared memory fail before the launch, naming the cause."""
+    T, n = 64, 4096  # 64 tokens' lists of 4096 int32 slots: 1 MiB, more than any GPU offers
+    q = rand(1, T, 2, 64, dtype=torch.float16)
+    k = rand(1, T, 1, 64, dtype=torch.float16)
+    bi = torch.full((1, T, 1, n), -1, dtype=torch.int32, device=DEV)
+    with pytest.raises(RuntimeError, match="shared memory.*slc_num_blocks"):
+        OPS.selected_attn_fwd(q, k, k, bi, None, T, 16, 1.0)
+    # the failure leaves nothing behind for the next launch to trip over
+    check_selected(q, k, k, random_block_indices(1, T, 1, 4, 16, seed=1), 16)
+
+
 # --------------------------------------------------------------------------- long (paper settings)
 
 @pytest.mark.slow

@@ -174,7 +174,7 @@ void launch_attn_fwd(const AttnFwdParams& p, cudaStream_t stream, const char* wh
     throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
   const int smem = Traits::kSmemAttn + Schedule::smem_bytes(p);
   auto kernel = attn_fwd_kernel<Traits, Schedule>;
-  set_smem_limit(kernel, smem, what);
+  set_smem_limit(kernel, smem, what, Schedule::smem_hint(p));
   dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
   kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
   check_launch(what);

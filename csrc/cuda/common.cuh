@@ -194,19 +194,28 @@ __device__ __forceinline__ SeqInfo token_seq_info(const int32_t* cu_seqlens, int
   return s;
 }
 
-// Sets the dynamic smem limit of `kernel` when it needs more than 48 KB.
+// Sets the dynamic smem limit of `kernel` when it needs more than 48 KB. A request
+// beyond what the device offers fails here, before the launch, with `hint` naming
+// the argument that sized it (e.g. slc_num_blocks for the selected branch).
 template <class Kernel>
-inline void set_smem_limit(Kernel kernel, int bytes, const char* what) {
-  if (bytes > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) {
-      // Clear the (non-sticky) error: left in the runtime's last-error slot it
-      // would surface in the next, unrelated launch check (ours or PyTorch's).
-      (void)cudaGetLastError();
-      throw std::runtime_error(std::string("nsa_cuda: ") + what + ": cannot use " +
-                               std::to_string(bytes) + " bytes of shared memory: " +
-                               cudaGetErrorString(e));
-    }
+inline void set_smem_limit(Kernel kernel, int bytes, const char* what, const std::string& hint = "") {
+  if (bytes <= 48 * 1024) return;
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+      bytes > optin) {
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block but this device allows " +
+                             std::to_string(optin) + (hint.empty() ? "" : "; " + hint));
+  }
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) {
+    // Clear the (non-sticky) error: left in the runtime's last-error slot it
+    // would surface in the next, unrelated launch check (ours or PyTorch's).
+    (void)cudaGetLastError();
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": cannot use " +
+                             std::to_string(bytes) + " bytes of shared memory: " +
+                             cudaGetErrorString(e) + (hint.empty() ? "" : "; " + hint));
   }
 }
 

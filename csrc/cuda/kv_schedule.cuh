@@ -29,6 +29,7 @@ struct CompressedSchedule {
   int64_t l, d, avail, n_end, unmasked_end, cur, row0;
 
   static int smem_bytes(const AttnFwdParams&) { return 0; }
+  static std::string smem_hint(const AttnFwdParams&) { return ""; }
 
   __device__ static SeqInfo seq(const AttnFwdParams& p, int64_t s) {
     return nsa::seq_info(p.cu_seqlens, s, p.seqlen, p.cmp_block_size, p.cmp_stride);
@@ -72,6 +73,7 @@ struct WindowSchedule {
   int64_t w, cur, n_end, full_lo, full_hi, row0;
 
   static int smem_bytes(const AttnFwdParams&) { return 0; }
+  static std::string smem_hint(const AttnFwdParams&) { return ""; }
 
   __device__ static SeqInfo seq(const AttnFwdParams& p, int64_t s) {
     return token_seq_info(p.cu_seqlens, s, p.seqlen);
@@ -120,6 +122,12 @@ struct SelectedSchedule {
 
   static int smem_bytes(const AttnFwdParams& p) {
     return int(kBlockM * p.slc_num_blocks + kWarps) * int(sizeof(int32_t));
+  }
+  // The block lists grow with n; say so when they are what overflows.
+  static std::string smem_hint(const AttnFwdParams& p) {
+    return "the selected branch keeps " + std::to_string(kBlockM) + " tokens' block lists (" +
+           std::to_string(p.slc_num_blocks) + " slots each, the slc_num_blocks / block_indices' last "
+           "dimension) in shared memory: use fewer selected blocks";
   }
 
   __device__ static SeqInfo seq(const AttnFwdParams& p, int64_t s) {
