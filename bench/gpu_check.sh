@@ -3,10 +3,15 @@
 # carried wheels (bench/wheels/), build the extension for this device's arch only,
 # run the CUDA tests (forward and backward), compute-sanitizer memcheck/racecheck on a
 # small case of each kernel (backward included), time the forward and backward;
-# write logs and ONE JSON record to $OUT/record.json and print a summary table last.
+# write ONE JSON record to $OUT/record.json and print a summary table last.
 # Every step is guarded: a failure still gives a record.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        (OUT defaults to bench/out)
+# What $OUT holds (the device tool brings back at most 8 files, at most 2 folders
+# down): record.json, summary.txt, logs.tar.gz (every log, junit XML and bench.json,
+# repacked after each step so a killed run still returns its finished steps' logs) and
+# plots/*.png. The logs themselves are written to NSA_LOG_DIR (default a fresh folder
+# under /tmp), outside $OUT.
 # Time: the whole script keeps to NSA_BUDGET_S seconds (default 540, so that one
 # device call of at most 600 s holds it). Each step gets at most its own cap and what
 # is left of the budget minus a reserve for the record; a step with no time left is
@@ -26,6 +31,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-$ROOT/bench/out}
 mkdir -p "$OUT"
+LOGS=${NSA_LOG_DIR:-/tmp/nsa_gpu_check_logs}
+rm -rf "$LOGS" && mkdir -p "$LOGS"
 PY=${PYTHON:-python3}
 T_STEP=${NSA_STEP_TIMEOUT:-300}
 START=$(date +%s)
@@ -34,7 +41,7 @@ RESERVE=15  # seconds kept for the record and the summary
 STEPS=",${NSA_STEPS:-wheels,build,tests,sanitizer,slow,bench},"
 want() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 export PYTHONUNBUFFERED=1
-STATUS="$OUT/steps.txt"
+STATUS="$LOGS/steps.txt"
 : > "$STATUS"
 
 left() { echo $(( DEADLINE - RESERVE - $(date +%s) )); }
@@ -46,15 +53,34 @@ step() {  # step NAME LOGFILE CAP_SECONDS CMD...
   [ "$cap" -gt "$T_STEP" ] && cap=$T_STEP
   [ "$budget" -lt "$cap" ] && cap=$budget
   if [ "$cap" -lt 5 ]; then
-    echo "$name rc=skipped (time budget spent)" | tee -a "$STATUS" "$OUT/gpu_check.log"
+    echo "$name rc=skipped (time budget spent)" | tee -a "$STATUS" "$LOGS/gpu_check.log"
     return 0
   fi
-  echo "=== $name (at most ${cap}s): $*" | tee -a "$OUT/gpu_check.log"
-  timeout -k 5 "$cap" "$@" > "$OUT/$log" 2>&1
+  echo "=== $name (at most ${cap}s): $*" | tee -a "$LOGS/gpu_check.log"
+  timeout -k 5 "$cap" "$@" > "$LOGS/$log" 2>&1
   local rc=$?
   [ $rc -eq 124 ] && rc="124(timeout)"
-  echo "$name rc=$rc secs=$(( $(date +%s) - t0 ))" | tee -a "$STATUS" "$OUT/gpu_check.log"
+  echo "$name rc=$rc secs=$(( $(date +%s) - t0 ))" | tee -a "$STATUS" "$LOGS/gpu_check.log"
+  pack_logs
   return 0
+}
+
+# $OUT/logs.tar.gz from $LOGS. A log over 8 MB (a sanitizer flooding errors, say)
+# keeps its first and last 4 MB, so the archive stays under the 16 MB a file may have.
+pack_logs() {
+  local stage="$LOGS.pack" f
+  rm -rf "$stage" && mkdir -p "$stage"
+  for f in "$LOGS"/*; do
+    [ -f "$f" ] || continue
+    if [ "$(stat -c %s "$f")" -gt 8388608 ]; then
+      { head -c 4194304 "$f"; printf '\n[... truncated by gpu_check.sh ...]\n'; tail -c 4194304 "$f"; } \
+        > "$stage/$(basename "$f")"
+    else
+      cp "$f" "$stage/"
+    fi
+  done
+  tar -czf "$OUT/logs.tar.gz.tmp" -C "$stage" . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+  rm -rf "$stage"
 }
 
 # 1. Wheels (no network): into a private site dir on PYTHONPATH.
@@ -77,7 +103,7 @@ want build && step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_
 # 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise): every test file
 # with CUDA cases (the decode and layer files also run their fast CPU cases).
 CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_decode.py tests/test_layer.py"}
-want tests && step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m 'not slow' --junitxml=\"$OUT/junit.xml\" ${NSA_TEST_ARGS:-}"
+want tests && step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m 'not slow' --junitxml=\"$LOGS/junit.xml\" ${NSA_TEST_ARGS:-}"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if ! want sanitizer; then
@@ -90,7 +116,7 @@ else
 fi
 
 # 5. The long cases (8k and 32k tokens, paper shapes).
-want slow && step slow slow.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m slow --junitxml=\"$OUT/junit_slow.xml\" ${NSA_TEST_ARGS:-}"
+want slow && step slow slow.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m slow --junitxml=\"$LOGS/junit_slow.xml\" ${NSA_TEST_ARGS:-}"
 
 # 6. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
 # FlexAttention, fla). It rewrites bench.json after every row, so a timeout still
@@ -99,12 +125,12 @@ BENCH_CAP=$(left); [ "$BENCH_CAP" -gt "$T_STEP" ] && BENCH_CAP=$T_STEP
 BENCH_BUDGET=${NSA_BENCH_BUDGET:-$(( BENCH_CAP - 30 ))}
 want bench && step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
   --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"$BENCH_BUDGET\" \
-  --json \"$OUT/bench.json\" --plots \"$OUT/plots\" ${NSA_BENCH_ARGS:-}"
+  --json \"$LOGS/bench.json\" --plots \"$OUT/plots\" ${NSA_BENCH_ARGS:-}"
 
 # 7. The record and the summary.
-"$PY" - "$OUT" <<'PYEOF'
+"$PY" - "$OUT" "$LOGS" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt.tmp"
 import datetime, json, os, re, subprocess, sys
-out = sys.argv[1]
+dest, out = sys.argv[1], sys.argv[2]
 rec = {"commit": None, "device": None, "torch": None, "date": datetime.datetime.now().isoformat(timespec="seconds"),
        "tests": {"passed": 0, "failed": 0, "skipped": 0}, "sanitizer": {"errors": None}, "bench": [], "steps": {}}
 try:
@@ -157,7 +183,7 @@ try:
 except Exception as e:
     rec["bench"] = []
     rec["bench_error"] = str(e)
-json.dump(rec, open(os.path.join(out, "record.json"), "w"), indent=1)
+json.dump(rec, open(os.path.join(dest, "record.json"), "w"), indent=1)
 print("\n==== summary ====")
 print(f"device {rec['device']}  torch {rec['torch']}  commit {rec['commit']}")
 for k, v in rec["steps"].items():
@@ -173,3 +199,5 @@ if rec["bench"]:
               f"{('%.1f' % tf) if isinstance(tf, (int, float)) else '':>7s} "
               f"{'' if isinstance(ms, (int, float)) else str(r.get('error'))[:80]}")
 PYEOF
+mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
+pack_logs
