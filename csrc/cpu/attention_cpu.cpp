@@ -18,11 +18,21 @@ namespace {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// Eight independent partial sums: a single running sum makes every multiply-add
+// wait for the previous one (and `omp simd reduction` was left scalar in some of
+// the inlined copies), which made the selected branch several times slower.
 template <typename acc_t, typename scalar_t>
 inline acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  constexpr int kLanes = 8;
+  acc_t part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) part[j] += a[i + j] * static_cast<acc_t>(b[i + j]);
+  }
   acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * static_cast<acc_t>(b[i]);
+  for (; i < n; ++i) s += a[i] * static_cast<acc_t>(b[i]);
+  for (int j = 0; j < kLanes; ++j) s += part[j];
   return s;
 }
 
@@ -31,6 +41,33 @@ inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * static_cast<acc_t>(x[i]);
 }
+
+// acc[c] += sum_r w[r] * x[r * stride + c]: the P.V product of one chunk. The output
+// columns stay in registers across the chunk's rows, where an axpy per row would
+// load and store all of acc once per key.
+template <typename acc_t, typename scalar_t>
+inline void accumulate_rows(const acc_t* w, const scalar_t* x, int64_t stride, int64_t rows,
+                            acc_t* acc, int64_t n) {
+  constexpr int kCols = 16;
+  int64_t c = 0;
+  for (; c + kCols <= n; c += kCols) {
+    acc_t blk[kCols];
+    for (int j = 0; j < kCols; ++j) blk[j] = acc[c + j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t wr = w[r];
+      const scalar_t* xr = x + r * stride + c;
+#pragma omp simd
+      for (int j = 0; j < kCols; ++j) blk[j] += wr * static_cast<acc_t>(xr[j]);
+    }
+    for (int j = 0; j < kCols; ++j) acc[c + j] = blk[j];
+  }
+  for (int64_t r = 0; r < rows; ++r) axpy(w[r], x + r * stride + c, acc + c, n - c);
+}
+
+// The j-th of n work items in an order that alternates between the two ends:
+// at::parallel_for hands each thread a contiguous range, and under a causal mask
+// later tokens cost more, so ranges of this order carry early and late tokens alike.
+inline int64_t zigzag(int64_t j, int64_t n) { return j % 2 == 0 ? j / 2 : n - 1 - j / 2; }
 
 // Maps a flat token index to its sequence, for parallel loops over all tokens.
 struct TokenMap {
@@ -152,7 +189,7 @@ void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo&
       for (int64_t r = 0; r < n; ++r) scores[r] = dot(q, view.k_row(s, r0 + r, kvh), dk);
       const acc_t rescale = softmax.absorb_chunk(scores, n);
       for (int64_t c = 0; c < dv; ++c) acc[c] *= rescale;
-      for (int64_t r = 0; r < n; ++r) axpy(scores[r], view.v_row(s, r0 + r, kvh), acc, dv);
+      accumulate_rows(scores, view.v_row(s, r0, kvh), p.v_row_stride, n, acc, dv);
     }
   });
 
@@ -169,18 +206,73 @@ void attn_fwd(const AttnFwdParams& p) {
   const TokenMap tokens = token_map(p);
   const Views<scalar_t> view{p};
   const int64_t rows = tokens.total * p.num_heads_q;
-  at::parallel_for(0, rows, rows_per_chunk(p), [&](int64_t begin, int64_t end) {
+  const int64_t chunk = rows_per_chunk(p), chunks = (rows + chunk - 1) / chunk;
+  // One chunk: the calling thread, no pool wake-up (see rows_per_chunk).
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_type<scalar_t>> scratch;
-    for (int64_t x = begin; x < end; ++x) {
-      const auto [seq, i] = tokens.locate(x / p.num_heads_q);
-      fwd_row(p, view, *seq, i, x % p.num_heads_q, scratch);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t c = zigzag(j, chunks);
+      for (int64_t x = c * chunk; x < std::min(rows, (c + 1) * chunk); ++x) {
+        const auto [seq, i] = tokens.locate(x / p.num_heads_q);
+        fwd_row(p, view, *seq, i, x % p.num_heads_q, scratch);
+      }
     }
   });
 }
 
-// Backward by (sequence, KV head): the task owns the dk/dv rows of its KV head
-// and the dq rows of the heads in its group, so no two tasks write the same
-// element and the result is the same whatever the thread count.
+// One query row's share of the backward: its dq row (written here) and its terms
+// of dk/dv, added to dk_acc/dv_acc (rows local to the sequence's keys).
+template <typename scalar_t>
+void bwd_row(const AttnBwdParams& p, const Views<scalar_t>& view, const SeqInfo& s, int64_t t,
+             int64_t h, std::vector<acc_type<scalar_t>>& scratch, double* dk_acc, double* dv_acc) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t dk = p.head_dim_qk, dv = p.head_dim_v, kvh = h / p.group;
+  scratch.assign(2 * dk + dv, acc_t(0));
+  acc_t* q = scratch.data();
+  acc_t* dq = q + dk;
+  acc_t* dout = dq + dk;
+  const acc_t lse = view.lse(s, t, h);
+  const scalar_t* do_src = row_ptr(static_cast<const scalar_t*>(p.dout), p.do_batch_stride,
+                                   p.do_row_stride, p.do_head_stride, s.batch, s.q_row0 + t, h);
+  const scalar_t* o_src = view.o_row(s, t, h);
+  // delta = d(loss)/d(lse) folded in: ds = p * (dp - (rowsum(o * do) - dlse)).
+  acc_t delta = 0;
+  for (int64_t c = 0; c < dv; ++c) {
+    dout[c] = static_cast<acc_t>(do_src[c]);
+    delta += dout[c] * static_cast<acc_t>(o_src[c]);
+  }
+  if (p.dlse != nullptr) {
+    delta -= static_cast<const acc_t*>(p.dlse)[s.batch * p.lse_batch_stride +
+                                              h * p.lse_head_stride + s.q_row0 + t];
+  }
+  const scalar_t* q_src = view.q_row(s, t, h);
+  for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]);
+
+  if (lse != -std::numeric_limits<acc_t>::infinity()) {
+    for_each_key_range(p, s, t, h, [&](KeyRange range) {
+      for (int64_t r = range.begin; r < range.end; ++r) {
+        const scalar_t* k_src = view.k_row(s, r, kvh);
+        const scalar_t* v_src = view.v_row(s, r, kvh);
+        const acc_t prob = std::exp(acc_t(p.scale) * dot(q, k_src, dk) - lse);
+        const acc_t dp = dot(dout, v_src, dv);
+        const acc_t ds = prob * (dp - delta);
+        axpy(double(prob), dout, dv_acc + r * dv, dv);
+        axpy(ds, k_src, dq, dk);
+        axpy(double(ds), q, dk_acc + r * dk, dk);
+      }
+    });
+  }
+  scalar_t* dq_dst = row_ptr(static_cast<scalar_t*>(p.dq), p.dq_batch_stride, p.dq_row_stride,
+                             p.dq_head_stride, s.batch, s.q_row0 + t, h);
+  for (int64_t i = 0; i < dk; ++i) dq_dst[i] = static_cast<scalar_t>(dq[i] * acc_t(p.scale));
+}
+
+// Backward by (sequence, KV head) task, each task's query rows cut into a fixed
+// number of slices. A slice writes the dq rows of its tokens (all G heads) and
+// sums its dk/dv terms into a buffer of its own; the buffers are then added in
+// slice order. The slice count comes from the shape alone, never from the thread
+// count, so the result is the same bits however many threads run, while a single
+// KV head (B = 1, MQA) still keeps every core busy.
 template <typename scalar_t>
 void attn_bwd(const AttnBwdParams& p) {
   using acc_t = acc_type<scalar_t>;
@@ -188,74 +280,73 @@ void attn_bwd(const AttnBwdParams& p) {
   const Views<scalar_t> view{p};
   const int64_t dk = p.head_dim_qk, dv = p.head_dim_v;
   const int64_t tasks = p.num_seqs * p.num_heads_kv;
+  if (tasks == 0) return;
 
-  // A task is a whole (sequence, KV head): G * T rows.
-  const int64_t task_grain = std::max<int64_t>(1, rows_per_chunk(p) / std::max<int64_t>(1, p.group * p.seqlen));
-  at::parallel_for(0, tasks, task_grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(dk), dq(dk), dout(dv);
-    // dk/dv sum G * T terms per row: double keeps fp32 inputs within the spec's tolerance.
-    std::vector<double> dk_acc, dv_acc;
-    for (int64_t task = begin; task < end; ++task) {
-      const SeqInfo& s = tokens.seqs[task / p.num_heads_kv];
-      const int64_t kvh = task % p.num_heads_kv;
-      const int64_t keys = p.branch == Branch::kCompressed
-                               ? std::min(available_key_rows(p, s),
-                                          num_cmp_blocks(s.len, p.cmp_block_size, p.cmp_stride))
-                               : s.len;
-      dk_acc.assign(keys * dk, 0.0);
-      dv_acc.assign(keys * dv, 0.0);
+  auto task_keys = [&](const SeqInfo& s) {
+    return p.branch == Branch::kCompressed
+               ? std::min(available_key_rows(p, s),
+                          num_cmp_blocks(s.len, p.cmp_block_size, p.cmp_stride))
+               : s.len;
+  };
+  int64_t max_keys = 0, max_rows = 0;
+  for (const SeqInfo& s : tokens.seqs) {
+    max_keys = std::max(max_keys, task_keys(s));
+    max_rows = std::max(max_rows, s.q_len);
+  }
+  // Slices of at least kMinSliceRows query rows (tokens x heads), at most kMaxSlices.
+  constexpr int64_t kMaxSlices = 8, kMinSliceRows = 64;
+  const int64_t slices = std::clamp<int64_t>(max_rows * p.group / kMinSliceRows, 1, kMaxSlices);
+  // dk/dv sum G * T terms per row: double keeps fp32 inputs within the spec's tolerance.
+  const int64_t part_elems = std::max<int64_t>(1, max_keys * (dk + dv));
+  // Tasks per wave: the wave's slice buffers stay within ~64 MB.
+  const int64_t wave = std::clamp<int64_t>((int64_t(64) << 20) / (8 * slices * part_elems), 1, tasks);
+  std::vector<double> parts(wave * slices * part_elems);
 
-      for (int64_t t = 0; t < s.q_len; ++t) {  // t: query row
-        for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h) {
-          const acc_t lse = view.lse(s, t, h);
-          const scalar_t* do_src = row_ptr(static_cast<const scalar_t*>(p.dout), p.do_batch_stride,
-                                           p.do_row_stride, p.do_head_stride, s.batch, s.q_row0 + t, h);
-          const scalar_t* o_src = view.o_row(s, t, h);
-          // delta = d(loss)/d(lse) folded in: ds = p * (dp - (rowsum(o * do) - dlse)).
-          acc_t delta = 0;
+  for (int64_t task0 = 0; task0 < tasks; task0 += wave) {
+    const int64_t wave_tasks = std::min(wave, tasks - task0);
+    std::fill(parts.begin(), parts.begin() + wave_tasks * slices * part_elems, 0.0);
+    at::parallel_for(0, wave_tasks * slices, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch;
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t item = zigzag(j, wave_tasks * slices);
+        const int64_t task = task0 + item / slices, slice = item % slices;
+        const SeqInfo& s = tokens.seqs[task / p.num_heads_kv];
+        const int64_t kvh = task % p.num_heads_kv;
+        double* dk_acc = parts.data() + item * part_elems;
+        double* dv_acc = dk_acc + task_keys(s) * dk;
+        const int64_t t_begin = s.q_len * slice / slices, t_end = s.q_len * (slice + 1) / slices;
+        for (int64_t t = t_begin; t < t_end; ++t)
+          for (int64_t h = kvh * p.group; h < (kvh + 1) * p.group; ++h)
+            bwd_row(p, view, s, t, h, scratch, dk_acc, dv_acc);
+      }
+    });
+    // dk/dv rows: the slices' sums in slice order.
+    at::parallel_for(0, wave_tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t task = task0 + w;
+        const SeqInfo& s = tokens.seqs[task / p.num_heads_kv];
+        const int64_t kvh = task % p.num_heads_kv, keys = task_keys(s), row0 = key_row0(p, s);
+        const double* first = parts.data() + w * slices * part_elems;
+        for (int64_t r = 0; r < keys; ++r) {
+          scalar_t* dk_dst = row_ptr(static_cast<scalar_t*>(p.dk), p.dk_batch_stride,
+                                     p.dk_row_stride, p.dk_head_stride, s.batch, row0 + r, kvh);
+          scalar_t* dv_dst = row_ptr(static_cast<scalar_t*>(p.dv), p.dv_batch_stride,
+                                     p.dv_row_stride, p.dv_head_stride, s.batch, row0 + r, kvh);
+          for (int64_t i = 0; i < dk; ++i) {
+            double sum = 0;
+            for (int64_t sl = 0; sl < slices; ++sl) sum += first[sl * part_elems + r * dk + i];
+            dk_dst[i] = static_cast<scalar_t>(sum * p.scale);
+          }
           for (int64_t c = 0; c < dv; ++c) {
-            dout[c] = static_cast<acc_t>(do_src[c]);
-            delta += dout[c] * static_cast<acc_t>(o_src[c]);
+            double sum = 0;
+            for (int64_t sl = 0; sl < slices; ++sl)
+              sum += first[sl * part_elems + keys * dk + r * dv + c];
+            dv_dst[c] = static_cast<scalar_t>(sum);
           }
-          if (p.dlse != nullptr) {
-            delta -= static_cast<const acc_t*>(p.dlse)[s.batch * p.lse_batch_stride +
-                                                      h * p.lse_head_stride + s.q_row0 + t];
-          }
-          const scalar_t* q_src = view.q_row(s, t, h);
-          for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]);
-          std::fill(dq.begin(), dq.end(), acc_t(0));
-
-          if (lse != -std::numeric_limits<acc_t>::infinity()) {
-            for_each_key_range(p, s, t, h, [&](KeyRange range) {
-              for (int64_t r = range.begin; r < range.end; ++r) {
-                const scalar_t* k_src = view.k_row(s, r, kvh);
-                const scalar_t* v_src = view.v_row(s, r, kvh);
-                const acc_t prob = std::exp(acc_t(p.scale) * dot(q.data(), k_src, dk) - lse);
-                const acc_t dp = dot(dout.data(), v_src, dv);
-                const acc_t ds = prob * (dp - delta);
-                axpy(double(prob), dout.data(), dv_acc.data() + r * dv, dv);
-                axpy(ds, k_src, dq.data(), dk);
-                axpy(double(ds), q.data(), dk_acc.data() + r * dk, dk);
-              }
-            });
-          }
-          scalar_t* dq_dst = row_ptr(static_cast<scalar_t*>(p.dq), p.dq_batch_stride,
-                                     p.dq_row_stride, p.dq_head_stride, s.batch, s.q_row0 + t, h);
-          for (int64_t i = 0; i < dk; ++i) dq_dst[i] = static_cast<scalar_t>(dq[i] * acc_t(p.scale));
         }
       }
-      const int64_t row0 = key_row0(p, s);
-      for (int64_t r = 0; r < keys; ++r) {
-        scalar_t* dk_dst = row_ptr(static_cast<scalar_t*>(p.dk), p.dk_batch_stride,
-                                   p.dk_row_stride, p.dk_head_stride, s.batch, row0 + r, kvh);
-        scalar_t* dv_dst = row_ptr(static_cast<scalar_t*>(p.dv), p.dv_batch_stride,
-                                   p.dv_row_stride, p.dv_head_stride, s.batch, row0 + r, kvh);
-        for (int64_t i = 0; i < dk; ++i)
-          dk_dst[i] = static_cast<scalar_t>(dk_acc[r * dk + i] * p.scale);
-        for (int64_t c = 0; c < dv; ++c) dv_dst[c] = static_cast<scalar_t>(dv_acc[r * dv + c]);
-      }
-    }
-  });
+    });
+  }
 }
 
 #define NSA_INSTANTIATE_ATTN(T)                    \
