@@ -15,6 +15,15 @@
 namespace nsa::cpu {
 namespace {
 
+// The per-row loops are built twice, for x86-64's baseline (SSE2) and for AVX2
+// with FMA, and the loader picks the one the CPU runs (GCC's ifunc clones): twice
+// the vector width where it exists, no illegal instruction where it does not.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define NSA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define NSA_CPU_CLONES
+#endif
+
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -46,7 +55,7 @@ inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
 // columns stay in registers across the chunk's rows, where an axpy per row would
 // load and store all of acc once per key.
 template <typename acc_t, typename scalar_t>
-inline void accumulate_rows(const acc_t* w, const scalar_t* x, int64_t stride, int64_t rows,
+NSA_CPU_CLONES void accumulate_rows(const acc_t* w, const scalar_t* x, int64_t stride, int64_t rows,
                             acc_t* acc, int64_t n) {
   constexpr int kCols = 16;
   int64_t c = 0;
@@ -170,6 +179,42 @@ struct OnlineSoftmax {
 
 constexpr int64_t kChunk = 64;
 
+// The innermost loops, one call per chunk or key range, are where NSA_CPU_CLONES
+// goes: a clone's code must hold the loops themselves, not a call to them.
+
+// scores[r] = q . k_r for the n keys k_r = k + r * stride.
+template <typename acc_t, typename scalar_t>
+NSA_CPU_CLONES void chunk_scores(const acc_t* q, const scalar_t* k, int64_t stride, int64_t n,
+                                 int64_t dk, acc_t* scores) {
+  for (int64_t r = 0; r < n; ++r) scores[r] = dot(q, k + r * stride, dk);
+}
+
+// One query row's backward state: its q, dout and dq rows, lse and delta.
+template <typename acc_t>
+struct BwdRow {
+  const acc_t* q;
+  const acc_t* dout;
+  acc_t* dq;
+  acc_t scale, lse, delta;
+  int64_t dk, dv;
+};
+
+// The row's terms for n consecutive keys: dq += ds k, dk_acc += ds q, dv_acc += p dout.
+template <typename acc_t, typename scalar_t>
+NSA_CPU_CLONES void bwd_keys(const BwdRow<acc_t>& row, const scalar_t* k, int64_t k_stride,
+                             const scalar_t* v, int64_t v_stride, int64_t n, double* dk_acc,
+                             double* dv_acc) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* k_src = k + r * k_stride;
+    const acc_t prob = std::exp(row.scale * dot(row.q, k_src, row.dk) - row.lse);
+    const acc_t dp = dot(row.dout, v + r * v_stride, row.dv);
+    const acc_t ds = prob * (dp - row.delta);
+    axpy(double(prob), row.dout, dv_acc + r * row.dv, row.dv);
+    axpy(ds, k_src, row.dq, row.dk);
+    axpy(double(ds), row.q, dk_acc + r * row.dk, row.dk);
+  }
+}
+
 template <typename scalar_t>
 void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo& s, int64_t i,
              int64_t h, std::vector<acc_type<scalar_t>>& scratch) {
@@ -186,7 +231,7 @@ void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo&
   for_each_key_range(p, s, i, h, [&](KeyRange range) {
     for (int64_t r0 = range.begin; r0 < range.end; r0 += kChunk) {
       const int64_t n = std::min(kChunk, range.end - r0);
-      for (int64_t r = 0; r < n; ++r) scores[r] = dot(q, view.k_row(s, r0 + r, kvh), dk);
+      chunk_scores(q, view.k_row(s, r0, kvh), p.k_row_stride, n, dk, scores);
       const acc_t rescale = softmax.absorb_chunk(scores, n);
       for (int64_t c = 0; c < dv; ++c) acc[c] *= rescale;
       accumulate_rows(scores, view.v_row(s, r0, kvh), p.v_row_stride, n, acc, dv);
@@ -249,17 +294,11 @@ void bwd_row(const AttnBwdParams& p, const Views<scalar_t>& view, const SeqInfo&
   for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]);
 
   if (lse != -std::numeric_limits<acc_t>::infinity()) {
+    const BwdRow<acc_t> row{q, dout, dq, acc_t(p.scale), lse, delta, dk, dv};
     for_each_key_range(p, s, t, h, [&](KeyRange range) {
-      for (int64_t r = range.begin; r < range.end; ++r) {
-        const scalar_t* k_src = view.k_row(s, r, kvh);
-        const scalar_t* v_src = view.v_row(s, r, kvh);
-        const acc_t prob = std::exp(acc_t(p.scale) * dot(q, k_src, dk) - lse);
-        const acc_t dp = dot(dout, v_src, dv);
-        const acc_t ds = prob * (dp - delta);
-        axpy(double(prob), dout, dv_acc + r * dv, dv);
-        axpy(ds, k_src, dq, dk);
-        axpy(double(ds), q, dk_acc + r * dk, dk);
-      }
+      bwd_keys(row, view.k_row(s, range.begin, kvh), p.k_row_stride,
+               view.v_row(s, range.begin, kvh), p.v_row_stride, range.end - range.begin,
+               dk_acc + range.begin * dk, dv_acc + range.begin * dv);
     });
   }
   scalar_t* dq_dst = row_ptr(static_cast<scalar_t*>(p.dq), p.dq_batch_stride, p.dq_row_stride,
