@@ -3,7 +3,8 @@ CTA and split by split, what decode_attn.cuh / decode_combine.cuh / decode_selec
 do (row tiles, key schedules, the selected-block union, the chunk split, the combine,
 the selection score partition and top-n) in float64 and compares with the CPU ops.
 It mirrors the constants of csrc/cuda/decode_plan.h (R, N, MAXS, JB): keep them in
-sync. It checks the index math, not CUDA behaviour (smem, syncs, shuffles).
+sync. It checks the index math, not CUDA behaviour (smem, syncs), except two
+lane-level models: the warp top-n (butterfly argmax) and the padded rows' banks.
 
     PYTHONPATH=. python bench/decode_plan_emulator.py
 """
@@ -227,8 +228,76 @@ def check_update(seed):
         assert torch.allclose(out, exp, atol=1e-12), "update_cmp_cache"
 
 
+def warp_topn(score, J, n, n_init, n_local):
+    """decode_select_topn_kernel lane by lane: each lane scans j = lane, lane + 32, ...
+    for its best untaken candidate, a 5-step xor butterfly picks the warp's, lane 0
+    marks it taken; after min(n, J + 1) rounds a ballot compaction writes the taken
+    set ascending. Checks that every lane ends a round on the same winner."""
+    taken = [0] * ((J + 1 + 31) // 32)
+    forced = lambda j: j <= J and (j < n_init or j > J - n_local)
+    def better(o, c):  # o ranks before c (a -1 candidate never does)
+        return o[0] >= 0 and (c[0] < 0 or (o[1] if o[1] != c[1] else
+                                          o[2] > c[2] or (o[2] == c[2] and o[0] < c[0])))
+    for _ in range(min(n, J + 1)):
+        lanes = []
+        for lane in range(32):
+            best = (-1, False, 0.0)
+            for j in range(lane, J + 1, 32):
+                if not (taken[j // 32] >> (j % 32)) & 1 and better((j, forced(j), score[j]), best):
+                    best = (j, forced(j), score[j])
+            lanes.append(best)
+        for off in (16, 8, 4, 2, 1):
+            lanes = [lanes[x ^ off] if better(lanes[x ^ off], lanes[x]) else lanes[x] for x in range(32)]
+        assert len(set(lanes)) == 1 and lanes[0][0] >= 0, "lanes disagree"
+        w = lanes[0][0]
+        assert not (taken[w // 32] >> (w % 32)) & 1, "winner taken twice"
+        taken[w // 32] |= 1 << (w % 32)
+    out = [j for j in range(J + 1) if (taken[j // 32] >> (j % 32)) & 1]
+    return out + [-1] * (n - len(out))
+
+def check_topn_warp(seed):
+    """The warp top-n against the rule (forced first, higher score, ties to the smaller
+    j; ascending, -1 padded) on random, tie-heavy, +-0 and forced-dominant scores, up
+    to J = 4095 (W = 2048 blocks is 128k tokens at l' = 64)."""
+    import struct
+    f32 = lambda x: struct.unpack("f", struct.pack("f", x))[0]
+    rng = random.Random(seed)
+    for J in (0, 1, 2, 31, 32, 33, 63, 64, 100, 255, 1023, 2047, 4095):
+        for kind in ("rand", "ties", "same", "zeros", "forced"):
+            for n in ((1, 2, 3, 16, 32, 33) if J < 600 else (16,)):
+                n_init = rng.randint(0, n - 1); n_local = rng.randint(1, n - n_init)
+                if kind == "rand": sc = [f32(rng.random()) for _ in range(J + 1)]
+                elif kind == "ties": sc = [rng.choice([0.0, 0.5, 1.0]) for _ in range(J + 1)]
+                elif kind == "same": sc = [1.0] * (J + 1)
+                elif kind == "zeros": sc = [rng.choice([0.0, -0.0]) for _ in range(J + 1)]
+                else: sc = [10.0 + j if j < n_init or j > J - n_local else f32(rng.random())
+                            for j in range(J + 1)]
+                forced = lambda j: j <= J and (j < n_init or j > J - n_local)
+                order = sorted(range(J + 1), key=lambda j: (not forced(j), -sc[j], j))
+                want = sorted(order[:min(n, J + 1)])
+                got = warp_topn(sc, J, n, n_init, n_local)
+                assert got == want + [-1] * (n - len(want)), ("top-n", J, kind, n, got, want)
+
+def check_bank_conflicts():
+    """Padded K rows (Dk + 8 elements): lane x reads 16 bytes of row x (decode_attn
+    scores, decode_select p); served per 8-lane phase, so no two lanes of a phase may
+    hit one bank at different words."""
+    for dk in (64, 128, 192):
+        for c8 in range(0, dk, 8):
+            for ph in range(4):
+                banks = {}
+                for lane in range(8 * ph, 8 * ph + 8):
+                    a = (lane * (dk + 8) * 2 + c8 * 2) // 4
+                    for w in range(a, a + 4): banks.setdefault(w % 32, set()).add(w)
+                assert max(len(x) for x in banks.values()) == 1, ("bank conflict", dk, c8)
+
+
 check_update(0)
 print("update_cmp_cache plan OK")
+check_topn_warp(0)
+print("warp top-n OK")
+check_bank_conflicts()
+print("padded K rows conflict free")
 
 cases = [
     (1, 2, 1, 16, 1, 16, 8, 300, 32, 16, 64, 4, 128, 132),
@@ -237,6 +306,8 @@ cases = [
     (4, 2, 4, 12, 2, 8, 8, 500, 32, 16, 64, 16, 100, 132),
     (5, 2, 5, 6, 3, 8, 8, 257, 16, 8, 24, 4, 33, 3),
     (6, 1, 1, 64, 4, 8, 8, 2000, 32, 16, 64, 16, 512, 132),
+    # G = 32: two row tiles per token; l' = 48: a block of one full and one partial chunk
+    (7, 2, 2, 32, 1, 8, 8, 180, 16, 8, 48, 4, 40, 132),
 ]
 for c in cases:
     print(c, "splits", check(*c))

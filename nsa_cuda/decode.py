@@ -79,6 +79,11 @@ def append_to_cache(cache: Tensor, new: Tensor, cache_seqlens: Tensor) -> None:
     ``cache_seqlens[b] + i``, in place (no host sync; CUDA-graph capturable)."""
     B, S = new.shape[:2]
     rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(S, device=new.device)
+    # Where the room check is skipped (graph capture, torch.compile) a full cache must
+    # not reach index_put with rows >= capacity: on CUDA that is a device-side assert,
+    # which kills the context. Such rows land on the last row instead (its content is
+    # then unspecified, as is the output of an overflowing step; eager calls raise).
+    rows = rows.clamp(max=max(cache.shape[1] - 1, 0))
     batch = torch.arange(B, device=new.device)[:, None].expand(B, S)
     cache[batch, rows] = new.to(cache.dtype)
 

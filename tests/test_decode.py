@@ -187,6 +187,22 @@ def test_full_cache_raises():
         ops.update_cmp_cache(caches["k_cache"], caches["k_cmp_cache"], lens, 3, cfg.l, cfg.d)
 
 
+
+def test_append_past_capacity_stays_in_bounds():
+    """With the room check skipped (graph capture, torch.compile), a full cache must not
+    index past its capacity (a device-side assert on CUDA): rows in range are written,
+    the overflow lands on the last row only, every other row is untouched."""
+    from nsa_cuda.decode import append_to_cache
+    cache = torch.zeros(3, 5, 2, 4)
+    new = torch.arange(1, 3 * 3 * 2 * 4 + 1, dtype=torch.float32).view(3, 3, 2, 4)
+    lens = torch.tensor([1, 3, 5], dtype=torch.int32)
+    append_to_cache(cache, new, lens)
+    assert torch.equal(cache[0, 1:4], new[0]) and cache[0, [0, 4]].abs().sum() == 0
+    assert torch.equal(cache[1, 3], new[1, 0]) and cache[1, :3].abs().sum() == 0
+    assert any(torch.equal(cache[1, 4], new[1, i]) for i in (1, 2))
+    assert cache[2, :4].abs().sum() == 0
+    assert any(torch.equal(cache[2, 4], new[2, i]) for i in range(3))
+
 def test_argument_errors():
     cfg = SMALL
     inp = make_inputs(cfg, T=MAX_DECODE_TOKENS + 1, seed=13)

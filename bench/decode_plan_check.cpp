@@ -1,0 +1,94 @@
+// Host check of csrc/cuda/decode_plan.h against the decode kernels' shared-memory
+// carve-up (decode_attn.cuh, decode_select.cuh: mirrored here, keep in sync) and
+// index bounds the plan promises: smem end <= the planned size and 16-byte
+// alignment of every cp.async / float4 target; a row tile's tokens <= the plan's
+// bound (and < 32: the selected branch's membership bitmask); the score CTA's
+// conservative compressed-row range holds every overlapping row and fits
+// select_cta_cmp_rows; select_max_tokens is the largest T with Tc(T) <= rows and
+// every valid token's last candidate J is < the score width. Plain C++, no GPU:
+//   g++ -std=c++20 -O1 -I csrc/include -I csrc bench/decode_plan_check.cpp -o /tmp/dpc && /tmp/dpc
+#include <cstdlib>
+#include <cstdio>
+#include <cstdint>
+#include "cuda/decode_plan.h"
+using namespace nsa; using namespace nsa::cuda;
+
+// Not assert(): the check must hold with -DNDEBUG too.
+#define CHECK(c) \
+  do { \
+    if (!(c)) { \
+      std::fprintf(stderr, "decode_plan_check: %s failed (line %d)\n", #c, __LINE__); \
+      std::exit(1); \
+    } \
+  } while (0)
+
+int main() {
+  long checks = 0;
+  const int dims[3][2] = {{64, 64}, {128, 128}, {192, 128}};
+  for (auto [dk, dv] : dims)
+    for (int br = 0; br < 3; ++br)
+      for (int64_t G : {1, 2, 3, 4, 5, 7, 8, 16, 17, 32, 64})
+        for (int64_t S = 1; S <= 8; ++S)
+          for (int64_t n : {1, 2, 16, 33, 256}) {
+            AttnFwdParams p{};
+            p.branch = br == 0 ? Branch::kCompressed : br == 1 ? Branch::kSelected : Branch::kWindow;
+            p.group = G; p.seqlen = S; p.slc_num_blocks = n; p.slc_block_size = 64;
+            const int64_t plan = decode_attn_smem(p, dk, dv);
+            const int64_t rows_total = S * G;
+            for (int64_t r0 = 0; r0 < rows_total; r0 += kDecodeRows) {
+              const int64_t rows_here = std::min<int64_t>(kDecodeRows, rows_total - r0);
+              const int64_t tile_tokens = (r0 + rows_here - 1) / G - r0 / G + 1;
+              CHECK(tile_tokens <= decode_tile_tokens(p) && tile_tokens <= 31);  // sMember bits
+              // decode_attn.cuh's carve-up, in bytes from the base.
+              const int64_t kKS = dk + 8, kVS = dv + 8;
+              int64_t sQ = 0, sK = sQ + kDecodeRows * dk * 4, sV = sK + kDecodeKeys * kKS * 2;
+              int64_t sP = sV + kDecodeKeys * kVS * 2, sScale = sP + kDecodeRows * kDecodeKeys * 4;
+              int64_t sLo = sScale + kDecodeRows * 4, sHi = sLo + kDecodeRows * 4;
+              int64_t sTok = sHi + kDecodeRows * 4, sCount = sTok + kDecodeRows * 4;
+              int64_t sCand = sCount + 16, end = sCand;
+              if (br == 1) end = sCand + 4 * 4 * tile_tokens * n;  // sCand, sKeep, sUnion, sMember
+              CHECK(sK % 16 == 0 && sV % 16 == 0 && (kKS * 2) % 16 == 0 && (kVS * 2) % 16 == 0);
+              CHECK(sQ % 16 == 0 && (dk * 4) % 16 == 0);  // float4 q reads
+              CHECK(end <= plan && plan % 16 == 0);
+              ++checks;
+            }
+          }
+  // Score CTAs: the conservative row range fits select_cta_cmp_rows.
+  for (int64_t d : {1, 2, 4, 8, 16, 32, 64})
+    for (int64_t l = d; l <= 128; l += d)
+      for (int64_t lp = d; lp <= 256; lp += d) {
+        SelectParams p{};
+        p.cmp_block_size = l; p.cmp_stride = d; p.slc_block_size = lp;
+        const int64_t max_rows = select_cta_cmp_rows(p);
+        for (int64_t j0 = 0; j0 < 40 * kSelectBlocksPerCta; j0 += kSelectBlocksPerCta) {
+          const int64_t j1 = j0 + kSelectBlocksPerCta;
+          const int64_t lo = j0 * lp - l, i_lo = lo > 0 ? lo / d : 0, i_hi = (j1 * lp) / d;
+          CHECK(i_hi - i_lo + 1 <= max_rows);
+          // exactness of the range: every row overlapping [j0, j1) lies in [i_lo, i_hi]
+          for (int64_t i = 0; i <= i_hi + l / d + 2; ++i) {
+            const bool overlaps = last_overlapped_slc_block(i, l, d, lp) >= j0 &&
+                                  first_overlapped_slc_block(i, d, lp) < j1;
+            if (overlaps) CHECK(i >= i_lo && i <= i_hi);
+          }
+          ++checks;
+        }
+        for (int dk : {64, 128, 192}) {
+          const int64_t rows = max_rows;
+          int64_t sK = 0, sQ = sK + rows * (dk + 8) * 2, sP = sQ + kSelectHeadsPerPass * dk * 4;
+          int64_t sPsum = sP + kSelectHeadsPerPass * rows * 4, sLse = sPsum + rows * 4;
+          int64_t end = sLse + kSelectHeadsPerPass * 4;
+          CHECK(sQ % 16 == 0 && end <= select_score_smem(p, dk));
+        }
+      }
+  // Score width: every candidate J of a valid token is < W.
+  for (int64_t d : {4, 8, 16}) for (int64_t l : {d, 2 * d, 4 * d}) for (int64_t lp : {d, 4 * d, int64_t(64)})
+    for (int64_t rows = 0; rows < 300; ++rows) {
+      SelectParams p{}; p.cmp_block_size = l; p.cmp_stride = d; p.slc_block_size = lp; p.k_rows = rows;
+      const int64_t cap = select_max_tokens(rows, l, d);
+      CHECK(num_cmp_blocks(cap, l, d) <= std::max<int64_t>(rows, 0));
+      CHECK(num_cmp_blocks(cap + 1, l, d) > rows);  // the largest such T
+      if (cap > 0) CHECK(last_candidate_slc_block(cap - 1, lp) < select_score_width(p));
+      ++checks;
+    }
+  printf("decode plan host checks OK (%ld)\n", checks);
+}
