@@ -28,6 +28,7 @@ import torch
 import nsa_cuda  # noqa: F401  (registers the ops)
 
 ops = torch.ops.nsa_cuda
+torch.set_num_threads(1)  # tiny matrices: threads only add overhead
 KBM = 64          # kBlockM (dq row tile) == kBlockN (keys per dk/dv CTA)
 LOG2E = 1.4426950408889634
 INT64_MAX = 2 ** 63 - 1
@@ -525,7 +526,7 @@ CASES = [
     ("cmp batch short k_cmp", dict(branch="cmp", B=2, lens=[90], Hq=2, Hkv=1, Dk=64, Dv=64,
                                    varlen=False, extra_cmp_rows=-3)),
     ("cmp batch T<l (no block)", dict(branch="cmp", B=2, lens=[10], Hq=2, Hkv=1, Dk=64, Dv=64, varlen=False)),
-    ("cmp varlen G=16 Dk=192", dict(branch="cmp", B=4, lens=[40, 3, 150, 16], Hq=16, Hkv=1, Dk=192,
+    ("cmp varlen G=16 Dk=192", dict(branch="cmp", B=4, lens=[40, 3, 0, 150, 16], Hq=16, Hkv=1, Dk=192,
                                     Dv=128, varlen=True)),
     ("cmp varlen neg scale", dict(branch="cmp", B=3, lens=[70, 20, 33], Hq=2, Hkv=1, Dk=64, Dv=64,
                                   varlen=True, scale=-0.3)),
@@ -534,7 +535,7 @@ CASES = [
     ("win batch G=2 Dk=64", dict(branch="win", B=2, lens=[130], Hq=4, Hkv=2, Dk=64, Dv=64, varlen=False, w=70)),
     ("win batch G=1 Dk=128 w=1", dict(branch="win", B=1, lens=[100], Hq=1, Hkv=1, Dk=128, Dv=128,
                                       varlen=False, w=1)),
-    ("win varlen G=16 Dk=192", dict(branch="win", B=3, lens=[1, 70, 33], Hq=16, Hkv=1, Dk=192, Dv=128,
+    ("win varlen G=16 Dk=192", dict(branch="win", B=3, lens=[1, 70, 0, 33], Hq=16, Hkv=1, Dk=192, Dv=128,
                                     varlen=True, w=40)),
     ("win varlen neg scale", dict(branch="win", B=2, lens=[90, 5], Hq=2, Hkv=1, Dk=64, Dv=64,
                                   varlen=True, scale=-0.2, w=33)),
@@ -544,7 +545,7 @@ CASES = [
                                         varlen=False, lp=64, n=3)),
     ("slc batch l'=96 (2 CTAs/block)", dict(branch="slc", B=1, lens=[250], Hq=2, Hkv=1, Dk=64, Dv=64,
                                             varlen=False, lp=96, n=2)),
-    ("slc varlen l'=32 G=16 Dk=192", dict(branch="slc", B=3, lens=[45, 2, 80], Hq=16, Hkv=1, Dk=192,
+    ("slc varlen l'=32 G=16 Dk=192", dict(branch="slc", B=3, lens=[45, 0, 2, 80], Hq=16, Hkv=1, Dk=192,
                                           Dv=128, varlen=True, lp=32, n=3)),
     ("slc varlen l'=64 G=2 neg scale", dict(branch="slc", B=2, lens=[130, 64], Hq=4, Hkv=2, Dk=64, Dv=64,
                                             varlen=True, lp=64, n=2, scale=-0.25)),
