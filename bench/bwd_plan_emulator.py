@@ -173,7 +173,7 @@ def dq_kernel(P, X, dq, written):
                     Vt = torch.zeros(kbn, v.shape[3], dtype=torch.float64)
                     Kt[:end - begin] = k[b, key_row0 + begin:key_row0 + end, hkv]
                     Vt[:end - begin] = v[b, key_row0 + begin:key_row0 + end, hkv]
-                    S = Q @ Kt.T
+                    S = (Q @ Kt.T) * scale_log2  # scaled before the mask
                     dP = dO @ Vt.T
                     if need_mask:  # mask_scores
                         for r in range(KBM):
@@ -181,9 +181,7 @@ def dq_kernel(P, X, dq, written):
                             col_lo, col_hi = max(lo - begin, 0), min(hi, end) - begin
                             cols = torch.arange(kbn)
                             S[r, (cols < col_lo) | (cols >= col_hi)] = -math.inf
-                    # probs_and_dscores: a masked (-inf) score is not visible (any scale)
-                    vis = S != -math.inf
-                    prob = torch.where(vis, exp2(S * scale_log2 - lse2[:, None]), 0.0)
+                    prob = exp2(S - lse2[:, None])  # probs_and_dscores, everything visible
                     dS = prob * (dP - dl[:, None])
                     acc += dS @ Kt
                 acc *= P.scale

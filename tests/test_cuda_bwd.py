@@ -153,8 +153,8 @@ def test_bwd_varlen(dims):
 
 @pytest.mark.parametrize("scale", [-0.3, 0.0])
 def test_bwd_nonpositive_scale(scale):
-    """The dq kernel masks scores with -inf; with scale <= 0, -inf * scale is +inf or
-    NaN, so it must test the mask rather than rely on exp(-inf) = 0."""
+    """The dq kernel masks scores with -inf; with scale <= 0, scaling a masked entry
+    gives +inf or NaN, so masked entries must get probability 0 for any scale."""
     q, k, v = qkv(1, 200, 1, 2, 64, 64, torch.bfloat16)
     check_compressed_bwd(q, *cmp_kv(k, v, 32, 16), 32, 16, scale=scale)
     check_selected_bwd(q, k, v, random_block_indices(1, 200, 1, 3, 32, seed=3), 32, scale=scale)

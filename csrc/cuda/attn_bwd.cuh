@@ -261,12 +261,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    // Scale before masking (as the forward does): a masked -inf scaled afterwards
+    // would be +inf for scale < 0 and NaN for scale == 0 (both allowed). Masked
+    // entries then give exp2(-inf - lse2) = 0 for any scale.
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
     if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-    // A masked score is -inf, and -inf * scale_log2 is +inf for scale < 0 and NaN
-    // for scale == 0 (both allowed, as in the forward): test the mask explicitly
-    // instead of relying on exp2(-inf) = 0.
-    probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
-      return ElemInfo{scores(mi, ni) != -INFINITY, row_lse2[mi], row_delta[mi]};
+    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
+      return ElemInfo{true, row_lse2[mi], row_delta[mi]};
     });
 
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
