@@ -35,10 +35,10 @@ def _loss_grads(fn, inputs, dtype, do, dlse):
 
 
 def check_branch_bwd(name, fwd_op, bwd_op, ref_fn, q, k, v, extra, size, cu=None,
-                     max_seqlen=None, names=("q", "k", "v")):
+                     max_seqlen=None, names=("q", "k", "v"), scale=None):
     """CUDA forward + backward of one branch against the reference's gradients."""
     dtype = q.dtype
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     ms = max_seqlen if max_seqlen is not None else q.shape[1]
     o, lse = fwd_op(q, k, v, *extra, cu, ms, size, scale)
     do = rand(*o.shape, dtype=dtype)
@@ -70,19 +70,19 @@ def _cmp_ref(q, k, v, size, scale, cu_seqlens):
     return ref.compressed_attn(q, k, v, *size, scale=scale, cu_seqlens=cu_seqlens)
 
 
-def check_compressed_bwd(q, kc, vc, l, d, cu=None, max_seqlen=None):
+def check_compressed_bwd(q, kc, vc, l, d, cu=None, max_seqlen=None, scale=None):
     return check_branch_bwd("cmp", _cmp_fwd, _cmp_bwd, _cmp_ref, q, kc, vc, (), (l, d), cu,
-                            max_seqlen, names=("q", "k_cmp", "v_cmp"))
+                            max_seqlen, names=("q", "k_cmp", "v_cmp"), scale=scale)
 
 
-def check_selected_bwd(q, k, v, bi, lp, cu=None, max_seqlen=None):
+def check_selected_bwd(q, k, v, bi, lp, cu=None, max_seqlen=None, scale=None):
     return check_branch_bwd("slc", OPS.selected_attn_fwd, OPS.selected_attn_bwd, ref.selected_attn,
-                            q, k, v, (bi,), lp, cu, max_seqlen)
+                            q, k, v, (bi,), lp, cu, max_seqlen, scale=scale)
 
 
-def check_window_bwd(q, k, v, w, cu=None, max_seqlen=None):
+def check_window_bwd(q, k, v, w, cu=None, max_seqlen=None, scale=None):
     return check_branch_bwd("win", OPS.window_attn_fwd, OPS.window_attn_bwd, ref.window_attn,
-                            q, k, v, (), w, cu, max_seqlen)
+                            q, k, v, (), w, cu, max_seqlen, scale=scale)
 
 
 def qkv(B, T, Hkv, G, dk, dv, dtype):
@@ -149,6 +149,34 @@ def test_bwd_varlen(dims):
     bi = random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
     check_selected_bwd(q, k, v, bi, 32, cu=cu, max_seqlen=ms)
     check_window_bwd(q, k, v, 100, cu=cu, max_seqlen=ms)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_bwd_nonpositive_scale(scale):
+    """The dq kernel masks scores with -inf; with scale <= 0, scaling a masked entry
+    gives +inf or NaN, so masked entries must get probability 0 for any scale."""
+    q, k, v = qkv(1, 200, 1, 2, 64, 64, torch.bfloat16)
+    check_compressed_bwd(q, *cmp_kv(k, v, 32, 16), 32, 16, scale=scale)
+    check_selected_bwd(q, k, v, random_block_indices(1, 200, 1, 3, 32, seed=3), 32, scale=scale)
+    check_window_bwd(q, k, v, 50, scale=scale)
+
+
+def test_bwd_empty_rows_ignore_dlse():
+    """Rows with lse = -inf (no visible key) get no gradient whatever dlse holds there:
+    an infinite dlse must not turn P * (dP - delta) = 0 * inf into NaN."""
+    q, k, v = qkv(1, 100, 1, 2, 64, 64, torch.bfloat16)
+    kc, vc = cmp_kv(k, v, 32, 16)
+    scale = 64 ** -0.5
+    o, lse = OPS.compressed_attn_fwd(q, kc, vc, None, 100, 32, 16, scale)
+    empty = lse == float("-inf")
+    assert empty.any() and not empty.all()
+    do = rand(*o.shape, dtype=o.dtype)
+    dlse = torch.randn(lse.shape, device=lse.device) * ~empty
+    g0 = OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o, lse, None, 100, 32, 16, scale)
+    g1 = OPS.compressed_attn_bwd(do, torch.where(empty, float("inf"), dlse), q, kc, vc, o, lse,
+                                 None, 100, 32, 16, scale)
+    for name, a, b in zip(("q", "k_cmp", "v_cmp"), g0, g1):
+        assert torch.equal(a, b), f"d{name}: an infinite dlse on an empty row changed it"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)

@@ -138,7 +138,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   Backend::fresh(dq), Backend::fresh(dk), Backend::fresh(dv);
   const at::Tensor dout_c = Backend::input(dout.contiguous());
   const at::Tensor o_c = Backend::input(o.contiguous());
-  const at::Tensor lse_c = lse.contiguous();
+  // Standard strides on size-1 dims too (contiguous() keeps whatever stride a size-1
+  // dim had): the CUDA backward sizes its delta workspace and its varlen row count
+  // (dq rows to zero) from lse's batch and head strides.
+  at::Tensor lse_c = lse.contiguous();
+  if (lse_c.stride(2) != 1 || lse_c.stride(1) != lse_c.size(2) ||
+      lse_c.stride(0) != lse_c.size(1) * lse_c.size(2))
+    lse_c = lse_c.clone(at::MemoryFormat::Contiguous);
   OptTensor dlse_c;
   if (dlse.has_value()) dlse_c = dlse->to(lse.scalar_type()).contiguous();
   const AttnFwdParams fwd =

@@ -76,6 +76,10 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnBwdParams
   if (lane == 0) {
     const int64_t idx = si.batch * p.lse_batch_stride + h * p.lse_head_stride + si.row0 + t;
     if (p.dlse != nullptr) sum -= static_cast<const float*>(p.dlse)[idx];
+    // A row with lse = -inf saw no key: P = 0 everywhere, and the CPU backward skips
+    // it. delta = 0 keeps a non-finite dlse (or o . do) there out of
+    // dS = P (dP - delta), where 0 * inf would be NaN.
+    if (static_cast<const float*>(p.lse)[idx] == -INFINITY) sum = 0.f;
     ws.delta[idx] = sum;
   }
 }
@@ -257,9 +261,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+    // Scale before masking (as the forward does): a masked -inf scaled afterwards
+    // would be +inf for scale < 0 and NaN for scale == 0 (both allowed). Masked
+    // entries then give exp2(-inf - lse2) = 0 for any scale.
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
     if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-    // Masked scores are -inf: exp2(-inf - lse2) = 0, no visibility test needed.
-    probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int) {
+    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
       return ElemInfo{true, row_lse2[mi], row_delta[mi]};
     });
 

@@ -74,8 +74,9 @@ struct SumOp {
 
 // MMA accumulator (4, MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=(2, MMA_N)) for the
 // SM80 16x8 C fragment: values 0,1 share a row, 2,3 are 8 rows further.
+// (Host-callable: bench/bwd_layout_check.cu checks these layouts without a GPU.)
 template <class Layout>
-__device__ __forceinline__ auto acc_rowcol(Layout acc) {
+CUTE_HOST_DEVICE auto acc_rowcol(Layout acc) {
   using namespace cute;
   static_assert(decltype(rank(acc))::value == 3);
   static_assert(decltype(size<0>(acc))::value == 4);
@@ -86,7 +87,7 @@ __device__ __forceinline__ auto acc_rowcol(Layout acc) {
 // MMA accumulator (4, MMA_M, MMA_N) of m16n8k16 -> A operand ((4, 2), MMA_M, MMA_N/2):
 // two adjacent n8 accumulator tiles form one k16 A fragment.
 template <class Layout>
-__device__ __forceinline__ auto acc_as_a_operand(Layout acc) {
+CUTE_HOST_DEVICE auto acc_as_a_operand(Layout acc) {
   using namespace cute;
   static_assert(decltype(size<0>(acc))::value == 4);
   auto l = logical_divide(acc, Shape<Underscore, Underscore, _2>{});  // (4, MMA_M, (2, MMA_N/2))
