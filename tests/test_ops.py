@@ -567,3 +567,42 @@ def test_fp32_kv_gradient_accumulation():
     cfg = Cfg(B=1, T=512, Hq=32, Hkv=1, Dk=8, Dv=8, w=512)
     run_and_compare(_window_fn(cfg), _qkv(make_inputs(cfg, seed=0, requires_grad=True)),
                     torch.float32, "window_attn[G=32, T=512] fp32")
+
+
+_ISA_SCRIPT = r"""
+import sys, torch, nsa_cuda
+torch.manual_seed(7)
+B, T, Hq, Hkv, D = 1, 300, 4, 2, 32
+q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64, requires_grad=True) for h in (Hq, Hkv, Hkv))
+gates = torch.rand(3, B, T, Hq, dtype=torch.float64).unbind(0)
+o = nsa_cuda.sparse_attn(q, k, v, *gates, cmp_block_size=16, cmp_stride=8, slc_block_size=32,
+                         slc_num_blocks=4, window_size=64)
+o.square().sum().backward()
+torch.save([o.detach(), q.grad, k.grad, v.grad], sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("baseline", ["0", "1"])
+def test_cpu_isa_copies_agree(tmp_path, baseline):
+    """The CPU loops exist as an AVX2/FMA copy and a baseline copy, picked at run time;
+    NSA_CPU_BASELINE=1 forces the baseline. Each copy, in its own process, must give
+    the fp64 outputs and gradients of this process's copy to rounding."""
+    import os
+    import subprocess
+    import sys
+    path = str(tmp_path / "out.pt")
+    env = dict(os.environ, NSA_CPU_BASELINE=baseline)
+    run = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, path], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = torch.load(path)
+    torch.manual_seed(7)
+    B, T, Hq, Hkv, D = 1, 300, 4, 2, 32
+    q, k, v = (torch.randn(B, T, h, D, dtype=torch.float64, requires_grad=True)
+               for h in (Hq, Hkv, Hkv))
+    gates = torch.rand(3, B, T, Hq, dtype=torch.float64).unbind(0)
+    o = nsa_cuda.sparse_attn(q, k, v, *gates, cmp_block_size=16, cmp_stride=8,
+                             slc_block_size=32, slc_num_blocks=4, window_size=64)
+    o.square().sum().backward()
+    for name, a, b in zip(("o", "dq", "dk", "dv"), theirs, [o.detach(), q.grad, k.grad, v.grad]):
+        assert_close_exact(a, b, name, tol=1e-11)

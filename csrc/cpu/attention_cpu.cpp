@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -15,13 +16,37 @@
 namespace nsa::cpu {
 namespace {
 
-// The per-row loops are built twice, for x86-64's baseline (SSE2) and for AVX2
-// with FMA, and the loader picks the one the CPU runs (GCC's ifunc clones): twice
-// the vector width where it exists, no illegal instruction where it does not.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define NSA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// The innermost loops are built twice, for x86-64's baseline (SSE2) and for AVX2
+// with FMA, and run_fastest picks by what the CPU reports at run time: twice the
+// vector width where it exists, no illegal instruction where it does not. (GCC's
+// target_clones would pick by CPU model for arch=, and left this AVX2 machine on
+// the baseline.) `flatten` inlines the whole call tree into each copy, so the
+// loops themselves are compiled for the copy's target.
+#if defined(__x86_64__) && defined(__GNUC__)
+inline bool cpu_has_avx2_fma() {
+  // NSA_CPU_BASELINE=1 keeps the baseline copy, so the tests can run both.
+  static const bool has = [] {
+    const char* baseline = std::getenv("NSA_CPU_BASELINE");
+    if (baseline != nullptr && baseline[0] == '1') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+}
+template <class F>
+__attribute__((target("avx2,fma"), flatten)) void run_avx2(const F& f) { f(); }
+template <class F>
+__attribute__((flatten)) void run_baseline(const F& f) { f(); }
+template <class F>
+inline void run_fastest(const F& f) {
+  if (cpu_has_avx2_fma())
+    run_avx2(f);
+  else
+    run_baseline(f);
+}
 #else
-#define NSA_CPU_CLONES
+template <class F>
+inline void run_fastest(const F& f) { f(); }
 #endif
 
 template <typename scalar_t>
@@ -55,7 +80,7 @@ inline void axpy(acc_t alpha, const scalar_t* x, acc_t* y, int64_t n) {
 // columns stay in registers across the chunk's rows, where an axpy per row would
 // load and store all of acc once per key.
 template <typename acc_t, typename scalar_t>
-NSA_CPU_CLONES void accumulate_rows(const acc_t* w, const scalar_t* x, int64_t stride, int64_t rows,
+inline void accumulate_rows(const acc_t* w, const scalar_t* x, int64_t stride, int64_t rows,
                             acc_t* acc, int64_t n) {
   constexpr int kCols = 16;
   int64_t c = 0;
@@ -179,12 +204,11 @@ struct OnlineSoftmax {
 
 constexpr int64_t kChunk = 64;
 
-// The innermost loops, one call per chunk or key range, are where NSA_CPU_CLONES
-// goes: a clone's code must hold the loops themselves, not a call to them.
+// The innermost loops, one run_fastest call per chunk or key range.
 
 // scores[r] = q . k_r for the n keys k_r = k + r * stride.
 template <typename acc_t, typename scalar_t>
-NSA_CPU_CLONES void chunk_scores(const acc_t* q, const scalar_t* k, int64_t stride, int64_t n,
+inline void chunk_scores(const acc_t* q, const scalar_t* k, int64_t stride, int64_t n,
                                  int64_t dk, acc_t* scores) {
   for (int64_t r = 0; r < n; ++r) scores[r] = dot(q, k + r * stride, dk);
 }
@@ -201,7 +225,7 @@ struct BwdRow {
 
 // The row's terms for n consecutive keys: dq += ds k, dk_acc += ds q, dv_acc += p dout.
 template <typename acc_t, typename scalar_t>
-NSA_CPU_CLONES void bwd_keys(const BwdRow<acc_t>& row, const scalar_t* k, int64_t k_stride,
+inline void bwd_keys(const BwdRow<acc_t>& row, const scalar_t* k, int64_t k_stride,
                              const scalar_t* v, int64_t v_stride, int64_t n, double* dk_acc,
                              double* dv_acc) {
   for (int64_t r = 0; r < n; ++r) {
@@ -231,10 +255,12 @@ void fwd_row(const AttnFwdParams& p, const Views<scalar_t>& view, const SeqInfo&
   for_each_key_range(p, s, i, h, [&](KeyRange range) {
     for (int64_t r0 = range.begin; r0 < range.end; r0 += kChunk) {
       const int64_t n = std::min(kChunk, range.end - r0);
-      chunk_scores(q, view.k_row(s, r0, kvh), p.k_row_stride, n, dk, scores);
-      const acc_t rescale = softmax.absorb_chunk(scores, n);
-      for (int64_t c = 0; c < dv; ++c) acc[c] *= rescale;
-      accumulate_rows(scores, view.v_row(s, r0, kvh), p.v_row_stride, n, acc, dv);
+      run_fastest([&] {
+        chunk_scores(q, view.k_row(s, r0, kvh), p.k_row_stride, n, dk, scores);
+        const acc_t rescale = softmax.absorb_chunk(scores, n);
+        for (int64_t c = 0; c < dv; ++c) acc[c] *= rescale;
+        accumulate_rows(scores, view.v_row(s, r0, kvh), p.v_row_stride, n, acc, dv);
+      });
     }
   });
 
@@ -296,9 +322,11 @@ void bwd_row(const AttnBwdParams& p, const Views<scalar_t>& view, const SeqInfo&
   if (lse != -std::numeric_limits<acc_t>::infinity()) {
     const BwdRow<acc_t> row{q, dout, dq, acc_t(p.scale), lse, delta, dk, dv};
     for_each_key_range(p, s, t, h, [&](KeyRange range) {
-      bwd_keys(row, view.k_row(s, range.begin, kvh), p.k_row_stride,
-               view.v_row(s, range.begin, kvh), p.v_row_stride, range.end - range.begin,
-               dk_acc + range.begin * dk, dv_acc + range.begin * dv);
+      run_fastest([&] {
+        bwd_keys(row, view.k_row(s, range.begin, kvh), p.k_row_stride,
+                 view.v_row(s, range.begin, kvh), p.v_row_stride, range.end - range.begin,
+                 dk_acc + range.begin * dk, dv_acc + range.begin * dv);
+      });
     });
   }
   scalar_t* dq_dst = row_ptr(static_cast<scalar_t*>(p.dq), p.dq_batch_stride, p.dq_row_stride,
