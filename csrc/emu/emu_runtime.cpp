@@ -6,8 +6,8 @@
 #include <cstdint>
 
 namespace nsa::cuda {
-thread_local __attribute__((aligned(128))) char smem[nsa_emu::kSmemBytes];
-thread_local __attribute__((aligned(128))) uint32_t taken[nsa_emu::kSmemBytes / 4];
+__thread __attribute__((aligned(128))) char smem[nsa_emu::kSmemBytes];
+__thread __attribute__((aligned(128))) uint32_t taken[nsa_emu::kSmemBytes / 4];
 }  // namespace nsa::cuda
 
 namespace nsa_emu {

@@ -58,8 +58,10 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 // Dynamic smem (`extern __shared__ T name[]`) is a per-OS-thread buffer: the
-// fibers of a CTA share their OS thread. The emulator defines the buffers.
-#define __shared__ thread_local
+// fibers of a CTA share their OS thread. GCC's __thread, not thread_local: no
+// dynamic-initialisation wrapper (whose weak reference breaks extern arrays).
+// The emulator defines the buffers (emu_runtime.cpp).
+#define __shared__ __thread
 
 namespace nsa_emu {
 
