@@ -178,3 +178,203 @@ def test_window_fwd_non_contiguous(F):
     dk, dv, dtype = DIMS[0]
     big = F.rand(1, 90, 6, dk, dtype=dtype)
     F.check_window(big[:, :, :4], big[:, :, 4:5], big[:, :, 5:6], 30)
+
+
+# --------------------------------------------------------------------------- selection
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,n", [(1, 4, 4), (70, 16, 3), (200, 2, 4), (130, 1, 16)])
+def test_select_blocks(F, dims, T, G, n):
+    dk, dv, dtype = dims
+    q, kc, _ = F.compressed_case(2, T, 2, G, dk, dv, dtype, 32, 16)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 64, n, 1, 2)
+    F.check_selection(bi, rbi, rsc, n, 64, 1, 2)
+
+
+def test_select_blocks_small_lp(F):
+    """l' = 32 < 64 (several selection blocks per score tile), l = d = 32."""
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, 180, 2, 4, dk, dv, dtype, 32, 32)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 32, 32, 3, 1, 1)
+    F.check_selection(bi, rbi, rsc, 3, 32, 1, 1)
+
+
+def test_select_blocks_varlen(F):
+    lengths = [1, 17, 200, 64, 90]
+    cu = F.make_cu(lengths)
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, sum(lengths), 2, 4, dk, dv, dtype, 32, 16, cu=cu)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 64, 4, 1, 2, cu=cu, max_seqlen=max(lengths))
+    for m in range(len(lengths)):
+        a, b = cu[m].item(), cu[m + 1].item()
+        F.check_selection(bi[:, a:b], rbi[:, a:b], rsc[:, a:b], 4, 64, 1, 2, name=f"seq {m}")
+
+
+def test_selected_from_selection(F):
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, 150, 2, 4, dk, dv, dtype, 32, 16)
+    k, v = F.rand(1, 150, 2, dk, dtype=dtype), F.rand(1, 150, 2, dv, dtype=dtype)
+    bi, _, _ = F.run_selection(q, kc, 32, 16, 32, 4, 1, 2)
+    F.check_selected(q, k, v, bi, 32)
+
+
+# --------------------------------------------------------------------------- mean_compress
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+def test_mean_compress(F, emu, dtype):
+    for cu, shape in ((None, (2, 100, 3, 64)), (F.make_cu([1, 17, 70, 33]), (1, 121, 2, 128))):
+        x = F.rand(*shape, dtype=dtype)
+        out = emu.mean_compress(x, cu, 32, 16)
+        r64, r_lp = F.run_ref(F.ref.mean_compress, (x, 32, 16), {"cu_seqlens": cu}, dtype)
+        F.assert_close(out, r64, r_lp, "mean_compress")
+
+
+# --------------------------------------------------------------------------- backward
+
+@pytest.fixture(scope="module")
+def B(F):
+    """test_cuda_bwd's helpers, pointed at the emulator like F."""
+    m = _private_copy("test_cuda_bwd", "_emu_test_cuda_bwd")
+    for name in ("OPS", "DEV", "ref", "rand", "assert_close", "random_block_indices", "make_cu"):
+        setattr(m, name, getattr(F, name))
+    return m
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G", [(1, 4), (17, 16), (70, 1), (150, 2)])
+def test_compressed_bwd(B, dims, T, G):
+    q, k, v = B.qkv(2, T, 2, G, *dims)
+    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (150, 2, 16, 5),
+                                      (130, 1, 64, 2), (90, 8, 128, 3)])
+def test_selected_bwd(B, dims, T, G, lp, n):
+    q, k, v = B.qkv(2, T, 2, G, *dims)
+    B.check_selected_bwd(q, k, v, B.random_block_indices(2, T, 2, n, lp, seed=T + G), lp)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,w", [(1, 2, 512), (17, 16, 8), (70, 1, 64), (150, 4, 65)])
+def test_window_bwd(B, dims, T, G, w):
+    q, k, v = B.qkv(2, T, 2, G, *dims)
+    B.check_window_bwd(q, k, v, w)
+
+
+def test_bwd_varlen(B):
+    lengths = [1, 17, 150, 64, 33]
+    cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
+    q, k, v = B.qkv(1, total, 2, 2, *DIMS[0])
+    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
+    bi = B.random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
+    B.check_selected_bwd(q, k, v, bi, 32, cu=cu, max_seqlen=ms)
+    B.check_window_bwd(q, k, v, 40, cu=cu, max_seqlen=ms)
+
+
+def test_bwd_padding_rows_written(B, emu):
+    """Varlen with padding rows past cu_seqlens[-1]: every gradient element is
+    written (the outputs are NaN-poisoned before each launch)."""
+    lengths = [5, 70, 40]
+    cu, total = B.make_cu(lengths), sum(lengths)
+    dk, dv, dtype = DIMS[0]
+    q, k, v = B.qkv(1, total + 7, 1, 3, dk, dv, dtype)
+    kc, vc = B.cmp_kv(k, v, 32, 16, cu)
+    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32)
+    bi[..., 0] = 0
+    for fwd, bwd, kk, vv, extra, size in (
+            (B._cmp_fwd, B._cmp_bwd, kc, vc, (), (32, 16)),
+            (emu.selected_attn_fwd, emu.selected_attn_bwd, k, v, (bi,), 32),
+            (emu.window_attn_fwd, emu.window_attn_bwd, k, v, (), 16)):
+        o, lse = fwd(q, kk, vv, *extra, cu, max(lengths), size, 0.125)
+        # NaN (padding rows) -> -inf; neginf too: nan_to_num would turn the -inf of a row
+        # without keys into -FLT_MAX, which the backward does not read as "no key".
+        o = torch.nan_to_num(o)
+        lse = torch.nan_to_num(lse, nan=float("-inf"), neginf=float("-inf"))
+        grads = bwd(B.rand(*o.shape, dtype=dtype), None, q, kk, vv, *extra, o, lse, cu,
+                    max(lengths), size, 0.125)
+        for g in grads:
+            assert torch.isfinite(g).all()
+    dx = emu.mean_compress_bwd(B.rand(*kc.shape, dtype=dtype), k, cu, 32, 16)
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+def test_mean_compress_bwd(B, F, emu, dtype):
+    for cu, shape in ((None, (2, 100, 3, 64)), (F.make_cu([1, 17, 70, 33]), (1, 121, 2, 128))):
+        x = F.rand(*shape, dtype=dtype)
+        g = F.rand(*emu.mean_compress(x, cu, 32, 16).shape, dtype=dtype)
+        dx = emu.mean_compress_bwd(g, x, cu, 32, 16)
+
+        def grad(dt):
+            xx = x.detach().to(dt).requires_grad_(True)
+            (F.ref.mean_compress(xx, 32, 16, cu_seqlens=cu) * g.to(dt)).sum().backward()
+            return xx.grad
+
+        F.assert_close(dx, grad(torch.float64), grad(dtype), "dx mean_compress")
+
+
+# --------------------------------------------------------------------------- decode
+
+def _cpu_ops():
+    import nsa_cuda  # noqa: F401  (registers torch.ops.nsa_cuda's CPU kernels)
+    return torch.ops.nsa_cuda
+
+
+def _vs_cpu(F, name, got, op, args, dtype):
+    """An emulated op's outputs against the CPU op in fp64 (ref) and in the input
+    dtype (ref_lp), by the spec's rule."""
+    def cast(dt):
+        return [a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args]
+    for i, (x, a, b) in enumerate(zip(got, op(*cast(torch.float64)), op(*cast(dtype)))):
+        F.assert_close(x, a, b, f"{name}[{i}]")
+
+
+@pytest.mark.parametrize("S,G", [(1, 1), (1, 16), (3, 4), (8, 2)])
+def test_decode(F, emu, S, G):
+    """The decode kernels (split-KV attention + combine for the three branches,
+    selection scores + top-n) on three batch entries at different cache lengths,
+    one shorter than a compressed block (no compressed keys: lse = -inf, o = 0)."""
+    cpu = _cpu_ops()
+    dk, dv, dtype = DIMS[0]
+    Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
+    lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
+    q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
+    k = F.rand(Bsz, cap, Hkv, dk, dtype=dtype)
+    v = F.rand(Bsz, cap, Hkv, dv, dtype=dtype)
+    kc = F.ref.mean_compress(k, l, d)
+    vc = F.ref.mean_compress(v, l, d)
+    scale = dk ** -0.5
+
+    o, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+    _vs_cpu(F, "cmp_decode", (o, lse), cpu.compressed_attn_decode, (q, kc, vc, lens, l, d, scale), dtype)
+    assert torch.isinf(lse[2]).all() and (o[2] == 0).all()
+
+    # Selection: the emulated kernel from its own lse, the CPU from fp64 inputs.
+    bi = emu.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    _, lse64 = cpu.compressed_attn_decode(q.double(), kc.double(), vc.double(), lens, l, d, scale)
+    bi64 = cpu.select_blocks_decode(q.double(), kc.double(), lse64, lens, l, d, lp, n, 1, 1, scale)
+    assert torch.equal(bi, bi64), "select_blocks_decode differs from the fp64 CPU selection"
+
+    o, lse = emu.selected_attn_decode(q, k, v, bi, lens, lp, scale)
+    _vs_cpu(F, "slc_decode", (o, lse), cpu.selected_attn_decode, (q, k, v, bi, lens, lp, scale), dtype)
+    o, lse = emu.window_attn_decode(q, k, v, lens, w, scale)
+    _vs_cpu(F, "win_decode", (o, lse), cpu.window_attn_decode, (q, k, v, lens, w, scale), dtype)
+
+
+@pytest.mark.parametrize("num_new", [1, 5, 40])
+def test_update_cmp_cache(F, emu, num_new):
+    cpu = _cpu_ops()
+    dk, _, dtype = DIMS[0]
+    l, d, cap = 32, 16, 160
+    prefix = torch.tensor([0, 31, 100, cap - num_new], dtype=torch.int32)
+    x = F.rand(4, cap, 2, dk, dtype=dtype)
+    rows = (cap - l) // d + 1
+    base = F.rand(4, rows, 2, dk, dtype=dtype)
+    got = base.clone()
+    emu.update_cmp_cache(x, got, prefix, num_new, l, d)
+    want64, want_lp = base.double(), base.clone()
+    cpu.update_cmp_cache(x.double(), want64, prefix, num_new, l, d)
+    cpu.update_cmp_cache(x, want_lp, prefix, num_new, l, d)
+    F.assert_close(got, want64, want_lp, "update_cmp_cache")
