@@ -37,7 +37,6 @@ import _cuda_emu  # noqa: E402
 if os.environ.get("NSA_SKIP_EMULATION", "0") not in ("", "0"):
     pytest.skip("NSA_SKIP_EMULATION is set", allow_module_level=True)
 
-FULL = os.environ.get("NSA_EMULATION_FULL", "0") not in ("", "0")
 INSTANCES = _cuda_emu.instances()
 DV = {64: 64, 128: 128, 192: 128}
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -331,13 +330,14 @@ def _vs_cpu(F, name, got, op, args, dtype):
         F.assert_close(x, a, b, f"{name}[{i}]")
 
 
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("S,G", [(1, 1), (1, 16), (3, 4), (8, 2)])
-def test_decode(F, emu, S, G):
+def test_decode(F, emu, dims, S, G):
     """The decode kernels (split-KV attention + combine for the three branches,
     selection scores + top-n) on three batch entries at different cache lengths,
     one shorter than a compressed block (no compressed keys: lse = -inf, o = 0)."""
     cpu = _cpu_ops()
-    dk, dv, dtype = DIMS[0]
+    dk, dv, dtype = dims
     Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
     lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
     q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
@@ -363,10 +363,11 @@ def test_decode(F, emu, S, G):
     _vs_cpu(F, "win_decode", (o, lse), cpu.window_attn_decode, (q, k, v, lens, w, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
 @pytest.mark.parametrize("num_new", [1, 5, 40])
-def test_update_cmp_cache(F, emu, num_new):
+def test_update_cmp_cache(F, emu, dtype, num_new):
     cpu = _cpu_ops()
-    dk, _, dtype = DIMS[0]
+    dk = 64
     l, d, cap = 32, 16, 160
     prefix = torch.tensor([0, 31, 100, cap - num_new], dtype=torch.int32)
     x = F.rand(4, cap, 2, dk, dtype=dtype)

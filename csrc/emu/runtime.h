@@ -76,6 +76,18 @@ struct PendingCopy {
   void* dst;
   unsigned char bytes[16];
   int group;  // -1: not yet committed
+  uint32_t issue_epoch;
+};
+
+// Race detector over the shared-memory accesses the emulator sees (cp.async
+// landings, ldmatrix reads), per 16-byte granule: the last write and the last
+// read, each as (barrier epoch, thread). Another thread's access to a granule in
+// the same epoch (between the same two __syncthreads) is a race; a cp.async is
+// in flight from its issue to its wait, so a read by another thread in any epoch
+// of that interval is one too. Plain C++ loads and stores are not tracked.
+struct Access {
+  uint32_t epoch = ~0u;
+  int32_t tid = -1;  // -2: several threads read in that epoch
 };
 
 struct Cta;
@@ -113,6 +125,8 @@ struct Cta {
   ucontext_t sched_uc;
 #endif
   int arrived = 0, done = 0;
+  uint32_t epoch = 0;  // completed __syncthreads
+  std::vector<Access> last_write, last_read;  // per 16-byte granule of dynamic smem
   std::vector<int> warp_arrived;
   std::vector<LaneSlot> slots;  // [2 parities][warps][32 lanes]
   std::mt19937_64 rng;
@@ -255,6 +269,7 @@ inline void release_block_if_complete(Cta& c) {
     for (Fiber& f : c.fibers)
       if (f.state == State::kBlockBarrier) f.state = State::kRunnable;
     c.arrived = 0;
+    c.epoch++;
   }
 }
 
@@ -365,11 +380,47 @@ inline void check_smem(const void* p, size_t bytes, const char* what) {
     fiber_fail(std::string(what) + ": shared address not 16-byte aligned");
 }
 
+[[noreturn]] inline void report_race(const char* kind, const void* p, int other, uint32_t epoch) {
+  Cta& c = *t_cta;
+  fiber_fail(std::string("shared-memory race: ") + kind + " at smem offset " +
+             std::to_string(static_cast<const char*>(p) - c.smem_base) + " with thread " +
+             (other == -2 ? std::string("(several)") : std::to_string(other)) + " in barrier epoch " +
+             std::to_string(epoch) + " (no __syncthreads between them)");
+}
+
+inline size_t granule(const void* p) {
+  return size_t(static_cast<const char*>(p) - t_cta->smem_base) / 16;
+}
+
+// A cp.async issued in epoch `issued` lands now (epoch c.epoch).
+inline void track_write(const void* p, uint32_t issued) {
+  Cta& c = *t_cta;
+  const int me = t_fiber->tid;
+  const size_t g = granule(p);
+  const Access w = c.last_write[g], r = c.last_read[g];
+  if (w.epoch == c.epoch && w.tid != me) report_race("cp.async write after another thread's write", p, w.tid, w.epoch);
+  if (r.epoch != ~0u && r.epoch >= issued && r.epoch <= c.epoch && r.tid != me)
+    report_race("cp.async write while another thread reads (ldmatrix)", p, r.tid, r.epoch);
+  c.last_write[g] = Access{c.epoch, me};
+}
+
+inline void track_read(const void* p, int reader) {
+  Cta& c = *t_cta;
+  const size_t g = granule(p);
+  const Access w = c.last_write[g];
+  if (w.epoch == c.epoch && w.tid != reader)
+    report_race("ldmatrix read of another thread's cp.async data", p, w.tid, w.epoch);
+  Access& r = c.last_read[g];
+  if (r.epoch == c.epoch && r.tid != reader) r.tid = -2;
+  else if (r.epoch != c.epoch) r = Access{c.epoch, reader};
+}
+
 inline void cp_async_16(void* dst, const void* src, bool pred) {
   check_smem(dst, 16, "cp.async");
   PendingCopy pc;
   pc.dst = dst;
   pc.group = -1;
+  pc.issue_epoch = t_cta->epoch;
   if (pred) {
     if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fiber_fail("cp.async: global source not 16-byte aligned");
     std::memcpy(pc.bytes, src, 16);
@@ -378,6 +429,7 @@ inline void cp_async_16(void* dst, const void* src, bool pred) {
   }
   Cta& c = *t_cta;
   if (c.copies_random && (c.rng() & 1)) {
+    track_write(dst, pc.issue_epoch);
     std::memcpy(dst, pc.bytes, 16);
   } else {
     t_fiber->pending.push_back(pc);
@@ -399,8 +451,12 @@ inline void cp_async_wait(int n) {
   const int keep_from = f->next_group - n;
   std::vector<PendingCopy> rest;
   for (PendingCopy& p : f->pending) {
-    if (p.group >= 0 && p.group < keep_from) std::memcpy(p.dst, p.bytes, 16);
-    else rest.push_back(p);
+    if (p.group >= 0 && p.group < keep_from) {
+      track_write(p.dst, p.issue_epoch);
+      std::memcpy(p.dst, p.bytes, 16);
+    } else {
+      rest.push_back(p);
+    }
   }
   f->pending.swap(rest);
 }
@@ -415,6 +471,9 @@ inline void ldmatrix(const void* row_addr, uint32_t* dst) {
   uint64_t in = reinterpret_cast<uint64_t>(row_addr);
   uint64_t out[2] = {0, 0};
   warp_collective(kOpLdsm, &in, sizeof in, out, sizeof out, [](LaneSlot* lanes) {
+    const int warp0 = t_fiber->tid / 32 * 32;
+    for (int r = 0; r < 8 * kMats; ++r)
+      track_read(reinterpret_cast<const void*>(lanes[r].in[0]), warp0 + r);
     for (int l = 0; l < 32; ++l) {
       uint32_t regs[4] = {0, 0, 0, 0};
       for (int m = 0; m < kMats; ++m) {
@@ -549,6 +608,8 @@ inline std::string run_cta(const std::function<void()>& body, dim3 grid, dim3 bl
   c.warp_arrived.assign(nwarps, 0);
   c.slots.resize(size_t(2) * nwarps * 32);
   c.fibers.resize(c.nthreads);
+  c.last_write.assign((smem_bytes + 15) / 16, Access{});
+  c.last_read.assign((smem_bytes + 15) / 16, Access{});
   std::memset(smem_base, 0xff, smem_bytes);  // uninitialised smem reads as NaN
   poison_extra_smem(smem_bytes);
   for (int i = 0; i < c.nthreads; ++i) {
