@@ -221,11 +221,17 @@ std::tuple<at::Tensor, at::Tensor> gemm_selftest(const at::Tensor& a, const at::
   return {nt, nn};
 }
 
+void hazard_selftest(int64_t mode) {
+  run_kernel("hazard_selftest", [&] { nsa::emu::hazard_selftest(int(mode)); });
+}
+
 }  // namespace
 }  // namespace nsa::api
 
 TORCH_LIBRARY_FRAGMENT(nsa_cuda_emu, m) {
   m.def("gemm_selftest(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // No tensor argument to dispatch on: a catch-all kernel.
+  m.def("hazard_selftest(int mode) -> ()", &nsa::api::hazard_selftest);
 }
 TORCH_LIBRARY_IMPL(nsa_cuda_emu, CPU, m) {
   nsa::api::register_backend<nsa::api::EmuBackend>(m);

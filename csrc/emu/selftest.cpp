@@ -69,9 +69,41 @@ void run_gemm_selftest(const void* a, const void* b, float* nt, float* nn) {
   check_launch("gemm_selftest");
 }
 
+// The emulator's own checks must keep their teeth. mode 0: cp.async, wait,
+// __syncthreads, then warp 0 ldmatrix-reads rows other threads copied (correct);
+// mode 1: the same without the __syncthreads (a race); mode 2: half of each warp
+// at __syncwarp, the other half at __syncthreads (a deadlock on the GPU).
+__global__ void emu_hazard_kernel(const cute::uint128_t* src, float* out, int mode) {
+  extern __shared__ __align__(128) char smem[];
+  const int tid = threadIdx.x;
+  auto* rows = reinterpret_cast<cute::uint128_t*>(smem);
+  cp_async_16(&rows[tid], &src[tid], true);
+  cute::cp_async_fence();
+  cute::cp_async_wait<0>();
+  if (mode == 2) {
+    if (tid % 32 < 16) __syncwarp();
+    else __syncthreads();
+  }
+  if (mode != 1) __syncthreads();
+  if (tid < 32) {
+    uint32_t d[4];
+    cute::SM75_U32x4_LDSM_N::copy(rows[(tid + 32) % 128], d[0], d[1], d[2], d[3]);
+    out[tid] = float(d[0] & 0xffff);
+  }
+}
+
+void run_hazard_selftest(int mode) {
+  static cute::uint128_t src[128];
+  static float out[32];
+  NSA_LAUNCH(1, 128, 128 * 16, nullptr, emu_hazard_kernel)(src, out, mode);
+  check_launch("hazard_selftest");
+}
+
 }  // namespace nsa::cuda
 
 namespace nsa::emu {
+void hazard_selftest(int mode) { nsa::cuda::run_hazard_selftest(mode); }
+
 void gemm_selftest(const void* a, const void* b, bool bf16, float* nt, float* nn) {
   if (bf16)
     nsa::cuda::run_gemm_selftest<cutlass::bfloat16_t>(a, b, nt, nn);
