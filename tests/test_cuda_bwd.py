@@ -258,7 +258,10 @@ def test_gradients_poisoned_before_launch():
             (OPS.selected_attn_fwd, OPS.selected_attn_bwd, k, v, (bi,), 32),
             (OPS.window_attn_fwd, OPS.window_attn_bwd, k, v, (), 16)):
         o, lse = fwd(q, kk, vv, *extra, cu, max(lengths), size, s)
-        o, lse = torch.nan_to_num(o), torch.nan_to_num(lse, nan=float("-inf"))  # padding rows
+        # NaN (padding rows) -> -inf; neginf too: nan_to_num would turn the -inf of a row
+        # without keys into -FLT_MAX, which the backward does not read as "no key".
+        o = torch.nan_to_num(o)
+        lse = torch.nan_to_num(lse, nan=float("-inf"), neginf=float("-inf"))
         grads = bwd(rand(*o.shape, dtype=q.dtype), None, q, kk, vv, *extra, o, lse, cu,
                     max(lengths), size, s)
         for g in grads:

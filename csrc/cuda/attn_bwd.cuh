@@ -479,8 +479,8 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
   const int64_t warps = p.seqlen * p.num_heads_q;
   const int64_t delta_blocks = (warps + 3) / 4;
   check_grid(delta_blocks, p, p.num_seqs, what);
-  attn_bwd_delta_kernel<Element, Traits::kDv>
-      <<<dim3(unsigned(delta_blocks), 1, unsigned(p.num_seqs)), 128, 0, stream>>>(p, ws);
+  NSA_LAUNCH(dim3(unsigned(delta_blocks), 1, unsigned(p.num_seqs)), 128, 0, stream,
+             attn_bwd_delta_kernel<Element, Traits::kDv>)(p, ws);
   check_launch(what);
 
   const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
@@ -488,8 +488,8 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
   const int smem_dq = Traits::kSmemStreamTiles + Schedule::smem_bytes(p);
   auto dq_kernel = attn_bwd_dq_kernel<Traits, Schedule>;
   set_smem_limit(dq_kernel, smem_dq, what);
-  dq_kernel<<<dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
-              smem_dq, stream>>>(p, ws);
+  NSA_LAUNCH(dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
+             smem_dq, stream, dq_kernel)(p, ws);
   check_launch(what);
 
   int64_t n_blocks = QSchedule::key_tiles(p);
@@ -500,8 +500,8 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
   const int smem_dkv = Traits::kSmemDkv;
   auto dkv_kernel = attn_bwd_dkdv_kernel<Traits, QSchedule>;
   set_smem_limit(dkv_kernel, smem_dkv, what);
-  dkv_kernel<<<dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
-               smem_dkv, stream>>>(p, ws);
+  NSA_LAUNCH(dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
+             smem_dkv, stream, dkv_kernel)(p, ws);
   check_launch(what);
 }
 

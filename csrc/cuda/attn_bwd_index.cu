@@ -50,7 +50,7 @@ void run_slc_inverse_keys(const AttnBwdParams& p, int64_t* keys, cudaStream_t st
   const int64_t total = slc_inverse_key_count(p);
   if (total == 0) return;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 65535 * 16);
-  slc_inverse_keys_kernel<<<unsigned(blocks), 256, 0, stream>>>(p, keys, total);
+  NSA_LAUNCH(unsigned(blocks), 256, 0, stream, slc_inverse_keys_kernel)(p, keys, total);
   check_launch("selected_attn_bwd (inverse index)");
 }
 

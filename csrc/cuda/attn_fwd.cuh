@@ -176,7 +176,7 @@ void launch_attn_fwd(const AttnFwdParams& p, cudaStream_t stream, const char* wh
   auto kernel = attn_fwd_kernel<Traits, Schedule>;
   set_smem_limit(kernel, smem, what, Schedule::smem_hint(p));
   dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(p);
+  NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p);
   check_launch(what);
 }
 

@@ -17,6 +17,16 @@
 #include "nsa/params.h"
 #include "nsa/rules.h"
 
+// Kernel launch: NSA_LAUNCH(grid, block, smem, stream, kernel)(args...). The
+// triple chevron, or, under NSA_CUDA_EMULATION, the CPU emulator's launcher
+// (csrc/emu), which runs the same kernel source on the host. The kernel comes
+// last so that template arguments with commas need no parentheses.
+#ifdef NSA_CUDA_EMULATION
+#define NSA_LAUNCH(grid, block, smem, stream, ...) NSA_EMU_LAUNCH(grid, block, smem, stream, __VA_ARGS__)
+#else
+#define NSA_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace nsa::cuda {
 
 template <DType kDType>

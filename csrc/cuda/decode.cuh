@@ -31,9 +31,9 @@ void run_attn_decode(const AttnFwdParams& p, int num_splits, float* o_part, floa
   set_smem_limit(kernel, int(smem), "decode_attn");
   const DecodeWorkspace ws{o_part, lse_part, num_splits};
   const dim3 grid{unsigned(kv_ctas), unsigned(row_tiles), unsigned(num_splits)};
-  kernel<<<grid, Traits::kThreads, smem, stream>>>(p, ws);
+  NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p, ws);
   check_launch("decode_attn");
-  decode_combine_kernel<kDv, Element><<<unsigned(rows), 128, 0, stream>>>(p, ws);
+  NSA_LAUNCH(unsigned(rows), 128, 0, stream, decode_combine_kernel<kDv, Element>)(p, ws);
   check_launch("decode_combine");
 }
 
@@ -53,12 +53,13 @@ void run_select_blocks_decode(const SelectParams& p, float* scores, cudaStream_t
   auto scores_kernel = decode_select_scores_kernel<kDk, Element>;
   set_smem_limit(scores_kernel, int(smem), "select_blocks_decode");
   const dim3 grid{unsigned(score_ctas), unsigned(p.num_heads_kv), unsigned(p.num_seqs)};
-  scores_kernel<<<grid, kSelectThreads, smem, stream>>>(p, scores, width);
+  NSA_LAUNCH(grid, kSelectThreads, smem, stream, scores_kernel)(p, scores, width);
   check_launch("select_blocks_decode (scores)");
   const int64_t topn_smem = ceil_div64(width, 32) * 4;
   if (topn_smem > 48 * 1024)
     throw std::runtime_error("select_blocks_decode: cache too long for the top-n kernel");
-  decode_select_topn_kernel<Element><<<unsigned(tokens), 32, topn_smem, stream>>>(p, scores, width);
+  NSA_LAUNCH(unsigned(tokens), 32, topn_smem, stream, decode_select_topn_kernel<Element>)(
+      p, scores, width);
   check_launch("select_blocks_decode (top-n)");
 }
 

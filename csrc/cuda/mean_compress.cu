@@ -93,14 +93,14 @@ void run_update_cmp_cache(const CompressParams& p, DType dtype, cudaStream_t str
   const int64_t max_blocks = std::min<int64_t>((p.num_new + p.cmp_stride - 1) / p.cmp_stride + 1,
                                                p.rows_out);
   launch_rows("update_cmp_cache", max_blocks, p.batch, dtype, [&](auto tag, const dim3& grid) {
-    update_cmp_cache_kernel<decltype(tag)><<<grid, 128, 0, stream>>>(p);
+    NSA_LAUNCH(grid, 128, 0, stream, update_cmp_cache_kernel<decltype(tag)>)(p);
   });
 }
 
 void run_mean_compress(const CompressParams& p, DType dtype, cudaStream_t stream) {
   if (p.rows_out == 0 || p.batch == 0 || p.num_heads * p.head_dim == 0) return;
   launch_rows("mean_compress", p.rows_out, p.batch, dtype, [&](auto tag, const dim3& grid) {
-    mean_compress_kernel<decltype(tag)><<<grid, 128, 0, stream>>>(p);
+    NSA_LAUNCH(grid, 128, 0, stream, mean_compress_kernel<decltype(tag)>)(p);
   });
 }
 
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(128) mean_compress_bwd_kernel(const CompressPa
 void run_mean_compress_bwd(const CompressParams& p, DType dtype, cudaStream_t stream) {
   if (p.seqlen == 0 || p.batch == 0 || p.num_heads * p.head_dim == 0) return;
   launch_rows("mean_compress_bwd", p.seqlen, p.batch, dtype, [&](auto tag, const dim3& grid) {
-    mean_compress_bwd_kernel<decltype(tag)><<<grid, 128, 0, stream>>>(p);
+    NSA_LAUNCH(grid, 128, 0, stream, mean_compress_bwd_kernel<decltype(tag)>)(p);
   });
 }
 

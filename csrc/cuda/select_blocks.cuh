@@ -250,7 +250,7 @@ void run_select_blocks(const SelectParams& p, cudaStream_t stream) {
   auto kernel = select_blocks_kernel<Traits>;
   set_smem_limit(kernel, int(smem), what);
   dim3 grid(unsigned(t_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
-  kernel<<<grid, Traits::kThreads, int(smem), stream>>>(p, int(tokens), int(score_stride));
+  NSA_LAUNCH(grid, Traits::kThreads, int(smem), stream, kernel)(p, int(tokens), int(score_stride));
   check_launch(what);
 }
 

@@ -1,0 +1,107 @@
+// Host stand-in for the CUDA runtime API under NSA_CUDA_EMULATION: the types and
+// calls the launchers and CuTe's host paths use, answered by the CPU emulator
+// (csrc/emu/runtime.h). Attribute queries report an H100-like device so the
+// launchers take the same decisions (smem opt-in, split counts) as on the GPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+
+#ifndef NSA_CUDA_EMULATION
+#error "csrc/emu is the CPU emulator of the CUDA kernels: compile with -DNSA_CUDA_EMULATION"
+#endif
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+typedef struct CUstream_st* cudaStream_t;
+
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,
+};
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+namespace nsa_emu {
+constexpr int kSmemOptin = 227 * 1024;  // H100 / H200
+constexpr int kSmemDefault = 48 * 1024;
+constexpr int kNumSms = 132;
+
+struct ApiState {
+  std::mutex mu;
+  cudaError_t last = cudaSuccess;
+  std::string message;
+  std::map<const void*, int> smem_limit;  // cudaFuncSetAttribute per kernel
+};
+inline ApiState& api() {
+  static ApiState s;
+  return s;
+}
+inline void set_error(cudaError_t e, const std::string& msg) {
+  std::lock_guard<std::mutex> g(api().mu);
+  if (api().last == cudaSuccess) api().last = e, api().message = msg;
+}
+inline int smem_limit_of(const void* fn) {
+  std::lock_guard<std::mutex> g(api().mu);
+  auto it = api().smem_limit.find(fn);
+  return it == api().smem_limit.end() ? kSmemDefault : it->second;
+}
+}  // namespace nsa_emu
+
+inline cudaError_t cudaGetLastError() {
+  std::lock_guard<std::mutex> g(nsa_emu::api().mu);
+  cudaError_t e = nsa_emu::api().last;
+  nsa_emu::api().last = cudaSuccess;
+  return e;
+}
+inline cudaError_t cudaPeekAtLastError() {
+  std::lock_guard<std::mutex> g(nsa_emu::api().mu);
+  return nsa_emu::api().last;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  if (e == cudaSuccess) return "no error";
+  // The emulator's diagnostics are more useful than the code's generic name.
+  static thread_local std::string s;
+  std::lock_guard<std::mutex> g(nsa_emu::api().mu);
+  s = nsa_emu::api().message.empty() ? "emulated CUDA error" : nsa_emu::api().message;
+  return s.c_str();
+}
+inline const char* cudaGetErrorName(cudaError_t) { return "cudaErrorEmulated"; }
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) {
+  if (device != 0) return cudaErrorInvalidValue;
+  switch (a) {
+    case cudaDevAttrMaxSharedMemoryPerBlock: *v = nsa_emu::kSmemDefault; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *v = nsa_emu::kNumSms; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = nsa_emu::kSmemOptin; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+template <class Fn>
+inline cudaError_t cudaFuncSetAttribute(Fn* fn, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value > nsa_emu::kSmemOptin) {
+    nsa_emu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: invalid value");
+    return cudaErrorInvalidValue;
+  }
+  std::lock_guard<std::mutex> g(nsa_emu::api().mu);
+  nsa_emu::api().smem_limit[reinterpret_cast<const void*>(fn)] = value;
+  return cudaSuccess;
+}

@@ -1,0 +1,239 @@
+// The CUDA kernels, run by the CPU emulator, as the ops of a separate library
+// `nsa_cuda_emu` (same schemas as nsa_cuda, registered for CPU tensors), so it
+// never clashes with the real nsa_cuda._C. The op bodies are the shared ones
+// (api/op_bodies.h); the backend below mirrors api/cuda_ops.cpp with CPU
+// workspaces and outputs always poisoned (NaN / 0x7fffffff) before a launch.
+// Built only by tests/_cuda_emu.py (torch JIT) with -DNSA_CUDA_EMULATION.
+#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sort.h>
+
+// The schemas of api/ops.cpp, under another library name.
+#define nsa_cuda nsa_cuda_emu
+#include "api/ops.cpp"
+#undef nsa_cuda
+
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <tuple>
+
+#include "api/op_bodies.h"
+#include "cuda/decode_plan.h"
+#include "cuda/launch.h"
+#include "emu/selftest.h"
+
+namespace nsa::api {
+namespace {
+
+using nsa::cuda::DType;
+
+void poison(const at::Tensor& t) {
+  if (at::isFloatingType(t.scalar_type()))
+    const_cast<at::Tensor&>(t).fill_(std::numeric_limits<double>::quiet_NaN());
+  else
+    const_cast<at::Tensor&>(t).fill_(0x7fffffff);
+}
+
+bool built(int64_t dk, DType dt) {
+  const bool bf16 = dt == DType::kBf16;
+  (void)bf16;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+  if (dk == 64 && !bf16) return true;
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+  if (dk == 64 && bf16) return true;
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+  if (dk == 128 && !bf16) return true;
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+  if (dk == 128 && bf16) return true;
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+  if (dk == 192 && !bf16) return true;
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+  if (dk == 192 && bf16) return true;
+#endif
+  return false;
+}
+
+// As cuda_ops.cpp's with_instance, over the instances this emulator build has.
+template <class F>
+void with_instance(int64_t dk, DType dt, F&& f) {
+  const bool bf16 = dt == DType::kBf16;
+  (void)bf16;
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
+  if (dk == 64 && !bf16) return f.template operator()<64, 64, DType::kFp16>();
+#endif
+#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
+  if (dk == 64 && bf16) return f.template operator()<64, 64, DType::kBf16>();
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
+  if (dk == 128 && !bf16) return f.template operator()<128, 128, DType::kFp16>();
+#endif
+#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
+  if (dk == 128 && bf16) return f.template operator()<128, 128, DType::kBf16>();
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
+  if (dk == 192 && !bf16) return f.template operator()<192, 128, DType::kFp16>();
+#endif
+#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
+  if (dk == 192 && bf16) return f.template operator()<192, 128, DType::kBf16>();
+#endif
+  throw std::runtime_error("no emulated kernel instance for these head dims and dtype");
+}
+
+// Same rule as cuda_ops.cpp: 16-byte aligned base, strides multiples of 8.
+at::Tensor aligned(const at::Tensor& t) {
+  auto ok = [](const at::Tensor& x) {
+    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 &&
+           x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 && x.stride(3) == 1;
+  };
+  if (ok(t)) return t;
+  at::Tensor c = t.contiguous();
+  if (!ok(c)) c = t.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+template <class F>
+void run_kernel(const char* op, F f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "nsa_cuda_emu.", op, ": ", e.what());
+  }
+}
+
+at::Tensor workspace(int64_t numel) { return at::empty({numel}, at::TensorOptions().dtype(at::kFloat)); }
+
+DType dtype_of(at::ScalarType t) { return t == at::kBFloat16 ? DType::kBf16 : DType::kFp16; }
+
+constexpr cudaStream_t kStream = nullptr;
+
+struct EmuBackend {
+  static constexpr bool kHasBackward = true;
+  struct NoGuard {};
+  static NoGuard prepare(const at::Tensor&) { return {}; }
+
+  static void check_support(const at::Tensor& q, int64_t dk, int64_t dv, const char* op) {
+    TORCH_CHECK(q.is_cpu(), "nsa_cuda_emu.", op, ": the emulator takes CPU tensors");
+    TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, "nsa_cuda_emu.",
+                op, ": the CUDA kernels support float16 and bfloat16, got ", q.scalar_type());
+    if (dk < 0) return;
+    if (dv >= 0)
+      TORCH_CHECK((dk == 64 && dv == 64) || (dk == 128 && dv == 128) || (dk == 192 && dv == 128),
+                  "nsa_cuda_emu.", op, ": unsupported head dims (", dk, ", ", dv, ")");
+    TORCH_CHECK(built(dk, dtype_of(q.scalar_type())), "nsa_cuda_emu.", op,
+                ": this emulator build has no instance for Dk = ", dk, " and ", q.scalar_type());
+  }
+
+  static at::Tensor input(const at::Tensor& t) { return aligned(t); }
+  static void fresh(const at::Tensor& t) { poison(t); }
+
+  static void attn_fwd(const AttnFwdParams& p, at::ScalarType t) {
+    run_kernel("attn_fwd", [&] {
+      with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_attn_fwd<kDk, kDv, kDT>(p, kStream);
+      });
+    });
+  }
+  static void select_blocks(const SelectParams& p, at::ScalarType t) {
+    run_kernel("select_blocks", [&] {
+      with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_select_blocks<kDk, kDT>(p, kStream);
+      });
+    });
+  }
+  static void attn_bwd(const AttnBwdParams& p, at::ScalarType t) {
+    run_kernel("attn_bwd", [&] {
+      const int64_t batches = p.cu_seqlens != nullptr ? 1 : p.num_seqs;
+      at::Tensor delta = workspace(batches * p.lse_batch_stride);
+      poison(delta);
+      nsa::cuda::AttnBwdWorkspace ws;
+      ws.delta = delta.data_ptr<float>();
+      ws.q_rows = p.lse_head_stride;
+      at::Tensor sorted_keys;
+      if (p.branch == Branch::kSelected) {
+        at::Tensor keys = at::empty({nsa::cuda::slc_inverse_key_count(p)}, at::kLong);
+        poison(keys);
+        nsa::cuda::run_slc_inverse_keys(p, keys.data_ptr<int64_t>(), kStream);
+        sorted_keys = std::get<0>(at::sort(keys, /*dim=*/0, /*descending=*/false));
+        ws.slc_keys = sorted_keys.data_ptr<int64_t>();
+        ws.slc_key_count = sorted_keys.numel();
+      }
+      with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_attn_bwd<kDk, kDv, kDT>(p, ws, kStream);
+      });
+    });
+  }
+  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
+    run_kernel("attn_decode", [&] {
+      const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::kNumSms);
+      const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
+      at::Tensor o_part = workspace(int64_t(splits) * rows * p.head_dim_v);
+      at::Tensor lse_part = workspace(int64_t(splits) * rows);
+      poison(o_part), poison(lse_part);
+      with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, o_part.data_ptr<float>(),
+                                                  lse_part.data_ptr<float>(), kStream);
+      });
+    });
+  }
+  static void select_blocks_decode(const SelectParams& p, at::ScalarType t) {
+    run_kernel("select_blocks_decode", [&] {
+      at::Tensor scores =
+          workspace(p.num_seqs * p.num_heads_kv * p.seqlen * nsa::cuda::select_score_width(p));
+      poison(scores);
+      with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_select_blocks_decode<kDk, kDT>(p, scores.data_ptr<float>(), kStream);
+      });
+    });
+  }
+  static void mean_compress(const CompressParams& p, at::ScalarType t) {
+    run_kernel("mean_compress", [&] { nsa::cuda::run_mean_compress(p, dtype_of(t), kStream); });
+  }
+  static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
+    run_kernel("mean_compress_bwd",
+               [&] { nsa::cuda::run_mean_compress_bwd(p, dtype_of(t), kStream); });
+  }
+  static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
+    run_kernel("update_cmp_cache",
+               [&] { nsa::cuda::run_update_cmp_cache(p, dtype_of(t), kStream); });
+  }
+};
+
+// a [64, 64], b [64, 64] (fp16 or bf16, CPU, contiguous) -> (a @ b^T, a @ b) in
+// float32, through the forward's TiledMma, ldmatrix atoms and swizzled smem.
+std::tuple<at::Tensor, at::Tensor> gemm_selftest(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.is_cpu() && a.sizes() == at::IntArrayRef({64, 64}) && b.sizes() == a.sizes() &&
+                  a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous() &&
+                  (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
+              "gemm_selftest: a and b must be contiguous fp16/bf16 [64, 64] CPU tensors");
+  at::Tensor nt = at::empty({64, 64}, at::kFloat), nn = at::empty({64, 64}, at::kFloat);
+  poison(nt), poison(nn);
+  run_kernel("gemm_selftest", [&] {
+    nsa::emu::gemm_selftest(a.data_ptr(), b.data_ptr(), a.scalar_type() == at::kBFloat16,
+                            nt.data_ptr<float>(), nn.data_ptr<float>());
+  });
+  return {nt, nn};
+}
+
+void hazard_selftest(int64_t mode) {
+  run_kernel("hazard_selftest", [&] { nsa::emu::hazard_selftest(int(mode)); });
+}
+
+}  // namespace
+}  // namespace nsa::api
+
+TORCH_LIBRARY_FRAGMENT(nsa_cuda_emu, m) {
+  m.def("gemm_selftest(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // No tensor argument to dispatch on: a catch-all kernel.
+  m.def("hazard_selftest(int mode) -> ()", &nsa::api::hazard_selftest);
+}
+TORCH_LIBRARY_IMPL(nsa_cuda_emu, CPU, m) {
+  nsa::api::register_backend<nsa::api::EmuBackend>(m);
+  m.impl("gemm_selftest", &nsa::api::gemm_selftest);
+}

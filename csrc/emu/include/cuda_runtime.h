@@ -1,0 +1,3 @@
+#pragma once
+#include "emu/cuda_api.h"
+#include "emu/runtime.h"

@@ -1,0 +1,397 @@
+"""The CUDA kernels, run by the CPU emulator, against the fp64 reference.
+
+No GPU needed: csrc/emu compiles the kernels' own source (csrc/cuda/*.cuh,
+mean_compress.cu, attn_bwd_index.cu) as host code. Each CTA's threads run as
+fibers that switch at __syncthreads, shuffles, ballots, mma.sync and ldmatrix
+(warp collectives computed from every lane's registers per the PTX ISA), in a
+seeded random order; cp.async lands either at once or at the issuing thread's
+wait. So the index math, CuTe partitions, swizzled smem views, masks, online
+softmax and barriers are the GPU's code paths; what is not modelled: timing,
+the memory model beyond that, fast-math intrinsics, tensor-core accumulation order.
+
+The emulated ops are `torch.ops.nsa_cuda_emu.*` (nsa_cuda's schemas, CPU fp16/
+bf16 tensors, outputs NaN-poisoned before every launch). The checks are the
+CUDA tests' own helpers and tolerance rule (test_cuda_fwd.assert_close: max
+|x - ref| <= 2 max|ref_lp - ref| + 1e-5, -inf exactly where the reference has
+it, no NaN), loaded as private copies pointed at the emulator and the CPU.
+
+Build: tests/_cuda_emu.py (torch JIT, g++ -O1; reused afterwards from
+build/emu-*/). On a 2-core machine the default instance (64x64 bf16) builds in
+about 1.5 minutes and this module then runs in about 35 s; all six instances
+(NSA_EMULATION_FULL=1) take about 9 minutes to build and 6 minutes to run.
+A deliberate off-by-one in the window mask (kv_schedule.cuh) fails 6 of the
+window tests; a removed __syncthreads in the forward mainloop fails the launches
+with the race detector's message. Switches:
+  NSA_SKIP_EMULATION=1      skip this module
+  NSA_EMU_INSTANCES=64:bf16,64:fp16   instances to build (default 64:bf16)
+  NSA_EMULATION_FULL=1      all six instances
+  NSA_EMU_SEED=n            the fiber schedule / cp.async landing seed (default 1)
+  NSA_EMU_THREADS=n         OS threads running CTAs (default min(4, cores))
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _cuda_emu  # noqa: E402
+
+if os.environ.get("NSA_SKIP_EMULATION", "0") not in ("", "0"):
+    pytest.skip("NSA_SKIP_EMULATION is set", allow_module_level=True)
+
+INSTANCES = _cuda_emu.instances()
+DV = {64: 64, 128: 128, 192: 128}
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# (dk, dv, dtype) of every built instance; the first one is the default for single cases.
+DIMS = [(int(h), DV[int(h)], DT[t]) for h, t in INSTANCES]
+
+
+def _id(x):
+    if isinstance(x, tuple):
+        return "x".join(str(e).replace("torch.", "") for e in x)
+    return str(x)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        return _cuda_emu.build()
+    except Exception as e:  # a build failure is a failure, not a skip
+        pytest.fail(f"building the CUDA emulator failed: {e}")
+
+
+def _private_copy(name, alias):
+    """A private instance of tests/<name>.py whose globals can be pointed at the
+    emulator and the CPU without touching the real module (which the CUDA tests use)."""
+    spec = importlib.util.spec_from_file_location(alias, os.path.join(HERE, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def F(emu):
+    """test_cuda_fwd's helpers on the emulator (ops) and the CPU (tensors, reference)."""
+    from nsa_cuda import reference
+    m = _private_copy("test_cuda_fwd", "_emu_test_cuda_fwd")
+    m.OPS, m.DEV, m.ref = emu, "cpu", reference
+    return m
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- atoms
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+def test_atoms_gemm(emu, dtype):
+    """mma.sync m16n8k16 + ldmatrix (.x4 and .x4.trans) + cp.async through the
+    forward's TiledMma and swizzled layouts: a b^T and a b of 64x64 tiles. The
+    emulated atoms follow the PTX ISA's fragment definitions; CuTe's MMA_Traits /
+    Copy_Traits layouts must agree with them for the product to come out right."""
+    a = torch.randn(64, 64).to(dtype)
+    b = torch.randn(64, 64).to(dtype)
+    nt, nn = emu.gemm_selftest(a, b)
+    a64, b64 = a.double(), b.double()
+    # fp32 accumulation of exact products: tight bounds
+    torch.testing.assert_close(nt.double(), a64 @ b64.T, rtol=0, atol=1e-4)
+    torch.testing.assert_close(nn.double(), a64 @ b64, rtol=0, atol=1e-4)
+
+
+def test_emulator_catches_hazards(emu):
+    """The emulator's checks on a tiny kernel: correct, a missing __syncthreads
+    (shared-memory race), a warp split between __syncwarp and __syncthreads."""
+    emu.hazard_selftest(0)
+    with pytest.raises(RuntimeError, match="shared-memory race"):
+        emu.hazard_selftest(1)
+    with pytest.raises(RuntimeError, match="deadlock"):
+        emu.hazard_selftest(2)
+    emu.hazard_selftest(0)  # a failed launch leaves nothing behind
+
+
+# --------------------------------------------------------------------------- forward
+
+def _qkv(F, B, T, Hkv, G, dims):
+    dk, dv, dtype = dims
+    return (F.rand(B, T, Hkv * G, dk, dtype=dtype), F.rand(B, T, Hkv, dk, dtype=dtype),
+            F.rand(B, T, Hkv, dv, dtype=dtype))
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G", [(1, 4), (17, 16), (70, 1), (200, 2), (130, 8)])
+def test_compressed_fwd(F, dims, T, G):
+    q, k, v = _qkv(F, 2, T, 2, G, dims)
+    kc = F.ref.mean_compress(k, 32, 16)
+    vc = F.ref.mean_compress(v, 32, 16)
+    F.check_compressed(q, kc, vc, 32, 16)
+
+
+def test_compressed_fwd_varlen(F):
+    lengths = [1, 17, 150, 64, 40]
+    cu = F.make_cu(lengths)
+    q, k, v = _qkv(F, 1, sum(lengths), 2, 4, DIMS[0])
+    kc = F.ref.mean_compress(k, 32, 16, cu_seqlens=cu)
+    vc = F.ref.mean_compress(v, 32, 16, cu_seqlens=cu)
+    F.check_compressed(q, kc, vc, 32, 16, cu=cu, max_seqlen=max(lengths))
+
+
+def test_compressed_fwd_fewer_rows(F, emu):
+    dk, dv, dtype = DIMS[0]
+    q, k, v = _qkv(F, 1, 120, 1, 2, DIMS[0])
+    kc = F.ref.mean_compress(k, 32, 16)[:, :3].contiguous()
+    vc = F.ref.mean_compress(v, 32, 16)[:, :3].contiguous()
+    o, lse = emu.compressed_attn_fwd(q, kc, vc, None, 120, 32, 16, dk ** -0.5)
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert torch.isinf(lse[:, :, :31]).all() and (o[:, :31] == 0).all()
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (200, 2, 16, 5),
+                                      (130, 1, 64, 2), (90, 8, 128, 3)])
+def test_selected_fwd(F, dims, T, G, lp, n):
+    q, k, v = _qkv(F, 2, T, 2, G, dims)
+    bi = F.random_block_indices(2, T, 2, n, lp, seed=T + G)
+    F.check_selected(q, k, v, bi, lp)
+
+
+def test_selected_fwd_varlen(F):
+    lengths = [1, 17, 150, 64, 33]
+    cu = F.make_cu(lengths)
+    q, k, v = _qkv(F, 1, sum(lengths), 2, 4, DIMS[0])
+    bi = F.random_block_indices(1, sum(lengths), 2, 3, 32, lengths=lengths, seed=5)
+    F.check_selected(q, k, v, bi, 32, cu=cu, max_seqlen=max(lengths))
+
+
+def test_selected_fwd_int64_indices(F):
+    q, k, v = _qkv(F, 1, 100, 1, 4, DIMS[0])
+    bi = F.random_block_indices(1, 100, 1, 4, 16, garbage=False, seed=3).long()
+    bi[0, -1, 0, -1] = 2 ** 33
+    F.check_selected(q, k, v, bi, 16)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,w", [(1, 2, 512), (17, 16, 8), (70, 1, 64), (200, 4, 65),
+                                   (130, 8, 129)])
+def test_window_fwd(F, dims, T, G, w):
+    q, k, v = _qkv(F, 2, T, 2, G, dims)
+    F.check_window(q, k, v, w)
+
+
+def test_window_fwd_varlen(F):
+    lengths = [1, 17, 200, 64, 5]
+    cu = F.make_cu(lengths)
+    q, k, v = _qkv(F, 1, sum(lengths), 2, 8, DIMS[0])
+    F.check_window(q, k, v, 50, cu=cu, max_seqlen=max(lengths))
+
+
+def test_window_fwd_non_contiguous(F):
+    dk, dv, dtype = DIMS[0]
+    big = F.rand(1, 90, 6, dk, dtype=dtype)
+    F.check_window(big[:, :, :4], big[:, :, 4:5], big[:, :, 5:6], 30)
+
+
+# --------------------------------------------------------------------------- selection
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,n", [(1, 4, 4), (70, 16, 3), (200, 2, 4), (130, 1, 16)])
+def test_select_blocks(F, dims, T, G, n):
+    dk, dv, dtype = dims
+    q, kc, _ = F.compressed_case(2, T, 2, G, dk, dv, dtype, 32, 16)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 64, n, 1, 2)
+    F.check_selection(bi, rbi, rsc, n, 64, 1, 2)
+
+
+def test_select_blocks_small_lp(F):
+    """l' = 32 < 64 (several selection blocks per score tile), l = d = 32."""
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, 180, 2, 4, dk, dv, dtype, 32, 32)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 32, 32, 3, 1, 1)
+    F.check_selection(bi, rbi, rsc, 3, 32, 1, 1)
+
+
+def test_select_blocks_varlen(F):
+    lengths = [1, 17, 200, 64, 90]
+    cu = F.make_cu(lengths)
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, sum(lengths), 2, 4, dk, dv, dtype, 32, 16, cu=cu)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 64, 4, 1, 2, cu=cu, max_seqlen=max(lengths))
+    for m in range(len(lengths)):
+        a, b = cu[m].item(), cu[m + 1].item()
+        F.check_selection(bi[:, a:b], rbi[:, a:b], rsc[:, a:b], 4, 64, 1, 2, name=f"seq {m}")
+
+
+def test_selected_from_selection(F):
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, 150, 2, 4, dk, dv, dtype, 32, 16)
+    k, v = F.rand(1, 150, 2, dk, dtype=dtype), F.rand(1, 150, 2, dv, dtype=dtype)
+    bi, _, _ = F.run_selection(q, kc, 32, 16, 32, 4, 1, 2)
+    F.check_selected(q, k, v, bi, 32)
+
+
+# --------------------------------------------------------------------------- mean_compress
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+def test_mean_compress(F, emu, dtype):
+    for cu, shape in ((None, (2, 100, 3, 64)), (F.make_cu([1, 17, 70, 33]), (1, 121, 2, 128))):
+        x = F.rand(*shape, dtype=dtype)
+        out = emu.mean_compress(x, cu, 32, 16)
+        r64, r_lp = F.run_ref(F.ref.mean_compress, (x, 32, 16), {"cu_seqlens": cu}, dtype)
+        F.assert_close(out, r64, r_lp, "mean_compress")
+
+
+# --------------------------------------------------------------------------- backward
+
+@pytest.fixture(scope="module")
+def B(F):
+    """test_cuda_bwd's helpers, pointed at the emulator like F."""
+    m = _private_copy("test_cuda_bwd", "_emu_test_cuda_bwd")
+    for name in ("OPS", "DEV", "ref", "rand", "assert_close", "random_block_indices", "make_cu"):
+        setattr(m, name, getattr(F, name))
+    return m
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G", [(1, 4), (17, 16), (70, 1), (150, 2)])
+def test_compressed_bwd(B, dims, T, G):
+    q, k, v = B.qkv(2, T, 2, G, *dims)
+    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (150, 2, 16, 5),
+                                      (130, 1, 64, 2), (90, 8, 128, 3)])
+def test_selected_bwd(B, dims, T, G, lp, n):
+    q, k, v = B.qkv(2, T, 2, G, *dims)
+    B.check_selected_bwd(q, k, v, B.random_block_indices(2, T, 2, n, lp, seed=T + G), lp)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("T,G,w", [(1, 2, 512), (17, 16, 8), (70, 1, 64), (150, 4, 65)])
+def test_window_bwd(B, dims, T, G, w):
+    q, k, v = B.qkv(2, T, 2, G, *dims)
+    B.check_window_bwd(q, k, v, w)
+
+
+def test_bwd_varlen(B):
+    lengths = [1, 17, 150, 64, 33]
+    cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
+    q, k, v = B.qkv(1, total, 2, 2, *DIMS[0])
+    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
+    bi = B.random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
+    B.check_selected_bwd(q, k, v, bi, 32, cu=cu, max_seqlen=ms)
+    B.check_window_bwd(q, k, v, 40, cu=cu, max_seqlen=ms)
+
+
+def test_bwd_padding_rows_written(B, emu):
+    """Varlen with padding rows past cu_seqlens[-1]: every gradient element is
+    written (the outputs are NaN-poisoned before each launch)."""
+    lengths = [5, 70, 40]
+    cu, total = B.make_cu(lengths), sum(lengths)
+    dk, dv, dtype = DIMS[0]
+    q, k, v = B.qkv(1, total + 7, 1, 3, dk, dv, dtype)
+    kc, vc = B.cmp_kv(k, v, 32, 16, cu)
+    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32)
+    bi[..., 0] = 0
+    for fwd, bwd, kk, vv, extra, size in (
+            (B._cmp_fwd, B._cmp_bwd, kc, vc, (), (32, 16)),
+            (emu.selected_attn_fwd, emu.selected_attn_bwd, k, v, (bi,), 32),
+            (emu.window_attn_fwd, emu.window_attn_bwd, k, v, (), 16)):
+        o, lse = fwd(q, kk, vv, *extra, cu, max(lengths), size, 0.125)
+        # NaN (padding rows) -> -inf; neginf too: nan_to_num would turn the -inf of a row
+        # without keys into -FLT_MAX, which the backward does not read as "no key".
+        o = torch.nan_to_num(o)
+        lse = torch.nan_to_num(lse, nan=float("-inf"), neginf=float("-inf"))
+        grads = bwd(B.rand(*o.shape, dtype=dtype), None, q, kk, vv, *extra, o, lse, cu,
+                    max(lengths), size, 0.125)
+        for g in grads:
+            assert torch.isfinite(g).all()
+    dx = emu.mean_compress_bwd(B.rand(*kc.shape, dtype=dtype), k, cu, 32, 16)
+    assert torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+def test_mean_compress_bwd(B, F, emu, dtype):
+    for cu, shape in ((None, (2, 100, 3, 64)), (F.make_cu([1, 17, 70, 33]), (1, 121, 2, 128))):
+        x = F.rand(*shape, dtype=dtype)
+        g = F.rand(*emu.mean_compress(x, cu, 32, 16).shape, dtype=dtype)
+        dx = emu.mean_compress_bwd(g, x, cu, 32, 16)
+
+        def grad(dt):
+            xx = x.detach().to(dt).requires_grad_(True)
+            (F.ref.mean_compress(xx, 32, 16, cu_seqlens=cu) * g.to(dt)).sum().backward()
+            return xx.grad
+
+        F.assert_close(dx, grad(torch.float64), grad(dtype), "dx mean_compress")
+
+
+# --------------------------------------------------------------------------- decode
+
+def _cpu_ops():
+    import nsa_cuda  # noqa: F401  (registers torch.ops.nsa_cuda's CPU kernels)
+    return torch.ops.nsa_cuda
+
+
+def _vs_cpu(F, name, got, op, args, dtype):
+    """An emulated op's outputs against the CPU op in fp64 (ref) and in the input
+    dtype (ref_lp), by the spec's rule."""
+    def cast(dt):
+        return [a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args]
+    for i, (x, a, b) in enumerate(zip(got, op(*cast(torch.float64)), op(*cast(dtype)))):
+        F.assert_close(x, a, b, f"{name}[{i}]")
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("S,G", [(1, 1), (1, 16), (3, 4), (8, 2)])
+def test_decode(F, emu, dims, S, G):
+    """The decode kernels (split-KV attention + combine for the three branches,
+    selection scores + top-n) on three batch entries at different cache lengths,
+    one shorter than a compressed block (no compressed keys: lse = -inf, o = 0)."""
+    cpu = _cpu_ops()
+    dk, dv, dtype = dims
+    Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
+    lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
+    q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
+    k = F.rand(Bsz, cap, Hkv, dk, dtype=dtype)
+    v = F.rand(Bsz, cap, Hkv, dv, dtype=dtype)
+    kc = F.ref.mean_compress(k, l, d)
+    vc = F.ref.mean_compress(v, l, d)
+    scale = dk ** -0.5
+
+    o, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+    _vs_cpu(F, "cmp_decode", (o, lse), cpu.compressed_attn_decode, (q, kc, vc, lens, l, d, scale), dtype)
+    assert torch.isinf(lse[2]).all() and (o[2] == 0).all()
+
+    # Selection: the emulated kernel from its own lse, the CPU from fp64 inputs.
+    bi = emu.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    _, lse64 = cpu.compressed_attn_decode(q.double(), kc.double(), vc.double(), lens, l, d, scale)
+    bi64 = cpu.select_blocks_decode(q.double(), kc.double(), lse64, lens, l, d, lp, n, 1, 1, scale)
+    assert torch.equal(bi, bi64), "select_blocks_decode differs from the fp64 CPU selection"
+
+    o, lse = emu.selected_attn_decode(q, k, v, bi, lens, lp, scale)
+    _vs_cpu(F, "slc_decode", (o, lse), cpu.selected_attn_decode, (q, k, v, bi, lens, lp, scale), dtype)
+    o, lse = emu.window_attn_decode(q, k, v, lens, w, scale)
+    _vs_cpu(F, "win_decode", (o, lse), cpu.window_attn_decode, (q, k, v, lens, w, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+@pytest.mark.parametrize("num_new", [1, 5, 40])
+def test_update_cmp_cache(F, emu, dtype, num_new):
+    cpu = _cpu_ops()
+    dk = 64
+    l, d, cap = 32, 16, 160
+    prefix = torch.tensor([0, 31, 100, cap - num_new], dtype=torch.int32)
+    x = F.rand(4, cap, 2, dk, dtype=dtype)
+    rows = (cap - l) // d + 1
+    base = F.rand(4, rows, 2, dk, dtype=dtype)
+    got = base.clone()
+    emu.update_cmp_cache(x, got, prefix, num_new, l, d)
+    want64, want_lp = base.double(), base.clone()
+    cpu.update_cmp_cache(x.double(), want64, prefix, num_new, l, d)
+    cpu.update_cmp_cache(x, want_lp, prefix, num_new, l, d)
+    F.assert_close(got, want64, want_lp, "update_cmp_cache")
