@@ -20,6 +20,7 @@
 #include <string>
 #include <tuple>
 
+#include "api/kernel_instances.h"
 #include "api/op_bodies.h"
 #include "cuda/decode_plan.h"
 #include "cuda/launch.h"
@@ -78,19 +79,6 @@ void check_built(int64_t dk, DType dt, const char* op) {
               dt == DType::kFp16 ? "fp16" : "bf16", " (NSA_DTYPES); rebuild with it to use it");
 }
 
-// The kernels load 16-byte chunks: base 16-byte aligned, row and head strides
-// multiples of 8 elements. Anything else is copied (rare: slices, odd strides).
-at::Tensor aligned(const at::Tensor& t) {
-  auto ok = [](const at::Tensor& x) {
-    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 &&
-           x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 && x.stride(3) == 1;
-  };
-  if (ok(t)) return t;
-  at::Tensor c = t.contiguous();
-  if (!ok(c)) c = t.clone(at::MemoryFormat::Contiguous);
-  return c;
-}
-
 template <class F>
 void run_kernel(const char* op, F f) {
   try {
@@ -98,33 +86,6 @@ void run_kernel(const char* op, F f) {
   } catch (const std::exception& e) {
     TORCH_CHECK(false, "nsa_cuda.", op, ": ", e.what());
   }
-}
-
-// Calls f.template operator()<Dk, Dv, dtype>() for the built kernel instance of
-// (dk, dt): the only place that lists the instances (NSA_HEADDIMS x NSA_DTYPES).
-template <class F>
-void with_instance(int64_t dk, DType dt, F&& f) {
-  const bool bf16 = dt == DType::kBf16;
-  (void)bf16;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-  if (dk == 64 && !bf16) return f.template operator()<64, 64, DType::kFp16>();
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-  if (dk == 64 && bf16) return f.template operator()<64, 64, DType::kBf16>();
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-  if (dk == 128 && !bf16) return f.template operator()<128, 128, DType::kFp16>();
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-  if (dk == 128 && bf16) return f.template operator()<128, 128, DType::kBf16>();
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-  if (dk == 192 && !bf16) return f.template operator()<192, 128, DType::kFp16>();
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-  if (dk == 192 && bf16) return f.template operator()<192, 128, DType::kBf16>();
-#endif
-  throw std::runtime_error("no kernel instance for these head dims and dtype");
 }
 
 // Calls the attention instance for (Dk, Dv, dtype): only built instances are referenced.

@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <tuple>
 
+#include "api/kernel_instances.h"
 #include "api/op_bodies.h"
 #include "cuda/decode_plan.h"
 #include "cuda/launch.h"
@@ -34,68 +35,6 @@ void poison(const at::Tensor& t) {
     const_cast<at::Tensor&>(t).fill_(std::numeric_limits<double>::quiet_NaN());
   else
     const_cast<at::Tensor&>(t).fill_(0x7fffffff);
-}
-
-bool built(int64_t dk, DType dt) {
-  const bool bf16 = dt == DType::kBf16;
-  (void)bf16;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-  if (dk == 64 && !bf16) return true;
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-  if (dk == 64 && bf16) return true;
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-  if (dk == 128 && !bf16) return true;
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-  if (dk == 128 && bf16) return true;
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-  if (dk == 192 && !bf16) return true;
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-  if (dk == 192 && bf16) return true;
-#endif
-  return false;
-}
-
-// As cuda_ops.cpp's with_instance, over the instances this emulator build has.
-template <class F>
-void with_instance(int64_t dk, DType dt, F&& f) {
-  const bool bf16 = dt == DType::kBf16;
-  (void)bf16;
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_FP16)
-  if (dk == 64 && !bf16) return f.template operator()<64, 64, DType::kFp16>();
-#endif
-#if defined(NSA_HDIM_64) && defined(NSA_DTYPE_BF16)
-  if (dk == 64 && bf16) return f.template operator()<64, 64, DType::kBf16>();
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_FP16)
-  if (dk == 128 && !bf16) return f.template operator()<128, 128, DType::kFp16>();
-#endif
-#if defined(NSA_HDIM_128) && defined(NSA_DTYPE_BF16)
-  if (dk == 128 && bf16) return f.template operator()<128, 128, DType::kBf16>();
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_FP16)
-  if (dk == 192 && !bf16) return f.template operator()<192, 128, DType::kFp16>();
-#endif
-#if defined(NSA_HDIM_192) && defined(NSA_DTYPE_BF16)
-  if (dk == 192 && bf16) return f.template operator()<192, 128, DType::kBf16>();
-#endif
-  throw std::runtime_error("no emulated kernel instance for these head dims and dtype");
-}
-
-// Same rule as cuda_ops.cpp: 16-byte aligned base, strides multiples of 8.
-at::Tensor aligned(const at::Tensor& t) {
-  auto ok = [](const at::Tensor& x) {
-    return reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && x.stride(0) % 8 == 0 &&
-           x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0 && x.stride(3) == 1;
-  };
-  if (ok(t)) return t;
-  at::Tensor c = t.contiguous();
-  if (!ok(c)) c = t.clone(at::MemoryFormat::Contiguous);
-  return c;
 }
 
 template <class F>
@@ -126,7 +65,7 @@ struct EmuBackend {
     if (dv >= 0)
       TORCH_CHECK((dk == 64 && dv == 64) || (dk == 128 && dv == 128) || (dk == 192 && dv == 128),
                   "nsa_cuda_emu.", op, ": unsupported head dims (", dk, ", ", dv, ")");
-    TORCH_CHECK(built(dk, dtype_of(q.scalar_type())), "nsa_cuda_emu.", op,
+    TORCH_CHECK(instance_built(dk, dtype_of(q.scalar_type())), "nsa_cuda_emu.", op,
                 ": this emulator build has no instance for Dk = ", dk, " and ", q.scalar_type());
   }
 
