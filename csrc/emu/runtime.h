@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "emu/cuda_api.h"
+#include "emu/f16.h"
 
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -496,23 +497,6 @@ inline float bf16_to_float(uint16_t h) {
   const uint32_t u = uint32_t(h) << 16;
   float f;
   std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float f16_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  const int exp = (h >> 10) & 0x1f;
-  const uint32_t man = h & 0x3ff;
-  float f;
-  if (exp == 0x1f) {
-    const uint32_t u = sign | 0x7f800000u | (man << 13);
-    std::memcpy(&f, &u, 4);
-  } else if (exp == 0) {
-    f = std::ldexp(float(man), -24);
-    if (sign) f = -f;
-  } else {
-    const uint32_t u = sign | (uint32_t(exp - 15 + 127) << 23) | (man << 13);
-    std::memcpy(&f, &u, 4);
-  }
   return f;
 }
 

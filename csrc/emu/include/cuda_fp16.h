@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+
+#include "emu/f16.h"
 struct __half_raw { unsigned short x; };
 struct __half {
   unsigned short __x;
@@ -15,23 +17,7 @@ struct __half {
 struct __half2 { __half x, y; };
 typedef __half half;
 typedef __half2 half2;
-inline float __half2float(__half h) {
-  const uint32_t sign = uint32_t(h.__x & 0x8000) << 16;
-  const int exp = (h.__x >> 10) & 0x1f;
-  const uint32_t man = h.__x & 0x3ff;
-  float f;
-  if (exp == 0x1f) {
-    const uint32_t u = sign | 0x7f800000u | (man << 13);
-    std::memcpy(&f, &u, 4);
-  } else if (exp == 0) {
-    f = std::ldexp(float(man), -24);
-    if (sign) f = -f;
-  } else {
-    const uint32_t u = sign | (uint32_t(exp - 15 + 127) << 23) | (man << 13);
-    std::memcpy(&f, &u, 4);
-  }
-  return f;
-}
+inline float __half2float(__half h) { return nsa_emu::f16_to_float(h.__x); }
 __half __float2half(float f);
 __half __float2half_rn(float f);
 __half2 __hfma2(__half2, __half2, __half2);
