@@ -79,15 +79,6 @@ void check_built(int64_t dk, DType dt, const char* op) {
               dt == DType::kFp16 ? "fp16" : "bf16", " (NSA_DTYPES); rebuild with it to use it");
 }
 
-template <class F>
-void run_kernel(const char* op, F f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "nsa_cuda.", op, ": ", e.what());
-  }
-}
-
 // Calls the attention instance for (Dk, Dv, dtype): only built instances are referenced.
 void dispatch_attn(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);

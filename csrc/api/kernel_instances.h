@@ -4,13 +4,30 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <stdexcept>
 
 #include "cuda/launch.h"
 
+// The op library named in error messages; the emulator defines its own.
+#ifndef NSA_OP_LIBRARY
+#define NSA_OP_LIBRARY "nsa_cuda"
+#endif
+
 namespace nsa::api {
+
+// Runs a launcher, turning its std::exception (a limit, a launch failure) into a
+// torch error that names the op.
+template <class F>
+void run_kernel(const char* op, F f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, NSA_OP_LIBRARY ".", op, ": ", e.what());
+  }
+}
 
 // Calls f.template operator()<Dk, Dv, dtype>() for the built instance of (dk, dt);
 // false when this build has none.

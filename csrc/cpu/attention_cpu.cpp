@@ -371,7 +371,8 @@ void attn_bwd(const AttnBwdParams& p) {
 
   for (int64_t task0 = 0; task0 < tasks; task0 += wave) {
     const int64_t wave_tasks = std::min(wave, tasks - task0);
-    std::fill(parts.begin(), parts.begin() + wave_tasks * slices * part_elems, 0.0);
+    if (task0 > 0)  // the first wave finds the buffers zeroed by their construction
+      std::fill(parts.begin(), parts.begin() + wave_tasks * slices * part_elems, 0.0);
     at::parallel_for(0, wave_tasks * slices, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch;
       for (int64_t j = begin; j < end; ++j) {

@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <tuple>
 
+#define NSA_OP_LIBRARY "nsa_cuda_emu"
 #include "api/kernel_instances.h"
 #include "api/op_bodies.h"
 #include "cuda/decode_plan.h"
@@ -35,15 +36,6 @@ void poison(const at::Tensor& t) {
     const_cast<at::Tensor&>(t).fill_(std::numeric_limits<double>::quiet_NaN());
   else
     const_cast<at::Tensor&>(t).fill_(0x7fffffff);
-}
-
-template <class F>
-void run_kernel(const char* op, F f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    TORCH_CHECK(false, "nsa_cuda_emu.", op, ": ", e.what());
-  }
 }
 
 at::Tensor workspace(int64_t numel) { return at::empty({numel}, at::TensorOptions().dtype(at::kFloat)); }
