@@ -272,9 +272,12 @@ void run_case() {
     Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
     Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
     Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
-    CHECK((char*)(sdO.data().get() + size(sdO)) - (char*)smem == Traits::kSmemStreamTiles,
+    // Stage 0 of the streamed tiles; the last stage ends the tiles.
+    constexpr int kLastStageBytes = (Traits::kStages - 1) * Traits::kStageElems * int(sizeof(Element));
+    CHECK((char*)(sdO.data().get() + size(sdO)) - (char*)smem + kLastStageBytes == Traits::kSmemStreamTiles,
           "dkdv: tiles end at %d, kSmemStreamTiles = %d",
-          int((char*)(sdO.data().get() + size(sdO)) - (char*)smem), Traits::kSmemStreamTiles);
+          int((char*)(sdO.data().get() + size(sdO)) - (char*)smem) + kLastStageBytes,
+          Traits::kSmemStreamTiles);
     auto K = rnd(kBlockN * kDk), V = rnd(kBlockN * kDv), Q = rnd(kBlockS * kDk), dO = rnd(kBlockS * kDv);
     fill<Element>(sK, K, kBlockN, kDk);
     fill<Element>(sV, V, kBlockN, kDv);
@@ -316,7 +319,8 @@ void run_case() {
     Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutSv{});
     Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutSkt{});
     Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
-    CHECK((char*)(sV.data().get() + size(sV)) - (char*)smem == Traits::kSmemStreamTiles,
+    constexpr int kLastStageBytes = (Traits::kStages - 1) * Traits::kStageElems * int(sizeof(Element));
+    CHECK((char*)(sV.data().get() + size(sV)) - (char*)smem + kLastStageBytes == Traits::kSmemStreamTiles,
           "dq: tiles end past kSmemStreamTiles");
     auto Q = rnd(kBlockM * kDk), dO = rnd(kBlockM * kDv), K = rnd(kBlockS * kDk), V = rnd(kBlockS * kDv);
     fill<Element>(sQ, Q, kBlockM, kDk);

@@ -41,8 +41,9 @@ int main() {
               CHECK(tile_tokens <= decode_tile_tokens(p) && tile_tokens <= 31);  // sMember bits
               // decode_attn.cuh's carve-up, in bytes from the base.
               const int64_t kKS = dk + 8, kVS = dv + 8;
-              int64_t sQ = 0, sK = sQ + kDecodeRows * dk * 4, sV = sK + kDecodeKeys * kKS * 2;
-              int64_t sP = sV + kDecodeKeys * kVS * 2, sScale = sP + kDecodeRows * kDecodeKeys * 4;
+              int64_t sQ = 0, sK = sQ + kDecodeRows * dk * 4;
+              int64_t sV = sK + kDecodeStages * kDecodeKeys * kKS * 2;
+              int64_t sP = sV + kDecodeStages * kDecodeKeys * kVS * 2, sScale = sP + kDecodeRows * kDecodeKeys * 4;
               int64_t sLo = sScale + kDecodeRows * 4, sHi = sLo + kDecodeRows * 4;
               int64_t sTok = sHi + kDecodeRows * 4, sCount = sTok + kDecodeRows * 4;
               int64_t sCand = sCount + 16, end = sCand;

@@ -9,7 +9,9 @@
 //      already A operands in registers: dv += P^T dO, dk += scale * dS^T Q.
 // Every gradient row is written once by one CTA: no atomics, bitwise repeatable.
 // Both kernels hold four tiles in smem: Q, dO (query rows) and K, V (keys); 64 rows
-// each, except the dk/dv kernel's Q, dO for Dk >= 128 (kBlockS = 32).
+// each, except the streamed ones for Dk >= 128 (kBlockS = 32). The streamed tiles
+// (dq: K, V; dk/dv: Q, dO) are double-buffered: the next step's cp.async copies
+// run under this step's GEMMs, with one barrier per step.
 #pragma once
 
 #include "cuda/attn_traits.cuh"
@@ -39,12 +41,18 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
                                          cute::GenRowMajor{})));
   using SmemLayoutSktNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSkt{}));
   using SmemLayoutSvtNoSwizzle = decltype(cute::get_nonswizzle_portion(SmemLayoutSvt{}));
-  // Two fixed 64-row tiles (Dk and Dv wide), two streamed kBlockS-row tiles; the
-  // dk/dv kernel adds 5 x kBlockS words of per-row data, the dq kernel its KV
-  // schedule's data.
+  // Smem: two fixed 64-row tiles (Dk and Dv wide) and two streamed kBlockS-row
+  // tiles, double-buffered so that the next step's copies overlap this step's
+  // GEMMs. A stage of the streamed tiles is kStageElems elements (a multiple of the
+  // swizzle period, so a stage is the stage-0 tensor moved by kStageElems). The
+  // dk/dv kernel adds its per-row data (4 words per query row and stage), the dq
+  // kernel its KV schedule's data.
+  static constexpr int kStageElems = kBlockS * (Base::kDk + Base::kDv);
+  static_assert(kStageElems % 512 == 0 && (kBlockS * Base::kDk) % 512 == 0);
+  static constexpr int kStages = 2;
   static constexpr int kSmemStreamTiles =
-      Base::kSmemK + Base::kSmemV + kBlockS * (Base::kDk + Base::kDv) * int(sizeof(Element_));
-  static constexpr int kSmemDkv = kSmemStreamTiles + 5 * kBlockS * 4;
+      Base::kSmemK + Base::kSmemV + kStages * kStageElems * int(sizeof(Element_));
+  static constexpr int kSmemDkv = kSmemStreamTiles + kStages * 4 * kBlockS * 4;
   // The dQ / dK GEMMs have N = Dk: no B prefetch when that is wide (gemm_rs).
   static constexpr bool kPrefetchWideB = Base::kDk < 192;
 };
@@ -163,6 +171,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutO{});
+  // Stage 0 of K, V; stage 1 is the same tensors moved by kStageElems.
   Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutSk{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutSv{});
   Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutSkt{});
@@ -233,31 +242,41 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   const float scale_log2 = float(p.scale) * kLog2e;
 
-  auto load_kv = [&](auto& s, const Element* base, int64_t row_stride, const KvTile& tile, auto cols) {
-    load_rows_async<kBlockN, decltype(cols)::value, kThreads>(
-        s,
-        [&](int r) -> const Element* {
-          const int64_t key = tile.begin + r;
-          return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
-        },
-        base, tid);
+  auto load_kv = [&](auto stage, const KvTile& tile) {
+    auto row = [&](const Element* base, int64_t row_stride) {
+      return [=](int r) -> const Element* {
+        const int64_t key = tile.begin + r;
+        return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
+      };
+    };
+    constexpr int kOff = decltype(stage)::value * Traits::kStageElems;
+    auto sK_st = shifted(sK, kOff);
+    auto sV_st = shifted(sV, kOff);
+    load_rows_async<kBlockN, kDk, kThreads>(sK_st, row(k, p.k_row_stride), k, tid);
+    load_rows_async<kBlockN, kDv, kThreads>(sV_st, row(v, p.v_row_stride), v, tid);
   };
 
+  // Two-stage pipeline, the stage a compile-time constant (tiles come in pairs):
+  // the next KV tile's copies are in flight while this one's five GEMMs run.
   KvTile tile;
-  while (sched.next(tile)) {
-    __syncthreads();  // everyone is done with the previous K and V
-    load_kv(sK, k, p.k_row_stride, tile, Int<kDk>{});
-    load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
-    cute::cp_async_fence();
+  bool have = sched.next(tile);
+  auto run_tile = [&](auto stage) {
+    constexpr int kStage = decltype(stage)::value;
+    constexpr int off = kStage * Traits::kStageElems;
+    KvTile next_tile;
+    const bool have_next = sched.next(next_tile);
     cute::cp_async_wait<0>();
-    __syncthreads();  // K, V (and Q, dO) landed
+    __syncthreads();  // this stage's K, V (and Q, dO) landed; everyone is done with the other stage
+    if (have_next) load_kv(Int<1 - kStage>{}, next_tile);
+    cute::cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, off), mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_dp);
-    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, tdPsV, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, shifted(tdPsV, off), mma, copy_a, copy_b, thr_copy_a,
+            thr_copy_b);
 
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
@@ -274,7 +293,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, rdS);
     Tensor tdQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
-    gemm_rs<Traits::kPrefetchWideB>(acc_dq, tdQrdS, tdQrKt, tdQsKt, mma, copy_bt, thr_copy_bt);
+    gemm_rs<Traits::kPrefetchWideB>(acc_dq, tdQrdS, tdQrKt, shifted(tdQsKt, off), mma, copy_bt,
+                                    thr_copy_bt);
+    tile = next_tile;
+    have = have_next;
+  };
+  if (have) load_kv(_0{}, tile);
+  cute::cp_async_fence();
+  while (have) {
+    run_tile(_0{});
+    if (have) run_tile(_1{});
   }
 
 #pragma unroll
@@ -326,13 +354,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
   Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
   Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
-  int32_t* s_tok = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles);
-  // Per query row of the current tile: the CTA's keys it sees, [s_lo, s_hi) as
-  // offsets from kb (empty for no row), its log2-domain lse and delta.
-  int32_t* s_lo = s_tok + kBlockM;
-  int32_t* s_hi = s_lo + kBlockM;
-  float* s_lse2 = reinterpret_cast<float*>(s_hi + kBlockM);
-  float* s_delta = s_lse2 + kBlockM;
+  // Per query row of a step, one copy per stage: the CTA's keys it sees, [lo, hi)
+  // as offsets from kb (empty for no row), its log2-domain lse and delta.
+  struct RowData {
+    int32_t *lo, *hi;
+    float *lse2, *delta;
+  };
+  auto row_data = [&](auto stage) {
+    int32_t* base = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles) +
+                    decltype(stage)::value * 4 * kBlockM;
+    return RowData{base, base + kBlockM, reinterpret_cast<float*>(base + 2 * kBlockM),
+                   reinterpret_cast<float*>(base + 3 * kBlockM)};
+  };
 
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
@@ -383,69 +416,98 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const float scale_log2 = float(p.scale) * kLog2e;
   const int64_t q_rows_total = qs.n_pos * G;
 
-  for (int64_t f0 = 0; f0 < q_rows_total; f0 += kBlockM) {
-    __syncthreads();  // everyone is done with the previous Q, dO and row data
-    if (tid < kBlockM) {
-      const int64_t f = f0 + tid;
-      int64_t t = -1;
-      int32_t lo = 0, hi = 0;
-      float l2 = INFINITY, dl = 0.f;
-      if (f < q_rows_total) {
-        t = qs.token(f / G);
-        if (t >= 0) {
-          const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + t;
-          l2 = lse_log2(lse[idx]);
-          dl = delta[idx];
-          int64_t klo, khi;
-          qs.key_range(t, klo, khi);
-          lo = int32_t(max(klo - kb, int64_t(0)));
-          hi = int32_t(max(min(khi, ke) - kb, int64_t(0)));
-        }
-      }
-      s_tok[tid] = int32_t(t);
-      s_lo[tid] = lo;
-      s_hi[tid] = hi;
-      s_lse2[tid] = l2;
-      s_delta[tid] = dl;
+  const int64_t steps = (q_rows_total + kBlockM - 1) / kBlockM;
+  // The token of flattened query row f (-1: none).
+  auto row_token = [&](int64_t f) -> int64_t { return f < q_rows_total ? qs.token(f / G) : -1; };
+
+  auto fill_row_data = [&](int64_t step, auto stage) {
+    if (tid >= kBlockM) return;
+    const RowData rd = row_data(stage);
+    const int64_t f = step * kBlockM + tid;
+    const int64_t t = row_token(f);
+    int32_t lo = 0, hi = 0;
+    float l2 = INFINITY, dl = 0.f;
+    if (t >= 0) {
+      const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + t;
+      l2 = lse_log2(lse[idx]);
+      dl = delta[idx];
+      int64_t klo, khi;
+      qs.key_range(t, klo, khi);
+      lo = int32_t(max(klo - kb, int64_t(0)));
+      hi = int32_t(max(min(khi, ke) - kb, int64_t(0)));
     }
-    __syncthreads();
+    rd.lo[tid] = lo;
+    rd.hi[tid] = hi;
+    rd.lse2[tid] = l2;
+    rd.delta[tid] = dl;
+  };
+  // Each copying thread finds its rows' tokens itself, so the copies of a step can
+  // be issued in the same barrier interval as its row data is written.
+  auto load_q_tiles = [&](int64_t step, auto stage) {
+    const int64_t f0 = step * kBlockM;
     auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
       return [=](int r) -> const Element* {
-        const int64_t t = s_tok[r];
+        const int64_t f = f0 + r;
+        const int64_t t = row_token(f);
         if (t < 0) return nullptr;
-        return base + (si.row0 + t) * row_stride + (hkv * G + (f0 + r) % G) * head_stride;
+        return base + (si.row0 + t) * row_stride + (hkv * G + f % G) * head_stride;
       };
     };
-    load_rows_async<kBlockM, kDk, kThreads>(sQ, query_row(q, p.q_row_stride, p.q_head_stride),
+    constexpr int kOff = decltype(stage)::value * Traits::kStageElems;
+    auto sQ_st = shifted(sQ, kOff);
+    auto sdO_st = shifted(sdO, kOff);
+    load_rows_async<kBlockM, kDk, kThreads>(sQ_st, query_row(q, p.q_row_stride, p.q_head_stride),
                                             static_cast<const Element*>(p.q), tid);
-    load_rows_async<kBlockM, kDv, kThreads>(sdO, query_row(dout, p.do_row_stride, p.do_head_stride),
+    load_rows_async<kBlockM, kDv, kThreads>(sdO_st, query_row(dout, p.do_row_stride, p.do_head_stride),
                                             static_cast<const Element*>(p.dout), tid);
-    cute::cp_async_fence();
+  };
+
+  // Two-stage pipeline, the stage a compile-time constant (steps come in pairs):
+  // step i computes with stage i % 2 while the copies and the row data of step
+  // i + 1 go to the other stage, last read by step i - 1 before this step's barrier.
+  auto run_step = [&](int64_t step, auto stage) {
+    constexpr int kStage = decltype(stage)::value;
+    constexpr int kOff = kStage * Traits::kStageElems;
     cute::cp_async_wait<0>();
-    __syncthreads();  // Q, dO (and K, V) landed
+    __syncthreads();  // this step's Q, dO, row data (and K, V) landed; step - 1 is done
+    if (step + 1 < steps) load_q_tiles(step + 1, Int<1 - kStage>{});
+    cute::cp_async_fence();
+    if (step + 1 < steps) fill_row_data(step + 1, Int<1 - kStage>{});
+    const RowData rd = row_data(stage);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_s);
-    gemm_ss(acc_s, tSrK, tSrQ, tSsK, tSsQ, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_s, tSrK, tSrQ, tSsK, shifted(tSsQ, kOff), mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_dp);
-    gemm_ss(acc_dp, tdPrV, tdPrdO, tdPsV, tdPsdO, mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
+    gemm_ss(acc_dp, tdPrV, tdPrdO, tdPsV, shifted(tdPsdO, kOff), mma, copy_a, copy_b, thr_copy_a,
+            thr_copy_b);
 
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
       const int r = get<0>(tScS_rc(mi, ni)), c = get<1>(tScS_rc(mi, ni));
-      return ElemInfo{r >= s_lo[c] && r < s_hi[c], s_lse2[c], s_delta[c]};
+      return ElemInfo{r >= rd.lo[c] && r < rd.hi[c], rd.lse2[c], rd.delta[c]};
     });
 
     Tensor rP = make_tensor<Element>(acc_s.layout());
     convert_fragment(acc_s, rP);
     Tensor tdVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
-    gemm_rs(acc_dv, tdVrP, tdVrdOt, tdVsdOt, mma, copy_bt, thr_copy_bt);
+    gemm_rs(acc_dv, tdVrP, tdVrdOt, shifted(tdVsdOt, kOff), mma, copy_bt, thr_copy_bt);
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, rdS);
     Tensor tdKrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
-    gemm_rs<Traits::kPrefetchWideB>(acc_dk, tdKrdS, tdKrQt, tdKsQt, mma, copy_bt, thr_copy_bt);
+    gemm_rs<Traits::kPrefetchWideB>(acc_dk, tdKrdS, tdKrQt, shifted(tdKsQt, kOff), mma, copy_bt,
+                                    thr_copy_bt);
+  };
+  if (steps > 0) {
+    fill_row_data(0, _0{});
+    load_q_tiles(0, _0{});
+  }
+  cute::cp_async_fence();
+  for (int64_t step = 0; step < steps; step += 2) {
+    run_step(step, _0{});
+    if (step + 1 < steps) run_step(step + 1, _1{});
   }
 
   // Every owned key row is written, zeros where no query saw it.

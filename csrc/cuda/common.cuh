@@ -68,6 +68,16 @@ __device__ __forceinline__ void load_rows_async(SmemTensor& s, const RowPtr& row
   }
 }
 
+// A view of `t` (an smem tensor or a thread's partition of one) moved by `offset`
+// elements: another pipeline stage of the same tile. `offset` must be a multiple
+// of the layout's swizzle period (512 elements for the 64-wide atom), so that the
+// swizzle pattern of the moved view is the same.
+template <class Tensor>
+__device__ __forceinline__ Tensor shifted(Tensor t, int offset) {
+  t.data() = t.data() + offset;
+  return t;
+}
+
 template <int kWidth, class T, class Op>
 __device__ __forceinline__ T quad_allreduce(T x, Op op) {
 #pragma unroll

@@ -11,8 +11,9 @@
 //               that token's set and key <= t
 // The chunks are split evenly over gridDim.z CTAs; each writes its rows' partial
 // result (normalised o in fp32 and lse, -inf when it saw no key) to the workspace
-// and decode_combine.cuh merges the splits. Math on CUDA cores (fp32 FMAs from
-// smem); tensor cores are a follow-up (NOTES_FOR_LEAD.md).
+// and decode_combine.cuh merges the splits. K/V chunks are double-buffered: the
+// next chunk's cp.async copies run under this chunk's math. Math on CUDA cores
+// (fp32 FMAs from smem); tensor cores are a follow-up (NOTES_FOR_LEAD.md).
 #pragma once
 
 #include "cuda/decode_traits.cuh"
@@ -65,9 +66,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   extern __shared__ __align__(16) char smem[];
   float* sQ = reinterpret_cast<float*>(smem);                            // [kRows][kDk]
-  Element* sK = reinterpret_cast<Element*>(sQ + kRows * kDk);            // [kKeys][kKS]
-  Element* sV = sK + kKeys * kKS;                                        // [kKeys][kVS]
-  float* sP = reinterpret_cast<float*>(sV + kKeys * kVS);                // [kRows][kKeys]
+  Element* sK = reinterpret_cast<Element*>(sQ + kRows * kDk);            // [kStages][kKeys][kKS]
+  Element* sV = sK + Traits::kStages * kKeys * kKS;                      // [kStages][kKeys][kVS]
+  float* sP = reinterpret_cast<float*>(sV + Traits::kStages * kKeys * kVS);  // [kRows][kKeys]
   float* sScale = sP + kRows * kKeys;                                    // [kRows] rescale of this chunk
   int* sLo = reinterpret_cast<int*>(sScale + kRows);                     // [kRows] first visible key
   int* sHi = sLo + kRows;                                                // [kRows] end of visible keys
@@ -209,39 +210,69 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
   for (int a = 0; a < Traits::kAccPerThread; ++a) acc[a] = 0.f;
 
-  for (int64_t c = c_begin; c < c_end; ++c) {
-    // Keys [kb, ke) of this chunk and, for the selected branch, its union entry.
-    int64_t kb, ke;
+  // Keys [kb, ke) of chunk c and, for the selected branch, its union entry's
+  // membership bits. Uniform: every thread computes the same bounds.
+  struct Chunk {
+    int64_t kb = 0, ke = 0;
     int member = 0;
+  };
+  auto chunk_at = [&](int64_t c) {
+    Chunk ch;
     if (p.branch == Branch::kSelected) {
       const int u = int(c / chunks_per_block), sub = int(c % chunks_per_block);
       const int64_t j = sUnion[u];
-      member = sMember[u];
-      kb = j * lp + int64_t(sub) * kKeys;
+      ch.member = sMember[u];
+      ch.kb = j * lp + int64_t(sub) * kKeys;
       const int64_t sub_end = j * lp + min(int64_t(sub + 1) * kKeys, lp);
-      ke = min(sub_end, len);  // keys past the cache's tokens are never visible
+      ch.ke = min(sub_end, len);  // keys past the cache's tokens are never visible
     } else {
-      kb = key_begin + c * kKeys;
-      ke = min(kb + kKeys, key_end);
+      ch.kb = key_begin + c * kKeys;
+      ch.ke = min(ch.kb + kKeys, key_end);
     }
-    if (kb >= ke) continue;  // uniform: every thread computed the same bounds
-    const int n_keys = int(ke - kb);
-
-    // Load K and V rows [kb, ke); missing rows are zero-filled.
+    return ch;
+  };
+  // K and V rows [kb, ke) into stage `stage`; missing rows are zero-filled.
+  auto load_chunk = [&](const Chunk& ch, int stage) {
     constexpr int kKChunks = kDk / 8, kVChunks = kDv / 8;
+    Element* sKs = sK + stage * kKeys * kKS;
+    Element* sVs = sV + stage * kKeys * kVS;
+    const int n_keys = int(ch.ke - ch.kb);
     for (int e = tid; e < kKeys * kKChunks; e += kThreads) {
       const int r = e / kKChunks, c8 = e % kKChunks;
       const bool pred = r < n_keys;
-      cp_async_16(sK + r * kKS + c8 * 8, pred ? k + (kb + r) * p.k_row_stride + c8 * 8 : k, pred);
+      cp_async_16(sKs + r * kKS + c8 * 8, pred ? k + (ch.kb + r) * p.k_row_stride + c8 * 8 : k, pred);
     }
     for (int e = tid; e < kKeys * kVChunks; e += kThreads) {
       const int r = e / kVChunks, c8 = e % kVChunks;
       const bool pred = r < n_keys;
-      cp_async_16(sV + r * kVS + c8 * 8, pred ? v + (kb + r) * p.v_row_stride + c8 * 8 : v, pred);
+      cp_async_16(sVs + r * kVS + c8 * 8, pred ? v + (ch.kb + r) * p.v_row_stride + c8 * 8 : v, pred);
     }
-    cute::cp_async_fence();
+  };
+
+  Chunk ch;
+  if (c_begin < c_end) {
+    ch = chunk_at(c_begin);
+    if (ch.kb < ch.ke) load_chunk(ch, 0);
+  }
+  cute::cp_async_fence();
+  int stage = 0;
+  for (int64_t c = c_begin; c < c_end; ++c, stage ^= 1) {
+    Chunk next;
+    if (c + 1 < c_end) next = chunk_at(c + 1);
     cute::cp_async_wait<0>();
+    // This chunk's K, V landed; everyone is done with the previous chunk (the
+    // other stage, sP, sScale).
     __syncthreads();
+    if (next.kb < next.ke) load_chunk(next, stage ^ 1);
+    cute::cp_async_fence();
+    const Chunk cur = ch;
+    ch = next;
+    if (cur.kb >= cur.ke) continue;  // uniform
+    const int64_t kb = cur.kb;
+    const int member = cur.member;
+    const int n_keys = int(cur.ke - cur.kb);
+    const Element* sKs = sK + stage * kKeys * kKS;
+    const Element* sVs = sV + stage * kKeys * kVS;
 
     // Scores: warp w takes rows w, w + kWarps, ...; lane n takes key kb + n.
 #pragma unroll
@@ -253,7 +284,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       float s = -INFINITY;
       if (visible) {
         const float* qr = sQ + r * kDk;
-        const Element* kr = sK + lane * kKS;
+        const Element* kr = sKs + lane * kKS;
         float dot = 0.f;
 #pragma unroll 4
         for (int c8 = 0; c8 < kDk; c8 += 8) dot += dot8(qr + c8, kr + c8);
@@ -285,11 +316,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const float* pr = sP + r * kKeys;
       float o = acc[a] * sScale[r];
 #pragma unroll 8
-      for (int n = 0; n < kKeys; ++n) o += pr[n] * float(sV[n * kVS + col]);
+      for (int n = 0; n < kKeys; ++n) o += pr[n] * float(sVs[n * kVS + col]);
       acc[a] = o;
     }
-    __syncthreads();  // sK, sV, sP are rewritten by the next chunk
   }
+  __syncthreads();  // the last chunk's readers of sP are done (the epilogue reuses it)
 
   // Epilogue: row stats to smem, then o / sum and lse (natural log) per row.
   float* sSum = sP;             // [kRows]

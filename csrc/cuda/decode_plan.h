@@ -17,6 +17,8 @@ constexpr int kDecodeRows = 16;
 constexpr int kDecodeKeys = 32;
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeMaxSplits = 256;
+// K/V chunk buffers: the next chunk's copies run under this chunk's math.
+constexpr int kDecodeStages = 2;
 
 // select_blocks_decode: a score CTA owns kSelectBlocksPerCta selection blocks and
 // works on at most kSelectHeadsPerPass query heads at a time.
@@ -60,11 +62,12 @@ inline int decode_num_splits(const AttnFwdParams& p, int num_sms) {
   return int(std::clamp<int64_t>(std::min(want, chunks), 1, kDecodeMaxSplits));
 }
 
-// Dynamic smem of decode_attn: sQ (fp32), sK, sV (16-bit, rows padded by 8
-// elements), sP, per-row state, and the selected branch's block lists.
+// Dynamic smem of decode_attn: sQ (fp32), kDecodeStages x sK, sV (16-bit, rows
+// padded by 8 elements), sP, per-row state, and the selected branch's block lists.
 inline int64_t decode_attn_smem(const AttnFwdParams& p, int dk, int dv) {
-  int64_t bytes = int64_t(kDecodeRows) * dk * 4 + int64_t(kDecodeKeys) * (dk + 8) * 2 +
-                  int64_t(kDecodeKeys) * (dv + 8) * 2 + int64_t(kDecodeRows) * kDecodeKeys * 4 +
+  int64_t bytes = int64_t(kDecodeRows) * dk * 4 +
+                  int64_t(kDecodeStages) * kDecodeKeys * ((dk + 8) + (dv + 8)) * 2 +
+                  int64_t(kDecodeRows) * kDecodeKeys * 4 +
                   int64_t(kDecodeRows) * 4 * 4 + 16;
   if (p.branch == Branch::kSelected) bytes += 4 * 4 * decode_tile_tokens(p) * p.slc_num_blocks;
   return (bytes + 15) / 16 * 16;

@@ -21,6 +21,7 @@ struct DecodeTraits {
   // apart, so a warp's 16-byte reads of 32 different rows are conflict free.
   static constexpr int kKStride = kDk + 8;
   static constexpr int kVStride = kDv + 8;
+  static constexpr int kStages = kDecodeStages;
   static_assert(kKeys == 32, "one lane per key of a chunk");
   static_assert(kRows % kWarps == 0);
   static_assert(kDk % 8 == 0 && kDv % 32 == 0);

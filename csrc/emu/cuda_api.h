@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -39,6 +40,18 @@ namespace nsa_emu {
 constexpr int kSmemOptin = 227 * 1024;  // H100 / H200
 constexpr int kSmemDefault = 48 * 1024;
 constexpr int kNumSms = 132;
+
+inline uint64_t env_u64(const char* name, uint64_t dflt) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::strtoull(v, nullptr, 10) : dflt;
+}
+
+// The SM count the emulated device reports: kNumSms, or NSA_EMU_SMS (read at each
+// query), e.g. 1 so that the decode kernels run every chunk of a tile in one split.
+inline int num_sms() {
+  const uint64_t n = env_u64("NSA_EMU_SMS", kNumSms);
+  return n > 0 && n < 100000 ? int(n) : kNumSms;
+}
 
 struct ApiState {
   std::mutex mu;
@@ -89,7 +102,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) 
   if (device != 0) return cudaErrorInvalidValue;
   switch (a) {
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = nsa_emu::kSmemDefault; return cudaSuccess;
-    case cudaDevAttrMultiProcessorCount: *v = nsa_emu::kNumSms; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *v = nsa_emu::num_sms(); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = nsa_emu::kSmemOptin; return cudaSuccess;
   }
   return cudaErrorInvalidValue;

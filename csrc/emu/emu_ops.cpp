@@ -102,7 +102,7 @@ struct EmuBackend {
   }
   static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
     run_kernel("attn_decode", [&] {
-      const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::kNumSms);
+      const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::num_sms());
       const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
       at::Tensor o_part = workspace(int64_t(splits) * rows * p.head_dim_v);
       at::Tensor lse_part = workspace(int64_t(splits) * rows);

@@ -563,11 +563,6 @@ struct ThreadResources {
   }
 };
 
-inline uint64_t env_u64(const char* name, uint64_t dflt) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::strtoull(v, nullptr, 10) : dflt;
-}
-
 // Per-OS-thread dynamic smem, defined in emu_runtime.cpp next to the kernels'
 // `extern __shared__` names.
 char* dynamic_smem_base();
