@@ -21,12 +21,16 @@ about 1.5 minutes and this module then runs in about 35 s; all six instances
 (NSA_EMULATION_FULL=1) take about 9 minutes to build and 6 minutes to run.
 A deliberate off-by-one in the window mask (kv_schedule.cuh) fails 6 of the
 window tests; a removed __syncthreads in the forward mainloop fails the launches
-with the race detector's message. Switches:
+with the race detector's message; the backward's and the decode's next-step copies
+aimed at the stage being read fail the backward and the one-split decode tests.
+Switches:
   NSA_SKIP_EMULATION=1      skip this module
   NSA_EMU_INSTANCES=64:bf16,64:fp16   instances to build (default 64:bf16)
   NSA_EMULATION_FULL=1      all six instances
   NSA_EMU_SEED=n            the fiber schedule / cp.async landing seed (default 1)
   NSA_EMU_THREADS=n         OS threads running CTAs (default min(4, cores))
+  NSA_EMU_SMS=n             the SM count the emulated device reports (default 132;
+                            test_decode sets 1 in some cases: one KV split)
 """
 import importlib.util
 import os
@@ -206,6 +210,37 @@ def test_select_blocks(F, dims, T, G, n):
     F.check_selection(bi, rbi, rsc, n, 64, 1, 2)
 
 
+@pytest.mark.parametrize("G", [1, 3, 16])
+def test_select_blocks_many_tiles(F, G):
+    """More than one 64-row tile of compressed keys per row chunk (Tc = 67, then
+    133 with l = 16, d = 8): the double-buffered K tiles and the scores summed
+    across tiles."""
+    dk, dv, dtype = DIMS[0]
+    for T, l, d in ((1100, 32, 16), (1080, 16, 8)):
+        q, kc, _ = F.compressed_case(1, T, 1, G, dk, dv, dtype, l, d)
+        bi, rbi, rsc = F.run_selection(q, kc, l, d, 64, 6, 1, 2)
+        F.check_selection(bi, rbi, rsc, 6, 64, 1, 2)
+
+
+def test_select_blocks_repeatable(F, monkeypatch):
+    """The same selection, bitwise, under different fiber schedules: the block
+    scores are summed in a fixed order. Every k_cmp row is equal, so many blocks
+    tie in exact arithmetic and the rounding of the sums decides; shared-memory
+    atomics (the kernel's first version) summed in schedule order and fail this."""
+    dk, dv, dtype = DIMS[0]
+    T, G, l, d, lp, n = 1100, 16, 32, 16, 64, 4  # two K tiles per row chunk
+    q = F.rand(1, T, G, dk, dtype=dtype)
+    tc = (T - l) // d + 1
+    kc = F.rand(1, 1, 1, dk, dtype=dtype).expand(1, tc, 1, dk).contiguous()
+    scale = dk ** -0.5
+    _, lse = F.OPS.compressed_attn_fwd(q, kc, kc[..., :dv].contiguous(), None, T, l, d, scale)
+    runs = []
+    for seed in (1, 2, 3):
+        monkeypatch.setenv("NSA_EMU_SEED", str(seed))
+        runs.append(F.OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 1, scale))
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 def test_select_blocks_small_lp(F):
     """l' = 32 < 64 (several selection blocks per score tile), l = d = 32."""
     dk, dv, dtype = DIMS[0]
@@ -347,11 +382,17 @@ def _vs_cpu(F, name, got, op, args, dtype):
 
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
-@pytest.mark.parametrize("S,G", [(1, 1), (1, 16), (3, 4), (8, 2)])
-def test_decode(F, emu, dims, S, G):
+@pytest.mark.parametrize("S,G,sms", [(1, 1, None), (1, 16, None), (3, 4, None), (8, 2, None),
+                                     (1, 16, 1), (3, 4, 1)])
+def test_decode(F, emu, dims, S, G, sms, monkeypatch):
     """The decode kernels (split-KV attention + combine for the three branches,
     selection scores + top-n) on three batch entries at different cache lengths,
-    one shorter than a compressed block (no compressed keys: lse = -inf, o = 0)."""
+    one shorter than a compressed block (no compressed keys: lse = -inf, o = 0).
+    With the H100's SM count every split gets about one 32-key chunk; with one SM
+    (sms=1) a tile's chunks all run in one split, through the double-buffered
+    chunk pipeline."""
+    if sms is not None:
+        monkeypatch.setenv("NSA_EMU_SMS", str(sms))
     cpu = _cpu_ops()
     dk, dv, dtype = dims
     Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40

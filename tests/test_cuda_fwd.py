@@ -224,6 +224,20 @@ def test_select_blocks(dims, dtype, G):
     check_selection(bi, rbi, rsc, 4, 64, 1, 2)
 
 
+def test_select_blocks_repeatable():
+    """The block scores are summed in a fixed order (no atomics): with every k_cmp
+    row equal, many blocks tie in exact arithmetic, and repeated runs still select
+    bitwise the same blocks."""
+    T, G, l, d, lp, n = 4096, 16, 32, 16, 64, 16
+    q = rand(1, T, G, 128, dtype=torch.bfloat16)
+    tc = (T - l) // d + 1
+    kc = rand(1, 1, 1, 128, dtype=torch.bfloat16).expand(1, tc, 1, 128).contiguous()
+    scale = 128 ** -0.5
+    _, lse = OPS.compressed_attn_fwd(q, kc, kc, None, T, l, d, scale)
+    runs = [OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 2, scale) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 @pytest.mark.parametrize("T", [1, 20, 64, 65, 200, 1000])
 def test_select_blocks_lengths(T):
     q, kc, _ = compressed_case(1, T, 1, 4, 128, 128, torch.float16, 32, 16)

@@ -547,6 +547,27 @@ def test_multithreaded_matches_single_thread():
         assert torch.equal(g2[n], g1[n]), f"d{n}"
 
 
+def test_backward_in_many_waves_matches(monkeypatch):
+    """The CPU backward holds its dk/dv slice buffers for a wave of (sequence, KV
+    head) tasks at a time (about 64 MB). A one-byte budget (NSA_CPU_BWD_WAVE_BYTES)
+    makes every task its own wave, refilling the buffers between waves: the
+    gradients must be the same bits."""
+    cfg = CFGS["paper"].with_(T=200)  # B = 2, Hkv = 2: four tasks
+    inp = make_inputs(cfg, seed=21, requires_grad=True)
+    grads = []
+    for budget in (None, "1"):
+        if budget is None:
+            monkeypatch.delenv("NSA_CPU_BWD_WAVE_BYTES", raising=False)
+        else:
+            monkeypatch.setenv("NSA_CPU_BWD_WAVE_BYTES", budget)
+        x = detach_clone(inp)
+        o, aux = op_sparse(cfg, x)
+        loss = (o * o).sum() + aux["lse_slc"].sum()
+        grads.append(grads_of(loss, x))
+    for n in grads[0]:
+        assert torch.equal(grads[1][n], grads[0][n]), f"d{n}"
+
+
 @pytest.mark.parametrize("scale", [None, 0.1, 0.3], ids=str)
 def test_scale_not_rounded_to_fp32(scale):
     """Regression: the kernels once kept `scale` as a float32 in their params, so fp64

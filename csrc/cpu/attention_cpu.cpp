@@ -365,8 +365,13 @@ void attn_bwd(const AttnBwdParams& p) {
   const int64_t slices = std::clamp<int64_t>(max_rows * p.group / kMinSliceRows, 1, kMaxSlices);
   // dk/dv sum G * T terms per row: double keeps fp32 inputs within the spec's tolerance.
   const int64_t part_elems = std::max<int64_t>(1, max_keys * (dk + dv));
-  // Tasks per wave: the wave's slice buffers stay within ~64 MB.
-  const int64_t wave = std::clamp<int64_t>((int64_t(64) << 20) / (8 * slices * part_elems), 1, tasks);
+  // Tasks per wave: the wave's slice buffers stay within ~64 MB (or
+  // NSA_CPU_BWD_WAVE_BYTES, read per call: the tests force many waves with it).
+  const char* budget_env = std::getenv("NSA_CPU_BWD_WAVE_BYTES");
+  const int64_t budget = budget_env != nullptr && budget_env[0] != '\0'
+                             ? std::max<int64_t>(1, std::atoll(budget_env))
+                             : int64_t(64) << 20;
+  const int64_t wave = std::clamp<int64_t>(budget / (8 * slices * part_elems), 1, tasks);
   std::vector<double> parts(wave * slices * part_elems);
 
   for (int64_t task0 = 0; task0 < tasks; task0 += wave) {

@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   };
 
   // Two-stage pipeline, the stage a compile-time constant (tiles come in pairs):
-  // the next KV tile's copies are in flight while this one's five GEMMs run.
+  // the next KV tile's copies are in flight while this one's three GEMMs run.
   KvTile tile;
   bool have = sched.next(tile);
   auto run_tile = [&](auto stage) {

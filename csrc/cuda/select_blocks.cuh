@@ -5,10 +5,12 @@
 //      kBlockM rows: S = Q K_cmp^T per tile of kBlockN compressed rows (the
 //      attention traits and gemm), p = exp(scale*s - lse_cmp) for the visible
 //      rows i < nc(t) (clamped to the k_cmp rows that exist).
-//   2. p is spread over the selection blocks it overlaps with weight w(i, j) and
-//      summed over the group's heads by shared-memory atomics into the token's
-//      score row: scores[token][j], j <= J = t // l' (at T = 128k, l' = 64: 2048
-//      floats per token; the launcher sizes `tokens` to fit).
+//   2. p is summed over the group's heads (a column sum per token of the chunk)
+//      and spread over the selection blocks with weight w(i, j) into the token's
+//      score row, scores[token][j], j <= J = t // l' (at T = 128k, l' = 64: 2048
+//      floats per token; the launcher sizes `tokens` to fit). One thread owns
+//      each (token, j) of a tile and sums its rows i in ascending order: no
+//      atomics, so the scores, and the selection, are bitwise repeatable.
 //   3. One warp per token: forced blocks, then top-n by repeated warp argmax
 //      (ties to the smaller j), then the selected set written ascending by a
 //      ballot compaction, -1 padded.
@@ -45,9 +47,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutK{});
-  int32_t* col_first = reinterpret_cast<int32_t*>(smem + Traits::kSmemQ + Traits::kSmemK);
-  int32_t* col_last = col_first + kBlockN;
-  float* sP = reinterpret_cast<float*>(col_last + kBlockN);                    // [kBlockM][kBlockN]
+  // sK has two stages (the next K tile's copies run under this tile's work);
+  // stage 1 is sK moved by kBlockN * kDk elements.
+  float* sP = reinterpret_cast<float*>(smem + Traits::kSmemQ + 2 * Traits::kSmemK);  // [kBlockM][kBlockN]
   float* scores = sP + kBlockM * kBlockN;                                        // [tokens][stride]
   uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
 
@@ -108,28 +110,35 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
     const int64_t n_end = min(num_visible_cmp_blocks(t_begin + f_last / G, l, d), avail);
+    // The chunk's tokens (CTA-relative): tok0 .. tok0 + chunk_tokens - 1.
+    const int64_t tok0 = m0 / G;
+    const int chunk_tokens = int(f_last / G - tok0 + 1);
 
-    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN) {
+    auto load_k_tile = [&](int64_t n0, int stage) {
       const int64_t n_hi = min(n0 + kBlockN, n_end);
+      auto sK_st = shifted(sK, stage * kBlockN * kDk);
       load_rows_async<kBlockN, kDk, kThreads>(
-          sK,
+          sK_st,
           [&](int r) -> const Element* {
             const int64_t i = n0 + r;
             return i < n_hi ? k + (si.cmp_row0 + i) * p.k_row_stride : nullptr;
           },
           k, tid);
-      cute::cp_async_fence();
-      if (tid < kBlockN) {
-        const int64_t i = n0 + tid;
-        col_first[tid] = int32_t(first_overlapped_slc_block(i, d, lp));
-        col_last[tid] = int32_t(last_overlapped_slc_block(i, l, d, lp));
-      }
+    };
+    if (n_end > 0) load_k_tile(0, 0);
+    cute::cp_async_fence();
+    int stage = 0;
+    for (int64_t n0 = 0; n0 < n_end; n0 += kBlockN, stage ^= 1) {
+      const int64_t n_hi = min(n0 + kBlockN, n_end);
       cute::cp_async_wait<0>();
-      __syncthreads();
+      __syncthreads();  // this tile's K (and the chunk's Q) landed; the previous tile is done
+      if (n0 + kBlockN < n_end) load_k_tile(n0 + kBlockN, stage ^ 1);
+      cute::cp_async_fence();
 
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
-      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, stage * kBlockN * kDk), mma, copy_q, copy_k,
+              thr_copy_q, thr_copy_k);
       Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
       // Phase A (registers, fixed shape): probabilities of the visible entries to sP.
 #pragma unroll
@@ -144,19 +153,36 @@ __global__ void __launch_bounds__(Traits::kThreads)
         }
       }
       __syncthreads();
-      // Phase B: spread each probability over the selection blocks it overlaps.
-      for (int idx = tid; idx < kBlockM * kBlockN; idx += kThreads) {
-        const float prob = sP[idx];
-        if (prob > 0.f) {
-          const int row = idx / kBlockN, col = idx % kBlockN;
-          const int64_t i = n0 + col;
-          float* row_scores = scores + ((m0 + row) / G) * score_stride;
-          const int64_t last = min(int64_t(col_last[col]), j_cap);
-          for (int64_t j = col_first[col]; j <= last; ++j)
-            atomicAdd(row_scores + j, cmp_slc_overlap_weight(i, j, l, d, lp) * prob);
-        }
+      // Phase B1: per token of the chunk, the sum over its heads' rows (in row
+      // order) of each column, written over the token's first row of sP.
+      for (int task = tid; task < chunk_tokens * kBlockN; task += kThreads) {
+        const int a = task / kBlockN, col = task % kBlockN;
+        const int64_t tok = tok0 + a;
+        const int r_lo = int(max(tok * G, m0) - m0), r_hi = int(min((tok + 1) * G - 1, f_last) - m0);
+        float sum = 0.f;
+        for (int r = r_lo; r <= r_hi; ++r) sum += sP[r * kBlockN + col];
+        sP[r_lo * kBlockN + col] = sum;
       }
-      __syncthreads();  // everyone is done with sK and col_first/col_last
+      __syncthreads();
+      // Phase B2: scores[tok][j] += sum over the tile's rows i overlapping block j
+      // of w(i, j) * colsum[tok][i], i ascending; one thread per (token, j).
+      const int64_t j_lo = first_overlapped_slc_block(n0, d, lp);
+      const int64_t j_hi = min(last_overlapped_slc_block(n_hi - 1, l, d, lp), j_cap);
+      const int n_j = int(max(j_hi - j_lo + 1, int64_t(0)));
+      for (int task = tid; task < chunk_tokens * n_j; task += kThreads) {
+        const int a = task / n_j;
+        const int64_t j = j_lo + task % n_j;
+        const int64_t tok = tok0 + a;
+        const float* colsum = sP + (max(tok * G, m0) - m0) * kBlockN;
+        const int64_t i_lo = max(first_overlapping_cmp_row(j, l, d, lp), n0);
+        const int64_t i_hi = min(last_overlapping_cmp_row(j, d, lp), n_hi - 1);
+        float acc = 0.f;
+        for (int64_t i = i_lo; i <= i_hi; ++i)
+          acc += cmp_slc_overlap_weight(i, j, l, d, lp) * colsum[i - n0];
+        scores[tok * score_stride + j] += acc;
+      }
+      // The next tile's barrier orders this tile's sP and score accesses before the
+      // next Phase A, and this stage's K reads before the copies into it.
     }
   }
   cute::cp_async_wait<0>();
@@ -218,8 +244,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // Shared memory of one CTA for `tokens` tokens.
 template <class Traits>
 inline int64_t select_smem_bytes(int64_t tokens, int64_t score_stride) {
-  return Traits::kSmemQ + Traits::kSmemK + 2 * Traits::kBlockN * 4 +
-         Traits::kBlockM * Traits::kBlockN * 4 + tokens * score_stride * 4 +
+  return Traits::kSmemQ + 2 * Traits::kSmemK + Traits::kBlockM * Traits::kBlockN * 4 + tokens * score_stride * 4 +
          tokens * (score_stride / 32) * 4;
 }
 

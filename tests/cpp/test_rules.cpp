@@ -2,6 +2,7 @@
 // definitions, written here the slow, obvious way.
 #include <cstdio>
 #include <cstdlib>
+#include <initializer_list>
 
 #include "nsa/rules.h"
 
@@ -67,6 +68,17 @@ static void test_overlap_weights() {
   EXPECT_EQ(n, 5);
   const float expected[] = {1, 2, 2, 2, 1};
   for (int a = 0; a < 5 && a < n; ++a) EXPECT_EQ(w[a], expected[a]);
+  // The inverse ranges (rows overlapping a block) agree with the weights, also
+  // for settings the API rejects (d not dividing l or l').
+  for (int64_t l2 : {1, 3, 16, 32, 64, 100})
+    for (int64_t d2 : {1, 2, 5, 16, 64})
+      for (int64_t lp2 : {1, 7, 16, 64, 128})
+        for (int64_t jj = 0; jj < 12; ++jj) {
+          const int64_t lo = first_overlapping_cmp_row(jj, l2, d2, lp2);
+          const int64_t hi = last_overlapping_cmp_row(jj, d2, lp2);
+          for (int64_t i = 0; i <= hi + 3; ++i)
+            EXPECT_EQ(lo <= i && i <= hi, cmp_slc_overlap_weight(i, jj, l2, d2, lp2) > 0);
+        }
   // l = d = l': the identity.
   for (int64_t i = 0; i < 10; ++i)
     for (int64_t jj = 0; jj < 10; ++jj)

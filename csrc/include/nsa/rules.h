@@ -50,6 +50,17 @@ NSA_HOST_DEVICE int64_t last_overlapped_slc_block(int64_t i, int64_t l, int64_t 
   return (i * d + l - 1) / lp;
 }
 
+// The inverse: the compressed rows i overlapping selection block j (w(i, j) > 0)
+// are [first_overlapping_cmp_row, last_overlapping_cmp_row]: i*d + l > j*lp and
+// i*d < (j+1)*lp. (The first may be negative: callers clip to their rows.)
+NSA_HOST_DEVICE int64_t first_overlapping_cmp_row(int64_t j, int64_t l, int64_t d, int64_t lp) {
+  const int64_t num = j * lp - l;  // i > num / d, floor division for a negative num
+  return (num >= 0 ? num / d : -((-num + d - 1) / d)) + 1;
+}
+NSA_HOST_DEVICE int64_t last_overlapping_cmp_row(int64_t j, int64_t d, int64_t lp) {
+  return ((j + 1) * lp + d - 1) / d - 1;
+}
+
 // w(i, j) = |[i*d, i*d+l) ∩ [j*lp, (j+1)*lp)| / d.
 NSA_HOST_DEVICE float cmp_slc_overlap_weight(int64_t i, int64_t j, int64_t l, int64_t d,
                                              int64_t lp) {
