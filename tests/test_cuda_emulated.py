@@ -156,8 +156,9 @@ def test_compressed_fwd_fewer_rows(F, emu):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (200, 2, 16, 5),
-                                      (130, 1, 64, 2), (90, 8, 128, 3)])
+                                      (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6)])
 def test_selected_fwd(F, dims, T, G, lp, n):
+    """(700, 1, 16, 6): 44 blocks, so the union bitmap of a CTA spans two words."""
     q, k, v = _qkv(F, 2, T, 2, G, dims)
     bi = F.random_block_indices(2, T, 2, n, lp, seed=T + G)
     F.check_selected(q, k, v, bi, lp)
@@ -299,7 +300,7 @@ def test_compressed_bwd(B, dims, T, G):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (150, 2, 16, 5),
-                                      (130, 1, 64, 2), (90, 8, 128, 3)])
+                                      (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6)])
 def test_selected_bwd(B, dims, T, G, lp, n):
     q, k, v = B.qkv(2, T, 2, G, *dims)
     B.check_selected_bwd(q, k, v, B.random_block_indices(2, T, 2, n, lp, seed=T + G), lp)

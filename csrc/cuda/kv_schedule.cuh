@@ -3,7 +3,7 @@
 // flattened (token, head) rows of one sequence and kv head):
 //   - key_row0(): the row of key 0 in k/v (the sequence's first row),
 //   - next(tile): the KV tiles to visit, each a key range [begin, end) of at most
-//     kBlockN keys (CTA-uniform; the selected schedule synchronises the CTA),
+//     kBlockN keys (CTA-uniform: every thread walks the same sequence),
 //   - row_range(t, tile): the keys [lo, hi) that token t may see (the mask),
 //   - tile.need_mask: false where every row sees every key of the tile.
 // Rows whose token lies past the sequence never reach row_range (the mainloop
@@ -109,19 +109,29 @@ struct WindowSchedule {
 // each block in chunks of kBlockN keys, clipped to [j*l', t_hi]. A row sees a
 // tile's keys only when block j is in its own token's list (and s <= t). The
 // lists live in smem: list[tok * n + slot], -1 for an unused slot (negative,
-// >= ceil(len/l'), or starting after the token: never read out of bounds).
+// >= ceil(len/l'), or starting after the token: never read out of bounds). The
+// union is a bitmap over the blocks j <= t_hi / l' (bit j of word j / 32), built
+// once in init; next() walks its set bits in each thread's registers, with no
+// barrier or reduction per tile.
 template <int kBlockM, int kBlockN, int kThreads>
 struct SelectedSchedule {
   static constexpr Branch kBranch = Branch::kSelected;
-  static constexpr int kWarps = kThreads / 32;
   int64_t lp, t_lo, t_hi, row0;
-  int n, count;       // slots per token, tokens * slots
-  int32_t* list;      // smem [tokens][n]
-  int32_t* red;       // smem [kWarps]
+  int n;                  // slots per token
+  int32_t* list;          // smem [tokens][n]
+  const uint32_t* bits;   // smem [words]: the union
+  int words, word;        // bitmap size; the word being walked
+  uint32_t pending;       // its set bits not visited yet
   int64_t cur_j, cur_begin, cur_block_end;
 
+  // Bitmap words for the tokens of any CTA (a tile may reach kBlockM tokens past
+  // p.seqlen only when a varlen max_seqlen understates a sequence; init clips to
+  // this bound, so smem stays in bounds even then).
+  NSA_HOST_DEVICE static int64_t max_words(const AttnFwdParams& p) {
+    return num_slc_blocks(p.seqlen + kBlockM, p.slc_block_size) / 32 + 1;
+  }
   static int smem_bytes(const AttnFwdParams& p) {
-    return int(kBlockM * p.slc_num_blocks + kWarps) * int(sizeof(int32_t));
+    return int(kBlockM * p.slc_num_blocks + max_words(p)) * int(sizeof(int32_t));
   }
   // The block lists grow with n; say so when they are what overflows.
   static std::string smem_hint(const AttnFwdParams& p) {
@@ -140,50 +150,44 @@ struct SelectedSchedule {
     t_lo = t_lo_, t_hi = t_hi_;
     row0 = si.row0;
     n = int(p.slc_num_blocks);
-    count = int(t_hi - t_lo + 1) * n;  // tokens <= kBlockM
+    const int count = int(t_hi - t_lo + 1) * n;  // tokens <= kBlockM
     list = reinterpret_cast<int32_t*>(smem);
-    red = list + kBlockM * n;
+    uint32_t* union_bits = reinterpret_cast<uint32_t*>(list + kBlockM * n);
+    // Listed blocks satisfy j * lp <= t <= t_hi.
+    words = int(min(t_hi / lp / 32 + 1, max_words(p)));
+    for (int w = tid; w < words; w += kThreads) union_bits[w] = 0u;
+    __syncthreads();
     const int64_t nblk = num_slc_blocks(si.len, lp);
     const int32_t* bi = p.block_indices + si.batch * p.bi_batch_stride + hkv * p.bi_head_stride;
     for (int idx = tid; idx < count; idx += kThreads) {
       const int64_t t = t_lo + idx / n;
       const int64_t j = bi[(row0 + t) * p.bi_row_stride + idx % n];
-      list[idx] = (j >= 0 && j < nblk && j * lp <= t) ? int32_t(j) : -1;
+      const bool ok = j >= 0 && j < nblk && j * lp <= t && j / 32 < words;
+      list[idx] = ok ? int32_t(j) : -1;
+      if (ok) atomicOr(union_bits + j / 32, 1u << (j % 32));
     }
+    __syncthreads();
+    bits = union_bits;
+    word = 0;
+    pending = bits[0];
     cur_j = -1;
     cur_begin = cur_block_end = 0;
-    __syncthreads();
   }
   __device__ int64_t key_row0() const { return row0; }
-
-  // The smallest listed block > prev (INT_MAX if none), CTA-wide.
-  __device__ int32_t min_above(int64_t prev) {
-    const int tid = threadIdx.x;
-    int32_t best = INT_MAX;
-    for (int idx = tid; idx < count; idx += kThreads) {
-      const int32_t j = list[idx];
-      if (j > prev && j < best) best = j;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) best = min(best, __shfl_xor_sync(0xffffffffu, best, off));
-    __syncthreads();  // the previous call's readers of red[] are done
-    if (tid % 32 == 0) red[tid / 32] = best;
-    __syncthreads();
-    best = red[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) best = min(best, red[w]);
-    return best;
-  }
 
   __device__ bool next(KvTile& tile) {
     if (cur_j >= 0 && cur_begin + kBlockN < cur_block_end) {
       cur_begin += kBlockN;
     } else {
-      const int32_t j = min_above(cur_j);
-      if (j == INT_MAX) return false;
-      cur_j = j;
-      cur_begin = j * lp;
-      cur_block_end = min((j + 1) * lp, t_hi + 1);  // > j*lp: some token t >= j*lp listed it
+      while (pending == 0u) {
+        if (++word >= words) return false;
+        pending = bits[word];
+      }
+      const int bit = __ffs(int(pending)) - 1;
+      pending &= pending - 1u;
+      cur_j = int64_t(word) * 32 + bit;
+      cur_begin = cur_j * lp;
+      cur_block_end = min((cur_j + 1) * lp, t_hi + 1);  // > j*lp: some token t >= j*lp listed it
     }
     tile.begin = cur_begin;
     tile.end = min(cur_begin + kBlockN, cur_block_end);

@@ -764,6 +764,12 @@ inline T atomicMin(T* p, T v) {
   *p = v < old ? v : old;
   return old;
 }
+template <class T>
+inline T atomicOr(T* p, T v) {
+  T old = *p;
+  *p = old | v;
+  return old;
+}
 
 // CUDA's min/max overloads for device code (non-templates, so that they win
 // over cute::min/max for equal argument types, as in nvcc).
