@@ -437,51 +437,57 @@ def test_selected_too_many_slots():
 
 # --------------------------------------------------------------------------- long (paper settings)
 
-def check_selection_sampled(q, k_cmp, bi, rows, l, d, lp, n, n_init, n_local, scale):
-    """Selection at a length where the dense fp64 reference does not fit: the
-    structure of every row (count, order, -1 padding, blocks <= J, forced blocks
-    present), and the chosen sets of the sampled `rows` against fp64 scores
-    recomputed for those rows alone, equal up to near-ties (1e-3 relative)."""
-    B, T, Hq, _ = q.shape
-    Hkv = k_cmp.shape[2]
-    G = Hq // Hkv
+def check_selection_structure(bi, lp, n):
+    """Every row of a [B, T, Hkv, n] selection at positions 0..T-1: exactly
+    min(J + 1, n) blocks, ascending, -1 only at the end, none after t."""
+    B, T, H, _ = bi.shape
     bi = bi.long()
-    t = torch.arange(T, device=bi.device).view(1, T, 1)
-    J = (t // lp).expand(B, T, Hkv)
+    J = (torch.arange(T, device=bi.device).view(1, T, 1) // lp).expand(B, T, H)
     valid = bi >= 0
     count = valid.sum(-1)
     assert torch.equal(count, torch.minimum(J + 1, torch.full_like(J, n))), "wrong count"
     assert torch.equal(valid, torch.arange(n, device=bi.device).view(1, 1, 1, n) < count.unsqueeze(-1))
     assert ((bi[..., 1:] > bi[..., :-1]) | ~valid[..., 1:]).all(), "not ascending"
     assert (torch.where(valid, bi, torch.zeros_like(bi)) <= J.unsqueeze(-1)).all(), "block after t"
-    tc = k_cmp.shape[1]
-    for tt in rows:
-        nc = min(num_cmp(tt + 1, l, d), tc)
-        Jt = tt // lp
-        i = torch.arange(nc, device=q.device, dtype=torch.float64)
-        jj = torch.arange(Jt + 1, device=q.device, dtype=torch.float64)
-        # w(i, j) = |[i d, i d + l) & [j l', (j + 1) l')| / d
-        lo = torch.maximum(i[:, None] * d, jj[None, :] * lp)
-        hi = torch.minimum(i[:, None] * d + l, (jj[None, :] + 1) * lp)
-        w = (hi - lo).clamp(min=0) / d
-        for b in range(B):
-            for h in range(Hkv):
-                scores = torch.zeros(Jt + 1, dtype=torch.float64, device=q.device)
-                if nc > 0:
-                    qq = q[b, tt, h * G:(h + 1) * G].double()
-                    s = scale * qq @ k_cmp[b, :nc, h].double().T
-                    p = torch.softmax(s, dim=-1)
-                    scores = p.sum(0) @ w
-                mine = set(bi[b, tt, h][bi[b, tt, h] >= 0].tolist())
-                forced = {j for j in range(Jt + 1) if j < n_init or j > Jt - n_local}
-                assert forced <= mine, f"t={tt}: forced blocks {sorted(forced - mine)} missing"
-                order = sorted(set(range(Jt + 1)) - forced, key=lambda j: (-scores[j].item(), j))
-                theirs = forced | set(order[: max(0, min(n, Jt + 1) - len(forced))])
-                if mine != theirs:
-                    nth = min(scores[j].item() for j in theirs - forced) if theirs - forced else 0.0
-                    for j in mine ^ theirs:
-                        assert abs(scores[j].item() - nth) <= 1e-3 * abs(nth) + 1e-12, \
-                            f"t={tt}: block {j} (score {scores[j].item():.6g}) vs the n-th {nth:.6g}"
+
+
+def check_selection_rows(q, k_cmp, bi, picks, l, d, lp, n, n_init, n_local, scale):
+    """Selected sets of the rows `picks` = [(b, r, t)]: row r of q / bi (batch b) at
+    position t, against fp64 scores recomputed for those rows alone from q and
+    k_cmp's first rows (for lengths where the dense reference does not fit, and
+    for decode rows): the forced blocks present, min(J + 1, n) blocks, and the same
+    set up to near-ties (within 1e-3 relative of the n-th selected score). A row
+    at t < 0 selects nothing."""
+    Hkv = k_cmp.shape[2]
+    G = q.shape[2] // Hkv
+    for b, r, t in picks:
+        for h in range(Hkv):
+            row = bi[b, r, h].long().tolist()
+            if t < 0:
+                assert all(j == -1 for j in row), f"row before position 0 selected {row}"
+                continue
+            Jt = t // lp
+            mine = [j for j in row if j >= 0]
+            assert mine == sorted(set(mine)) and len(mine) == min(Jt + 1, n), f"t={t}: {row}"
+            assert row[len(mine):] == [-1] * (n - len(mine)) and all(j <= Jt for j in mine)
+            nc = min(num_cmp(t + 1, l, d), k_cmp.shape[1])
+            scores = torch.zeros(Jt + 1, dtype=torch.float64, device=q.device)
+            if nc > 0:
+                s = scale * q[b, r, h * G:(h + 1) * G].double() @ k_cmp[b, :nc, h].double().T
+                i = torch.arange(nc, device=q.device, dtype=torch.float64)[:, None]
+                j = torch.arange(Jt + 1, device=q.device, dtype=torch.float64)[None, :]
+                # w(i, j) = |[i d, i d + l) & [j l', (j + 1) l')| / d
+                w = (torch.minimum(i * d + l, (j + 1) * lp) - torch.maximum(i * d, j * lp)).clamp(min=0) / d
+                scores = torch.softmax(s, dim=-1).sum(0) @ w
+            forced = {j for j in range(Jt + 1) if j < n_init or j > Jt - n_local}
+            assert forced <= set(mine), f"t={t}: forced blocks {sorted(forced - set(mine))} missing"
+            order = sorted(set(range(Jt + 1)) - forced, key=lambda j: (-scores[j].item(), j))
+            theirs = forced | set(order[: max(0, min(n, Jt + 1) - len(forced))])
+            if set(mine) != theirs:
+                nth = min(scores[j].item() for j in theirs - forced)
+                for j in set(mine) ^ theirs:
+                    assert abs(scores[j].item() - nth) <= 1e-3 * abs(nth) + 1e-12, \
+                        f"t={t}: block {j} (score {scores[j].item():.6g}) vs the n-th {nth:.6g}"
 
 
 @pytest.mark.slow
@@ -497,9 +503,10 @@ def test_select_blocks_128k():
     _, lse = OPS.compressed_attn_fwd(q, k_cmp, v_dummy, None, T, P["l"], P["d"], scale)
     bi = OPS.select_blocks(q, k_cmp, lse, None, T, P["l"], P["d"], P["lp"], P["n"], P["n_init"],
                            P["n_local"], scale)
+    check_selection_structure(bi, P["lp"], P["n"])
     rows = [0, 31, 63, 64, 1023, 1024, 5000, 65535, 65536, 100001, T - 65, T - 1]
-    check_selection_sampled(q, k_cmp, bi, rows, P["l"], P["d"], P["lp"], P["n"], P["n_init"],
-                            P["n_local"], scale)
+    check_selection_rows(q, k_cmp, bi, [(0, t, t) for t in rows], P["l"], P["d"], P["lp"], P["n"],
+                         P["n_init"], P["n_local"], scale)
 
 
 @pytest.mark.slow
