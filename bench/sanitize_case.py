@@ -43,6 +43,24 @@ def run(dk, dv, G, dtype, lengths=None):
     OPS.mean_compress_bwd(torch.randn_like(kc), k, cu, l, d)
 
 
+def run_long_selection(dk, dv, dtype):
+    """Enough compressed rows for two K tiles per select_blocks row chunk (Tc = 67)
+    and enough selection blocks (35) for a two-word union bitmap in the selected
+    forward and dq: the double-buffered and bitmap paths the small cases miss."""
+    dev = "cuda"
+    T, G, l, d, lp, n = 1100, 1, 32, 16, 32, 4
+    q = torch.randn(1, T, G, dk, device=dev).to(dtype)
+    k = torch.randn(1, T, 1, dk, device=dev).to(dtype)
+    v = torch.randn(1, T, 1, dv, device=dev).to(dtype)
+    kc = OPS.mean_compress(k, None, l, d)
+    vc = OPS.mean_compress(v, None, l, d)
+    scale = dk ** -0.5
+    _, lse = OPS.compressed_attn_fwd(q, kc, vc, None, T, l, d, scale)
+    bi = OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 1, scale)
+    o, lse_s = OPS.selected_attn_fwd(q, k, v, bi, None, T, lp, scale)
+    OPS.selected_attn_bwd(torch.randn_like(o), None, q, k, v, bi, o, lse_s, None, T, lp, scale)
+
+
 def run_decode(dk, dv, G, dtype, S):
     dev = "cuda"
     Hkv, cap = 2, 200
@@ -82,6 +100,8 @@ def main():
                 run(dk, dv, G, torch.float16, lengths=[1, 17, 100, 33])
                 for S in (1, 3):
                     run_decode(dk, dv, G, torch.bfloat16 if S == 1 else torch.float16, S)
+                if (dk, dv) == (192, 128) and G == 1:
+                    run_long_selection(dk, dv, torch.bfloat16)
             except RuntimeError as e:
                 if "compiled without" in str(e):
                     print(f"skip ({dk},{dv}): {e}")
