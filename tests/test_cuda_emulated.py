@@ -22,15 +22,16 @@ about 1.5 minutes and this module then runs in about 35 s; all six instances
 A deliberate off-by-one in the window mask (kv_schedule.cuh) fails 6 of the
 window tests; a removed __syncthreads in the forward mainloop fails the launches
 with the race detector's message; the backward's and the decode's next-step copies
-aimed at the stage being read fail the backward and the one-split decode tests.
+aimed at the stage being read fail the backward and the fixed-split decode tests.
 Switches:
   NSA_SKIP_EMULATION=1      skip this module
   NSA_EMU_INSTANCES=64:bf16,64:fp16   instances to build (default 64:bf16)
   NSA_EMULATION_FULL=1      all six instances
   NSA_EMU_SEED=n            the fiber schedule / cp.async landing seed (default 1)
   NSA_EMU_THREADS=n         OS threads running CTAs (default min(4, cores))
-  NSA_EMU_SMS=n             the SM count the emulated device reports (default 132;
-                            test_decode sets 1 in some cases: one KV split)
+  NSA_EMU_SMS=n             the SM count the emulated device reports (default 132)
+  NSA_DECODE_SPLITS=k       the decode's KV split count (the library's switch, CPU
+                            emulator and GPU alike; test_decode fixes 1 or 2)
 """
 import importlib.util
 import os
@@ -383,17 +384,17 @@ def _vs_cpu(F, name, got, op, args, dtype):
 
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
-@pytest.mark.parametrize("S,G,sms", [(1, 1, None), (1, 16, None), (3, 4, None), (8, 2, None),
-                                     (1, 16, 1), (3, 4, 1)])
-def test_decode(F, emu, dims, S, G, sms, monkeypatch):
+@pytest.mark.parametrize("S,G,splits", [(1, 1, None), (1, 16, None), (3, 4, None), (8, 2, None),
+                                        (1, 16, 1), (3, 4, 1), (8, 2, 2)])
+def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     """The decode kernels (split-KV attention + combine for the three branches,
     selection scores + top-n) on three batch entries at different cache lengths,
     one shorter than a compressed block (no compressed keys: lse = -inf, o = 0).
-    With the H100's SM count every split gets about one 32-key chunk; with one SM
-    (sms=1) a tile's chunks all run in one split, through the double-buffered
-    chunk pipeline."""
-    if sms is not None:
-        monkeypatch.setenv("NSA_EMU_SMS", str(sms))
+    With the H100's SM count every split gets about one 32-key chunk; with the
+    split count fixed (NSA_DECODE_SPLITS=1 or 2) a split walks several chunks,
+    through the double-buffered chunk pipeline."""
+    if splits is not None:
+        monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     cpu = _cpu_ops()
     dk, dv, dtype = dims
     Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40

@@ -358,10 +358,15 @@ CUDA_CFGS = [
 @pytest.mark.parametrize("cfg", CUDA_CFGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("S", [1, 4, 8])
-def test_cuda_decode_matches_prefill(cfg, dtype, S):
+@pytest.mark.parametrize("splits", [None, 1], ids=["auto-splits", "one-split"])
+def test_cuda_decode_matches_prefill(cfg, dtype, S, splits, monkeypatch):
     """Batch entries at different lengths decode S tokens on CUDA; each is compared with
     the reference over its whole sequence, fp64 (ref) and the input dtype on the GPU
-    (ref_lp), all with the block_indices the CUDA selection chose."""
+    (ref_lp), all with the block_indices the CUDA selection chose. At these sizes the
+    split heuristic gives each split about one KV chunk; one split
+    (NSA_DECODE_SPLITS=1) walks a tile's chunks through the double-buffered path."""
+    if splits is not None:
+        monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     dev = "cuda"
     # inputs rounded to the low-precision dtype once: every side sees the same values
     inp = {n: t.to(dtype).to(F64) for n, t in make_inputs(cfg, seed=21).items()}

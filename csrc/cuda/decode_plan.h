@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "nsa/params.h"
 #include "nsa/rules.h"
@@ -54,8 +55,15 @@ inline int64_t decode_max_chunks(const AttnFwdParams& p) {
 }
 
 // KV splits: enough CTAs to fill the GPU about twice (batch 1 included), never
-// more splits than chunks.
+// more splits than chunks. NSA_DECODE_SPLITS=k (read at each call) fixes the count
+// instead, clamped to [1, kDecodeMaxSplits]: the tests use 1 so that one CTA walks
+// every chunk of its tile (the double-buffered path), which the heuristic rarely
+// picks at test sizes.
 inline int decode_num_splits(const AttnFwdParams& p, int num_sms) {
+  if (const char* env = std::getenv("NSA_DECODE_SPLITS"); env != nullptr && env[0] != '\0') {
+    const long long fixed = std::atoll(env);
+    if (fixed >= 1) return int(std::min<long long>(fixed, kDecodeMaxSplits));
+  }
   const int64_t ctas = p.num_seqs * p.num_heads_kv * decode_row_tiles(p);
   const int64_t chunks = std::max<int64_t>(1, decode_max_chunks(p));
   const int64_t want = ceil_div64(2 * int64_t(std::max(num_sms, 1)), std::max<int64_t>(ctas, 1));
