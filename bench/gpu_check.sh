@@ -20,7 +20,8 @@
 # what the issues need first. NSA_STEPS picks steps (default
 # "wheels,build,tests,sanitizer,slow,bench"), so a second call on the same warm
 # machine can run what the first had no time for (the build is then a no-op).
-# Environment: NSA_TEST_ARGS (extra pytest args for both test steps),
+# Environment: NSA_COMMIT (the commit the record names: the device's copy has no .git,
+# so call it as `NSA_COMMIT=<hash> bash bench/gpu_check.sh` from a clean tree), NSA_TEST_ARGS (extra pytest args for both test steps),
 # NSA_BUDGET_S (total seconds, default 540), NSA_STEP_TIMEOUT (cap per step, default 300),
 # NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
 # NSA_BENCH_LENGTHS (--lengths, default 8192,32768,65536),
@@ -133,10 +134,15 @@ import datetime, json, os, re, subprocess, sys
 dest, out = sys.argv[1], sys.argv[2]
 rec = {"commit": None, "device": None, "torch": None, "date": datetime.datetime.now().isoformat(timespec="seconds"),
        "tests": {"passed": 0, "failed": 0, "skipped": 0}, "sanitizer": {"errors": None}, "bench": [], "steps": {}}
-try:
-    rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-except Exception:
-    pass
+# The device gets a copy of the working tree without .git: the caller names the commit
+# (NSA_COMMIT=$(git rev-parse HEAD), on a clean tree); git is the fallback.
+rec["commit"] = os.environ.get("NSA_COMMIT") or None
+if rec["commit"] is None:
+    try:
+        rec["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or None
+    except Exception:
+        pass
 try:
     import torch
     rec["torch"] = torch.__version__
