@@ -1,5 +1,6 @@
-// Host check of csrc/cuda/decode_plan.h against the decode kernels' shared-memory
-// carve-up (decode_attn.cuh, decode_select.cuh: mirrored here, keep in sync) and
+// Host check of csrc/cuda/decode_plan.h: decode_attn's shared-memory carve-up
+// (decode_attn_smem_layout, which the kernel uses), decode_select's (mirrored
+// here from decode_select.cuh, keep in sync) and
 // index bounds the plan promises: smem end <= the planned size and 16-byte
 // alignment of every cp.async / float4 target; a row tile's tokens <= the plan's
 // bound (and < 32: the selected branch's membership bitmask); the score CTA's
@@ -39,17 +40,25 @@ int main() {
               const int64_t rows_here = std::min<int64_t>(kDecodeRows, rows_total - r0);
               const int64_t tile_tokens = (r0 + rows_here - 1) / G - r0 / G + 1;
               CHECK(tile_tokens <= decode_tile_tokens(p) && tile_tokens <= 31);  // sMember bits
-              // decode_attn.cuh's carve-up, in bytes from the base.
-              const int64_t kKS = dk + 8, kVS = dv + 8;
-              int64_t sQ = 0, sK = sQ + kDecodeRows * dk * 4;
-              int64_t sV = sK + kDecodeStages * kDecodeKeys * kKS * 2;
-              int64_t sP = sV + kDecodeStages * kDecodeKeys * kVS * 2, sScale = sP + kDecodeRows * kDecodeKeys * 4;
-              int64_t sLo = sScale + kDecodeRows * 4, sHi = sLo + kDecodeRows * 4;
-              int64_t sTok = sHi + kDecodeRows * 4, sCount = sTok + kDecodeRows * 4;
-              int64_t sCand = sCount + 16, end = sCand;
-              if (br == 1) end = sCand + 4 * 4 * tile_tokens * n;  // sCand, sKeep, sUnion, sMember
-              CHECK(sK % 16 == 0 && sV % 16 == 0 && (kKS * 2) % 16 == 0 && (kVS * 2) % 16 == 0);
-              CHECK(sQ % 16 == 0 && (dk * 4) % 16 == 0);  // float4 q reads
+              // The carve-up decode_attn.cuh takes (decode_attn_smem_layout): every
+              // region 16-byte aligned (cp.async, ldmatrix rows) and in order.
+              const DecodeAttnSmem m = decode_attn_smem_layout(p, tile_tokens, dk, dv);
+              const int64_t regions[] = {m.q, m.k, m.v, m.s, m.p, m.scale, m.lo, m.hi,
+                                         m.tok, m.count, m.cand, m.end};
+              for (size_t a = 0; a + 1 < sizeof(regions) / sizeof(regions[0]); ++a)
+                CHECK(regions[a] <= regions[a + 1]);
+              CHECK(m.q % 16 == 0 && m.k % 16 == 0 && m.v % 16 == 0 && m.s % 16 == 0 && m.p % 16 == 0);
+              CHECK(((dk + kDecodePad) * 2) % 16 == 0 && ((dv + kDecodePad) * 2) % 16 == 0);
+              CHECK(((kDecodeKeys + kDecodePad) * 2) % 16 == 0);  // sP rows: ldmatrix
+              // The sizes of the regions the kernel indexes.
+              CHECK(m.k - m.q == int64_t(kDecodeRows) * (dk + kDecodePad) * 2);
+              CHECK(m.v - m.k == int64_t(kDecodeStages) * kDecodeKeys * (dk + kDecodePad) * 2);
+              CHECK(m.s - m.v == int64_t(kDecodeStages) * kDecodeKeys * (dv + kDecodePad) * 2);
+              CHECK(m.p - m.s >= int64_t(kDecodeRows) * (kDecodeKeys + kDecodePad) * 4);
+              CHECK(m.p - m.s >= 2 * kDecodeRows * 4);  // the epilogue's sSum, sMax
+              CHECK(m.cand - m.count >= 4);
+              if (br == 1) CHECK(m.end - m.cand >= 4 * 4 * tile_tokens * n);  // sCand, sKeep, sUnion, sMember
+              const int64_t end = m.end;
               CHECK(end <= plan && plan % 16 == 0);
               ++checks;
             }

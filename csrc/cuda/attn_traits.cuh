@@ -23,9 +23,7 @@ struct AttnTraits {
   // Keys per KV tile.
   static constexpr int kBlockN = 64;
 
-  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
-                                     cute::MMA_Atom<cute::SM80_16x8x16_F32F16F16F32_TN>,
-                                     cute::MMA_Atom<cute::SM80_16x8x16_F32BF16BF16F32_TN>>;
+  using MmaAtom = Sm80MmaAtom<Element>;
   // The warps split M; each warp computes 16 rows x all columns.
   using TiledMma = cute::TiledMMA<MmaAtom, cute::Layout<cute::Shape<cute::Int<kWarps>, cute::_1, cute::_1>>,
                                   cute::Tile<cute::Int<16 * kWarps>, cute::_16, cute::_16>>;

@@ -38,6 +38,13 @@ struct ElementOf<DType::kBf16> { using type = cutlass::bfloat16_t; };
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// The SM80 tensor-core instruction of every attention kernel: mma.sync m16n8k16
+// with fp32 accumulation (sm_90a runs it too).
+template <class Element>
+using Sm80MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
+                                       cute::MMA_Atom<cute::SM80_16x8x16_F32F16F16F32_TN>,
+                                       cute::MMA_Atom<cute::SM80_16x8x16_F32BF16BF16F32_TN>>;
+
 // 16-byte cp.async; when `pred` is false nothing is read and the 16 smem bytes
 // are zeroed. `gmem` must still be a valid address (pass the tensor's base).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {

@@ -12,26 +12,17 @@
 // The chunks are split evenly over gridDim.z CTAs; each writes its rows' partial
 // result (normalised o in fp32 and lse, -inf when it saw no key) to the workspace
 // and decode_combine.cuh merges the splits. K/V chunks are double-buffered: the
-// next chunk's cp.async copies run under this chunk's math. Math on CUDA cores
-// (fp32 FMAs from smem); tensor cores are a follow-up (NOTES_FOR_LEAD.md).
+// next chunk's cp.async copies run under this chunk's math.
+// Math on tensor cores (mma.sync, fp32 accumulation): S = Q K^T with the warps
+// splitting the chunk's keys, the scores through smem to an exact per-row online
+// softmax (one lane per key), then O += P V with the warps splitting Dv. At
+// G = 16 a chunk costs each warp about 20 MMAs, so the kernel is bound by the
+// K/V bytes, where fp32 FMAs on CUDA cores were not.
 #pragma once
 
 #include "cuda/decode_traits.cuh"
 
 namespace nsa::cuda {
-
-// q[0..8) . k[0..8): q fp32 in smem (16-byte aligned), k eight 16-bit elements
-// (16-byte aligned) converted in registers.
-template <class Element>
-__device__ __forceinline__ float dot8(const float* q, const Element* k) {
-  const cutlass::Array<Element, 8> kv = *reinterpret_cast<const cutlass::Array<Element, 8>*>(k);
-  const cutlass::NumericArrayConverter<float, Element, 8> cvt;
-  const cutlass::Array<float, 8> kf = cvt(kv);
-  const float4 qa = *reinterpret_cast<const float4*>(q);
-  const float4 qb = *reinterpret_cast<const float4*>(q + 4);
-  return qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
-         qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
-}
 
 __device__ __forceinline__ int64_t decode_part_row(const AttnFwdParams& p, int64_t split,
                                                    int64_t b, int64_t i, int64_t h) {
@@ -50,10 +41,12 @@ __device__ __forceinline__ int64_t decode_len(const AttnFwdParams& p, int64_t b)
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     decode_attn_kernel(const AttnFwdParams p, const DecodeWorkspace ws) {
+  using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kDk = Traits::kDk, kDv = Traits::kDv;
   constexpr int kRows = Traits::kRows, kKeys = Traits::kKeys, kThreads = Traits::kThreads;
   constexpr int kKS = Traits::kKStride, kVS = Traits::kVStride;
+  constexpr int kSS = Traits::kSStride, kPS = Traits::kPStride;
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t b = int64_t(blockIdx.x) / p.num_heads_kv;
@@ -64,25 +57,31 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t rows_total = S * G;
   const int rows_here = int(min(int64_t(kRows), rows_total - r0));  // >= 1 (grid)
 
-  extern __shared__ __align__(16) char smem[];
-  float* sQ = reinterpret_cast<float*>(smem);                            // [kRows][kDk]
-  Element* sK = reinterpret_cast<Element*>(sQ + kRows * kDk);            // [kStages][kKeys][kKS]
-  Element* sV = sK + Traits::kStages * kKeys * kKS;                      // [kStages][kKeys][kVS]
-  float* sP = reinterpret_cast<float*>(sV + Traits::kStages * kKeys * kVS);  // [kRows][kKeys]
-  float* sScale = sP + kRows * kKeys;                                    // [kRows] rescale of this chunk
-  int* sLo = reinterpret_cast<int*>(sScale + kRows);                     // [kRows] first visible key
-  int* sHi = sLo + kRows;                                                // [kRows] end of visible keys
-  int* sTok = sHi + kRows;                                               // [kRows] row's token - i_first
-  int* sCount = sTok + kRows;                                            // [4] union size
-  // kSelected only: candidate / keep lists [tile_tokens * n], union, membership.
-  int* sCand = sCount + 4;
-
   // Positions: query row i of entry b is at t = len - S + i.
   const int64_t len = decode_len(p, b);
   const int64_t i_first = r0 / G;
   const int64_t i_last = (r0 + rows_here - 1) / G;
   const int64_t t_first = len - S + i_first;
   const int64_t t_last = len - S + i_last;
+  const int tile_tokens = int(i_last - i_first + 1);
+
+  extern __shared__ __align__(16) char smem[];
+  const DecodeAttnSmem at = decode_attn_smem_layout(p, tile_tokens, kDk, kDv);
+  Element* sQ = reinterpret_cast<Element*>(smem + at.q);
+  Element* sK = reinterpret_cast<Element*>(smem + at.k);
+  Element* sV = reinterpret_cast<Element*>(smem + at.v);
+  float* sS = reinterpret_cast<float*>(smem + at.s);
+  Element* sP = reinterpret_cast<Element*>(smem + at.p);
+  float* sScale = reinterpret_cast<float*>(smem + at.scale);
+  int* sLo = reinterpret_cast<int*>(smem + at.lo);
+  int* sHi = reinterpret_cast<int*>(smem + at.hi);
+  int* sTok = reinterpret_cast<int*>(smem + at.tok);
+  int* sCount = reinterpret_cast<int*>(smem + at.count);
+  const int64_t n_slots = p.slc_num_blocks;
+  int* sCand = reinterpret_cast<int*>(smem + at.cand);  // kSelected: [tile_tokens * n] each
+  int* sKeep = sCand + tile_tokens * n_slots;
+  int* sUnion = sKeep + tile_tokens * n_slots;
+  int* sMember = sUnion + tile_tokens * n_slots;  // bit a: token i_first + a selected it
 
   // Per-row visible key interval [lo, hi) (membership of selected blocks aside).
   if (tid < kRows) {
@@ -111,28 +110,22 @@ __global__ void __launch_bounds__(Traits::kThreads)
     sLo[tid] = lo, sHi[tid] = hi, sTok[tid] = tok;
   }
 
-  // q, pre-scaled by scale * log2(e): scores are in the exp2 domain.
-  const float scale_log2 = float(p.scale) * kLog2e;
+  // Q rows (token i, head kvh * G + g) into sQ as stored; rows past the tile are
+  // zero. The scale is applied to the fp32 scores.
   const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
-  for (int e = tid; e < kRows * kDk; e += kThreads) {
-    const int r = e / kDk, c = e % kDk;
-    float x = 0.f;
-    if (r < rows_here) {
-      const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
-      x = float(q[i * p.q_row_stride + h * p.q_head_stride + c]) * scale_log2;
-    }
-    sQ[e] = x;
+  for (int e = tid; e < kRows * (kDk / 8); e += kThreads) {
+    const int r = e / (kDk / 8), c8 = e % (kDk / 8);
+    const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
+    const bool pred = r < rows_here;
+    cp_async_16(sQ + r * Traits::kQStride + c8 * 8,
+                pred ? q + i * p.q_row_stride + h * p.q_head_stride + c8 * 8 : q, pred);
   }
+  cute::cp_async_fence();
 
   // The tile's key schedule: num_chunks chunks, chunk c = keys [begin(c), end(c)).
   int64_t key_begin = 0, key_end = 0;  // compressed / window: one contiguous range
   int num_union = 0, chunks_per_block = 1;
   const int64_t lp = p.slc_block_size;
-  const int64_t n_slots = p.slc_num_blocks;
-  const int tile_tokens = int(i_last - i_first + 1);
-  int* sKeep = sCand + tile_tokens * n_slots;
-  int* sUnion = sKeep + tile_tokens * n_slots;
-  int* sMember = sUnion + tile_tokens * n_slots;  // bit a: token i_first + a selected it
   if (p.branch == Branch::kCompressed) {
     if (t_last >= 0) {
       const int64_t nc = num_visible_cmp_blocks(t_last, p.cmp_block_size, p.cmp_stride);
@@ -197,18 +190,47 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t per_split = ceil_div64(num_chunks, ws.num_splits);
   const int64_t c_begin = int64_t(split) * per_split;
   const int64_t c_end = min(c_begin + per_split, num_chunks);
-  __syncthreads();  // sQ, sLo/sHi/sTok, sMember ready
+  __syncthreads();  // sLo/sHi/sTok, sMember ready
 
   const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride;
+
+  // Tensor-core views: stage 0 of K and V^T; `shifted` moves them to stage 1.
+  Tensor tQ = make_tensor(make_smem_ptr(sQ), typename Traits::SmemLayoutQ{});
+  Tensor tK = make_tensor(make_smem_ptr(sK), typename Traits::SmemLayoutK{});
+  Tensor tVt = make_tensor(make_smem_ptr(sV), typename Traits::SmemLayoutVt{});
+  Tensor tP = make_tensor(make_smem_ptr(sP), typename Traits::SmemLayoutP{});
+  typename Traits::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor rQ = thr_mma.partition_fragment_A(tQ);
+  Tensor rK = thr_mma.partition_fragment_B(tK);
+  Tensor rP = thr_mma.partition_fragment_A(tP);
+  Tensor rVt = thr_mma.partition_fragment_B(tVt);
+  auto copy_a = make_tiled_copy_A(typename Traits::CopyAtomA{}, mma);
+  auto thr_copy_a = copy_a.get_thread_slice(tid);
+  auto copy_k = make_tiled_copy_B(typename Traits::CopyAtomK{}, mma);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  auto copy_v = make_tiled_copy_B(typename Traits::CopyAtomVt{}, mma);
+  auto thr_copy_v = copy_v.get_thread_slice(tid);
+  Tensor sQ_a = thr_copy_a.partition_S(tQ);
+  Tensor sP_a = thr_copy_a.partition_S(tP);
+  Tensor sK_b = thr_copy_k.partition_S(tK);
+  Tensor sVt_b = thr_copy_v.partition_S(tVt);
+
+  Tensor acc_o = partition_fragment_C(mma, Shape<Int<kRows>, Int<kDv>>{});
+  clear(acc_o);
+  Tensor acc_o_rc = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
+  // (row, col) of each element of an S tile and of the O accumulator.
+  Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kKeys>>{}));
+  Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
+  Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kDv>>{}));
+  Tensor cO_rc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
 
   // Online softmax state of this warp's rows r = warp + kWarps * m (all lanes hold it).
   float row_max[Traits::kRowsPerWarp], row_sum[Traits::kRowsPerWarp];
 #pragma unroll
   for (int m = 0; m < Traits::kRowsPerWarp; ++m) row_max[m] = -INFINITY, row_sum[m] = 0.f;
-  float acc[Traits::kAccPerThread];
-#pragma unroll
-  for (int a = 0; a < Traits::kAccPerThread; ++a) acc[a] = 0.f;
+  const float scale_log2 = float(p.scale) * kLog2e;
 
   // Keys [kb, ke) of chunk c and, for the selected branch, its union entry's
   // membership bits. Uniform: every thread computes the same bounds.
@@ -231,7 +253,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     return ch;
   };
-  // K and V rows [kb, ke) into stage `stage`; missing rows are zero-filled.
+  // K and V rows [kb, ke) into stage `stage`; missing rows are zero-filled (so
+  // that P V never multiplies stale smem, even by a zero probability).
   auto load_chunk = [&](const Chunk& ch, int stage) {
     constexpr int kKChunks = kDk / 8, kVChunks = kDv / 8;
     Element* sKs = sK + stage * kKeys * kKS;
@@ -260,37 +283,42 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Chunk next;
     if (c + 1 < c_end) next = chunk_at(c + 1);
     cute::cp_async_wait<0>();
-    // This chunk's K, V landed; everyone is done with the previous chunk (the
-    // other stage, sP, sScale).
+    // This chunk's K, V (and Q) landed; everyone is done with the previous chunk
+    // (the other stage, sS, sP, sScale).
     __syncthreads();
     if (next.kb < next.ke) load_chunk(next, stage ^ 1);
     cute::cp_async_fence();
     const Chunk cur = ch;
     ch = next;
     if (cur.kb >= cur.ke) continue;  // uniform
-    const int64_t kb = cur.kb;
-    const int member = cur.member;
     const int n_keys = int(cur.ke - cur.kb);
-    const Element* sKs = sK + stage * kKeys * kKS;
-    const Element* sVs = sV + stage * kKeys * kVS;
 
-    // Scores: warp w takes rows w, w + kWarps, ...; lane n takes key kb + n.
+    // S = Q K^T (this warp: 8 of the chunk's keys), masked and scaled into sS.
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kRows>, Int<kKeys>>{});
+    clear(acc_s);
+    gemm_ss(acc_s, rQ, rK, sQ_a, shifted(sK_b, stage * kKeys * kKS), mma, copy_a, copy_k,
+            thr_copy_a, thr_copy_k);
+    Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+#pragma unroll
+    for (int mi = 0; mi < size<0>(s_rc); ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < size<1>(s_rc); ++ni) {
+        const int r = get<0>(cS_rc(mi, ni)), col = get<1>(cS_rc(mi, ni));
+        const int64_t key = cur.kb + col;
+        bool visible = r < rows_here && col < n_keys && key >= sLo[r] && key < sHi[r];
+        if (p.branch == Branch::kSelected) visible = visible && ((cur.member >> sTok[r]) & 1);
+        // Scaled after the mask test: with scale <= 0 a masked -inf must stay -inf.
+        sS[r * kSS + col] = visible ? s_rc(mi, ni) * scale_log2 : -INFINITY;
+      }
+    }
+    __syncthreads();
+
+    // Online softmax, exact per row: warp w takes rows w, w + kWarps, ...; lane n
+    // takes key kb + n (exp2 domain; -inf guarded).
 #pragma unroll
     for (int m = 0; m < Traits::kRowsPerWarp; ++m) {
       const int r = warp + Traits::kWarps * m;
-      const int64_t key = kb + lane;
-      bool visible = r < rows_here && lane < n_keys && key >= sLo[r] && key < sHi[r];
-      if (p.branch == Branch::kSelected) visible = visible && ((member >> sTok[r]) & 1);
-      float s = -INFINITY;
-      if (visible) {
-        const float* qr = sQ + r * kDk;
-        const Element* kr = sKs + lane * kKS;
-        float dot = 0.f;
-#pragma unroll 4
-        for (int c8 = 0; c8 < kDk; c8 += 8) dot += dot8(qr + c8, kr + c8);
-        s = dot;
-      }
-      // Online softmax of row r over this chunk (exp2 domain; -inf guarded).
+      const float s = sS[r * kSS + lane];
       float mx = s;
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -303,28 +331,27 @@ __global__ void __launch_bounds__(Traits::kThreads)
       for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       row_max[m] = m_new;
       row_sum[m] = row_sum[m] * rescale + sum;
-      sP[r * kKeys + lane] = pr;
+      sP[r * kPS + lane] = Element(pr);
       if (lane == 0) sScale[r] = rescale;
     }
     __syncthreads();
 
-    // O = O * rescale + P V: thread owns elements e = tid + a * kThreads of [kRows][kDv].
+    // O = O * rescale + P V (this warp: 8 of every 32 output columns).
 #pragma unroll
-    for (int a = 0; a < Traits::kAccPerThread; ++a) {
-      const int e = tid + a * kThreads;
-      const int r = e / kDv, col = e % kDv;
-      const float* pr = sP + r * kKeys;
-      float o = acc[a] * sScale[r];
-#pragma unroll 8
-      for (int n = 0; n < kKeys; ++n) o += pr[n] * float(sVs[n * kVS + col]);
-      acc[a] = o;
+    for (int mi = 0; mi < size<0>(acc_o_rc); ++mi) {
+      const float rescale = sScale[get<0>(cO_rc(mi, 0))];
+#pragma unroll
+      for (int ni = 0; ni < size<1>(acc_o_rc); ++ni) acc_o_rc(mi, ni) *= rescale;
     }
+    gemm_ss(acc_o, rP, rVt, sP_a, shifted(sVt_b, stage * kKeys * kVS), mma, copy_a, copy_v,
+            thr_copy_a, thr_copy_v);
   }
-  __syncthreads();  // the last chunk's readers of sP are done (the epilogue reuses it)
+  cute::cp_async_wait<0>();  // Q's copies when the CTA had no chunk
+  __syncthreads();  // the last chunk's readers of sS are done (the epilogue reuses it)
 
   // Epilogue: row stats to smem, then o / sum and lse (natural log) per row.
-  float* sSum = sP;             // [kRows]
-  float* sMax = sP + kRows;     // [kRows]
+  float* sSum = sS;          // [kRows]
+  float* sMax = sS + kRows;  // [kRows]
 #pragma unroll
   for (int m = 0; m < Traits::kRowsPerWarp; ++m) {
     const int r = warp + Traits::kWarps * m;
@@ -332,14 +359,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   __syncthreads();
 #pragma unroll
-  for (int a = 0; a < Traits::kAccPerThread; ++a) {
-    const int e = tid + a * kThreads;
-    const int r = e / kDv, col = e % kDv;
+  for (int mi = 0; mi < size<0>(acc_o_rc); ++mi) {
+    const int r = get<0>(cO_rc(mi, 0));
     if (r >= rows_here) continue;
     const float sum = sSum[r];
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
-    ws.o_part[decode_part_row(p, split, b, i, h) * kDv + col] = acc[a] * inv;
+    float* out = ws.o_part + decode_part_row(p, split, b, i, h) * kDv;
+#pragma unroll
+    for (int ni = 0; ni < size<1>(acc_o_rc); ++ni) out[get<1>(cO_rc(mi, ni))] = acc_o_rc(mi, ni) * inv;
   }
   if (tid < rows_here) {
     const int r = tid;

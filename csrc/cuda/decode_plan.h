@@ -70,15 +70,46 @@ inline int decode_num_splits(const AttnFwdParams& p, int num_sms) {
   return int(std::clamp<int64_t>(std::min(want, chunks), 1, kDecodeMaxSplits));
 }
 
-// Dynamic smem of decode_attn: sQ (fp32), kDecodeStages x sK, sV (16-bit, rows
-// padded by 8 elements), sP, per-row state, and the selected branch's block lists.
+// Row padding of decode_attn's smem tiles, in elements: 16 bytes of 16-bit
+// elements, so that ldmatrix's eight 16-byte rows (and a warp's 8-byte score
+// stores) fall in different banks.
+constexpr int kDecodePad = 8;
+
+// decode_attn's shared memory, byte offsets from the base: the one carve-up the
+// kernel, the host's size (decode_attn_smem) and bench/decode_plan_check.cpp use.
+struct DecodeAttnSmem {
+  int64_t q;      // 16-bit [kDecodeRows][dk + pad]: the tile's queries
+  int64_t k, v;   // 16-bit [kDecodeStages][kDecodeKeys][dk + pad] and [..][dv + pad]
+  int64_t s;      // fp32 [kDecodeRows][kDecodeKeys + pad]: scaled, masked scores
+  int64_t p;      // 16-bit [kDecodeRows][kDecodeKeys + pad]: probabilities (A of P V)
+  int64_t scale;  // fp32 [kDecodeRows]: the chunk's rescale of each row's output
+  int64_t lo, hi, tok;  // int [kDecodeRows]: visible keys [lo, hi), token - i_first
+  int64_t count;  // int [4]: the selected union's size
+  int64_t cand;   // kSelected: int [4][tile tokens x n]: candidates, keep, union, membership
+  int64_t end;
+};
+
+NSA_HOST_DEVICE DecodeAttnSmem decode_attn_smem_layout(const AttnFwdParams& p, int64_t tile_tokens,
+                                                       int dk, int dv) {
+  DecodeAttnSmem m;
+  m.q = 0;
+  m.k = m.q + int64_t(kDecodeRows) * (dk + kDecodePad) * 2;
+  m.v = m.k + int64_t(kDecodeStages) * kDecodeKeys * (dk + kDecodePad) * 2;
+  m.s = m.v + int64_t(kDecodeStages) * kDecodeKeys * (dv + kDecodePad) * 2;
+  m.p = m.s + int64_t(kDecodeRows) * (kDecodeKeys + kDecodePad) * 4;
+  m.scale = m.p + int64_t(kDecodeRows) * (kDecodeKeys + kDecodePad) * 2;
+  m.lo = m.scale + int64_t(kDecodeRows) * 4;
+  m.hi = m.lo + int64_t(kDecodeRows) * 4;
+  m.tok = m.hi + int64_t(kDecodeRows) * 4;
+  m.count = m.tok + int64_t(kDecodeRows) * 4;
+  m.cand = m.count + 16;
+  m.end = m.cand + (p.branch == Branch::kSelected ? 4 * 4 * tile_tokens * p.slc_num_blocks : 0);
+  return m;
+}
+
+// Dynamic smem of decode_attn: the carve-up above for the largest row tile.
 inline int64_t decode_attn_smem(const AttnFwdParams& p, int dk, int dv) {
-  int64_t bytes = int64_t(kDecodeRows) * dk * 4 +
-                  int64_t(kDecodeStages) * kDecodeKeys * ((dk + 8) + (dv + 8)) * 2 +
-                  int64_t(kDecodeRows) * kDecodeKeys * 4 +
-                  int64_t(kDecodeRows) * 4 * 4 + 16;
-  if (p.branch == Branch::kSelected) bytes += 4 * 4 * decode_tile_tokens(p) * p.slc_num_blocks;
-  return (bytes + 15) / 16 * 16;
+  return (decode_attn_smem_layout(p, decode_tile_tokens(p), dk, dv).end + 15) / 16 * 16;
 }
 
 // Selection on CUDA: the token positions whose selection blocks the score

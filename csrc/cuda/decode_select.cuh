@@ -16,10 +16,22 @@
 #pragma once
 
 #include "cuda/common.cuh"
-#include "cuda/decode_attn.cuh"  // dot8
 #include "cuda/decode_plan.h"
 
 namespace nsa::cuda {
+
+// q[0..8) . k[0..8): q fp32 in smem (16-byte aligned), k eight 16-bit elements
+// (16-byte aligned) converted in registers.
+template <class Element>
+__device__ __forceinline__ float dot8(const float* q, const Element* k) {
+  const cutlass::Array<Element, 8> kv = *reinterpret_cast<const cutlass::Array<Element, 8>*>(k);
+  const cutlass::NumericArrayConverter<float, Element, 8> cvt;
+  const cutlass::Array<float, 8> kf = cvt(kv);
+  const float4 qa = *reinterpret_cast<const float4*>(q);
+  const float4 qb = *reinterpret_cast<const float4*>(q + 4);
+  return qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
+         qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+}
 
 __device__ __forceinline__ int64_t select_decode_len(const SelectParams& p, int64_t b) {
   int64_t len = p.seqlens_k[b];
@@ -32,7 +44,7 @@ template <int kDk, class Element>
 __global__ void __launch_bounds__(kSelectThreads)
     decode_select_scores_kernel(const SelectParams p, float* scores, int64_t width) {
   constexpr int kThreads = kSelectThreads;
-  constexpr int kKS = kDk + 8;  // padded rows, as in decode_attn
+  constexpr int kKS = kDk + kDecodePad;  // padded rows, as in decode_attn
   constexpr int kHeads = kSelectHeadsPerPass;
   const int tid = threadIdx.x;
   const int64_t kvh = blockIdx.y, b = blockIdx.z;

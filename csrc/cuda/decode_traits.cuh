@@ -1,6 +1,7 @@
 // Kernel traits of the decode attention (decode_attn.cuh): tile sizes (from
-// decode_plan.h, shared with the host), smem strides, per-thread work; and the
-// split workspace the mainloop writes and decode_combine.cuh reads.
+// decode_plan.h, shared with the host), smem layouts, the TiledMma and its
+// ldmatrix atoms; and the split workspace the mainloop writes and
+// decode_combine.cuh reads.
 #pragma once
 
 #include "cuda/common.cuh"
@@ -17,18 +18,38 @@ struct DecodeTraits {
   static constexpr int kKeys = kDecodeKeys;
   static constexpr int kThreads = kDecodeThreads;
   static constexpr int kWarps = kThreads / 32;
-  // sK/sV rows padded by 8 elements (16 bytes): consecutive rows start 4 banks
-  // apart, so a warp's 16-byte reads of 32 different rows are conflict free.
-  static constexpr int kKStride = kDk + 8;
-  static constexpr int kVStride = kDv + 8;
   static constexpr int kStages = kDecodeStages;
-  static_assert(kKeys == 32, "one lane per key of a chunk");
+  // Padded smem rows (decode_plan.h): 16 bytes more than the data.
+  static constexpr int kQStride = kDk + kDecodePad;
+  static constexpr int kKStride = kDk + kDecodePad;
+  static constexpr int kVStride = kDv + kDecodePad;
+  static constexpr int kSStride = kKeys + kDecodePad;  // fp32 scores
+  static constexpr int kPStride = kKeys + kDecodePad;  // 16-bit probabilities
+  static_assert(kRows == 16, "one m16 MMA tile of rows");
+  static_assert(kKeys == 32, "one lane per key of a chunk in the softmax");
+  static_assert(kKeys == 8 * kWarps, "S = Q K^T: each warp computes 8 keys");
   static_assert(kRows % kWarps == 0);
-  static_assert(kDk % 8 == 0 && kDv % 32 == 0);
-  static_assert((kRows * kDv) % kThreads == 0);
-  // Output accumulators per thread: element e = tid + k * kThreads of [kRows][kDv].
-  static constexpr int kAccPerThread = kRows * kDv / kThreads;
-  static constexpr int kRowsPerWarp = kRows / kWarps;
+  static_assert(kDk % 16 == 0 && kDv % (8 * kWarps) == 0);
+  static constexpr int kRowsPerWarp = kRows / kWarps;  // softmax rows of a warp
+
+  // Tensor cores on a 16-row tile: the 4 warps split the N side, keys for
+  // S = Q K^T (8 each) and output columns for O += P V (8 of every 32).
+  using TiledMma = cute::TiledMMA<Sm80MmaAtom<Element>,
+                                  cute::Layout<cute::Shape<cute::_1, cute::Int<kWarps>, cute::_1>>>;
+  using SmemLayoutQ = cute::Layout<cute::Shape<cute::Int<kRows>, cute::Int<kDk>>,
+                                   cute::Stride<cute::Int<kQStride>, cute::_1>>;
+  using SmemLayoutK = cute::Layout<cute::Shape<cute::Int<kKeys>, cute::Int<kDk>>,
+                                   cute::Stride<cute::Int<kKStride>, cute::_1>>;
+  // V^T (Dv x keys) as a view of the row-major V chunk: the B operand of P V.
+  using SmemLayoutVt = cute::Layout<cute::Shape<cute::Int<kDv>, cute::Int<kKeys>>,
+                                    cute::Stride<cute::_1, cute::Int<kVStride>>>;
+  using SmemLayoutP = cute::Layout<cute::Shape<cute::Int<kRows>, cute::Int<kKeys>>,
+                                   cute::Stride<cute::Int<kPStride>, cute::_1>>;
+  // A operands (16 x 16 per k step): four 8x8 matrices; B operands (8 x 16 per
+  // warp and k step): two, K as stored, V transposed.
+  using CopyAtomA = cute::Copy_Atom<cute::SM75_U32x4_LDSM_N, Element>;
+  using CopyAtomK = cute::Copy_Atom<cute::SM75_U32x2_LDSM_N, Element>;
+  using CopyAtomVt = cute::Copy_Atom<cute::SM75_U16x4_LDSM_T, Element>;
 };
 
 // Where the workspace puts split `split`'s partial row (b, i, h): o_part is
