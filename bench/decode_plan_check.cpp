@@ -1,6 +1,5 @@
-// Host check of csrc/cuda/decode_plan.h: decode_attn's shared-memory carve-up
-// (decode_attn_smem_layout, which the kernel uses), decode_select's (mirrored
-// here from decode_select.cuh, keep in sync) and
+// Host check of csrc/cuda/decode_plan.h: the shared-memory carve-ups the decode
+// kernels use (decode_attn_smem_layout, select_score_smem_layout) and
 // index bounds the plan promises: smem end <= the planned size and 16-byte
 // alignment of every cp.async / float4 target; a row tile's tokens <= the plan's
 // bound (and < 32: the selected branch's membership bitmask); the score CTA's
@@ -83,11 +82,17 @@ int main() {
           ++checks;
         }
         for (int dk : {64, 128, 192}) {
-          const int64_t rows = max_rows;
-          int64_t sK = 0, sQ = sK + rows * (dk + 8) * 2, sP = sQ + kSelectHeadsPerPass * dk * 4;
-          int64_t sPsum = sP + kSelectHeadsPerPass * rows * 4, sLse = sPsum + rows * 4;
-          int64_t end = sLse + kSelectHeadsPerPass * 4;
-          CHECK(sQ % 16 == 0 && end <= select_score_smem(p, dk));
+          // decode_select_scores' carve-up (select_score_smem_layout): whole MMA passes
+          // of rows, 16-byte aligned cp.async / ldmatrix regions, room for every region.
+          const SelectScoreSmem m = select_score_smem_layout(p, dk);
+          const int64_t rows = select_cta_cmp_rows_padded(p);
+          CHECK(rows >= max_rows && rows % kDecodeKeys == 0 && rows - max_rows < kDecodeKeys);
+          CHECK(m.k % 16 == 0 && m.q % 16 == 0 && m.p % 16 == 0);
+          CHECK(m.q - m.k == rows * (dk + kDecodePad) * 2);
+          CHECK(m.p - m.q == int64_t(kSelectHeadsPerPass) * (dk + kDecodePad) * 2);
+          CHECK(m.p_stride >= rows && m.psum - m.p == int64_t(kSelectHeadsPerPass) * m.p_stride * 4);
+          CHECK(m.lse - m.psum >= rows * 4 && m.end - m.lse >= kSelectHeadsPerPass * 4);
+          CHECK(m.end <= select_score_smem(p, dk));
         }
       }
   // Score width: every candidate J of a valid token is < W.

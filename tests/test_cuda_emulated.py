@@ -422,6 +422,28 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     _vs_cpu(F, "win_decode", (o, lse), cpu.window_attn_decode, (q, k, v, lens, w, scale), dtype)
 
 
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+def test_decode_selection_many_rows_and_heads(F, emu, dims):
+    """The decode selection's score kernel past one MMA tile each way: G = 20 query
+    heads (a 16-head pass, then 4 with 12 zero rows) and score CTAs whose
+    compressed rows span three 32-row passes (16 blocks of l' = 40 cover 640
+    tokens: 81 compressed rows at d = 8, the third pass 17 of them); the
+    test_decode caches have at most 10 compressed rows."""
+    dk, dv, dtype = dims
+    Bsz, Hkv, G, S, cap, l, d, lp, n = 2, 1, 20, 2, 1200, 16, 8, 40, 8
+    lens = torch.tensor([cap, 700], dtype=torch.int32)
+    q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
+    k = F.rand(Bsz, cap, Hkv, dk, dtype=dtype)
+    v = F.rand(Bsz, cap, Hkv, dv, dtype=dtype)
+    kc = F.ref.mean_compress(k, l, d)
+    vc = F.ref.mean_compress(v, l, d)
+    scale = dk ** -0.5
+    _, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+    bi = emu.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    picks = [(b, i, int(lens[b]) - S + i) for b in range(Bsz) for i in range(S)]
+    F.check_selection_rows(q, kc, bi, picks, l, d, lp, n, 1, 1, scale)
+
+
 @pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
 @pytest.mark.parametrize("num_new", [1, 5, 40])
 def test_update_cmp_cache(F, emu, dtype, num_new):

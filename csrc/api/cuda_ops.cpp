@@ -126,9 +126,9 @@ at::Tensor workspace(int64_t numel) {
 void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);
   const int splits = nsa::cuda::decode_num_splits(p, num_sms());
-  const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
-  at::Tensor o_part = workspace(int64_t(splits) * rows * p.head_dim_v);
-  at::Tensor lse_part = workspace(int64_t(splits) * rows);
+  const int64_t rows = nsa::cuda::decode_partial_rows(p, splits);
+  at::Tensor o_part = workspace(rows * p.head_dim_v);
+  at::Tensor lse_part = workspace(rows);
   float* op_ = o_part.data_ptr<float>();
   float* lp_ = lse_part.data_ptr<float>();
   run_kernel(op, [&] {

@@ -33,6 +33,7 @@ void run_attn_decode(const AttnFwdParams& p, int num_splits, float* o_part, floa
   const dim3 grid{unsigned(kv_ctas), unsigned(row_tiles), unsigned(num_splits)};
   NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p, ws);
   check_launch("decode_attn");
+  if (num_splits == 1) return;  // decode_attn wrote o and lse
   NSA_LAUNCH(unsigned(rows), 128, 0, stream, decode_combine_kernel<kDv, Element>)(p, ws);
   check_launch("decode_combine");
 }

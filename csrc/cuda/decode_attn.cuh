@@ -11,7 +11,8 @@
 //               that token's set and key <= t
 // The chunks are split evenly over gridDim.z CTAs; each writes its rows' partial
 // result (normalised o in fp32 and lse, -inf when it saw no key) to the workspace
-// and decode_combine.cuh merges the splits. K/V chunks are double-buffered: the
+// and decode_combine.cuh merges the splits (with one split the CTA writes the
+// final o and lse, and no combine runs). K/V chunks are double-buffered: the
 // next chunk's cp.async copies run under this chunk's math.
 // Math on tensor cores (mma.sync, fp32 accumulation): S = Q K^T with the warps
 // splitting the chunk's keys, the scores through smem to an exact per-row online
@@ -358,6 +359,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (lane == 0) sSum[r] = row_sum[m], sMax[r] = row_max[m];
   }
   __syncthreads();
+  // One split: this CTA saw all of its rows' keys, so it writes the final o (in
+  // the input dtype) and lse, as decode_combine would have (a single split's
+  // weight is exactly 1), and no combine runs.
+  const bool final_out = ws.num_splits == 1;
 #pragma unroll
   for (int mi = 0; mi < size<0>(acc_o_rc); ++mi) {
     const int r = get<0>(cO_rc(mi, 0));
@@ -365,17 +370,28 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const float sum = sSum[r];
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
-    float* out = ws.o_part + decode_part_row(p, split, b, i, h) * kDv;
+    if (final_out) {
+      Element* out = static_cast<Element*>(p.o) + b * p.o_batch_stride + i * p.o_row_stride +
+                     h * p.o_head_stride;
 #pragma unroll
-    for (int ni = 0; ni < size<1>(acc_o_rc); ++ni) out[get<1>(cO_rc(mi, ni))] = acc_o_rc(mi, ni) * inv;
+      for (int ni = 0; ni < size<1>(acc_o_rc); ++ni)
+        out[get<1>(cO_rc(mi, ni))] = Element(acc_o_rc(mi, ni) * inv);
+    } else {
+      float* out = ws.o_part + decode_part_row(p, split, b, i, h) * kDv;
+#pragma unroll
+      for (int ni = 0; ni < size<1>(acc_o_rc); ++ni) out[get<1>(cO_rc(mi, ni))] = acc_o_rc(mi, ni) * inv;
+    }
   }
   if (tid < rows_here) {
     const int r = tid;
     const float sum = sSum[r];
     const int64_t row = r0 + r, i = row / G, h = kvh * G + row % G;
     // lse = ln(sum * 2^max) = (max + log2(sum)) * ln 2
-    ws.lse_part[decode_part_row(p, split, b, i, h)] =
-        sum > 0.f ? (sMax[r] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    const float lse = sum > 0.f ? (sMax[r] + log2f(sum)) * 0.6931471805599453f : -INFINITY;
+    if (final_out)
+      static_cast<float*>(p.lse)[b * p.lse_batch_stride + h * p.lse_head_stride + i] = lse;
+    else
+      ws.lse_part[decode_part_row(p, split, b, i, h)] = lse;
   }
 }
 

@@ -70,6 +70,13 @@ inline int decode_num_splits(const AttnFwdParams& p, int num_sms) {
   return int(std::clamp<int64_t>(std::min(want, chunks), 1, kDecodeMaxSplits));
 }
 
+// Rows of the split workspace (o_part, lse_part) that decode_attn writes and
+// decode_combine merges: none with one split, where decode_attn writes the final
+// o and lse itself and no combine runs.
+inline int64_t decode_partial_rows(const AttnFwdParams& p, int num_splits) {
+  return num_splits > 1 ? int64_t(num_splits) * p.num_seqs * p.seqlen * p.num_heads_q : 0;
+}
+
 // Row padding of decode_attn's smem tiles, in elements: 16 bytes of 16-bit
 // elements, so that ldmatrix's eight 16-byte rows (and a warp's 8-byte score
 // stores) fall in different banks.
@@ -132,12 +139,39 @@ NSA_HOST_DEVICE int64_t select_cta_cmp_rows(const SelectParams& p) {
   return (int64_t(kSelectBlocksPerCta) * p.slc_block_size + p.cmp_block_size) / p.cmp_stride + 3;
 }
 
+// Rows the score CTA's smem holds: select_cta_cmp_rows rounded up to whole MMA
+// passes of kDecodeKeys rows (the rows past the range are zero-filled).
+NSA_HOST_DEVICE int64_t select_cta_cmp_rows_padded(const SelectParams& p) {
+  return ceil_div64(select_cta_cmp_rows(p), kDecodeKeys) * kDecodeKeys;
+}
+
+// decode_select_scores' shared memory, byte offsets from the base: the one carve-up
+// of the kernel, the host's size and bench/decode_plan_check.cpp.
+struct SelectScoreSmem {
+  int64_t k;     // 16-bit [rows_padded][dk + pad]: the compressed rows
+  int64_t q;     // 16-bit [kSelectHeadsPerPass][dk + pad]: one pass's heads of a token
+  int64_t p;     // fp32 [kSelectHeadsPerPass][p_stride]: p(head, row)
+  int64_t p_stride;  // rows_padded + pad: a quad's 8-byte stores of 4 heads hit 4 bank groups
+  int64_t psum;  // fp32 [rows_padded]: p summed over the group's heads
+  int64_t lse;   // fp32 [kSelectHeadsPerPass]
+  int64_t end;
+};
+
+NSA_HOST_DEVICE SelectScoreSmem select_score_smem_layout(const SelectParams& p, int dk) {
+  const int64_t rows = select_cta_cmp_rows_padded(p);
+  SelectScoreSmem m;
+  m.k = 0;
+  m.q = m.k + rows * (dk + kDecodePad) * 2;
+  m.p = m.q + int64_t(kSelectHeadsPerPass) * (dk + kDecodePad) * 2;
+  m.p_stride = rows + kDecodePad;
+  m.psum = m.p + int64_t(kSelectHeadsPerPass) * m.p_stride * 4;
+  m.lse = m.psum + rows * 4;
+  m.end = m.lse + int64_t(kSelectHeadsPerPass) * 4;
+  return m;
+}
+
 inline int64_t select_score_smem(const SelectParams& p, int dk) {
-  const int64_t rows = select_cta_cmp_rows(p);
-  const int64_t bytes = rows * (dk + 8) * 2 + int64_t(kSelectHeadsPerPass) * dk * 4 +
-                        int64_t(kSelectHeadsPerPass) * rows * 4 + rows * 4 +
-                        kSelectHeadsPerPass * 4;
-  return (bytes + 15) / 16 * 16;
+  return (select_score_smem_layout(p, dk).end + 15) / 16 * 16;
 }
 
 }  // namespace nsa::cuda

@@ -4,7 +4,9 @@
 //      KV head, batch entry). It loads the compressed rows overlapping its blocks
 //      once, and for each new token computes p(h, i) = exp(scale * q_h.k_i - lse_h)
 //      for the group's heads h (heads with lse = -inf skipped) and the visible
-//      rows i < nc(t) (clamped to the k_cmp rows), sums over the heads, and writes
+//      rows i < nc(t) (clamped to the k_cmp rows), the dot products on tensor cores
+//      (16 heads x 32 rows per MMA tile, decode_traits.cuh), sums over the heads
+//      in a fixed order, and writes
 //      score[j] = sum_i w(i, j) * p(i) for j <= J = t // l' into the workspace
 //      [B, Hkv, S, W] (W = select_score_width). Entries j > J are not written.
 //   2. decode_select_topn: one warp per (b, kv head, token): forced blocks first,
@@ -17,21 +19,9 @@
 
 #include "cuda/common.cuh"
 #include "cuda/decode_plan.h"
+#include "cuda/decode_traits.cuh"
 
 namespace nsa::cuda {
-
-// q[0..8) . k[0..8): q fp32 in smem (16-byte aligned), k eight 16-bit elements
-// (16-byte aligned) converted in registers.
-template <class Element>
-__device__ __forceinline__ float dot8(const float* q, const Element* k) {
-  const cutlass::Array<Element, 8> kv = *reinterpret_cast<const cutlass::Array<Element, 8>*>(k);
-  const cutlass::NumericArrayConverter<float, Element, 8> cvt;
-  const cutlass::Array<float, 8> kf = cvt(kv);
-  const float4 qa = *reinterpret_cast<const float4*>(q);
-  const float4 qb = *reinterpret_cast<const float4*>(q + 4);
-  return qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] +
-         qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
-}
 
 __device__ __forceinline__ int64_t select_decode_len(const SelectParams& p, int64_t b) {
   int64_t len = p.seqlens_k[b];
@@ -43,9 +33,13 @@ __device__ __forceinline__ int64_t select_decode_len(const SelectParams& p, int6
 template <int kDk, class Element>
 __global__ void __launch_bounds__(kSelectThreads)
     decode_select_scores_kernel(const SelectParams p, float* scores, int64_t width) {
+  using namespace cute;
+  using Qk = DecodeQkTraits<kDk, Element>;
+  static_assert(Qk::kThreads == kSelectThreads && Qk::kRows == kSelectHeadsPerPass);
   constexpr int kThreads = kSelectThreads;
-  constexpr int kKS = kDk + kDecodePad;  // padded rows, as in decode_attn
+  constexpr int kKS = Qk::kKStride, kQS = Qk::kQStride;
   constexpr int kHeads = kSelectHeadsPerPass;
+  constexpr int kPass = Qk::kKeys;  // compressed rows per MMA pass
   const int tid = threadIdx.x;
   const int64_t kvh = blockIdx.y, b = blockIdx.z;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
@@ -66,25 +60,43 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int64_t i_lo = lo > 0 ? lo / d : 0;
   const int64_t i_hi = min((j1 * lp) / d, nc_last - 1);
   const int num_rows = i_hi >= i_lo ? int(i_hi - i_lo + 1) : 0;  // <= select_cta_cmp_rows
+  const int passes = (num_rows + kPass - 1) / kPass;
 
   extern __shared__ __align__(16) char smem[];
-  const int64_t max_rows = select_cta_cmp_rows(p);
-  Element* sK = reinterpret_cast<Element*>(smem);                    // [max_rows][kKS]
-  float* sQ = reinterpret_cast<float*>(sK + max_rows * kKS);          // [kHeads][kDk]
-  float* sP = sQ + kHeads * kDk;                                      // [kHeads][max_rows]
-  float* sPsum = sP + kHeads * max_rows;                              // [max_rows]
-  float* sLse = sPsum + max_rows;                                     // [kHeads]
+  const SelectScoreSmem at = select_score_smem_layout(p, kDk);
+  const int64_t kPS = at.p_stride;
+  Element* sK = reinterpret_cast<Element*>(smem + at.k);  // [passes * kPass][kKS], zero past num_rows
+  Element* sQ = reinterpret_cast<Element*>(smem + at.q);  // [kHeads][kQS], zero past the pass's heads
+  float* sP = reinterpret_cast<float*>(smem + at.p);      // [kHeads][kPS]
+  float* sPsum = reinterpret_cast<float*>(smem + at.psum);
+  float* sLse = reinterpret_cast<float*>(smem + at.lse);
 
   const Element* k = static_cast<const Element*>(p.k_cmp) + b * p.k_batch_stride +
                      kvh * p.k_head_stride;
   constexpr int kChunks = kDk / 8;
-  for (int e = tid; e < num_rows * kChunks; e += kThreads) {
+  for (int e = tid; e < passes * kPass * kChunks; e += kThreads) {
     const int r = e / kChunks, c8 = e % kChunks;
-    cp_async_16(sK + r * kKS + c8 * 8, k + (i_lo + r) * p.k_row_stride + c8 * 8, true);
+    const bool pred = r < num_rows;
+    cp_async_16(sK + r * kKS + c8 * 8, pred ? k + (i_lo + r) * p.k_row_stride + c8 * 8 : k, pred);
   }
   cute::cp_async_fence();
-  cute::cp_async_wait<0>();
-  __syncthreads();
+
+  // p(g, r) on tensor cores: the pass's heads are the 16 rows of the MMA tile, each
+  // pass of kPass compressed rows one S tile (the warps split the rows).
+  Tensor tQ = make_tensor(make_smem_ptr(sQ), typename Qk::SmemLayoutQ{});
+  Tensor tK = make_tensor(make_smem_ptr(sK), typename Qk::SmemLayoutK{});
+  typename Qk::TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  Tensor rQ = thr_mma.partition_fragment_A(tQ);
+  Tensor rK = thr_mma.partition_fragment_B(tK);
+  auto copy_a = make_tiled_copy_A(typename Qk::CopyAtomA{}, mma);
+  auto thr_copy_a = copy_a.get_thread_slice(tid);
+  auto copy_k = make_tiled_copy_B(typename Qk::CopyAtomK{}, mma);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  Tensor sQ_a = thr_copy_a.partition_S(tQ);
+  Tensor sK_b = thr_copy_k.partition_S(tK);
+  Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kHeads>, Int<kPass>>{}));
+  Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
 
   const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
   const float* lse = static_cast<const float*>(p.lse_cmp) + b * p.lse_batch_stride;
@@ -101,33 +113,42 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int heads = int(min(int64_t(kHeads), G - g0));
       __syncthreads();  // sQ, sP, sLse of the previous pass are consumed
-      for (int e = tid; e < heads * kDk; e += kThreads) {
-        const int g = e / kDk, c = e % kDk;
+      for (int e = tid; e < kHeads * kChunks; e += kThreads) {
+        const int g = e / kChunks, c8 = e % kChunks;
         const int64_t h = kvh * G + g0 + g;
-        sQ[e] = float(q[i * p.q_row_stride + h * p.q_head_stride + c]);
+        const bool pred = g < heads;
+        cp_async_16(sQ + g * kQS + c8 * 8,
+                    pred ? q + i * p.q_row_stride + h * p.q_head_stride + c8 * 8 : q, pred);
       }
-      if (tid < heads) sLse[tid] = lse[(kvh * G + g0 + tid) * p.lse_head_stride + i];
+      cute::cp_async_fence();
+      if (tid < kHeads)
+        sLse[tid] = tid < heads ? lse[(kvh * G + g0 + tid) * p.lse_head_stride + i] : -INFINITY;
+      cute::cp_async_wait<0>();  // this pass's q (and, the first time, the K rows)
       __syncthreads();
-      // p(g, r): lane-consecutive r read different padded K rows (conflict free).
-      for (int e = tid; e < heads * num_rows; e += kThreads) {
-        const int g = e / num_rows, r = e % num_rows;
-        const float lse_h = sLse[g];
-        float prob = 0.f;
-        if (lse_h != -INFINITY && i_lo + r < nc) {
-          const float* qr = sQ + g * kDk;
-          const Element* kr = sK + r * kKS;
-          float dot = 0.f;
-#pragma unroll 4
-          for (int c8 = 0; c8 < kDk; c8 += 8) dot += dot8(qr + c8, kr + c8);
-          prob = __expf(scale * dot - lse_h);
+      for (int pass = 0; pass < passes; ++pass) {
+        Tensor acc_s = partition_fragment_C(mma, Shape<Int<kHeads>, Int<kPass>>{});
+        clear(acc_s);
+        gemm_ss(acc_s, rQ, rK, sQ_a, shifted(sK_b, pass * kPass * kKS), mma, copy_a, copy_k,
+                thr_copy_a, thr_copy_k);
+        Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+#pragma unroll
+        for (int mi = 0; mi < size<0>(s_rc); ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < size<1>(s_rc); ++ni) {
+            const int g = get<0>(cS_rc(mi, ni)), r = pass * kPass + get<1>(cS_rc(mi, ni));
+            const float lse_h = sLse[g];  // -inf: a head past the pass, or one that saw nothing
+            float prob = 0.f;
+            if (lse_h != -INFINITY && r < num_rows && i_lo + r < nc)
+              prob = __expf(scale * s_rc(mi, ni) - lse_h);
+            sP[g * kPS + r] = prob;
+          }
         }
-        sP[g * max_rows + r] = prob;
       }
       __syncthreads();
       // Sum over the pass's heads in a fixed order (the owner of row r only).
       for (int r = tid; r < num_rows; r += kThreads) {
         float s = sPsum[r];
-        for (int g = 0; g < heads; ++g) s += sP[g * max_rows + r];
+        for (int g = 0; g < heads; ++g) s += sP[g * kPS + r];
         sPsum[r] = s;
       }
     }
@@ -147,6 +168,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     __syncthreads();  // sPsum is reset for the next token
   }
+  cute::cp_async_wait<0>();  // the K rows' copies when no token needed them
 }
 
 // One warp per (b, kv head, token): blockIdx.x = (b * Hkv + kvh) * S + i, 32 threads.

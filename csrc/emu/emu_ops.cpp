@@ -103,9 +103,9 @@ struct EmuBackend {
   static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
     run_kernel("attn_decode", [&] {
       const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::num_sms());
-      const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
-      at::Tensor o_part = workspace(int64_t(splits) * rows * p.head_dim_v);
-      at::Tensor lse_part = workspace(int64_t(splits) * rows);
+      const int64_t rows = nsa::cuda::decode_partial_rows(p, splits);
+      at::Tensor o_part = workspace(rows * p.head_dim_v);
+      at::Tensor lse_part = workspace(rows);
       poison(o_part), poison(lse_part);
       with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
         nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, o_part.data_ptr<float>(),
