@@ -392,7 +392,8 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     one shorter than a compressed block (no compressed keys: lse = -inf, o = 0).
     With the H100's SM count every split gets about one 32-key chunk; with the
     split count fixed (NSA_DECODE_SPLITS=1 or 2) a split walks several chunks,
-    through the double-buffered chunk pipeline."""
+    through the double-buffered chunk pipeline. One split (fixed, or chosen by the
+    heuristic for a short branch) writes o and lse itself, with no combine."""
     if splits is not None:
         monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     cpu = _cpu_ops()

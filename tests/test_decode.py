@@ -364,7 +364,8 @@ def test_cuda_decode_matches_prefill(cfg, dtype, S, splits, monkeypatch):
     the reference over its whole sequence, fp64 (ref) and the input dtype on the GPU
     (ref_lp), all with the block_indices the CUDA selection chose. At these sizes the
     split heuristic gives each split about one KV chunk; one split
-    (NSA_DECODE_SPLITS=1) walks a tile's chunks through the double-buffered path."""
+    (NSA_DECODE_SPLITS=1) walks a tile's chunks through the double-buffered path and
+    writes o and lse without the combine kernel."""
     if splits is not None:
         monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     dev = "cuda"
