@@ -2,8 +2,10 @@
 the forward and backward of each branch and of mean compression (batch and varlen,
 each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
 the three branches, selection and update_cmp_cache, with lengths that leave rows
-before position 0, a full cache and an empty entry."""
+before position 0, a full cache and an empty entry; a selection long enough for
+several MMA passes in the score kernel; a one-split decode (no combine)."""
 import itertools
+import os
 
 import torch
 
@@ -92,6 +94,32 @@ def run_decode(dk, dv, G, dtype, S):
     OPS.window_attn_decode(q, k, v, lens, w, scale)
 
 
+def run_long_decode_selection(dk, dv, dtype):
+    """The decode selection's score kernel past one MMA tile each way (G = 20 heads:
+    a 16-head pass and a 4-head one; score CTAs with up to 81 compressed rows: three
+    32-row passes), then the decode attention with one split, which writes o and lse
+    itself (no combine)."""
+    dev = "cuda"
+    B, Hkv, G, S, cap = 2, 1, 20, 2, 1200
+    l, d, lp, n, w = 16, 8, 40, 8, 64
+    lens = torch.tensor([cap, 700], dtype=torch.int32, device=dev)
+    q = torch.randn(B, S, Hkv * G, dk, device=dev).to(dtype)
+    k = torch.randn(B, cap, Hkv, dk, device=dev).to(dtype)
+    v = torch.randn(B, cap, Hkv, dv, device=dev).to(dtype)
+    kc = OPS.mean_compress(k, None, l, d)
+    vc = OPS.mean_compress(v, None, l, d)
+    scale = dk ** -0.5
+    _, lse = OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+    bi = OPS.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    os.environ["NSA_DECODE_SPLITS"] = "1"
+    try:
+        OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+        OPS.selected_attn_decode(q, k, v, bi, lens, lp, scale)
+        OPS.window_attn_decode(q, k, v, lens, w, scale)
+    finally:
+        del os.environ["NSA_DECODE_SPLITS"]
+
+
 def main():
     for dk, dv in [(64, 64), (128, 128), (192, 128)]:
         for G in (1, 5):
@@ -102,6 +130,7 @@ def main():
                     run_decode(dk, dv, G, torch.bfloat16 if S == 1 else torch.float16, S)
                 if (dk, dv) == (192, 128) and G == 1:
                     run_long_selection(dk, dv, torch.bfloat16)
+                    run_long_decode_selection(dk, dv, torch.bfloat16)
             except RuntimeError as e:
                 if "compiled without" in str(e):
                     print(f"skip ({dk},{dv}): {e}")
