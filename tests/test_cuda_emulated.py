@@ -383,6 +383,16 @@ def _vs_cpu(F, name, got, op, args, dtype):
         F.assert_close(x, a, b, f"{name}[{i}]")
 
 
+def _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d):
+    """q [Bsz, S, Hkv*G, dk], token caches k, v of `cap` rows and their mean-compressed
+    caches kc, vc, random in the instance's dtype."""
+    dk, dv, dtype = dims
+    q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
+    k = F.rand(Bsz, cap, Hkv, dk, dtype=dtype)
+    v = F.rand(Bsz, cap, Hkv, dv, dtype=dtype)
+    return q, k, v, F.ref.mean_compress(k, l, d), F.ref.mean_compress(v, l, d)
+
+
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("S,G,splits", [(1, 1, None), (1, 16, None), (3, 4, None), (8, 2, None),
                                         (1, 16, 1), (3, 4, 1), (8, 2, 2)])
@@ -400,11 +410,7 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     dk, dv, dtype = dims
     Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
     lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
-    q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
-    k = F.rand(Bsz, cap, Hkv, dk, dtype=dtype)
-    v = F.rand(Bsz, cap, Hkv, dv, dtype=dtype)
-    kc = F.ref.mean_compress(k, l, d)
-    vc = F.ref.mean_compress(v, l, d)
+    q, k, v, kc, vc = _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d)
     scale = dk ** -0.5
 
     o, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
@@ -433,11 +439,7 @@ def test_decode_selection_many_rows_and_heads(F, emu, dims):
     dk, dv, dtype = dims
     Bsz, Hkv, G, S, cap, l, d, lp, n = 2, 1, 20, 2, 1200, 16, 8, 40, 8
     lens = torch.tensor([cap, 700], dtype=torch.int32)
-    q = F.rand(Bsz, S, Hkv * G, dk, dtype=dtype)
-    k = F.rand(Bsz, cap, Hkv, dk, dtype=dtype)
-    v = F.rand(Bsz, cap, Hkv, dv, dtype=dtype)
-    kc = F.ref.mean_compress(k, l, d)
-    vc = F.ref.mean_compress(v, l, d)
+    q, k, v, kc, vc = _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d)
     scale = dk ** -0.5
     _, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
     bi = emu.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)

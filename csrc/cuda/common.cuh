@@ -156,6 +156,28 @@ __device__ __forceinline__ void gemm_ss(Acc& acc, RA& rA, RB& rB, const SA& sA, 
   }
 }
 
+// acc += A B^T with both operands in smem, for one thread of a TiledMma: the
+// ldmatrix partitions of sA (M x K) and sB (N x K) and their register fragments,
+// made once. The returned callable runs gemm_ss(acc) with sB moved by b_offset
+// elements (another pipeline stage, or another pass over the rows of a taller B).
+template <class TiledMma, class CopyAtomA, class CopyAtomB, class SA, class SB>
+__device__ __forceinline__ auto make_smem_gemm(const SA& sA, const SB& sB, int tid) {
+  using namespace cute;
+  TiledMma mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  auto rA = thr_mma.partition_fragment_A(sA);
+  auto rB = thr_mma.partition_fragment_B(sB);
+  auto copy_a = make_tiled_copy_A(CopyAtomA{}, mma);
+  auto thr_a = copy_a.get_thread_slice(tid);
+  auto copy_b = make_tiled_copy_B(CopyAtomB{}, mma);
+  auto thr_b = copy_b.get_thread_slice(tid);
+  auto pA = thr_a.partition_S(sA);
+  auto pB = thr_b.partition_S(sB);
+  return [=](auto& acc, int b_offset) mutable {
+    gemm_ss(acc, rA, rB, pA, shifted(pB, b_offset), mma, copy_a, copy_b, thr_a, thr_b);
+  };
+}
+
 // acc += A(registers) * B(smem). kPrefetch: ldmatrix the next k slice of B while
 // the current one multiplies (two slices live); off for a wide B (N = Dk = 192 in
 // the backward) where a second slice costs 48 more registers.

@@ -196,27 +196,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride;
 
-  // Tensor-core views: stage 0 of K and V^T; `shifted` moves them to stage 1.
+  // Tensor-core GEMMs on the smem tiles, stage 0 of K and V^T (the offset of a
+  // call moves them to stage 1): S = Q K^T and O += P V.
+  using Mma = typename Traits::TiledMma;
   Tensor tQ = make_tensor(make_smem_ptr(sQ), typename Traits::SmemLayoutQ{});
   Tensor tK = make_tensor(make_smem_ptr(sK), typename Traits::SmemLayoutK{});
   Tensor tVt = make_tensor(make_smem_ptr(sV), typename Traits::SmemLayoutVt{});
   Tensor tP = make_tensor(make_smem_ptr(sP), typename Traits::SmemLayoutP{});
-  typename Traits::TiledMma mma;
+  auto gemm_qk = make_smem_gemm<Mma, typename Traits::CopyAtomA, typename Traits::CopyAtomK>(tQ, tK, tid);
+  auto gemm_pv = make_smem_gemm<Mma, typename Traits::CopyAtomA, typename Traits::CopyAtomVt>(tP, tVt, tid);
+  Mma mma;
   auto thr_mma = mma.get_thread_slice(tid);
-  Tensor rQ = thr_mma.partition_fragment_A(tQ);
-  Tensor rK = thr_mma.partition_fragment_B(tK);
-  Tensor rP = thr_mma.partition_fragment_A(tP);
-  Tensor rVt = thr_mma.partition_fragment_B(tVt);
-  auto copy_a = make_tiled_copy_A(typename Traits::CopyAtomA{}, mma);
-  auto thr_copy_a = copy_a.get_thread_slice(tid);
-  auto copy_k = make_tiled_copy_B(typename Traits::CopyAtomK{}, mma);
-  auto thr_copy_k = copy_k.get_thread_slice(tid);
-  auto copy_v = make_tiled_copy_B(typename Traits::CopyAtomVt{}, mma);
-  auto thr_copy_v = copy_v.get_thread_slice(tid);
-  Tensor sQ_a = thr_copy_a.partition_S(tQ);
-  Tensor sP_a = thr_copy_a.partition_S(tP);
-  Tensor sK_b = thr_copy_k.partition_S(tK);
-  Tensor sVt_b = thr_copy_v.partition_S(tVt);
 
   Tensor acc_o = partition_fragment_C(mma, Shape<Int<kRows>, Int<kDv>>{});
   clear(acc_o);
@@ -297,8 +287,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     // S = Q K^T (this warp: 8 of the chunk's keys), masked and scaled into sS.
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kRows>, Int<kKeys>>{});
     clear(acc_s);
-    gemm_ss(acc_s, rQ, rK, sQ_a, shifted(sK_b, stage * kKeys * kKS), mma, copy_a, copy_k,
-            thr_copy_a, thr_copy_k);
+    gemm_qk(acc_s, stage * kKeys * kKS);
     Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
 #pragma unroll
     for (int mi = 0; mi < size<0>(s_rc); ++mi) {
@@ -344,8 +333,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #pragma unroll
       for (int ni = 0; ni < size<1>(acc_o_rc); ++ni) acc_o_rc(mi, ni) *= rescale;
     }
-    gemm_ss(acc_o, rP, rVt, sP_a, shifted(sVt_b, stage * kKeys * kVS), mma, copy_a, copy_v,
-            thr_copy_a, thr_copy_v);
+    gemm_pv(acc_o, stage * kKeys * kVS);
   }
   cute::cp_async_wait<0>();  // Q's copies when the CTA had no chunk
   __syncthreads();  // the last chunk's readers of sS are done (the epilogue reuses it)

@@ -83,18 +83,12 @@ __global__ void __launch_bounds__(kSelectThreads)
 
   // p(g, r) on tensor cores: the pass's heads are the 16 rows of the MMA tile, each
   // pass of kPass compressed rows one S tile (the warps split the rows).
+  using Mma = typename Qk::TiledMma;
   Tensor tQ = make_tensor(make_smem_ptr(sQ), typename Qk::SmemLayoutQ{});
   Tensor tK = make_tensor(make_smem_ptr(sK), typename Qk::SmemLayoutK{});
-  typename Qk::TiledMma mma;
+  auto gemm_qk = make_smem_gemm<Mma, typename Qk::CopyAtomA, typename Qk::CopyAtomK>(tQ, tK, tid);
+  Mma mma;
   auto thr_mma = mma.get_thread_slice(tid);
-  Tensor rQ = thr_mma.partition_fragment_A(tQ);
-  Tensor rK = thr_mma.partition_fragment_B(tK);
-  auto copy_a = make_tiled_copy_A(typename Qk::CopyAtomA{}, mma);
-  auto thr_copy_a = copy_a.get_thread_slice(tid);
-  auto copy_k = make_tiled_copy_B(typename Qk::CopyAtomK{}, mma);
-  auto thr_copy_k = copy_k.get_thread_slice(tid);
-  Tensor sQ_a = thr_copy_a.partition_S(tQ);
-  Tensor sK_b = thr_copy_k.partition_S(tK);
   Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kHeads>, Int<kPass>>{}));
   Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
 
@@ -128,8 +122,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       for (int pass = 0; pass < passes; ++pass) {
         Tensor acc_s = partition_fragment_C(mma, Shape<Int<kHeads>, Int<kPass>>{});
         clear(acc_s);
-        gemm_ss(acc_s, rQ, rK, sQ_a, shifted(sK_b, pass * kPass * kKS), mma, copy_a, copy_k,
-                thr_copy_a, thr_copy_k);
+        gemm_qk(acc_s, pass * kPass * kKS);
         Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
 #pragma unroll
         for (int mi = 0; mi < size<0>(s_rc); ++mi) {
