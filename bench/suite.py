@@ -218,7 +218,7 @@ class Runner:
             os.replace(tmp, self.json_path)
 
     def add(self, base: dict, op: str, pass_: str, fn=None, setup=None, nsets=1,
-            flops=None, note=None, error=None, skipped=False) -> dict:
+            flops=None, note=None, error=None, skipped=False, bytes_read=None) -> dict:
         row = dict(op=op, pass_=pass_, ms=None, tflops=None, peak_mem_mb=None, error=error,
                    **base)
         row["pass"] = row.pop("pass_")
@@ -238,6 +238,9 @@ class Runner:
                     if flops:
                         row["flops"] = flops
                         row["tflops"] = flops / (ms * 1e-3) / 1e12
+                    if bytes_read:  # memory-bound rows: the bytes they must read, GB/s
+                        row["bytes"] = int(bytes_read)
+                        row["gbps"] = bytes_read / (ms * 1e-3) / 1e9
                     if cuda:
                         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
                 except torch.cuda.OutOfMemoryError as e:
@@ -259,6 +262,7 @@ class Runner:
               f"{('%.3g TF/s' % tf) if tf is not None else '':>11s} "
               f"{('%.0f MB' % row['peak_mem_mb']) if row['peak_mem_mb'] is not None else '':>9s}"
               f"{'  B=%d' % row['B'] if row['pass'] == 'decode' else ''}"
+              f"{'  %.3g GB/s' % row['gbps'] if row.get('gbps') else ''}"
               f"{('  ' + row['error'][:110]) if row['error'] else ''}", flush=True)
         self.rows.append(row)
         self.flush()
@@ -630,12 +634,16 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
     one, is written), then NSA decodes; against dense decoding with torch SDPA over the
     same cache (GQA, all T keys). Rows: nsa_cuda.decode (eager, with a host-side length
     bound: no device sync), nsa_cuda.decode.graph (the same call replayed from a CUDA graph,
-    CUDA only), sdpa.decode. Caches that do not fit in free memory skip their rows."""
+    CUDA only), nsa_cuda.decode.kernel.{compressed,selection,selected,window} (each decode
+    kernel alone), sdpa.decode; with the bytes each must read from the caches and the GB/s
+    that makes. Caches that do not fit in free memory skip their rows."""
     base = dict(shape=s.name, T=T, B=B, S=1, Hq=s.Hq, Hkv=s.Hkv, Dk=s.Dk, Dv=s.Dv,
                 dtype=str(dtype).replace("torch.", ""), device=device,
                 nsa=dict(l=cfg.l, d=cfg.d, lp=cfg.lp, n=cfg.n, w=cfg.w))
     cuda = device == "cuda"
-    ops = ["nsa_cuda.decode"] + (["nsa_cuda.decode.graph"] if cuda else []) + ["sdpa.decode"]
+    kernel_names = ("compressed", "selection", "selected", "window")
+    ops = ["nsa_cuda.decode"] + (["nsa_cuda.decode.graph"] if cuda else []) + \
+        [f"nsa_cuda.decode.kernel.{k}" for k in kernel_names] + ["sdpa.decode"]
     print(f"== decode {s.name} B={B} T={T} {base['dtype']} on {device}", flush=True)
     elt = torch.tensor([], dtype=dtype).element_size()
     rows_cmp = nsa_cuda.cmp_cache_rows(T, cfg.l, cfg.d)
@@ -676,8 +684,14 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
             x["q"], x["k"], x["v"], x["kc"], x["vc"], x["lens"], x["k_new"], x["v_new"],
             g_cmp=x["g"], g_slc=x["g"], g_win=x["g"], max_cache_seqlen=T - 1, **kw)
 
+    # Bytes each decode kernel must read from the caches at t = T - 1 (K and V rows
+    # of every KV head): the floor of a memory-bound step, for the GB/s columns.
+    kv_row = B * s.Hkv * (s.Dk + s.Dv) * elt
+    need = dict(compressed=rows_cmp * kv_row, selection=B * s.Hkv * rows_cmp * s.Dk * elt,
+                selected=min(cfg.n * cfg.lp, T) * kv_row, window=min(cfg.w, T) * kv_row)
     note = f"decode step, S=1, {nsets} cache set(s) rotated"
     run.add(base, "nsa_cuda.decode", "decode", nsa_step, nsets=nsets,
+            bytes_read=sum(need.values()),
             note=note + "; eager, host-side length bound (no device sync)")
     if cuda:
         try:
@@ -698,6 +712,33 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
         finally:
             graph = None
 
+    # Each decode kernel alone (torch.ops.nsa_cuda, no gates, no cache update) on the
+    # caches holding all T tokens: where a step's time goes.
+    nsa_ops = torch.ops.nsa_cuda
+    scale = s.Dk ** -0.5
+    full = torch.full((B,), T, dtype=torch.int32, device=device)
+    try:
+        for x in sets:
+            _, x["lse"] = nsa_ops.compressed_attn_decode(x["q"], x["kc"], x["vc"], full, cfg.l,
+                                                         cfg.d, scale)
+            x["bi"] = nsa_ops.select_blocks_decode(x["q"], x["kc"], x["lse"], full, cfg.l, cfg.d,
+                                                   cfg.lp, cfg.n, cfg.n_init, cfg.n_local, scale)
+        kernels = dict(zip(kernel_names, (
+            lambda x: nsa_ops.compressed_attn_decode(x["q"], x["kc"], x["vc"], full, cfg.l, cfg.d,
+                                                     scale),
+            lambda x: nsa_ops.select_blocks_decode(x["q"], x["kc"], x["lse"], full, cfg.l, cfg.d,
+                                                   cfg.lp, cfg.n, cfg.n_init, cfg.n_local, scale),
+            lambda x: nsa_ops.selected_attn_decode(x["q"], x["k"], x["v"], x["bi"], full, cfg.lp,
+                                                   scale),
+            lambda x: nsa_ops.window_attn_decode(x["q"], x["k"], x["v"], full, cfg.w, scale))))
+        for name, kernel in kernels.items():
+            run.add(base, f"nsa_cuda.decode.kernel.{name}", "decode",
+                    lambda i, kernel=kernel: kernel(sets[i]), nsets=nsets, bytes_read=need[name],
+                    note=note + f"; the {name} kernel(s) alone, all T tokens cached")
+    except Exception as e:  # noqa: BLE001  the inputs of the kernel rows failed: record it
+        for name in kernel_names:
+            run.add(base, f"nsa_cuda.decode.kernel.{name}", "decode", error="inputs: " + _err(e))
+
     F = torch.nn.functional
     tsets = [dict(q=x["q"].transpose(1, 2), k=x["k"].transpose(1, 2), v=x["v"].transpose(1, 2))
              for x in sets]
@@ -711,7 +752,7 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
                 return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], enable_gqa=True)
         return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], enable_gqa=True)
 
-    run.add(base, "sdpa.decode", "decode", sdpa_step, nsets=nsets,
+    run.add(base, "sdpa.decode", "decode", sdpa_step, nsets=nsets, bytes_read=T * kv_row,
             note=note + "; dense over all T cached keys, enable_gqa=True")
     del sets, tsets
     if cuda:

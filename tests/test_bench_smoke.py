@@ -14,6 +14,7 @@ BRANCHES = ("mean_compress", "compressed", "selection", "selected", "window", "c
 DIFFERENTIABLE = ("mean_compress", "compressed", "selected", "window", "combine")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 KEYS = ("op", "shape", "T", "pass", "ms", "tflops", "peak_mem_mb", "error")
+QUICK_W = 64  # the --quick configuration's window (bench/suite.py QUICK_NSA)
 
 
 def test_bench_suite_cpu_quick(tmp_path):
@@ -58,6 +59,25 @@ def test_bench_suite_cpu_quick(tmp_path):
             for p in ("bwd", "fwd+bwd"):
                 assert row(f"nsa_cuda.branch.{b}", T, p)["ms"] is not None
         assert "APPROXIMATION" in row("flex_attention.nsa_blockmask", T, "fwd")["note"]
+
+    # Decode rows (batches 1 and 2 in --quick): the step, each decode kernel alone and
+    # dense SDPA, timed, with the cache bytes each must read and the GB/s that makes.
+    dec = [r for r in rows if r["pass"] == "decode"]
+    assert sorted({r["B"] for r in dec}) == [1, 2]
+    for r0 in dec:
+        if r0["op"] != "sdpa.decode":
+            continue
+        for op in ("nsa_cuda.decode", "nsa_cuda.decode.kernel.compressed",
+                   "nsa_cuda.decode.kernel.selection", "nsa_cuda.decode.kernel.selected",
+                   "nsa_cuda.decode.kernel.window", "sdpa.decode"):
+            found = [r for r in dec if r["op"] == op and r["T"] == r0["T"] and r["B"] == r0["B"]]
+            assert len(found) == 1, (op, r0["T"], r0["B"])
+            r = found[0]
+            assert r["ms"] is not None and r["ms"] > 0 and r["bytes"] > 0 and r["gbps"] > 0, r
+    steps = [r for r in dec if r["op"] == "nsa_cuda.decode"]
+    assert all(r["bytes"] < r2["bytes"] for r in steps for r2 in dec
+               if r2["op"] == "sdpa.decode" and (r2["T"], r2["B"]) == (r["T"], r["B"])
+               and r["T"] > 2 * QUICK_W)  # NSA reads fewer bytes than dense past its window
 
     for name in ("speedup_fwd.png", "speedup_bwd.png", "branches.png"):
         path = plots / name
