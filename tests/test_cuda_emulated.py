@@ -395,7 +395,7 @@ def _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("S,G,splits", [(1, 1, None), (1, 16, None), (3, 4, None), (8, 2, None),
-                                        (1, 16, 1), (3, 4, 1), (8, 2, 2)])
+                                        (1, 16, 1), (3, 4, 1), (8, 2, 2), (3, 16, 1), (5, 5, None)])
 def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     """The decode kernels (split-KV attention + combine for the three branches,
     selection scores + top-n) on three batch entries at different cache lengths,
@@ -403,7 +403,9 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     With the H100's SM count every split gets about one 32-key chunk; with the
     split count fixed (NSA_DECODE_SPLITS=1 or 2) a split walks several chunks,
     through the double-buffered chunk pipeline. One split (fixed, or chosen by the
-    heuristic for a short branch) writes o and lse itself, with no combine."""
+    heuristic for a short branch) writes o and lse itself, with no combine. S * G > 16
+    takes several 16-row tiles: whole tokens (3 x 16) or a token cut by a tile
+    boundary (5 x 5: rows 15 and 16 are heads of token 3)."""
     if splits is not None:
         monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     cpu = _cpu_ops()
