@@ -3,7 +3,8 @@ the forward and backward of each branch and of mean compression (batch and varle
 each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
 the three branches, selection and update_cmp_cache, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
-several MMA passes in the score kernel; a one-split decode (no combine)."""
+several MMA passes in the score kernel; the fused compressed attention + selection
+(compressed_select_decode); a one-split decode (no combine)."""
 import itertools
 import os
 
@@ -87,6 +88,7 @@ def run_decode(dk, dv, G, dtype, S):
     scale = dk ** -0.5
     _, lse = OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
     bi = OPS.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    OPS.compressed_select_decode(q, kc, vc, lens, l, d, lp, n, 1, 1, scale)
     bi2 = bi.clone()
     bi2[..., 0] = 10 ** 6  # out-of-range slots must never be read
     bi2[..., -1] = bi2[..., 1]  # duplicates count once
@@ -111,6 +113,7 @@ def run_long_decode_selection(dk, dv, dtype):
     scale = dk ** -0.5
     _, lse = OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
     bi = OPS.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
+    OPS.compressed_select_decode(q, kc, vc, lens, l, d, lp, n, 1, 1, scale)
     os.environ["NSA_DECODE_SPLITS"] = "1"
     try:
         OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)

@@ -634,14 +634,15 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
     one, is written), then NSA decodes; against dense decoding with torch SDPA over the
     same cache (GQA, all T keys). Rows: nsa_cuda.decode (eager, with a host-side length
     bound: no device sync), nsa_cuda.decode.graph (the same call replayed from a CUDA graph,
-    CUDA only), nsa_cuda.decode.kernel.{compressed,selection,selected,window} (each decode
-    kernel alone), sdpa.decode; with the bytes each must read from the caches and the GB/s
-    that makes. Caches that do not fit in free memory skip their rows."""
+    CUDA only), nsa_cuda.decode.kernel.{compressed,selection,compressed_select,selected,
+    window} (each decode op alone; compressed_select is the fused pair the step runs),
+    sdpa.decode; with the bytes each must move and the GB/s that makes. Caches that do not
+    fit in free memory skip their rows."""
     base = dict(shape=s.name, T=T, B=B, S=1, Hq=s.Hq, Hkv=s.Hkv, Dk=s.Dk, Dv=s.Dv,
                 dtype=str(dtype).replace("torch.", ""), device=device,
                 nsa=dict(l=cfg.l, d=cfg.d, lp=cfg.lp, n=cfg.n, w=cfg.w))
     cuda = device == "cuda"
-    kernel_names = ("compressed", "selection", "selected", "window")
+    kernel_names = ("compressed", "selection", "compressed_select", "selected", "window")
     ops = ["nsa_cuda.decode"] + (["nsa_cuda.decode.graph"] if cuda else []) + \
         [f"nsa_cuda.decode.kernel.{k}" for k in kernel_names] + ["sdpa.decode"]
     print(f"== decode {s.name} B={B} T={T} {base['dtype']} on {device}", flush=True)
@@ -687,11 +688,15 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
     # Bytes each decode kernel must read from the caches at t = T - 1 (K and V rows
     # of every KV head): the floor of a memory-bound step, for the GB/s columns.
     kv_row = B * s.Hkv * (s.Dk + s.Dv) * elt
+    # compressed_select: the selection reads the fp32 scores the attention kept
+    # (written, then read: G rows per KV head) instead of k_cmp.
+    kept = 2 * B * s.Hq * rows_cmp * 4
     need = dict(compressed=rows_cmp * kv_row, selection=B * s.Hkv * rows_cmp * s.Dk * elt,
+                compressed_select=rows_cmp * kv_row + kept,
                 selected=min(cfg.n * cfg.lp, T) * kv_row, window=min(cfg.w, T) * kv_row)
     note = f"decode step, S=1, {nsets} cache set(s) rotated"
     run.add(base, "nsa_cuda.decode", "decode", nsa_step, nsets=nsets,
-            bytes_read=sum(need.values()),
+            bytes_read=sum(need[k] for k in ("compressed_select", "selected", "window")),
             note=note + "; eager, host-side length bound (no device sync)")
     if cuda:
         try:
@@ -728,6 +733,9 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
                                                      scale),
             lambda x: nsa_ops.select_blocks_decode(x["q"], x["kc"], x["lse"], full, cfg.l, cfg.d,
                                                    cfg.lp, cfg.n, cfg.n_init, cfg.n_local, scale),
+            lambda x: nsa_ops.compressed_select_decode(x["q"], x["kc"], x["vc"], full, cfg.l,
+                                                       cfg.d, cfg.lp, cfg.n, cfg.n_init,
+                                                       cfg.n_local, scale),
             lambda x: nsa_ops.selected_attn_decode(x["q"], x["k"], x["v"], x["bi"], full, cfg.lp,
                                                    scale),
             lambda x: nsa_ops.window_attn_decode(x["q"], x["k"], x["v"], full, cfg.w, scale))))

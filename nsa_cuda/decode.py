@@ -105,14 +105,15 @@ def decode_branches(q: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_wi
     aux = dict.fromkeys(("block_indices", "o_cmp", "o_slc", "o_win", "lse_cmp", "lse_slc",
                          "lse_win"))
     l, d = cmp_block_size, cmp_stride
-    if g_cmp is not None or (g_slc is not None and block_indices is None):
+    if g_slc is not None and block_indices is None:
+        # One op: on CUDA the selection reuses the compressed attention's q.k_cmp scores.
+        aux["o_cmp"], aux["lse_cmp"], block_indices = ops.compressed_select_decode(
+            q, k_cmp, v_cmp, seqlens_k, l, d, slc_block_size, slc_num_blocks, slc_init_blocks,
+            slc_local_blocks, scale)
+    elif g_cmp is not None:
         aux["o_cmp"], aux["lse_cmp"] = ops.compressed_attn_decode(q, k_cmp, v_cmp, seqlens_k, l,
                                                                   d, scale)
     if g_slc is not None:
-        if block_indices is None:
-            block_indices = ops.select_blocks_decode(
-                q, k_cmp, aux["lse_cmp"], seqlens_k, l, d, slc_block_size, slc_num_blocks,
-                slc_init_blocks, slc_local_blocks, scale)
         aux["o_slc"], aux["lse_slc"] = ops.selected_attn_decode(
             q, k_slc, v_slc, block_indices, seqlens_k, slc_block_size, scale)
         aux["block_indices"] = block_indices

@@ -104,6 +104,14 @@ def _(q, k_cmp, lse_cmp, seqlens_k, cmp_block_size, cmp_stride, slc_block_size,
     return q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[2], slc_num_blocks), dtype=torch.int32)
 
 
+@torch.library.register_fake("nsa_cuda::compressed_select_decode")
+def _(q, k_cmp, v_cmp, seqlens_k, cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
+      slc_init_blocks, slc_local_blocks, scale):
+    o, lse = _fwd_outputs(q, v_cmp)
+    bi = q.new_empty((q.shape[0], q.shape[1], k_cmp.shape[2], slc_num_blocks), dtype=torch.int32)
+    return o, lse, bi
+
+
 @torch.library.register_fake("nsa_cuda::update_cmp_cache")
 def _(x, x_cmp, cache_seqlens, num_new, cmp_block_size, cmp_stride):
     return None

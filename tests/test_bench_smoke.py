@@ -68,7 +68,8 @@ def test_bench_suite_cpu_quick(tmp_path):
         if r0["op"] != "sdpa.decode":
             continue
         for op in ("nsa_cuda.decode", "nsa_cuda.decode.kernel.compressed",
-                   "nsa_cuda.decode.kernel.selection", "nsa_cuda.decode.kernel.selected",
+                   "nsa_cuda.decode.kernel.selection", "nsa_cuda.decode.kernel.compressed_select",
+                   "nsa_cuda.decode.kernel.selected",
                    "nsa_cuda.decode.kernel.window", "sdpa.decode"):
             found = [r for r in dec if r["op"] == op and r["T"] == r0["T"] and r["B"] == r0["B"]]
             assert len(found) == 1, (op, r0["T"], r0["B"])

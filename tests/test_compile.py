@@ -63,6 +63,7 @@ def _op_args(varlen, requires_grad):
         decode = {
             "compressed_attn_decode": (qd, kc, vc, lens, L, D, SCALE),
             "select_blocks_decode": (qd, kc, lse_d, lens, L, D, LP, N, NI, NL, SCALE),
+            "compressed_select_decode": (qd, kc, vc, lens, L, D, LP, N, NI, NL, SCALE),
             "selected_attn_decode": (qd, k, v, bi_d, lens, LP, SCALE),
             "window_attn_decode": (qd, k, v, lens, W, SCALE),
             "update_cmp_cache": (k, kc.clone(), lens - 2, 2, L, D),
@@ -93,8 +94,8 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "compressed_attn_bwd/no dlse", "select_blocks", "selected_attn_fwd",
             "selected_attn_bwd", "selected_attn_bwd/no dlse", "window_attn_fwd",
             "window_attn_bwd", "window_attn_bwd/no dlse"]
-DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "selected_attn_decode",
-              "window_attn_decode", "update_cmp_cache"]
+DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
+              "selected_attn_decode", "window_attn_decode", "update_cmp_cache"]
 FWD_OPS = {"mean_compress", "compressed_attn_fwd", "select_blocks", "selected_attn_fwd",
            "window_attn_fwd"}
 

@@ -383,6 +383,16 @@ def _vs_cpu(F, name, got, op, args, dtype):
         F.assert_close(x, a, b, f"{name}[{i}]")
 
 
+def _check_compressed_select(F, emu, args, o_lse, picks):
+    """compressed_select_decode (the compressed attention keeps its scores, the
+    selection reads them instead of k_cmp): o and lse bitwise those of
+    compressed_attn_decode, the selection right by fp64 scores (near-ties aside)."""
+    q, kc, vc, lens, l, d, lp, n, n_init, n_local, scale = args
+    o, lse, bi = emu.compressed_select_decode(*args)
+    assert torch.equal(o, o_lse[0]) and torch.equal(lse, o_lse[1])
+    F.check_selection_rows(q, kc, bi, picks, l, d, lp, n, n_init, n_local, scale)
+
+
 def _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d):
     """q [Bsz, S, Hkv*G, dk], token caches k, v of `cap` rows and their mean-compressed
     caches kc, vc, random in the instance's dtype."""
@@ -424,6 +434,7 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     bi = emu.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
     picks = [(b, i, int(lens[b]) - S + i) for b in range(Bsz) for i in range(S)]
     F.check_selection_rows(q, kc, bi, picks, l, d, lp, n, 1, 1, scale)
+    _check_compressed_select(F, emu, (q, kc, vc, lens, l, d, lp, n, 1, 1, scale), (o, lse), picks)
 
     o, lse = emu.selected_attn_decode(q, k, v, bi, lens, lp, scale)
     _vs_cpu(F, "slc_decode", (o, lse), cpu.selected_attn_decode, (q, k, v, bi, lens, lp, scale), dtype)
@@ -443,10 +454,11 @@ def test_decode_selection_many_rows_and_heads(F, emu, dims):
     lens = torch.tensor([cap, 700], dtype=torch.int32)
     q, k, v, kc, vc = _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d)
     scale = dk ** -0.5
-    _, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
+    o, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
     bi = emu.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
     picks = [(b, i, int(lens[b]) - S + i) for b in range(Bsz) for i in range(S)]
     F.check_selection_rows(q, kc, bi, picks, l, d, lp, n, 1, 1, scale)
+    _check_compressed_select(F, emu, (q, kc, vc, lens, l, d, lp, n, 1, 1, scale), (o, lse), picks)
 
 
 @pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)

@@ -404,6 +404,30 @@ def test_cuda_decode_matches_prefill(cfg, dtype, S, splits, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("cfg", CUDA_CFGS, ids=str)
+def test_cuda_compressed_select_decode_matches_separate_ops(cfg):
+    """The fused compressed attention + selection (the selection reads the scores the
+    attention kept, not k_cmp): o and lse bitwise those of compressed_attn_decode, the
+    blocks right by fp64 scores per row (near-ties aside), at lengths that differ."""
+    from test_cuda_fwd import check_selection_rows
+    dev, dtype, S = "cuda", torch.bfloat16, 4
+    inp = {n: t.to(dev, dtype) for n, t in make_inputs(cfg, seed=29).items()}
+    ops = torch.ops.nsa_cuda
+    lens = torch.tensor([cfg.T - 7 * b for b in range(cfg.B)], dtype=torch.int32, device=dev)
+    q = inp["q"][:, -S:].contiguous()
+    kc = nsa_cuda.mean_compress(inp["k"], cfg.l, cfg.d)
+    vc = nsa_cuda.mean_compress(inp["v"], cfg.l, cfg.d)
+    scale = cfg.Dk ** -0.5
+    o, lse, bi = ops.compressed_select_decode(q, kc, vc, lens, cfg.l, cfg.d, cfg.lp, cfg.n,
+                                              cfg.n_init, cfg.n_local, scale)
+    o1, lse1 = ops.compressed_attn_decode(q, kc, vc, lens, cfg.l, cfg.d, scale)
+    assert torch.equal(o, o1) and torch.equal(lse, lse1)
+    picks = [(b, i, int(lens[b]) - S + i) for b in range(cfg.B) for i in range(S)]
+    check_selection_rows(q, kc, bi, picks, cfg.l, cfg.d, cfg.lp, cfg.n, cfg.n_init, cfg.n_local,
+                         scale)
+
+
+@cuda
 def test_cuda_graph_capture_and_replay():
     """A decode step (append, compression, the three branches) captured in a CUDA graph
     replays to the same output as the eager step, with no host sync inside."""

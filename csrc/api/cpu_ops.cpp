@@ -8,6 +8,7 @@ namespace {
 
 struct CpuBackend {
   static constexpr bool kHasBackward = true;
+  static constexpr bool kKeepsDecodeScores = false;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }
   static void check_support(const at::Tensor& q, int64_t, int64_t, const char* op) {

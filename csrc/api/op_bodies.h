@@ -2,6 +2,8 @@
 // arguments, allocate the outputs, fill the plain params, call the backend's
 // kernel. A backend is a struct with static members:
 //   kHasBackward                       whether it implements the *_bwd ops
+//   kKeepsDecodeScores                 compressed_select_decode passes the attention's
+//                                      scores to the selection (cmp_scores)
 //   prepare(q) -> guard                held for the call (CUDA: the device guard)
 //   check_support(q, Dk, Dv, op)       dtype / head dims this backend runs
 //   input(t) -> tensor                 layout the kernels need (CUDA: 16-byte aligned rows)
@@ -81,7 +83,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
                                             const OptTensor& block_indices,
                                             const OptTensor& cu_seqlens, int64_t max_seqlen,
                                             double scale,
-                                            const OptTensor& seqlens_k = std::nullopt) {
+                                            const OptTensor& seqlens_k = std::nullopt,
+                                            float* cmp_scores = nullptr) {
   const bool cmp = spec.branch == Branch::kCompressed;
   const bool decode = seqlens_k.has_value();
   check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v",
@@ -99,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
   Backend::fresh(o), Backend::fresh(lse);
   AttnFwdParams p = attn_params<Backend>(spec, q, k, v, o, lse, bi, cu_seqlens, seqlen, scale);
   if (decode) p.seqlens_k = seqlens_k->data_ptr<int32_t>();
+  p.cmp_scores = cmp_scores;
   if (q.numel() > 0) {
     if (decode)
       Backend::attn_decode(p, q.scalar_type());
@@ -159,7 +163,8 @@ at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const a
                          const OptTensor& cu_seqlens, int64_t max_seqlen, int64_t cmp_block_size,
                          int64_t cmp_stride, int64_t slc_block_size, int64_t slc_num_blocks,
                          int64_t slc_init_blocks, int64_t slc_local_blocks, double scale,
-                         const OptTensor& seqlens_k = std::nullopt) {
+                         const OptTensor& seqlens_k = std::nullopt,
+                         const float* cmp_scores = nullptr) {
   const char* op = seqlens_k.has_value() ? "select_blocks_decode" : "select_blocks";
   check_attn_inputs(q_in, k_in, k_in, "k_cmp", "k_cmp", /*same_rows=*/false);
   Backend::check_support(q_in, q_in.size(3), -1, op);
@@ -191,6 +196,7 @@ at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const a
   p.slc_init_blocks = slc_init_blocks;
   p.slc_local_blocks = slc_local_blocks;
   if (seqlens_k.has_value()) p.seqlens_k = seqlens_k->data_ptr<int32_t>();
+  p.cmp_scores = cmp_scores;
   if (block_indices.numel() > 0) {
     if (seqlens_k.has_value())
       Backend::select_blocks_decode(p, q.scalar_type());
@@ -198,6 +204,30 @@ at::Tensor select_blocks(const at::Tensor& q_in, const at::Tensor& k_in, const a
       Backend::select_blocks(p, q.scalar_type());
   }
   return block_indices;
+}
+
+// compressed_attn_decode, then select_blocks_decode from its lse. A backend with
+// kKeepsDecodeScores has the attention leave its q.k_cmp scores in a workspace
+// [B, Hkv, S * G, k_cmp rows] fp32 that the selection reads instead of k_cmp.
+template <class Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_select_decode(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& seqlens_k,
+    int64_t l, int64_t d, int64_t lp, int64_t n, int64_t n_init, int64_t n_local, double scale) {
+  check_nsa_sizes(l, d, lp);
+  check_attn_inputs(q, k, v, "k_cmp", "v_cmp", /*same_rows=*/false);
+  at::Tensor scores;
+  if constexpr (Backend::kKeepsDecodeScores) {
+    scores = at::empty({q.size(0), k.size(2), q.size(1) * (q.size(2) / k.size(2)), k.size(1)},
+                       q.options().dtype(at::kFloat));
+    Backend::fresh(scores);
+  }
+  float* keep = scores.defined() && scores.numel() > 0 ? scores.data_ptr<float>() : nullptr;
+  const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_select_decode"};
+  auto [o, lse] = attn_fwd<Backend>(spec, q, k, v, std::nullopt, std::nullopt, 0, scale,
+                                    seqlens_k, keep);
+  at::Tensor block_indices = select_blocks<Backend>(q, k, lse, std::nullopt, 0, l, d, lp, n,
+                                                    n_init, n_local, scale, seqlens_k, keep);
+  return {o, lse, block_indices};
 }
 
 inline CompressParams make_compress_params(const at::Tensor& x, const at::Tensor& out,
@@ -326,6 +356,13 @@ void register_backend(torch::Library& m) {
     const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_decode"};
     return attn_fwd<Backend>(spec, q, k, v, std::nullopt, std::nullopt, 0, scale, seqlens_k);
   });
+  m.impl("compressed_select_decode",
+         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const at::Tensor& seqlens_k, int64_t l, int64_t d, int64_t lp, int64_t n,
+            int64_t n_init, int64_t n_local, double scale) {
+           return compressed_select_decode<Backend>(q, k, v, seqlens_k, l, d, lp, n, n_init,
+                                                    n_local, scale);
+         });
   m.impl("select_blocks_decode",
          [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse,
             const at::Tensor& seqlens_k, int64_t l, int64_t d, int64_t lp, int64_t n,

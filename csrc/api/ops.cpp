@@ -48,6 +48,13 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "select_blocks_decode(Tensor q, Tensor k_cmp, Tensor lse_cmp, Tensor seqlens_k, "
       "int cmp_block_size, int cmp_stride, int slc_block_size, int slc_num_blocks, "
       "int slc_init_blocks, int slc_local_blocks, float scale) -> Tensor");
+  // compressed_attn_decode and select_blocks_decode in one call: the same results
+  // (up to rounding), and on CUDA the selection reuses the attention's q.k_cmp
+  // scores instead of reading k_cmp again.
+  m.def(
+      "compressed_select_decode(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor seqlens_k, "
+      "int cmp_block_size, int cmp_stride, int slc_block_size, int slc_num_blocks, "
+      "int slc_init_blocks, int slc_local_blocks, float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
       "selected_attn_decode(Tensor q, Tensor k, Tensor v, Tensor block_indices, "
       "Tensor seqlens_k, int slc_block_size, float scale) -> (Tensor, Tensor)");

@@ -302,6 +302,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
       }
     }
     __syncthreads();
+    if (p.cmp_scores != nullptr) {
+      // compressed_select_decode: the selection reads these scores instead of
+      // reading k_cmp again (keys < key_end <= k_rows; each row's 32 in one run).
+      float* keep = p.cmp_scores + ((b * p.num_heads_kv + kvh) * rows_total + r0) * p.k_rows + cur.kb;
+      for (int e = tid; e < rows_here * kKeys; e += kThreads) {
+        const int r = e / kKeys, c = e % kKeys;
+        if (c < n_keys) keep[int64_t(r) * p.k_rows + c] = sS[r * kSS + c];
+      }
+    }
 
     // Online softmax, exact per row: warp w takes rows w, w + kWarps, ...; lane n
     // takes key kb + n (exp2 domain; -inf guarded).

@@ -73,11 +73,16 @@ __global__ void __launch_bounds__(kSelectThreads)
 
   const Element* k = static_cast<const Element*>(p.k_cmp) + b * p.k_batch_stride +
                      kvh * p.k_head_stride;
+  // With the compressed attention's scores (compressed_select_decode) neither K nor
+  // q is read: p(g, r) comes from those scores and the final lse.
+  const float* kept = p.cmp_scores;
   constexpr int kChunks = kDk / 8;
-  for (int e = tid; e < passes * kPass * kChunks; e += kThreads) {
-    const int r = e / kChunks, c8 = e % kChunks;
-    const bool pred = r < num_rows;
-    cp_async_16(sK + r * kKS + c8 * 8, pred ? k + (i_lo + r) * p.k_row_stride + c8 * 8 : k, pred);
+  if (kept == nullptr) {
+    for (int e = tid; e < passes * kPass * kChunks; e += kThreads) {
+      const int r = e / kChunks, c8 = e % kChunks;
+      const bool pred = r < num_rows;
+      cp_async_16(sK + r * kKS + c8 * 8, pred ? k + (i_lo + r) * p.k_row_stride + c8 * 8 : k, pred);
+    }
   }
   cute::cp_async_fence();
 
@@ -107,19 +112,33 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int64_t g0 = 0; g0 < G; g0 += kHeads) {
       const int heads = int(min(int64_t(kHeads), G - g0));
       __syncthreads();  // sQ, sP, sLse of the previous pass are consumed
-      for (int e = tid; e < kHeads * kChunks; e += kThreads) {
-        const int g = e / kChunks, c8 = e % kChunks;
-        const int64_t h = kvh * G + g0 + g;
-        const bool pred = g < heads;
-        cp_async_16(sQ + g * kQS + c8 * 8,
-                    pred ? q + i * p.q_row_stride + h * p.q_head_stride + c8 * 8 : q, pred);
+      if (kept == nullptr) {
+        for (int e = tid; e < kHeads * kChunks; e += kThreads) {
+          const int g = e / kChunks, c8 = e % kChunks;
+          const int64_t h = kvh * G + g0 + g;
+          const bool pred = g < heads;
+          cp_async_16(sQ + g * kQS + c8 * 8,
+                      pred ? q + i * p.q_row_stride + h * p.q_head_stride + c8 * 8 : q, pred);
+        }
       }
       cute::cp_async_fence();
       if (tid < kHeads)
         sLse[tid] = tid < heads ? lse[(kvh * G + g0 + tid) * p.lse_head_stride + i] : -INFINITY;
       cute::cp_async_wait<0>();  // this pass's q (and, the first time, the K rows)
       __syncthreads();
-      for (int pass = 0; pass < passes; ++pass) {
+      if (kept != nullptr) {
+        // Row (i, g) of the attention's scores [B][Hkv][S * G][k_rows], exp2 domain.
+        const float* base = kept + ((b * p.num_heads_kv + kvh) * S * G + i * G + g0) * p.k_rows + i_lo;
+        for (int e = tid; e < kHeads * passes * kPass; e += kThreads) {
+          const int g = e / (passes * kPass), r = e % (passes * kPass);
+          const float lse_h = sLse[g];  // -inf: a head past the pass, or one that saw nothing
+          float prob = 0.f;
+          if (lse_h != -INFINITY && r < num_rows && i_lo + r < nc)
+            prob = exp2f(base[int64_t(g) * p.k_rows + r] - lse_h * kLog2e);
+          sP[g * kPS + r] = prob;
+        }
+      }
+      for (int pass = 0; pass < (kept == nullptr ? passes : 0); ++pass) {
         Tensor acc_s = partition_fragment_C(mma, Shape<Int<kHeads>, Int<kPass>>{});
         clear(acc_s);
         gemm_qk(acc_s, pass * kPass * kKS);

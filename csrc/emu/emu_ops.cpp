@@ -46,6 +46,7 @@ constexpr cudaStream_t kStream = nullptr;
 
 struct EmuBackend {
   static constexpr bool kHasBackward = true;
+  static constexpr bool kKeepsDecodeScores = true;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }
 

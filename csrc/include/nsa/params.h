@@ -45,6 +45,11 @@ struct AttnFwdParams {
   // [0, seqlens_k[b]) of k/v, and its `seqlen` query rows are the last positions,
   // seqlens_k[b] - seqlen + i (nullptr outside decode; never with cu_seqlens).
   const int32_t* seqlens_k;
+  // Decode, compressed branch (compressed_select_decode): where the kernel also
+  // leaves its scores scale * log2(e) * q.k (-inf where masked) for the selection,
+  // [B][Hkv][seqlen * G rows r = i * G + g][k_rows] fp32; nullptr: not kept. A
+  // backend that keeps none (the CPU) gets nullptr.
+  float* cmp_scores;
 
   int64_t num_seqs;     // B, or the number of packed sequences
   int64_t seqlen;       // T in batch mode; max_seqlen in varlen mode; new tokens in decode
@@ -90,6 +95,9 @@ struct SelectParams {
   int64_t bi_batch_stride, bi_row_stride, bi_head_stride;
   const int32_t* cu_seqlens;
   const int32_t* seqlens_k;  // decode, as in AttnFwdParams
+  // Decode: the compressed attention's scores (AttnFwdParams::cmp_scores) to read
+  // instead of recomputing q.k_cmp; nullptr: recompute.
+  const float* cmp_scores;
   int64_t num_seqs, seqlen, k_rows, num_heads_q, num_heads_kv, group, head_dim_qk;
   double scale;  // double: the fp64 CPU path needs it exact; CUDA kernels round it once
   int64_t cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks, slc_init_blocks,
