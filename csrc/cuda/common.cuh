@@ -178,6 +178,17 @@ __device__ __forceinline__ auto make_smem_gemm(const SA& sA, const SB& sB, int t
   };
 }
 
+// fn(row, col, value) for each element of this thread's MMA accumulator `acc`, with
+// `coords` the same thread's partition of an identity tensor of the tile's shape
+// (thr_mma.partition_C): element e of both is the same (row, col).
+template <class Acc, class Coords, class Fn>
+__device__ __forceinline__ void for_each_element(const Acc& acc, const Coords& coords, Fn&& fn) {
+  using namespace cute;
+  static_assert(decltype(size(acc))::value == decltype(size(coords))::value);
+  CUTE_UNROLL
+  for (int e = 0; e < size(acc); ++e) fn(int(get<0>(coords(e))), int(get<1>(coords(e))), acc(e));
+}
+
 // acc += A(registers) * B(smem). kPrefetch: ldmatrix the next k slice of B while
 // the current one multiplies (two slices live); off for a wide B (N = Dk = 192 in
 // the backward) where a second slice costs 48 more registers.

@@ -213,7 +213,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor acc_o_rc = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
   // (row, col) of each element of an S tile and of the O accumulator.
   Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kKeys>>{}));
-  Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
   Tensor cO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kDv>>{}));
   Tensor cO_rc = make_tensor(cO.data(), acc_rowcol(cO.layout()));
 
@@ -288,19 +287,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kRows>, Int<kKeys>>{});
     clear(acc_s);
     gemm_qk(acc_s, stage * kKeys * kKS);
-    Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-#pragma unroll
-    for (int mi = 0; mi < size<0>(s_rc); ++mi) {
-#pragma unroll
-      for (int ni = 0; ni < size<1>(s_rc); ++ni) {
-        const int r = get<0>(cS_rc(mi, ni)), col = get<1>(cS_rc(mi, ni));
-        const int64_t key = cur.kb + col;
-        bool visible = r < rows_here && col < n_keys && key >= sLo[r] && key < sHi[r];
-        if (p.branch == Branch::kSelected) visible = visible && ((cur.member >> sTok[r]) & 1);
-        // Scaled after the mask test: with scale <= 0 a masked -inf must stay -inf.
-        sS[r * kSS + col] = visible ? s_rc(mi, ni) * scale_log2 : -INFINITY;
-      }
-    }
+    for_each_element(acc_s, cS, [&](int r, int col, float s) {
+      const int64_t key = cur.kb + col;
+      bool visible = r < rows_here && col < n_keys && key >= sLo[r] && key < sHi[r];
+      if (p.branch == Branch::kSelected) visible = visible && ((cur.member >> sTok[r]) & 1);
+      // Scaled after the mask test: with scale <= 0 a masked -inf must stay -inf.
+      sS[r * kSS + col] = visible ? s * scale_log2 : -INFINITY;
+    });
     __syncthreads();
     if (p.cmp_scores != nullptr) {
       // compressed_select_decode: the selection reads these scores instead of

@@ -95,7 +95,6 @@ __global__ void __launch_bounds__(kSelectThreads)
   Mma mma;
   auto thr_mma = mma.get_thread_slice(tid);
   Tensor cS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kHeads>, Int<kPass>>{}));
-  Tensor cS_rc = make_tensor(cS.data(), acc_rowcol(cS.layout()));
 
   const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride;
   const float* lse = static_cast<const float*>(p.lse_cmp) + b * p.lse_batch_stride;
@@ -142,19 +141,13 @@ __global__ void __launch_bounds__(kSelectThreads)
         Tensor acc_s = partition_fragment_C(mma, Shape<Int<kHeads>, Int<kPass>>{});
         clear(acc_s);
         gemm_qk(acc_s, pass * kPass * kKS);
-        Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-#pragma unroll
-        for (int mi = 0; mi < size<0>(s_rc); ++mi) {
-#pragma unroll
-          for (int ni = 0; ni < size<1>(s_rc); ++ni) {
-            const int g = get<0>(cS_rc(mi, ni)), r = pass * kPass + get<1>(cS_rc(mi, ni));
-            const float lse_h = sLse[g];  // -inf: a head past the pass, or one that saw nothing
-            float prob = 0.f;
-            if (lse_h != -INFINITY && r < num_rows && i_lo + r < nc)
-              prob = __expf(scale * s_rc(mi, ni) - lse_h);
-            sP[g * kPS + r] = prob;
-          }
-        }
+        for_each_element(acc_s, cS, [&](int g, int col, float s) {
+          const int r = pass * kPass + col;
+          const float lse_h = sLse[g];  // -inf: a head past the pass, or one that saw nothing
+          float prob = 0.f;
+          if (lse_h != -INFINITY && r < num_rows && i_lo + r < nc) prob = __expf(scale * s - lse_h);
+          sP[g * kPS + r] = prob;
+        });
       }
       __syncthreads();
       // Sum over the pass's heads in a fixed order (the owner of row r only).
