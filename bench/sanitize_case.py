@@ -4,7 +4,8 @@ each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernel
 the three branches, selection and update_cmp_cache, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
 several MMA passes in the score kernel; the fused compressed attention + selection
-(compressed_select_decode); a one-split decode (no combine)."""
+(compressed_select_decode); a one-split decode (no combine); the one-op decode step
+(sparse_attn_decode: unmerged splits and the gated sum)."""
 import itertools
 import os
 
@@ -94,6 +95,20 @@ def run_decode(dk, dv, G, dtype, S):
     bi2[..., -1] = bi2[..., 1]  # duplicates count once
     OPS.selected_attn_decode(q, k, v, bi2, lens, lp, scale)
     OPS.window_attn_decode(q, k, v, lens, w, scale)
+    # The one-op step: unmerged splits of every branch and the gated sum (strided
+    # gates), selecting and with given blocks, with the split count chosen and with one.
+    gates = torch.rand(B, S, 3, Hkv * G, device=dev).to(dtype)
+    g = [gates[:, :, j] for j in range(3)]
+    for splits in (None, "1"):
+        if splits:
+            os.environ["NSA_DECODE_SPLITS"] = splits
+        try:
+            OPS.sparse_attn_decode(q, k, v, k, v, kc, vc, lens, *g, None, l, d, lp, n, 1, 1, w,
+                                   scale)
+            OPS.sparse_attn_decode(q, k, v, k, v, kc, vc, lens, *g, bi2, l, d, lp, n, 1, 1, w,
+                                   scale)
+        finally:
+            os.environ.pop("NSA_DECODE_SPLITS", None)
 
 
 def run_long_decode_selection(dk, dv, dtype):

@@ -642,7 +642,8 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
                 dtype=str(dtype).replace("torch.", ""), device=device,
                 nsa=dict(l=cfg.l, d=cfg.d, lp=cfg.lp, n=cfg.n, w=cfg.w))
     cuda = device == "cuda"
-    kernel_names = ("compressed", "selection", "compressed_select", "selected", "window")
+    kernel_names = ("compressed", "selection", "compressed_select", "selected", "window",
+                    "branches")
     ops = ["nsa_cuda.decode"] + (["nsa_cuda.decode.graph"] if cuda else []) + \
         [f"nsa_cuda.decode.kernel.{k}" for k in kernel_names] + ["sdpa.decode"]
     print(f"== decode {s.name} B={B} T={T} {base['dtype']} on {device}", flush=True)
@@ -694,6 +695,7 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
     need = dict(compressed=rows_cmp * kv_row, selection=B * s.Hkv * rows_cmp * s.Dk * elt,
                 compressed_select=rows_cmp * kv_row + kept,
                 selected=min(cfg.n * cfg.lp, T) * kv_row, window=min(cfg.w, T) * kv_row)
+    need["branches"] = need["compressed_select"] + need["selected"] + need["window"]
     note = f"decode step, S=1, {nsets} cache set(s) rotated"
     run.add(base, "nsa_cuda.decode", "decode", nsa_step, nsets=nsets,
             bytes_read=sum(need[k] for k in ("compressed_select", "selected", "window")),
@@ -738,7 +740,12 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
                                                        cfg.n_local, scale),
             lambda x: nsa_ops.selected_attn_decode(x["q"], x["k"], x["v"], x["bi"], full, cfg.lp,
                                                    scale),
-            lambda x: nsa_ops.window_attn_decode(x["q"], x["k"], x["v"], full, cfg.w, scale))))
+            lambda x: nsa_ops.window_attn_decode(x["q"], x["k"], x["v"], full, cfg.w, scale),
+            # the step's attention as one op: three branches, selection, gated sum
+            lambda x: nsa_ops.sparse_attn_decode(
+                x["q"], x["k"], x["v"], x["k"], x["v"], x["kc"], x["vc"], full, x["g"], x["g"],
+                x["g"], None, cfg.l, cfg.d, cfg.lp, cfg.n, cfg.n_init, cfg.n_local, cfg.w,
+                scale))))
         for name, kernel in kernels.items():
             run.add(base, f"nsa_cuda.decode.kernel.{name}", "decode",
                     lambda i, kernel=kernel: kernel(sets[i]), nsets=nsets, bytes_read=need[name],

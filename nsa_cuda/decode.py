@@ -76,16 +76,10 @@ def check_cache_room(cache_seqlens: Tensor, num_new: int, capacity: int,
 
 def append_to_cache(cache: Tensor, new: Tensor, cache_seqlens: Tensor) -> None:
     """Writes ``new [B, S, ...]`` into ``cache [B, capacity, ...]`` at rows
-    ``cache_seqlens[b] + i``, in place (no host sync; CUDA-graph capturable)."""
-    B, S = new.shape[:2]
-    rows = cache_seqlens.to(torch.long)[:, None] + torch.arange(S, device=new.device)
-    # Where the room check is skipped (graph capture, torch.compile) a full cache must
-    # not reach index_put with rows >= capacity: on CUDA that is a device-side assert,
-    # which kills the context. Such rows land on the last row instead (its content is
-    # then unspecified, as is the output of an overflowing step; eager calls raise).
-    rows = rows.clamp(max=max(cache.shape[1] - 1, 0))
-    batch = torch.arange(B, device=new.device)[:, None].expand(B, S)
-    cache[batch, rows] = new.to(cache.dtype)
+    ``cache_seqlens[b] + i``, in place: one kernel on CUDA, no host sync (CUDA-graph
+    capturable). Rows past the capacity are dropped; only graph capture and
+    torch.compile can get there, since eager calls check the room first."""
+    ops.append_to_cache(cache, cache_seqlens, new.to(cache.dtype))
 
 
 def _decode_settings(cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
@@ -98,10 +92,18 @@ def decode_branches(q: Tensor, k_slc: Tensor, v_slc: Tensor, k_win: Tensor, v_wi
                     k_cmp: Tensor, v_cmp: Tensor, seqlens_k: Tensor, g_cmp, g_slc, g_win, *,
                     cmp_block_size: int, cmp_stride: int, slc_block_size: int,
                     slc_num_blocks: int, slc_init_blocks: int, slc_local_blocks: int,
-                    window_size: int, scale: float, block_indices: Optional[Tensor] = None):
+                    window_size: int, scale: float, block_indices: Optional[Tensor] = None,
+                    return_aux: bool = True):
     """The three branches from the caches for queries at the end of each sequence
     (``seqlens_k`` tokens, the new ones included). Arguments are already checked.
-    Returns ``(o, aux)`` like ``sparse_attn(..., return_aux=True)``."""
+    Returns ``(o, aux)`` like ``sparse_attn(..., return_aux=True)``; without
+    ``return_aux`` ``aux`` is None and one op does the whole step (on CUDA the
+    branches' KV splits and the gates are merged by a single kernel)."""
+    if not return_aux:
+        return ops.sparse_attn_decode(
+            q, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, seqlens_k, g_cmp, g_slc, g_win,
+            block_indices, cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
+            slc_init_blocks, slc_local_blocks, window_size, scale), None
     aux = dict.fromkeys(("block_indices", "o_cmp", "o_slc", "o_win", "lse_cmp", "lse_slc",
                          "lse_win"))
     l, d = cmp_block_size, cmp_stride
@@ -241,5 +243,5 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
         cmp_block_size=cmp_block_size, cmp_stride=cmp_stride, slc_block_size=slc_block_size,
         slc_num_blocks=slc_num_blocks, slc_init_blocks=slc_init_blocks,
         slc_local_blocks=slc_local_blocks, window_size=window_size, scale=scale,
-        block_indices=block_indices)
+        block_indices=block_indices, return_aux=return_aux)
     return (o, aux) if return_aux else o

@@ -511,7 +511,7 @@ class NativeSparseAttention(nn.Module):
             cmp_block_size=self.cmp_block_size, cmp_stride=self.cmp_stride,
             slc_block_size=self.slc_block_size, slc_num_blocks=self.slc_num_blocks,
             slc_init_blocks=self.slc_init_blocks, slc_local_blocks=self.slc_local_blocks,
-            window_size=self.window_size, scale=self.scale)
+            window_size=self.window_size, scale=self.scale, return_aux=False)
         cache.seqlens.copy_(new_lens)
         cache.max_len += S
         return self._output(o, hidden_states)

@@ -112,6 +112,18 @@ def _(q, k_cmp, v_cmp, seqlens_k, cmp_block_size, cmp_stride, slc_block_size, sl
     return o, lse, bi
 
 
+@torch.library.register_fake("nsa_cuda::sparse_attn_decode")
+def _(q, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, seqlens_k, g_cmp, g_slc, g_win,
+      block_indices, cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
+      slc_init_blocks, slc_local_blocks, window_size, scale):
+    return q.new_empty((*q.shape[:3], v_slc.shape[3]))
+
+
+@torch.library.register_fake("nsa_cuda::append_to_cache")
+def _(cache, cache_seqlens, new):
+    return None
+
+
 @torch.library.register_fake("nsa_cuda::update_cmp_cache")
 def _(x, x_cmp, cache_seqlens, num_new, cmp_block_size, cmp_stride):
     return None

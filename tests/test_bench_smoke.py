@@ -70,7 +70,8 @@ def test_bench_suite_cpu_quick(tmp_path):
         for op in ("nsa_cuda.decode", "nsa_cuda.decode.kernel.compressed",
                    "nsa_cuda.decode.kernel.selection", "nsa_cuda.decode.kernel.compressed_select",
                    "nsa_cuda.decode.kernel.selected",
-                   "nsa_cuda.decode.kernel.window", "sdpa.decode"):
+                   "nsa_cuda.decode.kernel.window", "nsa_cuda.decode.kernel.branches",
+                   "sdpa.decode"):
             found = [r for r in dec if r["op"] == op and r["T"] == r0["T"] and r["B"] == r0["B"]]
             assert len(found) == 1, (op, r0["T"], r0["B"])
             r = found[0]

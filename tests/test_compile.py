@@ -67,7 +67,16 @@ def _op_args(varlen, requires_grad):
             "selected_attn_decode": (qd, k, v, bi_d, lens, LP, SCALE),
             "window_attn_decode": (qd, k, v, lens, W, SCALE),
             "update_cmp_cache": (k, kc.clone(), lens - 2, 2, L, D),
+            "append_to_cache": (k.clone(), lens - 2, k[:, :2].clone()),
         }
+        gates = [torch.rand(qd.shape[:3], dtype=qd.dtype) for _ in range(3)]
+        step = (qd, k, v, k, v, kc, vc, lens)
+        sizes = (L, D, LP, N, NI, NL, W, SCALE)
+        decode["sparse_attn_decode"] = (*step, *gates, None, *sizes)
+        # No compressed output and given blocks: no selection; separate window caches.
+        decode["sparse_attn_decode/given blocks"] = (
+            qd, k, v, k.flip(1).contiguous(), v.flip(1).contiguous(), kc, vc, lens, None,
+            gates[1], gates[2], bi_d, *sizes)
     return decode | {
         "mean_compress": (rg(k), cu, L, D),
         "mean_compress_bwd": (torch.randn_like(kc), k, cu, L, D),
@@ -95,7 +104,8 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "selected_attn_bwd", "selected_attn_bwd/no dlse", "window_attn_fwd",
             "window_attn_bwd", "window_attn_bwd/no dlse"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
-              "selected_attn_decode", "window_attn_decode", "update_cmp_cache"]
+              "selected_attn_decode", "window_attn_decode", "update_cmp_cache",
+              "append_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]
 FWD_OPS = {"mean_compress", "compressed_attn_fwd", "select_blocks", "selected_attn_fwd",
            "window_attn_fwd"}
 

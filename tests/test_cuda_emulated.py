@@ -443,6 +443,51 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
 
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("S,G,splits", [(1, 16, None), (3, 4, 1), (5, 5, None), (2, 2, 3)])
+def test_sparse_attn_decode(F, emu, dims, S, G, splits, monkeypatch):
+    """The whole decode step in one op: every branch leaves its KV splits unmerged
+    (one split included, NSA_DECODE_SPLITS=1) and decode_gate_combine merges them
+    and sums the gated branches. Against the CPU op by the spec's rule with the
+    emulator's block choice; gates as the layer passes them (strided views of one
+    [B, S, 3, Hq] tensor, here fp32, converted to q's dtype). The selecting form
+    (no block_indices) picks compressed_select_decode's blocks; with g_cmp off it
+    is bitwise the form given those blocks. Separate window caches, a branch off,
+    and every gate off (zeros)."""
+    if splits is not None:
+        monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
+    cpu = _cpu_ops()
+    dk, dv, dtype = dims
+    Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
+    lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
+    q, k, v, kc, vc = _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d)
+    k_win, v_win = F.rand(*k.shape, dtype=dtype), F.rand(*v.shape, dtype=dtype)
+    scale = dk ** -0.5
+    gates = torch.rand(Bsz, S, 3, Hkv * G)
+    g_cmp, g_slc, g_win = (gates[:, :, j] for j in range(3))
+    sizes = (l, d, lp, n, 1, 1, w, scale)
+    _, _, bi = emu.compressed_select_decode(q, kc, vc, lens, l, d, lp, n, 1, 1, scale)
+
+    def check(name, args, cpu_args=None):
+        got = emu.sparse_attn_decode(*args)
+        _vs_cpu(F, name, (got,), lambda *a: (cpu.sparse_attn_decode(*a),), cpu_args or args,
+                dtype)
+        return got
+
+    caches = (q, k, v, k_win, v_win, kc, vc, lens)
+    check("step", (*caches, g_cmp, g_slc, g_win, bi, *sizes))
+    check("no window", (*caches, g_cmp, g_slc, None, bi, *sizes))
+    check("compressed only", (*caches, g_cmp, None, None, None, *sizes))
+    given = check("no cmp", (*caches, None, g_slc, g_win, bi, *sizes))
+    assert torch.equal(emu.sparse_attn_decode(*caches, None, g_slc, g_win, None, *sizes), given)
+    # Selecting with the compressed branch on: its o is merged (for the selection's
+    # lse) before the gated sum.
+    check("selecting", (*caches, g_cmp, g_slc, g_win, None, *sizes),
+          (*caches, g_cmp, g_slc, g_win, bi, *sizes))
+    off = emu.sparse_attn_decode(*caches, None, None, None, None, *sizes)
+    assert torch.equal(off, torch.zeros_like(off))
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
 def test_decode_selection_many_rows_and_heads(F, emu, dims):
     """The decode selection's score kernel past one MMA tile each way: G = 20 query
     heads (a 16-head pass, then 4 with 12 zero rows) and score CTAs whose
@@ -459,6 +504,21 @@ def test_decode_selection_many_rows_and_heads(F, emu, dims):
     picks = [(b, i, int(lens[b]) - S + i) for b in range(Bsz) for i in range(S)]
     F.check_selection_rows(q, kc, bi, picks, l, d, lp, n, 1, 1, scale)
     _check_compressed_select(F, emu, (q, kc, vc, lens, l, d, lp, n, 1, 1, scale), (o, lse), picks)
+
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+def test_append_to_cache(F, emu, dtype):
+    """The append kernel writes each new row (strided source, all heads) where the CPU
+    op does and leaves the rest of the (poisoned) cache as it was."""
+    cpu = _cpu_ops()
+    cache = torch.full((3, 50, 2, 192), float("nan"), dtype=dtype)
+    new = F.rand(3, 8, 4, 192, dtype=dtype)[:, :, ::2]
+    lens = torch.tensor([0, 17, 42], dtype=torch.int32)
+    got, want = cache.clone(), cache.clone()
+    emu.append_to_cache(got, lens, new)
+    cpu.append_to_cache(want, lens, new)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert (~got.isnan()).sum() == new.numel()
 
 
 @pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)

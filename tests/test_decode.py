@@ -188,20 +188,24 @@ def test_full_cache_raises():
 
 
 
-def test_append_past_capacity_stays_in_bounds():
-    """With the room check skipped (graph capture, torch.compile), a full cache must not
-    index past its capacity (a device-side assert on CUDA): rows in range are written,
-    the overflow lands on the last row only, every other row is untouched."""
+def test_append_to_cache():
+    """The new rows land at cache_seqlens[b] + i of each batch entry, every other row
+    untouched, from strided new rows; an append past the capacity raises on the CPU
+    (CUDA drops such rows instead: test_cuda_append_past_capacity_stays_in_bounds)."""
     from nsa_cuda.decode import append_to_cache
-    cache = torch.zeros(3, 5, 2, 4)
-    new = torch.arange(1, 3 * 3 * 2 * 4 + 1, dtype=torch.float32).view(3, 3, 2, 4)
-    lens = torch.tensor([1, 3, 5], dtype=torch.int32)
+    cache = torch.zeros(3, 6, 2, 4)
+    new = torch.randn(3, 2, 4, 4)[:, :, 1:3]  # strided rows
+    lens = torch.tensor([0, 3, 4], dtype=torch.int32)
     append_to_cache(cache, new, lens)
-    assert torch.equal(cache[0, 1:4], new[0]) and cache[0, [0, 4]].abs().sum() == 0
-    assert torch.equal(cache[1, 3], new[1, 0]) and cache[1, :3].abs().sum() == 0
-    assert any(torch.equal(cache[1, 4], new[1, i]) for i in (1, 2))
-    assert cache[2, :4].abs().sum() == 0
-    assert any(torch.equal(cache[2, 4], new[2, i]) for i in range(3))
+    want = torch.zeros_like(cache)
+    for b, n in enumerate(lens.tolist()):
+        want[b, n:n + 2] = new[b]
+    assert torch.equal(cache, want)
+    with pytest.raises(RuntimeError, match="more than its cache holds"):
+        append_to_cache(cache, new, torch.tensor([0, 3, 5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="does not fit the cache"):
+        ops.append_to_cache(cache, lens, new[:, :, :1])
+
 
 def test_argument_errors():
     cfg = SMALL
@@ -362,7 +366,8 @@ CUDA_CFGS = [
 def test_cuda_decode_matches_prefill(cfg, dtype, S, splits, monkeypatch):
     """Batch entries at different lengths decode S tokens on CUDA; each is compared with
     the reference over its whole sequence, fp64 (ref) and the input dtype on the GPU
-    (ref_lp), all with the block_indices the CUDA selection chose. At these sizes the
+    (ref_lp), all with the block_indices the CUDA selection chose; both the branch ops
+    (return_aux) and the one-op step (sparse_attn_decode). At these sizes the
     split heuristic gives each split about one KV chunk; one split
     (NSA_DECODE_SPLITS=1) walks a tile's chunks through the double-buffered path and
     writes o and lse without the combine kernel."""
@@ -387,8 +392,13 @@ def test_cuda_decode_matches_prefill(cfg, dtype, S, splits, monkeypatch):
     o, aux = nsa_cuda.sparse_attn_with_kvcache(
         new["q"], *caches.values(), lens, new["k"], new["v"], **{g: new[g] for g in GATES},
         **cfg.all_kw(), return_aux=True)
+    # The same step again without aux: one op (sparse_attn_decode), whose gated sum
+    # merges the branches' KV splits. Appending the same rows again changes nothing.
+    o_step = nsa_cuda.sparse_attn_with_kvcache(
+        new["q"], *caches.values(), lens, new["k"], new["v"], **{g: new[g] for g in GATES},
+        **cfg.all_kw())
     torch.cuda.synchronize()
-    assert not torch.isnan(o).any()
+    assert not torch.isnan(o).any() and not torch.isnan(o_step).any()
     # every decoded selection is valid: the current block is always selected
     cur = rows // cfg.lp
     assert (aux["block_indices"].cpu() == cur[:, :, None, None]).any(-1).all()
@@ -399,8 +409,9 @@ def test_cuda_decode_matches_prefill(cfg, dtype, S, splits, monkeypatch):
         o64 = R.sparse_attn(*one, **cfg.all_kw(), block_indices=full_bi)
         o_lp = R.sparse_attn(*(t.to(dev, dtype) for t in one), **cfg.all_kw(),
                              block_indices=full_bi.to(dev))
-        assert_close_spec(o[b:b + 1].cpu().double(), o64[:, p:], o_lp[:, p:].cpu().double(),
-                          f"batch entry {b}")
+        for name, x in (("branch ops", o), ("sparse_attn_decode", o_step)):
+            assert_close_spec(x[b:b + 1].cpu().double(), o64[:, p:], o_lp[:, p:].cpu().double(),
+                              f"{name}, batch entry {b}")
 
 
 @cuda
@@ -425,6 +436,23 @@ def test_cuda_compressed_select_decode_matches_separate_ops(cfg):
     picks = [(b, i, int(lens[b]) - S + i) for b in range(cfg.B) for i in range(S)]
     check_selection_rows(q, kc, bi, picks, cfg.l, cfg.d, cfg.lp, cfg.n, cfg.n_init, cfg.n_local,
                          scale)
+
+
+@cuda
+def test_cuda_append_past_capacity_stays_in_bounds():
+    """With the room check skipped (graph capture, torch.compile), a full cache must not
+    be written past its capacity: rows in range are written, the overflow is dropped,
+    every other row is untouched (no device-side assert, no stray write)."""
+    from nsa_cuda.decode import append_to_cache
+    cache = torch.zeros(3, 5, 2, 4, device="cuda", dtype=torch.bfloat16)
+    new = torch.randn(3, 3, 2, 4, device="cuda").to(torch.bfloat16)
+    lens = torch.tensor([1, 3, 5], dtype=torch.int32, device="cuda")
+    append_to_cache(cache, new, lens)
+    want = torch.zeros_like(cache)
+    want[0, 1:4] = new[0]
+    want[1, 3:5] = new[1, :2]
+    torch.cuda.synchronize()
+    assert torch.equal(cache, want)
 
 
 @cuda

@@ -9,6 +9,7 @@ namespace {
 struct CpuBackend {
   static constexpr bool kHasBackward = true;
   static constexpr bool kKeepsDecodeScores = false;
+  static constexpr bool kFusesDecodeGates = false;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }
   static void check_support(const at::Tensor& q, int64_t, int64_t, const char* op) {
@@ -44,6 +45,10 @@ struct CpuBackend {
   static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda update_cmp_cache (CPU)",
                                     [&] { cpu::update_cmp_cache<scalar_t>(p); });
+  }
+  static void append_to_cache(const CacheAppendParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda append_to_cache (CPU)",
+                                    [&] { cpu::append_to_cache<scalar_t>(p); });
   }
   static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,

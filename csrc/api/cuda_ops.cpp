@@ -123,17 +123,30 @@ at::Tensor workspace(int64_t numel) {
 }
 
 // Decode attention of one branch: split-KV kernel + combine over the splits.
-void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
+// With `keep` the splits stay unmerged in the workspace, which `keep` then holds
+// for decode_gate_combine (sparse_attn_decode).
+void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op,
+                          DecodePartials* keep = nullptr) {
   check_built(p.head_dim_qk, dt, op);
   const int splits = nsa::cuda::decode_num_splits(p, num_sms());
-  const int64_t rows = nsa::cuda::decode_partial_rows(p, splits);
+  const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, keep != nullptr);
   at::Tensor o_part = workspace(rows * p.head_dim_v);
   at::Tensor lse_part = workspace(rows);
   float* op_ = o_part.data_ptr<float>();
   float* lp_ = lse_part.data_ptr<float>();
   run_kernel(op, [&] {
     with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
-      nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, op_, lp_, s);
+      nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, op_, lp_, keep == nullptr, s);
+    });
+  });
+  if (keep != nullptr) *keep = DecodePartials{o_part, lse_part, splits};
+}
+
+void dispatch_decode_gate_combine(const DecodeGateParams& p, int64_t dk, DType dt, cudaStream_t s) {
+  check_built(dk, dt, "sparse_attn_decode");
+  run_kernel("decode_gate_combine", [&] {
+    with_instance(dk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_decode_gate_combine<kDk, kDv, kDT>(p, s);
     });
   });
 }
@@ -186,6 +199,7 @@ DType dtype_of(at::ScalarType t) { return t == at::kBFloat16 ? DType::kBf16 : DT
 struct CudaBackend {
   static constexpr bool kHasBackward = true;
   static constexpr bool kKeepsDecodeScores = true;
+  static constexpr bool kFusesDecodeGates = true;
 
   static c10::cuda::CUDAGuard prepare(const at::Tensor& q) { return c10::cuda::CUDAGuard(q.device()); }
 
@@ -220,6 +234,12 @@ struct CudaBackend {
   static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
     dispatch_attn_decode(p, dtype_of(t), current_stream(), "attn_decode");
   }
+  static void attn_decode_partials(const AttnFwdParams& p, at::ScalarType t, DecodePartials& keep) {
+    dispatch_attn_decode(p, dtype_of(t), current_stream(), "attn_decode", &keep);
+  }
+  static void decode_gate_combine(const DecodeGateParams& p, at::ScalarType t) {
+    dispatch_decode_gate_combine(p, p.head_dim_qk, dtype_of(t), current_stream());
+  }
   static void select_blocks_decode(const SelectParams& p, at::ScalarType t) {
     dispatch_select_decode(p, dtype_of(t), current_stream(), "select_blocks_decode");
   }
@@ -230,6 +250,10 @@ struct CudaBackend {
   static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
     run_kernel("mean_compress_bwd",
                [&] { nsa::cuda::run_mean_compress_bwd(p, dtype_of(t), current_stream()); });
+  }
+  static void append_to_cache(const CacheAppendParams& p, at::ScalarType t) {
+    run_kernel("append_to_cache",
+               [&] { nsa::cuda::run_append_to_cache(p, dtype_of(t), current_stream()); });
   }
   static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
     run_kernel("update_cmp_cache",

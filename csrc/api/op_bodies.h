@@ -12,11 +12,18 @@
 //   select_blocks(SelectParams, dtype), mean_compress(CompressParams, dtype),
 //   mean_compress_bwd(CompressParams, dtype),
 //   attn_decode(AttnFwdParams, dtype), select_blocks_decode(SelectParams, dtype),
-//   update_cmp_cache(CompressParams, dtype)     the KV-cache (decode) kernels
+//   update_cmp_cache(CompressParams, dtype),
+//   append_to_cache(CacheAppendParams, dtype)   the KV-cache (decode) kernels
+//   kFusesDecodeGates                  sparse_attn_decode sums the gated branches in
+//                                      one kernel; such a backend also has
+//   attn_decode_partials(AttnFwdParams, dtype, DecodePartials&) and
+//   decode_gate_combine(DecodeGateParams, dtype)
 #pragma once
 
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
+
+#include <vector>
 
 #include "api/fill_params.h"
 #include "cpu/kernels.h"
@@ -54,6 +61,13 @@ inline void check_seqlens_k(const at::Tensor& seqlens_k, const at::Tensor& q, in
   }
 }
 
+// One decode branch's unmerged KV splits (decode_attn's normalised partials), kept
+// for the gated sum of sparse_attn_decode.
+struct DecodePartials {
+  at::Tensor o_part, lse_part;  // fp32 [splits, B, S, Hq, Dv], [splits, B, S, Hq]
+  int num_splits = 0;
+};
+
 // What one attention call needs besides q, k, v: the branch and its sizes.
 struct AttnSpec {
   Branch branch;
@@ -84,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
                                             const OptTensor& cu_seqlens, int64_t max_seqlen,
                                             double scale,
                                             const OptTensor& seqlens_k = std::nullopt,
-                                            float* cmp_scores = nullptr) {
+                                            float* cmp_scores = nullptr,
+                                            DecodePartials* partials = nullptr) {
   const bool cmp = spec.branch == Branch::kCompressed;
   const bool decode = seqlens_k.has_value();
   check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v",
@@ -104,7 +119,12 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
   if (decode) p.seqlens_k = seqlens_k->data_ptr<int32_t>();
   p.cmp_scores = cmp_scores;
   if (q.numel() > 0) {
-    if (decode)
+    if (partials != nullptr) {
+      if constexpr (Backend::kFusesDecodeGates)
+        Backend::attn_decode_partials(p, q.scalar_type(), *partials);
+      else
+        TORCH_CHECK(false, "nsa_cuda: ", spec.op, ": this backend keeps no decode partials");
+    } else if (decode)
       Backend::attn_decode(p, q.scalar_type());
     else
       Backend::attn_fwd(p, q.scalar_type());
@@ -230,6 +250,113 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_select_decode(
   return {o, lse, block_indices};
 }
 
+// One decode step of NSA: the three branches from the caches and their gated
+// sum, o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (a null gate turns its
+// branch off). The compressed attention runs when its gate is on or when the
+// selection needs its lse (g_slc without block_indices). A backend with
+// kFusesDecodeGates leaves the KV splits of each branch unmerged and sums
+// everything in one kernel (fp32, one rounding); the others compose the branch
+// ops and sum g.to(q's dtype) * o_branch like sparse_attn.
+template <class Backend>
+at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
+                              const at::Tensor& v_slc, const at::Tensor& k_win,
+                              const at::Tensor& v_win, const at::Tensor& k_cmp,
+                              const at::Tensor& v_cmp,
+                              const at::Tensor& seqlens_k, const OptTensor& g_cmp,
+                              const OptTensor& g_slc, const OptTensor& g_win,
+                              const OptTensor& block_indices, int64_t l, int64_t d, int64_t lp,
+                              int64_t n, int64_t n_init, int64_t n_local, int64_t w,
+                              double scale) {
+  check_nsa_sizes(l, d, lp);
+  TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
+  check_attn_inputs(q, k_slc, v_slc, "k_slc", "v_slc", /*same_rows=*/false);
+  check_attn_inputs(q, k_win, v_win, "k_win", "v_win", /*same_rows=*/false);
+  check_attn_inputs(q, k_cmp, v_cmp, "k_cmp", "v_cmp", /*same_rows=*/false);
+  const int64_t dv = v_slc.size(3);
+  TORCH_CHECK(v_cmp.size(3) == dv && v_win.size(3) == dv,
+              "nsa_cuda: sparse_attn_decode: v_slc, v_win and v_cmp must have one Dv, got ", dv,
+              ", ", v_win.size(3), " and ", v_cmp.size(3));
+  Backend::check_support(q, q.size(3), dv, "sparse_attn_decode");
+  [[maybe_unused]] auto guard = Backend::prepare(q);
+  auto gate_of = [&](const OptTensor& g, const char* name) -> OptTensor {
+    if (!g.has_value()) return std::nullopt;
+    TORCH_CHECK(g->dim() == 3 && g->sizes() == q.sizes().slice(0, 3) &&
+                    at::isFloatingType(g->scalar_type()) && g->device() == q.device(),
+                "nsa_cuda: sparse_attn_decode: ", name, " must be a floating-point [B, S, Hq] = ",
+                q.sizes().slice(0, 3), " tensor on ", q.device(), ", got ", g->scalar_type(), " ",
+                g->sizes(), " on ", g->device());
+    return g->to(q.scalar_type());
+  };
+  const OptTensor gc = gate_of(g_cmp, "g_cmp"), gs = gate_of(g_slc, "g_slc"),
+                  gw = gate_of(g_win, "g_win");
+  constexpr bool kFused = Backend::kFusesDecodeGates;
+  // A branch's result: final (o) or, on a fusing backend, unmerged partials.
+  struct Term {
+    at::Tensor gate, o;
+    DecodePartials parts;
+  };
+  std::vector<Term> terms;
+  auto branch = [&](const OptTensor& gate, const AttnSpec& spec, const at::Tensor& kb,
+                    const at::Tensor& vb, const OptTensor& bi) {
+    Term t{*gate, {}, {}};
+    t.o = std::get<0>(attn_fwd<Backend>(spec, q, kb, vb, bi, std::nullopt, 0, scale, seqlens_k,
+                                        nullptr, kFused ? &t.parts : nullptr));
+    terms.push_back(std::move(t));
+  };
+  const AttnSpec cmp_spec{Branch::kCompressed, l, d, 1, 1, "sparse_attn_decode (compressed)"};
+  OptTensor bi = block_indices;
+  if (gs.has_value() && !bi.has_value()) {
+    // The selection needs the compressed branch's final lse, so it is merged here.
+    auto [o_cmp, lse_cmp, chosen] = compressed_select_decode<Backend>(q, k_cmp, v_cmp, seqlens_k,
+                                                                      l, d, lp, n, n_init,
+                                                                      n_local, scale);
+    if (gc.has_value()) terms.push_back(Term{*gc, o_cmp, {}});
+    bi = chosen;
+  } else if (gc.has_value()) {
+    branch(gc, cmp_spec, k_cmp, v_cmp, std::nullopt);
+  }
+  if (gs.has_value())
+    branch(gs, AttnSpec{Branch::kSelected, 1, 1, lp, 1, "sparse_attn_decode (selected)"}, k_slc,
+           v_slc, bi);
+  if (gw.has_value())
+    branch(gw, AttnSpec{Branch::kWindow, 1, 1, 1, w, "sparse_attn_decode (window)"}, k_win,
+           v_win, std::nullopt);
+
+  if constexpr (!kFused) {
+    if (terms.empty()) return at::zeros({q.size(0), q.size(1), q.size(2), dv}, q.options());
+    at::Tensor o = terms[0].gate.unsqueeze(-1).mul(terms[0].o);
+    for (size_t j = 1; j < terms.size(); ++j) o = o.add(terms[j].gate.unsqueeze(-1).mul(terms[j].o));
+    return o;
+  } else {
+    at::Tensor o = at::empty({q.size(0), q.size(1), q.size(2), dv}, q.options());
+    Backend::fresh(o);
+    DecodeGateParams p{};
+    p.o = o.data_ptr();
+    p.o_batch_stride = o.stride(0), p.o_row_stride = o.stride(1), p.o_head_stride = o.stride(2);
+    p.num_seqs = q.size(0), p.seqlen = q.size(1), p.num_heads_q = q.size(2);
+    p.head_dim_v = dv, p.head_dim_qk = q.size(3);
+    p.num_branches = int32_t(terms.size());
+    for (size_t j = 0; j < terms.size(); ++j) {
+      const Term& t = terms[j];
+      DecodeGateBranch& x = p.branches[j];
+      x.gate = t.gate.data_ptr();
+      x.gate_batch_stride = t.gate.stride(0), x.gate_row_stride = t.gate.stride(1);
+      x.gate_head_stride = t.gate.stride(2);
+      if (t.parts.num_splits == 0) {  // final
+        x.o = t.o.data_ptr();
+        x.o_batch_stride = t.o.stride(0), x.o_row_stride = t.o.stride(1);
+        x.o_head_stride = t.o.stride(2);
+      } else {
+        x.o_part = static_cast<const float*>(t.parts.o_part.data_ptr());
+        x.lse_part = static_cast<const float*>(t.parts.lse_part.data_ptr());
+        x.num_splits = t.parts.num_splits;
+      }
+    }
+    if (o.numel() > 0) Backend::decode_gate_combine(p, q.scalar_type());
+    return o;
+  }
+}
+
 inline CompressParams make_compress_params(const at::Tensor& x, const at::Tensor& out,
                                            const OptTensor& cu_seqlens, int64_t cmp_block_size,
                                            int64_t cmp_stride) {
@@ -320,6 +447,35 @@ void update_cmp_cache(const at::Tensor& x, const at::Tensor& x_cmp,
   if (x_cmp.numel() > 0 && num_new > 0) Backend::update_cmp_cache(p, x.scalar_type());
 }
 
+// new [B, S, H, D] into cache [B, capacity, H, D] at rows cache_seqlens[b] + i.
+template <class Backend>
+void append_to_cache(const at::Tensor& cache, const at::Tensor& cache_seqlens,
+                     const at::Tensor& new_rows) {
+  check_last_dim_contiguous(cache, "cache");
+  check_last_dim_contiguous(new_rows, "new");
+  Backend::check_support(cache, -1, -1, "append_to_cache");
+  TORCH_CHECK(cache.dim() == 4 && new_rows.dim() == 4 && new_rows.size(0) == cache.size(0) &&
+                  new_rows.size(2) == cache.size(2) && new_rows.size(3) == cache.size(3) &&
+                  new_rows.scalar_type() == cache.scalar_type() &&
+                  new_rows.device() == cache.device(),
+              "nsa_cuda: append_to_cache: new ", new_rows.sizes(), " ", new_rows.scalar_type(),
+              " does not fit the cache ", cache.sizes(), " ", cache.scalar_type(),
+              " (expected [B, S, H, D] of the cache's B, H, D and dtype, on its device)");
+  check_seqlens_k(cache_seqlens, cache, cache.size(1) - new_rows.size(1), false, 1, 1,
+                  "append_to_cache");
+  [[maybe_unused]] auto guard = Backend::prepare(cache);
+  CacheAppendParams p{};
+  p.src = new_rows.data_ptr(), p.dst = cache.data_ptr();
+  p.src_batch_stride = new_rows.stride(0), p.src_row_stride = new_rows.stride(1);
+  p.src_head_stride = new_rows.stride(2);
+  p.dst_batch_stride = cache.stride(0), p.dst_row_stride = cache.stride(1);
+  p.dst_head_stride = cache.stride(2);
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.batch = cache.size(0), p.num_new = new_rows.size(1), p.capacity = cache.size(1);
+  p.num_heads = cache.size(2), p.head_dim = cache.size(3);
+  if (new_rows.numel() > 0) Backend::append_to_cache(p, cache.scalar_type());
+}
+
 // Registers the op bodies above for one dispatch key.
 template <class Backend>
 void register_backend(torch::Library& m) {
@@ -383,7 +539,9 @@ void register_backend(torch::Library& m) {
     const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_decode"};
     return attn_fwd<Backend>(spec, q, k, v, std::nullopt, std::nullopt, 0, scale, seqlens_k);
   });
+  m.impl("sparse_attn_decode", &sparse_attn_decode<Backend>);
   m.impl("update_cmp_cache", &update_cmp_cache<Backend>);
+  m.impl("append_to_cache", &append_to_cache<Backend>);
   if constexpr (Backend::kHasBackward) {
     m.impl("mean_compress_bwd", &mean_compress_bwd<Backend>);
     m.impl("compressed_attn_bwd",

@@ -61,6 +61,21 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def(
       "window_attn_decode(Tensor q, Tensor k, Tensor v, Tensor seqlens_k, int window_size, "
       "float scale) -> (Tensor, Tensor)");
+  // One decode step: the branches whose gate is given, and their gated sum
+  // (k_slc/v_slc and k_win/v_win may be the same caches, or the separate ones of a
+  // layer with independent KV per branch)
+  // g_cmp * o_cmp + g_slc * o_slc + g_win * o_win ([B, S, Hq, Dv]). Without
+  // block_indices (and with g_slc) the blocks are selected from the compressed
+  // scores. On CUDA the branches' KV splits and the gates are merged by one kernel.
+  m.def(
+      "sparse_attn_decode(Tensor q, Tensor k_slc, Tensor v_slc, Tensor k_win, Tensor v_win, "
+      "Tensor k_cmp, Tensor v_cmp, "
+      "Tensor seqlens_k, Tensor? g_cmp, Tensor? g_slc, Tensor? g_win, Tensor? block_indices, "
+      "int cmp_block_size, int cmp_stride, int slc_block_size, int slc_num_blocks, "
+      "int slc_init_blocks, int slc_local_blocks, int window_size, float scale) -> Tensor");
+  // Writes new [B, S, H, D] into cache [B, capacity, H, D] at rows
+  // cache_seqlens[b] + i, in one kernel on CUDA.
+  m.def("append_to_cache(Tensor(a!) cache, Tensor cache_seqlens, Tensor new) -> ()");
   // Writes the mean of every compressed block that completes as batch entry b
   // grows from cache_seqlens[b] to cache_seqlens[b] + num_new tokens.
   m.def(

@@ -108,10 +108,31 @@ void mean_compress_bwd(const CompressParams& p) {
   });
 }
 
+template <typename scalar_t>
+void append_to_cache(const CacheAppendParams& p) {
+  const auto* src = static_cast<const scalar_t*>(p.src);
+  auto* dst = static_cast<scalar_t*>(p.dst);
+  at::parallel_for(0, p.batch * p.num_new, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi) {
+      const int64_t b = bi / p.num_new, i = bi % p.num_new;
+      const int64_t row = int64_t(p.cache_seqlens[b]) + i;
+      if (row < 0 || row >= p.capacity) continue;
+      for (int64_t h = 0; h < p.num_heads; ++h) {
+        const scalar_t* from = src + b * p.src_batch_stride + i * p.src_row_stride +
+                               h * p.src_head_stride;
+        scalar_t* to = dst + b * p.dst_batch_stride + row * p.dst_row_stride +
+                       h * p.dst_head_stride;
+        std::copy(from, from + p.head_dim, to);
+      }
+    }
+  });
+}
+
 #define NSA_INSTANTIATE_COMPRESS(T)                          \
   template void mean_compress<T>(const CompressParams&);     \
   template void mean_compress_bwd<T>(const CompressParams&); \
-  template void update_cmp_cache<T>(const CompressParams&);
+  template void update_cmp_cache<T>(const CompressParams&);  \
+  template void append_to_cache<T>(const CacheAppendParams&);
 NSA_INSTANTIATE_COMPRESS(float)
 NSA_INSTANTIATE_COMPRESS(double)
 NSA_INSTANTIATE_COMPRESS(c10::Half)

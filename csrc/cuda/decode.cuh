@@ -12,9 +12,11 @@
 
 namespace nsa::cuda {
 
+// combine = false (sparse_attn_decode): every split, a single one included, leaves
+// its partials in the workspace for run_decode_gate_combine, and no combine runs.
 template <int kDk, int kDv, DType kDType>
 void run_attn_decode(const AttnFwdParams& p, int num_splits, float* o_part, float* lse_part,
-                     cudaStream_t stream) {
+                     bool combine, cudaStream_t stream) {
   using Traits = DecodeTraits<kDk, kDv, kDType>;
   using Element = typename Traits::Element;
   if (p.num_seqs == 0 || p.seqlen == 0 || p.num_heads_q == 0) return;
@@ -29,13 +31,26 @@ void run_attn_decode(const AttnFwdParams& p, int num_splits, float* o_part, floa
     throw std::runtime_error("decode_attn: slc_num_blocks too large for shared memory");
   auto kernel = decode_attn_kernel<Traits>;
   set_smem_limit(kernel, int(smem), "decode_attn");
-  const DecodeWorkspace ws{o_part, lse_part, num_splits};
+  const DecodeWorkspace ws{o_part, lse_part, num_splits, combine && num_splits == 1};
   const dim3 grid{unsigned(kv_ctas), unsigned(row_tiles), unsigned(num_splits)};
   NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p, ws);
   check_launch("decode_attn");
-  if (num_splits == 1) return;  // decode_attn wrote o and lse
+  if (ws.final_out || !combine) return;  // decode_attn wrote o and lse, or the gated sum merges
   NSA_LAUNCH(unsigned(rows), 128, 0, stream, decode_combine_kernel<kDv, Element>)(p, ws);
   check_launch("decode_combine");
+}
+
+// The instance's (Dv, dtype) picks the kernel; kDk only keeps the instantiation
+// files one per (Dk, Dv, dtype).
+template <int kDk, int kDv, DType kDType>
+void run_decode_gate_combine(const DecodeGateParams& p, cudaStream_t stream) {
+  using Element = typename ElementOf<kDType>::type;
+  const int64_t rows = p.num_seqs * p.seqlen * p.num_heads_q;
+  if (rows == 0) return;
+  if (rows > INT32_MAX || p.num_branches < 0 || p.num_branches > kMaxDecodeBranches)
+    throw std::runtime_error("decode_gate_combine: bad problem size");
+  NSA_LAUNCH(unsigned(rows), 128, 0, stream, decode_gate_combine_kernel<kDv, Element>)(p);
+  check_launch("decode_gate_combine");
 }
 
 template <int kDk, DType kDType>

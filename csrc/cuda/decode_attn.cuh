@@ -349,10 +349,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (lane == 0) sSum[r] = row_sum[m], sMax[r] = row_max[m];
   }
   __syncthreads();
-  // One split: this CTA saw all of its rows' keys, so it writes the final o (in
-  // the input dtype) and lse, as decode_combine would have (a single split's
-  // weight is exactly 1), and no combine runs.
-  const bool final_out = ws.num_splits == 1;
+  // One split that nothing merges afterwards: this CTA saw all of its rows' keys,
+  // so it writes the final o (in the input dtype) and lse, as decode_combine would
+  // have (a single split's weight is exactly 1), and no combine runs.
+  const bool final_out = ws.final_out;
 #pragma unroll
   for (int mi = 0; mi < size<0>(acc_o_rc); ++mi) {
     const int r = get<0>(cO_rc(mi, 0));

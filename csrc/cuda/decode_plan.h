@@ -71,10 +71,12 @@ inline int decode_num_splits(const AttnFwdParams& p, int num_sms) {
 }
 
 // Rows of the split workspace (o_part, lse_part) that decode_attn writes and
-// decode_combine merges: none with one split, where decode_attn writes the final
-// o and lse itself and no combine runs.
-inline int64_t decode_partial_rows(const AttnFwdParams& p, int num_splits) {
-  return num_splits > 1 ? int64_t(num_splits) * p.num_seqs * p.seqlen * p.num_heads_q : 0;
+// decode_combine (or, with `gated`, the gated sum of sparse_attn_decode) merges:
+// none with one split and no gated sum, where decode_attn writes the final o and
+// lse itself and no combine runs.
+inline int64_t decode_partial_rows(const AttnFwdParams& p, int num_splits, bool gated = false) {
+  return num_splits > 1 || gated ? int64_t(num_splits) * p.num_seqs * p.seqlen * p.num_heads_q
+                                 : 0;
 }
 
 // Row padding of decode_attn's smem tiles, in elements: 16 bytes of 16-bit

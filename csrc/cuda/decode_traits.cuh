@@ -66,12 +66,14 @@ struct DecodeTraits : DecodeQkTraits<kDk_, typename ElementOf<kDType>::type> {
 };
 
 // Where the workspace puts split `split`'s partial row (b, i, h): o_part is
-// [splits][B][S][Hq][Dv] fp32, lse_part [splits][B][S][Hq] fp32. With one split
-// there is no workspace (decode_partial_rows): decode_attn writes o and lse.
+// [splits][B][S][Hq][Dv] fp32, lse_part [splits][B][S][Hq] fp32. With
+// `final_out` (one split whose result nobody merges) there is no workspace
+// (decode_partial_rows): decode_attn writes o and lse.
 struct DecodeWorkspace {
   float* o_part;
   float* lse_part;
   int num_splits;
+  bool final_out;
 };
 
 }  // namespace nsa::cuda

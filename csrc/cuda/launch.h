@@ -26,13 +26,19 @@ void run_select_blocks(const SelectParams& params, cudaStream_t stream);
 // fp32 workspaces with the torch allocator, sized by decode_plan.h:
 //   attention: o_part [num_splits, B, S, Hq, Dv], lse_part [num_splits, B, S, Hq]
 //   selection: scores [B, Hkv, S, select_score_width(params)]
+// With combine = false the attention leaves its splits' partials (one split
+// included) for run_decode_gate_combine, which writes o = sum_b g_b * o_b.
 template <int kDk, int kDv, DType kDType>
 void run_attn_decode(const AttnFwdParams& params, int num_splits, float* o_part,
-                     float* lse_part, cudaStream_t stream);
+                     float* lse_part, bool combine, cudaStream_t stream);
+template <int kDk, int kDv, DType kDType>
+void run_decode_gate_combine(const DecodeGateParams& params, cudaStream_t stream);
 template <int kDk, DType kDType>
 void run_select_blocks_decode(const SelectParams& params, float* scores, cudaStream_t stream);
 // Compresses the blocks that complete as the caches grow (CompressParams::cache_seqlens).
 void run_update_cmp_cache(const CompressParams& params, DType dtype, cudaStream_t stream);
+// Writes the new tokens into the cache at rows cache_seqlens[b] + i (one launch).
+void run_append_to_cache(const CacheAppendParams& params, DType dtype, cudaStream_t stream);
 
 // Scratch of the attention backward, allocated by the caller (torch's caching
 // allocator on the current stream).

@@ -72,6 +72,21 @@ __global__ void __launch_bounds__(128) update_cmp_cache_kernel(const CompressPar
   }
 }
 
+// append_to_cache: CTA (i, b) copies new token i of batch entry b (all heads) to
+// cache row cache_seqlens[b] + i, or nothing when that row is outside the cache.
+template <class T>
+__global__ void __launch_bounds__(128) append_to_cache_kernel(const CacheAppendParams p) {
+  const int64_t i = blockIdx.x, b = blockIdx.y;
+  const int64_t row = int64_t(p.cache_seqlens[b]) + i;
+  if (row < 0 || row >= p.capacity) return;  // uniform over the CTA
+  const T* src = static_cast<const T*>(p.src) + b * p.src_batch_stride + i * p.src_row_stride;
+  T* dst = static_cast<T*>(p.dst) + b * p.dst_batch_stride + row * p.dst_row_stride;
+  for (int64_t e = threadIdx.x; e < p.num_heads * p.head_dim; e += blockDim.x) {
+    const int64_t h = e / p.head_dim, c = e % p.head_dim;
+    dst[h * p.dst_head_stride + c] = src[h * p.src_head_stride + c];
+  }
+}
+
 // Launches `kernel(tag)` (a lambda that instantiates the kernel for the element
 // type of `tag`) on a (rows, batch) grid of 128-thread CTAs.
 template <class Launch>
@@ -94,6 +109,13 @@ void run_update_cmp_cache(const CompressParams& p, DType dtype, cudaStream_t str
                                                p.rows_out);
   launch_rows("update_cmp_cache", max_blocks, p.batch, dtype, [&](auto tag, const dim3& grid) {
     NSA_LAUNCH(grid, 128, 0, stream, update_cmp_cache_kernel<decltype(tag)>)(p);
+  });
+}
+
+void run_append_to_cache(const CacheAppendParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch == 0 || p.num_new <= 0 || p.capacity == 0 || p.num_heads * p.head_dim == 0) return;
+  launch_rows("append_to_cache", p.num_new, p.batch, dtype, [&](auto tag, const dim3& grid) {
+    NSA_LAUNCH(grid, 128, 0, stream, append_to_cache_kernel<decltype(tag)>)(p);
   });
 }
 

@@ -47,6 +47,7 @@ constexpr cudaStream_t kStream = nullptr;
 struct EmuBackend {
   static constexpr bool kHasBackward = true;
   static constexpr bool kKeepsDecodeScores = true;
+  static constexpr bool kFusesDecodeGates = true;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }
 
@@ -101,16 +102,28 @@ struct EmuBackend {
       });
     });
   }
-  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
+  static void attn_decode(const AttnFwdParams& p, at::ScalarType t, DecodePartials* keep = nullptr) {
     run_kernel("attn_decode", [&] {
       const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::num_sms());
-      const int64_t rows = nsa::cuda::decode_partial_rows(p, splits);
+      const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, keep != nullptr);
       at::Tensor o_part = workspace(rows * p.head_dim_v);
       at::Tensor lse_part = workspace(rows);
       poison(o_part), poison(lse_part);
       with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
         nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, o_part.data_ptr<float>(),
-                                                  lse_part.data_ptr<float>(), kStream);
+                                                  lse_part.data_ptr<float>(), keep == nullptr,
+                                                  kStream);
+      });
+      if (keep != nullptr) *keep = DecodePartials{o_part, lse_part, splits};
+    });
+  }
+  static void attn_decode_partials(const AttnFwdParams& p, at::ScalarType t, DecodePartials& keep) {
+    attn_decode(p, t, &keep);
+  }
+  static void decode_gate_combine(const DecodeGateParams& p, at::ScalarType t) {
+    run_kernel("decode_gate_combine", [&] {
+      with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_decode_gate_combine<kDk, kDv, kDT>(p, kStream);
       });
     });
   }
@@ -130,6 +143,10 @@ struct EmuBackend {
   static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
     run_kernel("mean_compress_bwd",
                [&] { nsa::cuda::run_mean_compress_bwd(p, dtype_of(t), kStream); });
+  }
+  static void append_to_cache(const CacheAppendParams& p, at::ScalarType t) {
+    run_kernel("append_to_cache",
+               [&] { nsa::cuda::run_append_to_cache(p, dtype_of(t), kStream); });
   }
   static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
     run_kernel("update_cmp_cache",

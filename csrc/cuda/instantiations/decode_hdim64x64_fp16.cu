@@ -3,6 +3,8 @@
 
 namespace nsa::cuda {
 template void run_attn_decode<64, 64, DType::kFp16>(const AttnFwdParams&, int, float*, float*,
-                                                        cudaStream_t);
+                                                        bool, cudaStream_t);
+template void run_decode_gate_combine<64, 64, DType::kFp16>(const DecodeGateParams&,
+                                                                cudaStream_t);
 template void run_select_blocks_decode<64, DType::kFp16>(const SelectParams&, float*, cudaStream_t);
 }  // namespace nsa::cuda

@@ -104,6 +104,43 @@ struct SelectParams {
       slc_local_blocks;
 };
 
+// KV-cache append: new [B, S, H, D] goes to rows cache_seqlens[b] + i of
+// cache [B, capacity, H, D]; rows outside [0, capacity) are dropped (the eager API
+// raises before that; under graph capture the step's output is then unspecified).
+struct CacheAppendParams {
+  const void* src;
+  void* dst;
+  int64_t src_batch_stride, src_row_stride, src_head_stride;
+  int64_t dst_batch_stride, dst_row_stride, dst_head_stride;
+  const int32_t* cache_seqlens;
+  int64_t batch, num_new, capacity, num_heads, head_dim;
+};
+
+// Decode (sparse_attn_decode): o = sum over the branches of g * o_branch in one
+// pass. A branch is final (o_branch already in q's dtype, o_* strides) or the
+// normalised partials of decode_attn's KV splits, merged here as decode_combine
+// would merge them (o_part [splits][B][S][Hq][Dv] fp32, lse_part [splits][B][S][Hq]).
+struct DecodeGateBranch {
+  const void* gate;  // [B, S, Hq] in q's dtype
+  int64_t gate_batch_stride, gate_row_stride, gate_head_stride;
+  const void* o;  // final branch output [B, S, Hq, Dv], or nullptr for partials
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  const float* o_part;
+  const float* lse_part;
+  int32_t num_splits;
+};
+
+constexpr int kMaxDecodeBranches = 3;
+
+struct DecodeGateParams {
+  void* o;  // [B, S, Hq, Dv] in q's dtype
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int64_t num_seqs, seqlen, num_heads_q, head_dim_v;
+  int64_t head_dim_qk;  // only picks the build's (Dk, Dv, dtype) instance
+  DecodeGateBranch branches[kMaxDecodeBranches];
+  int32_t num_branches;
+};
+
 // Mean compression: x [B, T, H, D] -> out [B, rows_out, H, D]; block i of a
 // sequence is the mean of its rows [i*d, i*d + l). Varlen packs sequence m's
 // blocks from row packed_cmp_row_begin(m). The gradient uses the same struct
