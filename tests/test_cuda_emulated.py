@@ -403,6 +403,20 @@ def _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d):
     return q, k, v, F.ref.mean_compress(k, l, d), F.ref.mean_compress(v, l, d)
 
 
+# Batch entries, KV heads, cache capacity, l, d, l', n, w of the decode tests.
+DECODE_SIZES = (3, 2, 180, 32, 16, 32, 3, 40)
+
+
+def _decode_case(F, dims, S, G, splits, monkeypatch):
+    """Lengths (full, mid, shorter than a compressed block) and random caches of the
+    decode tests; the KV split count fixed to `splits` unless it is None."""
+    if splits is not None:
+        monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
+    Bsz, Hkv, cap, l, d = DECODE_SIZES[:5]
+    lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
+    return (lens, *_decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d))
+
+
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("S,G,splits", [(1, 1, None), (1, 16, None), (3, 4, None), (8, 2, None),
                                         (1, 16, 1), (3, 4, 1), (8, 2, 2), (3, 16, 1), (5, 5, None)])
@@ -416,13 +430,10 @@ def test_decode(F, emu, dims, S, G, splits, monkeypatch):
     heuristic for a short branch) writes o and lse itself, with no combine. S * G > 16
     takes several 16-row tiles: whole tokens (3 x 16) or a token cut by a tile
     boundary (5 x 5: rows 15 and 16 are heads of token 3)."""
-    if splits is not None:
-        monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     cpu = _cpu_ops()
     dk, dv, dtype = dims
-    Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
-    lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
-    q, k, v, kc, vc = _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d)
+    Bsz, Hkv, cap, l, d, lp, n, w = DECODE_SIZES
+    lens, q, k, v, kc, vc = _decode_case(F, dims, S, G, splits, monkeypatch)
     scale = dk ** -0.5
 
     o, lse = emu.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
@@ -453,13 +464,10 @@ def test_sparse_attn_decode(F, emu, dims, S, G, splits, monkeypatch):
     (no block_indices) picks compressed_select_decode's blocks; with g_cmp off it
     is bitwise the form given those blocks. Separate window caches, a branch off,
     and every gate off (zeros)."""
-    if splits is not None:
-        monkeypatch.setenv("NSA_DECODE_SPLITS", str(splits))
     cpu = _cpu_ops()
     dk, dv, dtype = dims
-    Bsz, Hkv, cap, l, d, lp, n, w = 3, 2, 180, 32, 16, 32, 3, 40
-    lens = torch.tensor([cap, 97, max(S, 20)], dtype=torch.int32)
-    q, k, v, kc, vc = _decode_inputs(F, dims, Bsz, S, Hkv, G, cap, l, d)
+    Bsz, Hkv, cap, l, d, lp, n, w = DECODE_SIZES
+    lens, q, k, v, kc, vc = _decode_case(F, dims, S, G, splits, monkeypatch)
     k_win, v_win = F.rand(*k.shape, dtype=dtype), F.rand(*v.shape, dtype=dtype)
     scale = dk ** -0.5
     gates = torch.rand(Bsz, S, 3, Hkv * G)
