@@ -460,7 +460,7 @@ def test_sparse_attn_decode(F, emu, dims, S, G, splits, monkeypatch):
     (one split included, NSA_DECODE_SPLITS=1) and decode_gate_combine merges them
     and sums the gated branches. Against the CPU op by the spec's rule with the
     emulator's block choice; gates as the layer passes them (strided views of one
-    [B, S, 3, Hq] tensor, here fp32, converted to q's dtype). The selecting form
+    [B, S, 3, Hq] tensor, in q's dtype or in fp32, converted first). The selecting form
     (no block_indices) picks compressed_select_decode's blocks; with g_cmp off it
     is bitwise the form given those blocks. Separate window caches, a branch off,
     and every gate off (zeros)."""
@@ -470,7 +470,8 @@ def test_sparse_attn_decode(F, emu, dims, S, G, splits, monkeypatch):
     lens, q, k, v, kc, vc = _decode_case(F, dims, S, G, splits, monkeypatch)
     k_win, v_win = F.rand(*k.shape, dtype=dtype), F.rand(*v.shape, dtype=dtype)
     scale = dk ** -0.5
-    gates = torch.rand(Bsz, S, 3, Hkv * G)
+    # q's dtype: the kernel reads the strided views; fp32: converted (contiguous) first
+    gates = torch.rand(Bsz, S, 3, Hkv * G).to(dtype if splits is None else torch.float32)
     g_cmp, g_slc, g_win = (gates[:, :, j] for j in range(3))
     sizes = (l, d, lp, n, 1, 1, w, scale)
     _, _, bi = emu.compressed_select_decode(q, kc, vc, lens, l, d, lp, n, 1, 1, scale)
