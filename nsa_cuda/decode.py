@@ -195,7 +195,11 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
             append). With it the capacity check needs no device sync.
         The NSA settings and ``scale`` are those of ``sparse_attn``.
 
-    Returns ``o [B, S, Hq, Dv]``, or ``(o, aux)`` with ``return_aux=True``.
+    Returns ``o [B, S, Hq, Dv]``, or ``(o, aux)`` with ``return_aux=True``. Without
+    aux the attention is one op, ``torch.ops.nsa_cuda.sparse_attn_decode``: on CUDA it
+    merges the branches' KV splits and the gates in one kernel and rounds once, so
+    its ``o`` can differ from the ``return_aux=True`` one (which rounds each branch
+    output, then the gated sum, to q's dtype) in the last bits.
 
     The query ``i`` of batch entry ``b`` is at position ``L_b - S + i`` where ``L_b`` is
     the length after the append, and sees exactly what that position sees in
