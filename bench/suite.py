@@ -628,6 +628,22 @@ def bench_fla(run: Runner, base, s: Shape, T: int, cfg: NSA, sets):
 
 # --- decode (KV cache) ----------------------------------------------------------------------
 
+def cuda_kernel_count(fn) -> str:
+    """Kernels one call of fn launches on the GPU (torch.profiler), or why not known."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        fn()  # allocations and first-call work outside the count
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return str(sum(1 for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and
+                       not e.name.lower().startswith(("memcpy", "memset"))))
+    except Exception as e:  # noqa: BLE001  a diagnostic, never a failure
+        return "unknown (" + _err(e)[:60] + ")"
+
+
 def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype):
     """Latency of one decode step (S = 1) at context length T, batch B: the new token is
     appended at row T - 1 of caches of capacity T (its compressed block, if it completes
@@ -697,9 +713,10 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
                 selected=min(cfg.n * cfg.lp, T) * kv_row, window=min(cfg.w, T) * kv_row)
     need["branches"] = need["compressed_select"] + need["selected"] + need["window"]
     note = f"decode step, S=1, {nsets} cache set(s) rotated"
+    launches = f"; {cuda_kernel_count(lambda: nsa_step(0))} kernel launches" if cuda else ""
     run.add(base, "nsa_cuda.decode", "decode", nsa_step, nsets=nsets,
             bytes_read=sum(need[k] for k in ("compressed_select", "selected", "window")),
-            note=note + "; eager, host-side length bound (no device sync)")
+            note=note + "; eager, host-side length bound (no device sync)" + launches)
     if cuda:
         try:
             graph = None
