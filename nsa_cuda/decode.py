@@ -74,12 +74,15 @@ def check_cache_room(cache_seqlens: Tensor, num_new: int, capacity: int,
                 "cache or start a new sequence")
 
 
-def append_to_cache(cache: Tensor, new: Tensor, cache_seqlens: Tensor) -> None:
-    """Writes ``new [B, S, ...]`` into ``cache [B, capacity, ...]`` at rows
-    ``cache_seqlens[b] + i``, in place: one kernel on CUDA, no host sync (CUDA-graph
-    capturable). Rows past the capacity are dropped; only graph capture and
-    torch.compile can get there, since eager calls check the room first."""
-    ops.append_to_cache(cache, cache_seqlens, new.to(cache.dtype))
+def append_to_cache(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
+                    cache_seqlens: Tensor) -> None:
+    """Writes ``k_new``/``v_new [B, S, Hkv, D]`` into ``k_cache``/``v_cache
+    [B, capacity, Hkv, D]`` at rows ``cache_seqlens[b] + i``, in place: one kernel for
+    both on CUDA, no host sync (CUDA-graph capturable). Rows past the capacity are
+    dropped; only graph capture and torch.compile can get there, since eager calls
+    check the room first."""
+    ops.append_kv_to_cache(k_cache, v_cache, cache_seqlens, k_new.to(k_cache.dtype),
+                           v_new.to(v_cache.dtype))
 
 
 def _decode_settings(cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
@@ -232,8 +235,7 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
             check.dtype(name, new, q)
             check.same_device(q=q, **{name: new})
         check_cache_room(cache_seqlens, S, capacity, max_cache_seqlen)
-        append_to_cache(k_cache, k_new, cache_seqlens)
-        append_to_cache(v_cache, v_new, cache_seqlens)
+        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens)
         if update_cmp_cache:
             for x, x_cmp in ((k_cache, k_cmp_cache), (v_cache, v_cmp_cache)):
                 ops.update_cmp_cache(x, x_cmp, cache_seqlens, S, cmp_block_size, cmp_stride)

@@ -496,8 +496,7 @@ class NativeSparseAttention(nn.Module):
         q = self._rope(self.q_proj(hidden_states).view(B, S, self.num_heads, self.head_dim), pos)
         ks, vs = self._kv_sets(hidden_states, pos, cache.k_cmp.dtype)
         for i in range(len(ks)):
-            decode.append_to_cache(cache.k[i], ks[i], old_lens)
-            decode.append_to_cache(cache.v[i], vs[i], old_lens)
+            decode.append_to_cache(cache.k[i], cache.v[i], ks[i], vs[i], old_lens)
         self._compress_new_blocks(cache, old_lens, S)
         new_lens = (old_lens + S).to(torch.int32)
         gates = torch.sigmoid(self.g_proj(hidden_states)).view(B, S, 3, self.num_heads)

@@ -119,8 +119,8 @@ def _(q, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, seqlens_k, g_cmp, g_slc, g_wi
     return q.new_empty((*q.shape[:3], v_slc.shape[3]))
 
 
-@torch.library.register_fake("nsa_cuda::append_to_cache")
-def _(cache, cache_seqlens, new):
+@torch.library.register_fake("nsa_cuda::append_kv_to_cache")
+def _(k_cache, v_cache, cache_seqlens, k_new, v_new):
     return None
 
 

@@ -67,7 +67,8 @@ def _op_args(varlen, requires_grad):
             "selected_attn_decode": (qd, k, v, bi_d, lens, LP, SCALE),
             "window_attn_decode": (qd, k, v, lens, W, SCALE),
             "update_cmp_cache": (k, kc.clone(), lens - 2, 2, L, D),
-            "append_to_cache": (k.clone(), lens - 2, k[:, :2].clone()),
+            "append_kv_to_cache": (k.clone(), v.clone(), lens - 2, k[:, :2].clone(),
+                                   v[:, :2].clone()),
         }
         gates = [torch.rand(qd.shape[:3], dtype=qd.dtype) for _ in range(3)]
         step = (qd, k, v, k, v, kc, vc, lens)
@@ -105,7 +106,7 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "window_attn_bwd", "window_attn_bwd/no dlse"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
               "selected_attn_decode", "window_attn_decode", "update_cmp_cache",
-              "append_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]
+              "append_kv_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]
 FWD_OPS = {"mean_compress", "compressed_attn_fwd", "select_blocks", "selected_attn_fwd",
            "window_attn_fwd"}
 

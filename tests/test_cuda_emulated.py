@@ -516,18 +516,21 @@ def test_decode_selection_many_rows_and_heads(F, emu, dims):
 
 
 @pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
-def test_append_to_cache(F, emu, dtype):
-    """The append kernel writes each new row (strided source, all heads) where the CPU
-    op does and leaves the rest of the (poisoned) cache as it was."""
+def test_append_kv_to_cache(F, emu, dtype):
+    """The append kernel writes each new k and v row (strided source, all heads, the
+    two head dims) where the CPU op does and leaves the rest of the (poisoned)
+    caches as they were."""
     cpu = _cpu_ops()
-    cache = torch.full((3, 50, 2, 192), float("nan"), dtype=dtype)
-    new = F.rand(3, 8, 4, 192, dtype=dtype)[:, :, ::2]
+    caches = [torch.full((3, 50, 2, D), float("nan"), dtype=dtype) for D in (192, 128)]
+    k_new = F.rand(3, 8, 4, 192, dtype=dtype)[:, :, ::2]
+    v_new = F.rand(3, 8, 2, 128, dtype=dtype)
     lens = torch.tensor([0, 17, 42], dtype=torch.int32)
-    got, want = cache.clone(), cache.clone()
-    emu.append_to_cache(got, lens, new)
-    cpu.append_to_cache(want, lens, new)
-    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
-    assert (~got.isnan()).sum() == new.numel()
+    got, want = [c.clone() for c in caches], [c.clone() for c in caches]
+    emu.append_kv_to_cache(*got, lens, k_new, v_new)
+    cpu.append_kv_to_cache(*want, lens, k_new, v_new)
+    for g, w, new in zip(got, want, (k_new, v_new)):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num())
+        assert (~g.isnan()).sum() == new.numel()
 
 
 @pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)

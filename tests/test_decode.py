@@ -189,22 +189,25 @@ def test_full_cache_raises():
 
 
 def test_append_to_cache():
-    """The new rows land at cache_seqlens[b] + i of each batch entry, every other row
-    untouched, from strided new rows; an append past the capacity raises on the CPU
-    (CUDA drops such rows instead: test_cuda_append_past_capacity_stays_in_bounds)."""
+    """The new k and v rows land at cache_seqlens[b] + i of each batch entry (v with
+    its own head dim, k from strided rows), every other row untouched; an append past
+    the capacity raises on the CPU (CUDA drops such rows instead:
+    test_cuda_append_past_capacity_stays_in_bounds)."""
     from nsa_cuda.decode import append_to_cache
-    cache = torch.zeros(3, 6, 2, 4)
-    new = torch.randn(3, 2, 4, 4)[:, :, 1:3]  # strided rows
+    k_cache, v_cache = torch.zeros(3, 6, 2, 4), torch.zeros(3, 6, 2, 3)
+    k_new = torch.randn(3, 2, 4, 4)[:, :, 1:3]  # strided rows
+    v_new = torch.randn(3, 2, 2, 3)
     lens = torch.tensor([0, 3, 4], dtype=torch.int32)
-    append_to_cache(cache, new, lens)
-    want = torch.zeros_like(cache)
-    for b, n in enumerate(lens.tolist()):
-        want[b, n:n + 2] = new[b]
-    assert torch.equal(cache, want)
+    append_to_cache(k_cache, v_cache, k_new, v_new, lens)
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        want = torch.zeros_like(cache)
+        for b, n in enumerate(lens.tolist()):
+            want[b, n:n + 2] = new[b]
+        assert torch.equal(cache, want)
     with pytest.raises(RuntimeError, match="more than its cache holds"):
-        append_to_cache(cache, new, torch.tensor([0, 3, 5], dtype=torch.int32))
-    with pytest.raises(RuntimeError, match="does not fit the cache"):
-        ops.append_to_cache(cache, lens, new[:, :, :1])
+        append_to_cache(k_cache, v_cache, k_new, v_new, torch.tensor([0, 3, 5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="does not fit v_cache"):
+        ops.append_kv_to_cache(k_cache, v_cache, lens, k_new, v_new[..., :2])
 
 
 def test_argument_errors():
@@ -444,15 +447,16 @@ def test_cuda_append_past_capacity_stays_in_bounds():
     be written past its capacity: rows in range are written, the overflow is dropped,
     every other row is untouched (no device-side assert, no stray write)."""
     from nsa_cuda.decode import append_to_cache
-    cache = torch.zeros(3, 5, 2, 4, device="cuda", dtype=torch.bfloat16)
-    new = torch.randn(3, 3, 2, 4, device="cuda").to(torch.bfloat16)
+    caches = [torch.zeros(3, 5, 2, D, device="cuda", dtype=torch.bfloat16) for D in (4, 3)]
+    news = [torch.randn(3, 3, 2, D, device="cuda").to(torch.bfloat16) for D in (4, 3)]
     lens = torch.tensor([1, 3, 5], dtype=torch.int32, device="cuda")
-    append_to_cache(cache, new, lens)
-    want = torch.zeros_like(cache)
-    want[0, 1:4] = new[0]
-    want[1, 3:5] = new[1, :2]
+    append_to_cache(*caches, *news, lens)
     torch.cuda.synchronize()
-    assert torch.equal(cache, want)
+    for cache, new in zip(caches, news):
+        want = torch.zeros_like(cache)
+        want[0, 1:4] = new[0]
+        want[1, 3:5] = new[1, :2]
+        assert torch.equal(cache, want)
 
 
 @cuda

@@ -46,9 +46,10 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda update_cmp_cache (CPU)",
                                     [&] { cpu::update_cmp_cache<scalar_t>(p); });
   }
-  static void append_to_cache(const CacheAppendParams& p, at::ScalarType t) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda append_to_cache (CPU)",
-                                    [&] { cpu::append_to_cache<scalar_t>(p); });
+  static void append_kv_to_cache(const CacheAppendParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,
+                                    "nsa_cuda append_kv_to_cache (CPU)",
+                                    [&] { cpu::append_kv_to_cache<scalar_t>(p); });
   }
   static void mean_compress_bwd(const CompressParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,

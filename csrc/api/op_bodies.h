@@ -13,7 +13,7 @@
 //   mean_compress_bwd(CompressParams, dtype),
 //   attn_decode(AttnFwdParams, dtype), select_blocks_decode(SelectParams, dtype),
 //   update_cmp_cache(CompressParams, dtype),
-//   append_to_cache(CacheAppendParams, dtype)   the KV-cache (decode) kernels
+//   append_kv_to_cache(CacheAppendParams, dtype)  the KV-cache (decode) kernels
 //   kFusesDecodeGates                  sparse_attn_decode sums the gated branches in
 //                                      one kernel; such a backend also has
 //   attn_decode_partials(AttnFwdParams, dtype, DecodePartials&) and
@@ -447,33 +447,46 @@ void update_cmp_cache(const at::Tensor& x, const at::Tensor& x_cmp,
   if (x_cmp.numel() > 0 && num_new > 0) Backend::update_cmp_cache(p, x.scalar_type());
 }
 
-// new [B, S, H, D] into cache [B, capacity, H, D] at rows cache_seqlens[b] + i.
+// k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D] at rows
+// cache_seqlens[b] + i.
 template <class Backend>
-void append_to_cache(const at::Tensor& cache, const at::Tensor& cache_seqlens,
-                     const at::Tensor& new_rows) {
-  check_last_dim_contiguous(cache, "cache");
-  check_last_dim_contiguous(new_rows, "new");
-  Backend::check_support(cache, -1, -1, "append_to_cache");
-  TORCH_CHECK(cache.dim() == 4 && new_rows.dim() == 4 && new_rows.size(0) == cache.size(0) &&
-                  new_rows.size(2) == cache.size(2) && new_rows.size(3) == cache.size(3) &&
-                  new_rows.scalar_type() == cache.scalar_type() &&
-                  new_rows.device() == cache.device(),
-              "nsa_cuda: append_to_cache: new ", new_rows.sizes(), " ", new_rows.scalar_type(),
-              " does not fit the cache ", cache.sizes(), " ", cache.scalar_type(),
-              " (expected [B, S, H, D] of the cache's B, H, D and dtype, on its device)");
-  check_seqlens_k(cache_seqlens, cache, cache.size(1) - new_rows.size(1), false, 1, 1,
-                  "append_to_cache");
-  [[maybe_unused]] auto guard = Backend::prepare(cache);
+void append_kv_to_cache(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& cache_seqlens, const at::Tensor& k_new,
+                        const at::Tensor& v_new) {
+  Backend::check_support(k_cache, -1, -1, "append_kv_to_cache");
   CacheAppendParams p{};
-  p.src = new_rows.data_ptr(), p.dst = cache.data_ptr();
-  p.src_batch_stride = new_rows.stride(0), p.src_row_stride = new_rows.stride(1);
-  p.src_head_stride = new_rows.stride(2);
-  p.dst_batch_stride = cache.stride(0), p.dst_row_stride = cache.stride(1);
-  p.dst_head_stride = cache.stride(2);
+  const at::Tensor* pairs[2][2] = {{&k_cache, &k_new}, {&v_cache, &v_new}};
+  for (int s = 0; s < 2; ++s) {
+    const at::Tensor &cache = *pairs[s][0], &rows = *pairs[s][1];
+    const char* name = s == 0 ? "k" : "v";
+    check_last_dim_contiguous(cache, s == 0 ? "k_cache" : "v_cache");
+    check_last_dim_contiguous(rows, s == 0 ? "k_new" : "v_new");
+    TORCH_CHECK(cache.dim() == 4 && rows.dim() == 4 && cache.size(0) == k_cache.size(0) &&
+                    cache.size(1) == k_cache.size(1) && cache.size(2) == k_cache.size(2) &&
+                    rows.size(0) == cache.size(0) && rows.size(1) == k_new.size(1) &&
+                    rows.size(2) == cache.size(2) && rows.size(3) == cache.size(3) &&
+                    cache.scalar_type() == k_cache.scalar_type() &&
+                    rows.scalar_type() == cache.scalar_type() &&
+                    cache.device() == k_cache.device() && rows.device() == cache.device(),
+                "nsa_cuda: append_kv_to_cache: ", name, "_new ", rows.sizes(), " ",
+                rows.scalar_type(), " does not fit ", name, "_cache ", cache.sizes(), " ",
+                cache.scalar_type(), " (the caches are [B, capacity, Hkv, D] of one B, capacity, "
+                "Hkv, dtype and device; the new rows [B, S, Hkv, D] of their cache's D)");
+    auto& x = p.sides[s];
+    x.src = rows.data_ptr(), x.dst = cache.data_ptr();
+    x.src_batch_stride = rows.stride(0), x.src_row_stride = rows.stride(1);
+    x.src_head_stride = rows.stride(2);
+    x.dst_batch_stride = cache.stride(0), x.dst_row_stride = cache.stride(1);
+    x.dst_head_stride = cache.stride(2);
+    x.head_dim = cache.size(3);
+  }
+  check_seqlens_k(cache_seqlens, k_cache, k_cache.size(1) - k_new.size(1), false, 1, 1,
+                  "append_kv_to_cache");
+  [[maybe_unused]] auto guard = Backend::prepare(k_cache);
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  p.batch = cache.size(0), p.num_new = new_rows.size(1), p.capacity = cache.size(1);
-  p.num_heads = cache.size(2), p.head_dim = cache.size(3);
-  if (new_rows.numel() > 0) Backend::append_to_cache(p, cache.scalar_type());
+  p.batch = k_cache.size(0), p.num_new = k_new.size(1), p.capacity = k_cache.size(1);
+  p.num_heads = k_cache.size(2);
+  if (k_new.numel() + v_new.numel() > 0) Backend::append_kv_to_cache(p, k_cache.scalar_type());
 }
 
 // Registers the op bodies above for one dispatch key.
@@ -541,7 +554,7 @@ void register_backend(torch::Library& m) {
   });
   m.impl("sparse_attn_decode", &sparse_attn_decode<Backend>);
   m.impl("update_cmp_cache", &update_cmp_cache<Backend>);
-  m.impl("append_to_cache", &append_to_cache<Backend>);
+  m.impl("append_kv_to_cache", &append_kv_to_cache<Backend>);
   if constexpr (Backend::kHasBackward) {
     m.impl("mean_compress_bwd", &mean_compress_bwd<Backend>);
     m.impl("compressed_attn_bwd",

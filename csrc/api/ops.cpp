@@ -73,9 +73,11 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "Tensor seqlens_k, Tensor? g_cmp, Tensor? g_slc, Tensor? g_win, Tensor? block_indices, "
       "int cmp_block_size, int cmp_stride, int slc_block_size, int slc_num_blocks, "
       "int slc_init_blocks, int slc_local_blocks, int window_size, float scale) -> Tensor");
-  // Writes new [B, S, H, D] into cache [B, capacity, H, D] at rows
-  // cache_seqlens[b] + i, in one kernel on CUDA.
-  m.def("append_to_cache(Tensor(a!) cache, Tensor cache_seqlens, Tensor new) -> ()");
+  // Writes k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D]
+  // at rows cache_seqlens[b] + i, in one kernel on CUDA.
+  m.def(
+      "append_kv_to_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor k_new, Tensor v_new) -> ()");
   // Writes the mean of every compressed block that completes as batch entry b
   // grows from cache_seqlens[b] to cache_seqlens[b] + num_new tokens.
   m.def(

@@ -109,20 +109,19 @@ void mean_compress_bwd(const CompressParams& p) {
 }
 
 template <typename scalar_t>
-void append_to_cache(const CacheAppendParams& p) {
-  const auto* src = static_cast<const scalar_t*>(p.src);
-  auto* dst = static_cast<scalar_t*>(p.dst);
-  at::parallel_for(0, p.batch * p.num_new, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bi = begin; bi < end; ++bi) {
-      const int64_t b = bi / p.num_new, i = bi % p.num_new;
+void append_kv_to_cache(const CacheAppendParams& p) {
+  at::parallel_for(0, 2 * p.batch * p.num_new, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const auto& x = p.sides[job / (p.batch * p.num_new)];
+      const int64_t b = job / p.num_new % p.batch, i = job % p.num_new;
       const int64_t row = int64_t(p.cache_seqlens[b]) + i;
       if (row < 0 || row >= p.capacity) continue;
       for (int64_t h = 0; h < p.num_heads; ++h) {
-        const scalar_t* from = src + b * p.src_batch_stride + i * p.src_row_stride +
-                               h * p.src_head_stride;
-        scalar_t* to = dst + b * p.dst_batch_stride + row * p.dst_row_stride +
-                       h * p.dst_head_stride;
-        std::copy(from, from + p.head_dim, to);
+        const auto* from = static_cast<const scalar_t*>(x.src) + b * x.src_batch_stride +
+                           i * x.src_row_stride + h * x.src_head_stride;
+        auto* to = static_cast<scalar_t*>(x.dst) + b * x.dst_batch_stride +
+                   row * x.dst_row_stride + h * x.dst_head_stride;
+        std::copy(from, from + x.head_dim, to);
       }
     }
   });
@@ -132,7 +131,7 @@ void append_to_cache(const CacheAppendParams& p) {
   template void mean_compress<T>(const CompressParams&);     \
   template void mean_compress_bwd<T>(const CompressParams&); \
   template void update_cmp_cache<T>(const CompressParams&);  \
-  template void append_to_cache<T>(const CacheAppendParams&);
+  template void append_kv_to_cache<T>(const CacheAppendParams&);
 NSA_INSTANTIATE_COMPRESS(float)
 NSA_INSTANTIATE_COMPRESS(double)
 NSA_INSTANTIATE_COMPRESS(c10::Half)

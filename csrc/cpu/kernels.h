@@ -19,6 +19,6 @@ template <typename scalar_t> void mean_compress_bwd(const CompressParams& p);
 // KV-cache update: the mean of each compressed block that completes as the
 // cache grows (CompressParams::cache_seqlens), written into the compressed cache.
 template <typename scalar_t> void update_cmp_cache(const CompressParams& p);
-template <typename scalar_t> void append_to_cache(const CacheAppendParams& p);
+template <typename scalar_t> void append_kv_to_cache(const CacheAppendParams& p);
 
 }  // namespace nsa::cpu

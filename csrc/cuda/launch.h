@@ -37,8 +37,9 @@ template <int kDk, DType kDType>
 void run_select_blocks_decode(const SelectParams& params, float* scores, cudaStream_t stream);
 // Compresses the blocks that complete as the caches grow (CompressParams::cache_seqlens).
 void run_update_cmp_cache(const CompressParams& params, DType dtype, cudaStream_t stream);
-// Writes the new tokens into the cache at rows cache_seqlens[b] + i (one launch).
-void run_append_to_cache(const CacheAppendParams& params, DType dtype, cudaStream_t stream);
+// Writes the new tokens into the k and v caches at rows cache_seqlens[b] + i (one
+// launch for both).
+void run_append_kv_to_cache(const CacheAppendParams& params, DType dtype, cudaStream_t stream);
 
 // Scratch of the attention backward, allocated by the caller (torch's caching
 // allocator on the current stream).

@@ -72,18 +72,20 @@ __global__ void __launch_bounds__(128) update_cmp_cache_kernel(const CompressPar
   }
 }
 
-// append_to_cache: CTA (i, b) copies new token i of batch entry b (all heads) to
-// cache row cache_seqlens[b] + i, or nothing when that row is outside the cache.
+// append_kv_to_cache: CTA (i, b, s) copies new token i of batch entry b (all heads)
+// to row cache_seqlens[b] + i of cache s (k, v), or nothing when that row is outside
+// the cache.
 template <class T>
-__global__ void __launch_bounds__(128) append_to_cache_kernel(const CacheAppendParams p) {
+__global__ void __launch_bounds__(128) append_kv_to_cache_kernel(const CacheAppendParams p) {
   const int64_t i = blockIdx.x, b = blockIdx.y;
+  const CacheAppendParams::Side& x = p.sides[blockIdx.z];
   const int64_t row = int64_t(p.cache_seqlens[b]) + i;
   if (row < 0 || row >= p.capacity) return;  // uniform over the CTA
-  const T* src = static_cast<const T*>(p.src) + b * p.src_batch_stride + i * p.src_row_stride;
-  T* dst = static_cast<T*>(p.dst) + b * p.dst_batch_stride + row * p.dst_row_stride;
-  for (int64_t e = threadIdx.x; e < p.num_heads * p.head_dim; e += blockDim.x) {
-    const int64_t h = e / p.head_dim, c = e % p.head_dim;
-    dst[h * p.dst_head_stride + c] = src[h * p.src_head_stride + c];
+  const T* src = static_cast<const T*>(x.src) + b * x.src_batch_stride + i * x.src_row_stride;
+  T* dst = static_cast<T*>(x.dst) + b * x.dst_batch_stride + row * x.dst_row_stride;
+  for (int64_t e = threadIdx.x; e < p.num_heads * x.head_dim; e += blockDim.x) {
+    const int64_t h = e / x.head_dim, c = e % x.head_dim;
+    dst[h * x.dst_head_stride + c] = src[h * x.src_head_stride + c];
   }
 }
 
@@ -112,10 +114,12 @@ void run_update_cmp_cache(const CompressParams& p, DType dtype, cudaStream_t str
   });
 }
 
-void run_append_to_cache(const CacheAppendParams& p, DType dtype, cudaStream_t stream) {
-  if (p.batch == 0 || p.num_new <= 0 || p.capacity == 0 || p.num_heads * p.head_dim == 0) return;
-  launch_rows("append_to_cache", p.num_new, p.batch, dtype, [&](auto tag, const dim3& grid) {
-    NSA_LAUNCH(grid, 128, 0, stream, append_to_cache_kernel<decltype(tag)>)(p);
+void run_append_kv_to_cache(const CacheAppendParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch == 0 || p.num_new <= 0 || p.capacity == 0 || p.num_heads == 0) return;
+  // grid z: the k cache, then the v cache
+  launch_rows("append_kv_to_cache", p.num_new, p.batch, dtype, [&](auto tag, dim3 grid) {
+    grid.z = 2;
+    NSA_LAUNCH(grid, 128, 0, stream, append_kv_to_cache_kernel<decltype(tag)>)(p);
   });
 }
 

@@ -144,9 +144,9 @@ struct EmuBackend {
     run_kernel("mean_compress_bwd",
                [&] { nsa::cuda::run_mean_compress_bwd(p, dtype_of(t), kStream); });
   }
-  static void append_to_cache(const CacheAppendParams& p, at::ScalarType t) {
-    run_kernel("append_to_cache",
-               [&] { nsa::cuda::run_append_to_cache(p, dtype_of(t), kStream); });
+  static void append_kv_to_cache(const CacheAppendParams& p, at::ScalarType t) {
+    run_kernel("append_kv_to_cache",
+               [&] { nsa::cuda::run_append_kv_to_cache(p, dtype_of(t), kStream); });
   }
   static void update_cmp_cache(const CompressParams& p, at::ScalarType t) {
     run_kernel("update_cmp_cache",

@@ -104,16 +104,20 @@ struct SelectParams {
       slc_local_blocks;
 };
 
-// KV-cache append: new [B, S, H, D] goes to rows cache_seqlens[b] + i of
-// cache [B, capacity, H, D]; rows outside [0, capacity) are dropped (the eager API
-// raises before that; under graph capture the step's output is then unspecified).
+// KV-cache append, k and v in one launch: side s's new [B, S, H, D] goes to rows
+// cache_seqlens[b] + i of its cache [B, capacity, H, D]; rows outside
+// [0, capacity) are dropped (the eager API raises before that; under graph capture
+// the step's output is then unspecified).
 struct CacheAppendParams {
-  const void* src;
-  void* dst;
-  int64_t src_batch_stride, src_row_stride, src_head_stride;
-  int64_t dst_batch_stride, dst_row_stride, dst_head_stride;
+  struct Side {  // the k cache, then the v cache
+    const void* src;
+    void* dst;
+    int64_t src_batch_stride, src_row_stride, src_head_stride;
+    int64_t dst_batch_stride, dst_row_stride, dst_head_stride;
+    int64_t head_dim;
+  } sides[2];
   const int32_t* cache_seqlens;
-  int64_t batch, num_new, capacity, num_heads, head_dim;
+  int64_t batch, num_new, capacity, num_heads;
 };
 
 // Decode (sparse_attn_decode): o = sum over the branches of g * o_branch in one
