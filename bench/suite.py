@@ -394,6 +394,9 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
         return nsa_cuda.window_attn(x["q"], x["k"], x["v"], window_size=cfg.w)[0]
 
     def combine(i):
+        return nsa_cuda.gate_combine(pre[i]["o"], sets[i]["g"])
+
+    def combine_torch(i):  # the five elementwise ops it replaces, for comparison
         x, p = sets[i], pre[i]
         o = None
         for g, ob in zip(x["g"], p["o"]):
@@ -425,7 +428,9 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)
     add_passes(run, base, f"{op_prefix}.branch.combine", combine, sets, lambda p: None,
-               note=bnote + "; g_cmp*o_cmp + g_slc*o_slc + g_win*o_win")
+               note=bnote + "; gate_combine: g_cmp*o_cmp + g_slc*o_slc + g_win*o_win")
+    add_passes(run, base, f"{op_prefix}.branch.combine_torch", combine_torch, sets,
+               lambda p: None, note=bnote + "; the same sum as torch elementwise ops (eager)")
 
 
 def _sparse_flops(T, s, cfg, pass_, win=True):

@@ -4,7 +4,8 @@
     o = nsa_cuda.sparse_attn(q, k, v, g_cmp, g_slc, g_win)
 
 Branches (each a registered custom op with autograd): ``compressed_attn``,
-``select_blocks``, ``selected_attn``, ``window_attn``, ``mean_compress``.
+``select_blocks``, ``selected_attn``, ``window_attn``, ``mean_compress``, and
+``gate_combine`` (the gated sum of the branch outputs).
 Decoding with a KV cache: ``sparse_attn_with_kvcache`` (and ``NSACache`` for the layer).
 ``nsa_cuda.reference`` is the readable pure-PyTorch implementation of the spec.
 """
@@ -21,6 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the install
 from . import ops, reference  # noqa: E402,F401
 from .api import (  # noqa: E402
     compressed_attn,
+    gate_combine,
     mean_compress,
     select_blocks,
     selected_attn,
@@ -38,6 +40,7 @@ __all__ = [
     "selected_attn",
     "window_attn",
     "mean_compress",
+    "gate_combine",
     "sparse_attn_with_kvcache",
     "cmp_cache_rows",
     "reference",

@@ -112,20 +112,32 @@ def window_attn(q: Tensor, k: Tensor, v: Tensor, *, window_size: int = 512,
                                check.scale(scale, q.shape[3]))
 
 
-def _gated(o: Tensor, g: Tensor) -> Tensor:
-    return g.to(o.dtype).unsqueeze(-1) * o
+def gate_combine(outputs, gates) -> Tensor:
+    """``sum_j gates[j] * outputs[j]``: the gated sum that ends ``sparse_attn``.
+
+    ``outputs``: 1 to 3 branch outputs ``[B, T, Hq, Dv]`` of one shape and dtype;
+    ``gates``: one ``[B, T, Hq]`` floating-point tensor per output, read in float32
+    (float64 for float64 outputs). One kernel forward and one backward (the
+    outputs' and the gates' gradients), each a single pass over memory, with one
+    rounding per element. Differentiable.
+    """
+    outputs, gates = list(outputs), list(gates)
+    if not 1 <= len(outputs) <= 3 or len(gates) != len(outputs):
+        raise ValueError(f"gate_combine takes 1 to 3 outputs and one gate per output, got "
+                         f"{len(outputs)} outputs and {len(gates)} gates")
+    for j, (o, g) in enumerate(zip(outputs, gates)):
+        check.tensor(f"outputs[{j}]", o, 4)
+        check.gate(f"gates[{j}]", g, o)
+    return ops.gate_combine(outputs, gates)
 
 
 def _combine_branches(q: Tensor, dv: int, aux: dict, g_cmp, g_slc, g_win) -> Tensor:
     """``g_cmp * o_cmp + g_slc * o_slc + g_win * o_win`` over the branches that are on."""
-    terms = [_gated(aux[name], gate) for name, gate in
-             (("o_cmp", g_cmp), ("o_slc", g_slc), ("o_win", g_win)) if gate is not None]
-    if not terms:
+    on = [(aux[name], gate) for name, gate in
+          (("o_cmp", g_cmp), ("o_slc", g_slc), ("o_win", g_win)) if gate is not None]
+    if not on:
         return q.new_zeros((*q.shape[:3], dv))
-    o = terms[0]
-    for t in terms[1:]:
-        o = o + t
-    return o
+    return ops.gate_combine([o for o, _ in on], [g for _, g in on])
 
 
 def sparse_attn(q: Tensor, k: Tensor, v: Tensor, g_cmp: Optional[Tensor],

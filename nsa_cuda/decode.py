@@ -202,7 +202,7 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
     aux the attention is one op, ``torch.ops.nsa_cuda.sparse_attn_decode``: on CUDA it
     merges the branches' KV splits and the gates in one kernel and rounds once, so
     its ``o`` can differ from the ``return_aux=True`` one (which rounds each branch
-    output, then the gated sum, to q's dtype) in the last bits.
+    output to q's dtype before the gated sum) in the last bits.
 
     The query ``i`` of batch entry ``b`` is at position ``L_b - S + i`` where ``L_b`` is
     the length after the append, and sees exactly what that position sees in

@@ -340,22 +340,21 @@ class NativeSparseAttention(nn.Module):
                                      x.k_cmp, x.v_cmp, window_size=self.window_size,
                                      **sizes, **slc, **varlen, return_aux=True)
             return (o, aux["block_indices"]) if return_block_indices else o
-        o = bi = None
+        outputs, gates, bi = [], [], None
         if x.g_cmp is not None or x.g_slc is not None:
             o_cmp, lse_cmp = api.compressed_attn(x.q, x.k_cmp, x.v_cmp, **sizes, **varlen)
             if x.g_cmp is not None:
-                o = x.g_cmp.unsqueeze(-1) * o_cmp
+                outputs.append(o_cmp), gates.append(x.g_cmp)
             if x.g_slc is not None:
                 bi = api.select_blocks(x.q, x.k_cmp, lse_cmp, **sizes, **slc, **varlen)
                 o_slc, _ = api.selected_attn(x.q, x.k_slc, x.v_slc, bi,
                                              slc_block_size=self.slc_block_size, **varlen)
-                o_slc = x.g_slc.unsqueeze(-1) * o_slc
-                o = o_slc if o is None else o + o_slc
+                outputs.append(o_slc), gates.append(x.g_slc)
         if x.g_win is not None:
             o_win, _ = api.window_attn(x.q, x.k_win, x.v_win, window_size=self.window_size,
                                        **varlen)
-            o_win = x.g_win.unsqueeze(-1) * o_win
-            o = o_win if o is None else o + o_win
+            outputs.append(o_win), gates.append(x.g_win)
+        o = api.gate_combine(outputs, gates)
         return (o, bi) if return_block_indices else o
 
     def forward(self, hidden_states: Tensor, cu_seqlens: Optional[Tensor] = None,

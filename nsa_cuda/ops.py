@@ -124,6 +124,17 @@ def _(k_cache, v_cache, cache_seqlens, k_new, v_new):
     return None
 
 
+@torch.library.register_fake("nsa_cuda::gate_combine")
+def _(outputs, gates):
+    return outputs[0].new_empty(outputs[0].shape)
+
+
+@torch.library.register_fake("nsa_cuda::gate_combine_bwd")
+def _(grad, outputs, gates):
+    return ([o.new_empty(o.shape) for o in outputs]
+            + [g.new_empty(g.shape) for g in gates])
+
+
 @torch.library.register_fake("nsa_cuda::update_cmp_cache")
 def _(x, x_cmp, cache_seqlens, num_new, cmp_block_size, cmp_stride):
     return None
@@ -187,3 +198,19 @@ def _select_backward(ctx, grad):
 
 torch.library.register_autograd("nsa_cuda::select_blocks", _select_backward,
                                 setup_context=_select_setup)
+
+
+def _gate_combine_setup(ctx, inputs, output):
+    outputs, gates = inputs
+    ctx.save_for_backward(*outputs, *gates)
+    ctx.num_branches = len(outputs)
+
+
+def _gate_combine_backward(ctx, grad):
+    saved, n = ctx.saved_tensors, ctx.num_branches
+    grads = ops.gate_combine_bwd(grad, list(saved[:n]), list(saved[n:]))
+    return list(grads[:n]), list(grads[n:])
+
+
+torch.library.register_autograd("nsa_cuda::gate_combine", _gate_combine_backward,
+                                setup_context=_gate_combine_setup)

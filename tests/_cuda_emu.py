@@ -60,7 +60,7 @@ def build(verbose=False):
     os.makedirs(src_dir, exist_ok=True)
 
     # One translation unit per kernel file, so that ninja compiles them in parallel.
-    wrapped = ["cuda/mean_compress.cu", "cuda/attn_bwd_index.cu"]
+    wrapped = ["cuda/mean_compress.cu", "cuda/attn_bwd_index.cu", "cuda/gate_combine.cu"]
     for h, t in insts:
         wrapped += [f"cuda/instantiations/attn_fwd_hdim{h}x{DV[h]}_{t}.cu",
                     f"cuda/instantiations/attn_bwd_hdim{h}x{DV[h]}_{t}.cu",

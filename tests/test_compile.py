@@ -78,7 +78,14 @@ def _op_args(varlen, requires_grad):
         decode["sparse_attn_decode/given blocks"] = (
             qd, k, v, k.flip(1).contiguous(), v.flip(1).contiguous(), kc, vc, lens, None,
             gates[1], gates[2], bi_d, *sizes)
+    gates = [inp[n] for n in ("g_cmp", "g_slc", "g_win")]
     return decode | {
+        "gate_combine": ([rg(o_c), rg(o_s), rg(o_w)], [rg(g) for g in gates]),
+        # two branches, a float32 gate read through a transposed view
+        "gate_combine/strided gate": (
+            [rg(o_s), rg(o_w)],
+            [rg(gates[1]), rg(gates[2].float().transpose(0, 1).contiguous().transpose(0, 1))]),
+        "gate_combine_bwd": (torch.randn_like(o_c), [o_c, o_s, o_w], gates),
         "mean_compress": (rg(k), cu, L, D),
         "mean_compress_bwd": (torch.randn_like(kc), k, cu, L, D),
         "compressed_attn_fwd": (rg(q), rg(kc), rg(vc), cu, ms, L, D, SCALE),
@@ -103,12 +110,13 @@ def _op_args(varlen, requires_grad):
 OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compressed_attn_bwd",
             "compressed_attn_bwd/no dlse", "select_blocks", "selected_attn_fwd",
             "selected_attn_bwd", "selected_attn_bwd/no dlse", "window_attn_fwd",
-            "window_attn_bwd", "window_attn_bwd/no dlse"]
+            "window_attn_bwd", "window_attn_bwd/no dlse", "gate_combine",
+            "gate_combine/strided gate", "gate_combine_bwd"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
               "selected_attn_decode", "window_attn_decode", "update_cmp_cache",
               "append_kv_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]
 FWD_OPS = {"mean_compress", "compressed_attn_fwd", "select_blocks", "selected_attn_fwd",
-           "window_attn_fwd"}
+           "window_attn_fwd", "gate_combine", "gate_combine/strided gate"}
 
 
 def _opcheck_cases():

@@ -366,6 +366,22 @@ def test_mean_compress_bwd(B, F, emu, dtype):
         F.assert_close(dx, grad(torch.float64), grad(dtype), "dx mean_compress")
 
 
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+@pytest.mark.parametrize("num_branches", [1, 2, 3])
+@pytest.mark.parametrize("dv", [64, 136])
+def test_gate_combine(F, dtype, num_branches, dv):
+    """The gate kernels (every output poisoned first) by test_cuda_fwd's check; Dv = 136
+    takes a second 128-column step with half the lanes idle."""
+    F.check_gate_combine(dtype, num_branches, dv)
+
+
+def test_gate_combine_needs_dv_multiple_of_8(F, emu):
+    x = torch.zeros(1, 2, 3, 12, dtype=torch.bfloat16)
+    g = torch.zeros(1, 2, 3)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        emu.gate_combine([x], [g])
+
+
 # --------------------------------------------------------------------------- decode
 
 def _cpu_ops():

@@ -82,6 +82,48 @@ def make_cu(lengths):
     return torch.tensor(cu, dtype=torch.int32, device=DEV)
 
 
+# --------------------------------------------------------------------------- gate_combine
+
+def _gated_sum(outputs, gates, dt):
+    return sum(g.to(dt).unsqueeze(-1) * o.to(dt) for o, g in zip(outputs, gates))
+
+
+def check_gate_combine(dtype, num_branches, dv, T=7):
+    """gate_combine and gate_combine_bwd against fp64 torch: outputs with a strided
+    head dim, a float32 gate read through a transposed view, the others in the input
+    dtype, a strided output gradient, and B*T*H rows that do not fill the last CTA."""
+    B, H = 2, 3
+    outputs = [rand(B, T, 2 * H, dv, dtype=dtype)[:, :, ::2] for _ in range(num_branches)]
+    gates = [torch.rand(T, B, H, device=DEV).transpose(0, 1)]
+    gates += [torch.rand(B, T, H, device=DEV).to(dtype) for _ in range(num_branches - 1)]
+    o = OPS.gate_combine(outputs, gates)
+    assert o.dtype == dtype and o.is_contiguous()
+    assert_close(o, _gated_sum(outputs, gates, torch.float64), _gated_sum(outputs, gates, dtype),
+                 "gate_combine o")
+
+    d_out = rand(B, T, H, 2 * dv, dtype=dtype)[..., dv:]
+    grads = OPS.gate_combine_bwd(d_out, outputs, gates)
+    assert len(grads) == 2 * num_branches
+    for j, (x, g) in enumerate(zip(outputs, gates)):
+        d_o, d_g = grads[j], grads[num_branches + j]
+        assert d_o.dtype == dtype and d_g.dtype == g.dtype and d_g.shape == g.shape
+        assert_close(d_o, g.double().unsqueeze(-1) * d_out.double(),
+                     g.to(dtype).unsqueeze(-1) * d_out, f"d outputs[{j}]")
+        assert_close(d_g, (d_out.double() * x.double()).sum(-1), (d_out * x).sum(-1).to(g.dtype),
+                     f"d gates[{j}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("num_branches", [1, 2, 3])
+@pytest.mark.parametrize("dv", [64, 128, 136])
+def test_gate_combine(dtype, num_branches, dv):
+    check_gate_combine(dtype, num_branches, dv)
+
+
+def test_gate_combine_many_rows():
+    check_gate_combine(torch.bfloat16, 3, 128, T=4099)
+
+
 # --------------------------------------------------------------------------- mean_compress
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)

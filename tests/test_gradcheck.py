@@ -87,6 +87,17 @@ def test_gradcheck_window_attn(varlen):
     _gc(fn, (q, k, v))
 
 
+@pytest.mark.parametrize("num_branches", [1, 2, 3])
+def test_gradcheck_gate_combine(num_branches):
+    """The gated sum's own backward (gate_combine_bwd), one to three branches, the
+    outputs read through a strided head dim."""
+    outputs = [torch.randn(2, 5, 6, 4, dtype=F64)[:, :, ::2].requires_grad_()
+               for _ in range(num_branches)]
+    gates = [torch.rand(2, 5, 3, dtype=F64, requires_grad=True) for _ in range(num_branches)]
+    _gc(lambda *a: nsa_cuda.gate_combine(a[:num_branches], a[num_branches:]),
+        (*outputs, *gates))
+
+
 @MODES
 @pytest.mark.parametrize("kv_cmp", ["mean", "given"])
 def test_gradcheck_sparse_attn(varlen, kv_cmp):

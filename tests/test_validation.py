@@ -298,6 +298,24 @@ def test_mean_compress_bad_input():
         nsa_cuda.mean_compress(x, 16, -8)
 
 
+def test_gate_combine_bad_input():
+    o, g = torch.randn(2, 5, 3, 4), torch.rand(2, 5, 3)
+    with raises(r"1 to 3 outputs"):
+        nsa_cuda.gate_combine([], [])
+    with raises(r"1 to 3 outputs"):
+        nsa_cuda.gate_combine([o, o], [g])
+    with raises(r"outputs\[0\]"):
+        nsa_cuda.gate_combine([o[0]], [g])
+    with raises(r"gates\[1\].*\[B, T, Hq\]"):
+        nsa_cuda.gate_combine([o, o], [g, g[:, :4]])
+    with raises(r"gates\[0\].*floating"):
+        nsa_cuda.gate_combine([o], [g.to(torch.int32)])
+    with raises(r"share one shape, dtype"):
+        nsa_cuda.gate_combine([o, o.double()], [g, g])
+    with raises(r"share one shape"):  # the raw op checks too
+        torch.ops.nsa_cuda.gate_combine([o, o[:, :4]], [g, g])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64], ids=str)
 def test_cpu_dtypes_supported(dtype):
     """On CPU fp16/bf16/fp32/fp64 are supported (no exception, finite output)."""

@@ -46,6 +46,15 @@ struct CpuBackend {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda update_cmp_cache (CPU)",
                                     [&] { cpu::update_cmp_cache<scalar_t>(p); });
   }
+  static void gate_combine(const GateParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "nsa_cuda gate_combine (CPU)",
+                                    [&] { cpu::gate_combine<scalar_t>(p); });
+  }
+  static void gate_combine_bwd(const GateParams& p, at::ScalarType t) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,
+                                    "nsa_cuda gate_combine_bwd (CPU)",
+                                    [&] { cpu::gate_combine_bwd<scalar_t>(p); });
+  }
   static void append_kv_to_cache(const CacheAppendParams& p, at::ScalarType t) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t,
                                     "nsa_cuda append_kv_to_cache (CPU)",

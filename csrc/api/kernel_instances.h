@@ -67,6 +67,12 @@ inline bool instance_built(int64_t dk, cuda::DType dt) {
   return visit_instance(dk, dt, []<int, int, cuda::DType>() {});
 }
 
+// The gate kernels move rows in 16-byte (8-element) vectors.
+inline void check_gate_head_dim(const GateParams& p, const char* op) {
+  TORCH_CHECK(p.head_dim % 8 == 0, NSA_OP_LIBRARY ".", op, ": the CUDA kernel needs the head dim Dv to be a ",
+              "multiple of 8, got ", p.head_dim);
+}
+
 // The kernels load 16-byte chunks: base 16-byte aligned, row and head strides
 // multiples of 8 elements. Anything else is copied (rare: slices, odd strides).
 inline at::Tensor aligned(const at::Tensor& t) {

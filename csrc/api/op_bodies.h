@@ -14,6 +14,8 @@
 //   attn_decode(AttnFwdParams, dtype), select_blocks_decode(SelectParams, dtype),
 //   update_cmp_cache(CompressParams, dtype),
 //   append_kv_to_cache(CacheAppendParams, dtype)  the KV-cache (decode) kernels
+//   gate_combine(GateParams, dtype), gate_combine_bwd(GateParams, dtype)
+//                                      sparse_attn's gated sum and its gradient
 //   kFusesDecodeGates                  sparse_attn_decode sums the gated branches in
 //                                      one kernel; such a backend also has
 //   attn_decode_partials(AttnFwdParams, dtype, DecodePartials&) and
@@ -250,13 +252,122 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_select_decode(
   return {o, lse, block_indices};
 }
 
+// --- the gated sum ----------------------------------------------------------
+// sparse_attn ends with o = sum_j gates[j] * outputs[j] over the branches that are
+// on: outputs[j] [B, T, Hq, Dv] of one shape, dtype and device, gates[j] [B, T, Hq]
+// of any floating dtype, read in the accumulation type (float; double for
+// float64). One pass forward, one backward, one rounding per element.
+inline at::ScalarType gate_acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_gate_counts(at::TensorList outputs, at::TensorList gates, const char* op) {
+  TORCH_CHECK(!outputs.empty() && outputs.size() <= size_t(kMaxGateBranches) &&
+                  gates.size() == outputs.size(),
+              "nsa_cuda: ", op, ": takes 1 to ", kMaxGateBranches,
+              " branch outputs and one gate per output, got ", outputs.size(), " outputs and ",
+              gates.size(), " gates");
+  TORCH_CHECK(outputs[0].dim() == 4, "nsa_cuda: ", op,
+              ": branch outputs must be [B, T, Hq, Dv], got ", outputs[0].sizes());
+}
+
+// The checked inputs in the kernels' layout (kept alive for the params' pointers).
+struct GateInputs {
+  std::vector<at::Tensor> outputs, gates;
+  GateParams params{};
+};
+
+template <class Backend>
+GateInputs gate_inputs(at::TensorList outputs, at::TensorList gates, const char* op) {
+  const at::Tensor& o0 = outputs[0];
+  Backend::check_support(o0, -1, -1, op);
+  GateInputs in;
+  GateParams& p = in.params;
+  p.batch = o0.size(0), p.seqlen = o0.size(1), p.num_heads = o0.size(2), p.head_dim = o0.size(3);
+  p.num_branches = int32_t(outputs.size());
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    const at::Tensor &o = outputs[j], &g = gates[j];
+    TORCH_CHECK(o.sizes() == o0.sizes() && o.scalar_type() == o0.scalar_type() &&
+                    o.device() == o0.device(),
+                "nsa_cuda: ", op, ": the branch outputs must share one shape, dtype and device; "
+                "output ", j, " is ", o.scalar_type(), " ", o.sizes(), " on ", o.device(),
+                ", output 0 is ", o0.scalar_type(), " ", o0.sizes(), " on ", o0.device());
+    TORCH_CHECK(g.dim() == 3 && g.sizes() == o0.sizes().slice(0, 3) &&
+                    at::isFloatingType(g.scalar_type()) && g.device() == o0.device(),
+                "nsa_cuda: ", op, ": gate ", j, " must be a floating-point [B, T, Hq] = ",
+                o0.sizes().slice(0, 3), " tensor on ", o0.device(), ", got ", g.scalar_type(),
+                " ", g.sizes(), " on ", g.device());
+    in.outputs.push_back(Backend::input(o.stride(3) == 1 ? o : o.contiguous()));
+    in.gates.push_back(g.to(gate_acc_type(o0.scalar_type())));
+    const at::Tensor &ob = in.outputs.back(), &gb = in.gates.back();
+    GateBranch& x = p.branches[j];
+    x.o = ob.data_ptr();
+    x.o_batch_stride = ob.stride(0), x.o_row_stride = ob.stride(1), x.o_head_stride = ob.stride(2);
+    x.gate = gb.data_ptr();
+    x.gate_batch_stride = gb.stride(0), x.gate_row_stride = gb.stride(1);
+    x.gate_head_stride = gb.stride(2);
+  }
+  return in;
+}
+
+template <class Backend>
+at::Tensor gate_combine(at::TensorList outputs, at::TensorList gates) {
+  check_gate_counts(outputs, gates, "gate_combine");
+  [[maybe_unused]] auto guard = Backend::prepare(outputs[0]);
+  GateInputs in = gate_inputs<Backend>(outputs, gates, "gate_combine");
+  at::Tensor o = at::empty(outputs[0].sizes(), outputs[0].options());
+  Backend::fresh(o);
+  GateParams& p = in.params;
+  p.out = o.data_ptr();
+  p.out_batch_stride = o.stride(0), p.out_row_stride = o.stride(1), p.out_head_stride = o.stride(2);
+  if (o.numel() > 0) Backend::gate_combine(p, o.scalar_type());
+  return o;
+}
+
+// Returns the gradients of the outputs (each [B, T, Hq, Dv], contiguous), then
+// those of the gates (each in its gate's dtype).
+template <class Backend>
+std::vector<at::Tensor> gate_combine_bwd(const at::Tensor& grad, at::TensorList outputs,
+                                         at::TensorList gates) {
+  check_gate_counts(outputs, gates, "gate_combine_bwd");
+  const at::Tensor& o0 = outputs[0];
+  TORCH_CHECK(grad.sizes() == o0.sizes() && grad.scalar_type() == o0.scalar_type() &&
+                  grad.device() == o0.device(),
+              "nsa_cuda: gate_combine_bwd: grad must match the branch outputs (",
+              o0.scalar_type(), " ", o0.sizes(), " on ", o0.device(), "), got ",
+              grad.scalar_type(), " ", grad.sizes(), " on ", grad.device());
+  [[maybe_unused]] auto guard = Backend::prepare(o0);
+  GateInputs in = gate_inputs<Backend>(outputs, gates, "gate_combine_bwd");
+  const at::Tensor d_out = Backend::input(grad.stride(3) == 1 ? grad : grad.contiguous());
+  GateParams& p = in.params;
+  p.out = d_out.data_ptr();
+  p.out_batch_stride = d_out.stride(0), p.out_row_stride = d_out.stride(1);
+  p.out_head_stride = d_out.stride(2);
+  std::vector<at::Tensor> d_outputs, d_gates;
+  for (size_t j = 0; j < outputs.size(); ++j) {
+    d_outputs.push_back(at::empty(o0.sizes(), o0.options()));
+    d_gates.push_back(at::empty(o0.sizes().slice(0, 3),
+                                o0.options().dtype(gate_acc_type(o0.scalar_type()))));
+    Backend::fresh(d_outputs.back()), Backend::fresh(d_gates.back());
+    p.branches[j].d_o = d_outputs.back().data_ptr();
+    p.branches[j].d_gate = d_gates.back().data_ptr();
+  }
+  if (o0.numel() > 0)
+    Backend::gate_combine_bwd(p, o0.scalar_type());
+  else
+    for (at::Tensor& dg : d_gates) dg.zero_();  // Dv = 0: empty sums
+  for (size_t j = 0; j < outputs.size(); ++j)
+    d_outputs.push_back(d_gates[j].to(gates[j].scalar_type()));
+  return d_outputs;
+}
+
 // One decode step of NSA: the three branches from the caches and their gated
 // sum, o = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (a null gate turns its
 // branch off). The compressed attention runs when its gate is on or when the
 // selection needs its lse (g_slc without block_indices). A backend with
 // kFusesDecodeGates leaves the KV splits of each branch unmerged and sums
 // everything in one kernel (fp32, one rounding); the others compose the branch
-// ops and sum g.to(q's dtype) * o_branch like sparse_attn.
+// ops and gate_combine, like sparse_attn. Gates are read in the accumulation type.
 template <class Backend>
 at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
                               const at::Tensor& v_slc, const at::Tensor& k_win,
@@ -285,7 +396,7 @@ at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
                 "nsa_cuda: sparse_attn_decode: ", name, " must be a floating-point [B, S, Hq] = ",
                 q.sizes().slice(0, 3), " tensor on ", q.device(), ", got ", g->scalar_type(), " ",
                 g->sizes(), " on ", g->device());
-    return g->to(q.scalar_type());
+    return g->to(gate_acc_type(q.scalar_type()));
   };
   const OptTensor gc = gate_of(g_cmp, "g_cmp"), gs = gate_of(g_slc, "g_slc"),
                   gw = gate_of(g_win, "g_win");
@@ -324,9 +435,9 @@ at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
 
   if constexpr (!kFused) {
     if (terms.empty()) return at::zeros({q.size(0), q.size(1), q.size(2), dv}, q.options());
-    at::Tensor o = terms[0].gate.unsqueeze(-1).mul(terms[0].o);
-    for (size_t j = 1; j < terms.size(); ++j) o = o.add(terms[j].gate.unsqueeze(-1).mul(terms[j].o));
-    return o;
+    std::vector<at::Tensor> outputs, gates;
+    for (const Term& t : terms) outputs.push_back(t.o), gates.push_back(t.gate);
+    return gate_combine<Backend>(outputs, gates);
   } else {
     at::Tensor o = at::empty({q.size(0), q.size(1), q.size(2), dv}, q.options());
     Backend::fresh(o);
@@ -555,6 +666,8 @@ void register_backend(torch::Library& m) {
   m.impl("sparse_attn_decode", &sparse_attn_decode<Backend>);
   m.impl("update_cmp_cache", &update_cmp_cache<Backend>);
   m.impl("append_kv_to_cache", &append_kv_to_cache<Backend>);
+  m.impl("gate_combine", &gate_combine<Backend>);
+  m.impl("gate_combine_bwd", &gate_combine_bwd<Backend>);
   if constexpr (Backend::kHasBackward) {
     m.impl("mean_compress_bwd", &mean_compress_bwd<Backend>);
     m.impl("compressed_attn_bwd",

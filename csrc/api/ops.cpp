@@ -73,6 +73,11 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "Tensor seqlens_k, Tensor? g_cmp, Tensor? g_slc, Tensor? g_win, Tensor? block_indices, "
       "int cmp_block_size, int cmp_stride, int slc_block_size, int slc_num_blocks, "
       "int slc_init_blocks, int slc_local_blocks, int window_size, float scale) -> Tensor");
+  // sparse_attn's gated sum over the branches that are on, o = sum_j gates[j] *
+  // outputs[j] (outputs [B, T, Hq, Dv], gates [B, T, Hq]), and its gradient: the
+  // outputs' gradients, then the gates'.
+  m.def("gate_combine(Tensor[] outputs, Tensor[] gates) -> Tensor");
+  m.def("gate_combine_bwd(Tensor grad, Tensor[] outputs, Tensor[] gates) -> Tensor[]");
   // Writes k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D]
   // at rows cache_seqlens[b] + i, in one kernel on CUDA.
   m.def(

@@ -21,4 +21,8 @@ template <typename scalar_t> void mean_compress_bwd(const CompressParams& p);
 template <typename scalar_t> void update_cmp_cache(const CompressParams& p);
 template <typename scalar_t> void append_kv_to_cache(const CacheAppendParams& p);
 
+// sparse_attn's gated sum and its gradient (GateParams; gates in the accumulate type).
+template <typename scalar_t> void gate_combine(const GateParams& p);
+template <typename scalar_t> void gate_combine_bwd(const GateParams& p);
+
 }  // namespace nsa::cpu

@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(128) decode_gate_combine_kernel(const DecodeGa
   for (int c = 0; c < kCols; ++c) acc[c] = 0.f;
   for (int br = 0; br < p.num_branches; ++br) {
     const DecodeGateBranch& x = p.branches[br];
-    const float g = float(static_cast<const Element*>(x.gate)[
-        b * x.gate_batch_stride + i * x.gate_row_stride + h * x.gate_head_stride]);
+    const float g = static_cast<const float*>(x.gate)[
+        b * x.gate_batch_stride + i * x.gate_row_stride + h * x.gate_head_stride];
     if (x.o != nullptr) {
       const Element* o_b = static_cast<const Element*>(x.o) + b * x.o_batch_stride +
                            i * x.o_row_stride + h * x.o_head_stride;

@@ -41,6 +41,11 @@ void run_update_cmp_cache(const CompressParams& params, DType dtype, cudaStream_
 // launch for both).
 void run_append_kv_to_cache(const CacheAppendParams& params, DType dtype, cudaStream_t stream);
 
+// sparse_attn's gated sum, o = sum_b g_b * o_b, and its gradient (GateParams;
+// fp16/bf16, head_dim a multiple of 8, 16-byte aligned rows, float gates).
+void run_gate_combine(const GateParams& params, DType dtype, cudaStream_t stream);
+void run_gate_combine_bwd(const GateParams& params, DType dtype, cudaStream_t stream);
+
 // Scratch of the attention backward, allocated by the caller (torch's caching
 // allocator on the current stream).
 struct AttnBwdWorkspace {

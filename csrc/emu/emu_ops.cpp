@@ -144,6 +144,15 @@ struct EmuBackend {
     run_kernel("mean_compress_bwd",
                [&] { nsa::cuda::run_mean_compress_bwd(p, dtype_of(t), kStream); });
   }
+  static void gate_combine(const GateParams& p, at::ScalarType t) {
+    check_gate_head_dim(p, "gate_combine");
+    run_kernel("gate_combine", [&] { nsa::cuda::run_gate_combine(p, dtype_of(t), kStream); });
+  }
+  static void gate_combine_bwd(const GateParams& p, at::ScalarType t) {
+    check_gate_head_dim(p, "gate_combine_bwd");
+    run_kernel("gate_combine_bwd",
+               [&] { nsa::cuda::run_gate_combine_bwd(p, dtype_of(t), kStream); });
+  }
   static void append_kv_to_cache(const CacheAppendParams& p, at::ScalarType t) {
     run_kernel("append_kv_to_cache",
                [&] { nsa::cuda::run_append_kv_to_cache(p, dtype_of(t), kStream); });

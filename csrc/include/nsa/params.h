@@ -120,12 +120,36 @@ struct CacheAppendParams {
   int64_t batch, num_new, capacity, num_heads;
 };
 
+// The gated sum that ends sparse_attn, o = sum over the branches that are on of
+// g_b * o_b, and its gradient, d o_b = g_b * d o and d g_b = sum_c d o[c] * o_b[c],
+// each in one pass over memory. Rows (b, t, h) of [B, T, Hq, Dv] tensors whose
+// last dim is contiguous; the gates [B, T, Hq] hold the accumulation type (float;
+// double for float64 on the CPU), any strides.
+struct GateBranch {
+  const void* o;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  const void* gate;
+  int64_t gate_batch_stride, gate_row_stride, gate_head_stride;
+  void* d_o;     // backward: [B, T, Hq, Dv] contiguous, o's dtype (written)
+  void* d_gate;  // backward: [B, T, Hq] contiguous, the gates' type (written)
+};
+
+constexpr int kMaxGateBranches = 3;
+
+struct GateParams {
+  void* out;  // forward: o, contiguous (written); backward: d o (read, the strides below)
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int64_t batch, seqlen, num_heads, head_dim;
+  GateBranch branches[kMaxGateBranches];
+  int32_t num_branches;
+};
+
 // Decode (sparse_attn_decode): o = sum over the branches of g * o_branch in one
 // pass. A branch is final (o_branch already in q's dtype, o_* strides) or the
 // normalised partials of decode_attn's KV splits, merged here as decode_combine
 // would merge them (o_part [splits][B][S][Hq][Dv] fp32, lse_part [splits][B][S][Hq]).
 struct DecodeGateBranch {
-  const void* gate;  // [B, S, Hq] in q's dtype
+  const void* gate;  // [B, S, Hq] float
   int64_t gate_batch_stride, gate_row_stride, gate_head_stride;
   const void* o;  // final branch output [B, S, Hq, Dv], or nullptr for partials
   int64_t o_batch_stride, o_row_stride, o_head_stride;

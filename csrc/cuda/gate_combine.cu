@@ -1,0 +1,153 @@
+// gate_combine: the gated sum that ends sparse_attn, o = sum_b g_b * o_b over the
+// branches that are on, and its gradient, d o_b = g_b * d o and
+// d g_b = sum_c d o[c] * o_b[c]. Both are memory-bound: each kernel reads every
+// input row once and writes every output row once (torch's elementwise ops take
+// five passes forward and about nine backward), in fp32 with one rounding.
+// 16 lanes per (b, t, h) row, 16 bytes (8 elements) per lane and step.
+#include "cuda/common.cuh"
+
+namespace nsa::cuda {
+namespace {
+
+constexpr int kThreads = 128, kLanesPerRow = 16, kVec = 8;
+constexpr int kRowsPerCta = kThreads / kLanesPerRow;
+
+template <class T>
+using Vec = cutlass::AlignedArray<T, kVec>;
+
+template <class T>
+__device__ __forceinline__ Vec<T> load_vec(const T* src) {
+  Vec<T> v;
+  *reinterpret_cast<cute::uint128_t*>(&v) = *reinterpret_cast<const cute::uint128_t*>(src);
+  return v;
+}
+
+// Rounds 8 floats to T (packed conversions) and writes them as one 16-byte store.
+template <class T>
+__device__ __forceinline__ void store_vec(T* dst, const cutlass::Array<float, kVec>& x) {
+  const cutlass::Array<T, kVec> y = cutlass::NumericArrayConverter<T, float, kVec>{}(x);
+  *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&y);
+}
+
+// This thread's row: its flat index (b * T + t) * Hq + h and the row offset of a
+// [B, T, Hq, *] tensor with the given strides.
+struct GateRow {
+  int64_t index, b, t, h;
+  __device__ int64_t offset(int64_t batch_stride, int64_t row_stride, int64_t head_stride) const {
+    return b * batch_stride + t * row_stride + h * head_stride;
+  }
+};
+
+__device__ __forceinline__ GateRow gate_row(const GateParams& p) {
+  GateRow r;
+  r.index = int64_t(blockIdx.x) * kRowsPerCta + threadIdx.x / kLanesPerRow;
+  r.h = r.index % p.num_heads;
+  r.t = (r.index / p.num_heads) % p.seqlen;
+  r.b = r.index / (p.num_heads * p.seqlen);
+  return r;
+}
+
+__device__ __forceinline__ float gate_of(const GateBranch& x, const GateRow& r) {
+  return static_cast<const float*>(x.gate)[r.offset(x.gate_batch_stride, x.gate_row_stride,
+                                                    x.gate_head_stride)];
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) gate_combine_kernel(const GateParams p) {
+  const GateRow r = gate_row(p);
+  if (r.index >= p.batch * p.seqlen * p.num_heads) return;
+  const int lane = threadIdx.x % kLanesPerRow;
+  float g[kMaxGateBranches];
+  const T* o_b[kMaxGateBranches];
+#pragma unroll
+  for (int j = 0; j < kMaxGateBranches; ++j) {
+    if (j >= p.num_branches) break;
+    const GateBranch& x = p.branches[j];
+    g[j] = gate_of(x, r);
+    o_b[j] = static_cast<const T*>(x.o) + r.offset(x.o_batch_stride, x.o_row_stride,
+                                                    x.o_head_stride);
+  }
+  T* o = static_cast<T*>(p.out) + r.index * p.head_dim;  // contiguous (gate_combine's)
+  for (int64_t c = lane * kVec; c < p.head_dim; c += kLanesPerRow * kVec) {
+    cutlass::Array<float, kVec> acc;
+    acc.fill(0.f);
+#pragma unroll
+    for (int j = 0; j < kMaxGateBranches; ++j) {
+      if (j >= p.num_branches) break;
+      const Vec<T> x = load_vec(o_b[j] + c);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] += g[j] * float(x[i]);
+    }
+    store_vec(o + c, acc);
+  }
+}
+
+// Rows past the end still run the lane reduction (the shuffles take all 32
+// lanes) and write nothing.
+template <class T>
+__global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GateParams p) {
+  const GateRow r = gate_row(p);
+  const bool valid = r.index < p.batch * p.seqlen * p.num_heads;
+  const int lane = threadIdx.x % kLanesPerRow;
+  float dg[kMaxGateBranches] = {};
+  if (valid) {
+    const T* d_out = static_cast<const T*>(p.out) + r.offset(p.out_batch_stride,
+                                                             p.out_row_stride, p.out_head_stride);
+    for (int64_t c = lane * kVec; c < p.head_dim; c += kLanesPerRow * kVec) {
+      const Vec<T> d = load_vec(d_out + c);
+#pragma unroll
+      for (int j = 0; j < kMaxGateBranches; ++j) {
+        if (j >= p.num_branches) break;
+        const GateBranch& x = p.branches[j];
+        const float g = gate_of(x, r);
+        const Vec<T> o = load_vec(static_cast<const T*>(x.o) +
+                                  r.offset(x.o_batch_stride, x.o_row_stride, x.o_head_stride) + c);
+        cutlass::Array<float, kVec> d_o;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          dg[j] += float(d[i]) * float(o[i]);
+          d_o[i] = g * float(d[i]);
+        }
+        store_vec(static_cast<T*>(x.d_o) + r.index * p.head_dim + c, d_o);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxGateBranches; ++j) {
+    if (j >= p.num_branches) break;
+    const float sum = quad_allreduce<kLanesPerRow>(dg[j], SumOp{});
+    if (valid && lane == 0) static_cast<float*>(p.branches[j].d_gate)[r.index] = sum;
+  }
+}
+
+template <class Launch>
+void launch_gate_rows(const GateParams& p, DType dtype, const char* what, Launch launch) {
+  if (p.num_branches < 1 || p.num_branches > kMaxGateBranches || p.head_dim % kVec != 0)
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": bad problem size");
+  const int64_t rows = p.batch * p.seqlen * p.num_heads;
+  if (rows == 0 || p.head_dim == 0) return;
+  const int64_t ctas = (rows + kRowsPerCta - 1) / kRowsPerCta;
+  if (ctas > INT32_MAX)
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
+  if (dtype == DType::kFp16)
+    launch(cutlass::half_t{}, unsigned(ctas));
+  else
+    launch(cutlass::bfloat16_t{}, unsigned(ctas));
+  check_launch(what);
+}
+
+}  // namespace
+
+void run_gate_combine(const GateParams& p, DType dtype, cudaStream_t stream) {
+  launch_gate_rows(p, dtype, "gate_combine", [&](auto tag, unsigned ctas) {
+    NSA_LAUNCH(ctas, kThreads, 0, stream, gate_combine_kernel<decltype(tag)>)(p);
+  });
+}
+
+void run_gate_combine_bwd(const GateParams& p, DType dtype, cudaStream_t stream) {
+  launch_gate_rows(p, dtype, "gate_combine_bwd", [&](auto tag, unsigned ctas) {
+    NSA_LAUNCH(ctas, kThreads, 0, stream, gate_combine_bwd_kernel<decltype(tag)>)(p);
+  });
+}
+
+}  // namespace nsa::cuda
