@@ -5,7 +5,8 @@ the three branches, selection and update_cmp_cache, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
 several MMA passes in the score kernel; the fused compressed attention + selection
 (compressed_select_decode); a one-split decode (no combine); the one-op decode step
-(sparse_attn_decode: unmerged splits and the gated sum)."""
+(sparse_attn_decode: unmerged splits and the gated sum); the prefill's gated sum
+(gate_combine) and its gradient."""
 import itertools
 import os
 
@@ -45,6 +46,11 @@ def run(dk, dv, G, dtype, lengths=None):
     OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale)
     OPS.window_attn_bwd(do, None, q, k, v, o_w, lse_w, cu, ms, 40, scale)
     OPS.mean_compress_bwd(torch.randn_like(kc), k, cu, l, d)
+    # The gated sum and its gradient (the varlen case's 151 * Hq rows do not fill
+    # the last 8-row CTA).
+    gates = [torch.rand(o_c.shape[:3], device=o_c.device) for _ in range(3)]
+    OPS.gate_combine([o_c, o_s, o_w], gates)
+    OPS.gate_combine_bwd(do, [o_c, o_s, o_w], gates)
 
 
 def run_long_selection(dk, dv, dtype):

@@ -149,8 +149,24 @@ def cu_seqlens(cu, q: torch.Tensor, max_seqlen):
             raise ValueError("pass max_seqlen with cu_seqlens under torch.compile "
                              "(computing it would need a device sync)")
         # One device sync, the cost of not passing max_seqlen.
-        return int((cu[1:] - cu[:-1]).max().item())
+        max_seqlen = int((cu[1:] - cu[:-1]).max().item())
+    if not _is_tracing() and not _is_fake(cu):
+        assert_cu_seqlens_async(cu, total, max_seqlen)
     return max_seqlen
+
+
+def assert_cu_seqlens_async(cu: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """The CPU checks above, for a cu_seqlens that lives on a device, without a host
+    sync: a device-side assert. The kernels size their grids from max_seqlen and
+    trust the offsets, so a bad cu_seqlens would otherwise leave rows unwritten or
+    read out of bounds; this way the program stops with a device-side assert at the
+    call instead. (On CPU tensors the assert raises RuntimeError at once.)"""
+    lengths = cu[1:] - cu[:-1]
+    shortest, longest = torch.aminmax(lengths)
+    ok = (cu[0] == 0) & (cu[-1] == total) & (shortest >= 0) & (longest <= max_seqlen)
+    torch._assert_async(ok, "nsa_cuda: cu_seqlens must start at 0, be non-decreasing and end "
+                            "at total (q.shape[1]), and max_seqlen must be at least the longest "
+                            "sequence")
 
 
 def nsa_sizes(cmp_block_size=None, cmp_stride=None, slc_block_size=None, slc_num_blocks=None,

@@ -82,6 +82,35 @@ def make_cu(lengths):
     return torch.tensor(cu, dtype=torch.int32, device=DEV)
 
 
+# --------------------------------------------------------------------------- varlen guard
+
+_TOO_SHORT_MAX_SEQLEN = """
+import torch, nsa_cuda
+q = torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16)
+k = torch.randn(1, 300, 1, 64, device="cuda", dtype=torch.bfloat16)
+g = torch.rand(1, 300, 4, device="cuda")
+cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")  # lengths 100, 200
+o = nsa_cuda.sparse_attn(q, k, k, g, g, g, cu_seqlens=cu, max_seqlen=150)
+torch.cuda.synchronize()
+print("NO ERROR")
+"""
+
+
+def test_varlen_max_seqlen_too_small_stops():
+    """max_seqlen below the longest sequence (200 > 150) cannot be seen on the host
+    without a sync; the device-side assert stops the program instead of leaving that
+    sequence's last rows unwritten. In a subprocess: the assert ends the CUDA context."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    run = subprocess.run([sys.executable, "-c", _TOO_SHORT_MAX_SEQLEN], capture_output=True,
+                         text=True, timeout=300, cwd=root, env=env)
+    assert run.returncode != 0 and "NO ERROR" not in run.stdout, run.stdout + run.stderr
+    assert "assert" in (run.stdout + run.stderr).lower(), run.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- gate_combine
 
 def _gated_sum(outputs, gates, dt):

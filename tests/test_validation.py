@@ -209,6 +209,22 @@ def test_cu_seqlens_with_batch():
         call_sparse(inp, cu_seqlens=cu)
 
 
+@pytest.mark.parametrize("cu,total,max_seqlen", [
+    ([0, 3, 10], 10, 6),      # a sequence longer than max_seqlen
+    ([1, 3, 10], 10, 7),      # not starting at 0
+    ([0, 5, 3, 10], 10, 7),   # decreasing
+    ([0, 3, 10], 11, 7),      # not ending at total
+], ids=["max_seqlen", "start", "decreasing", "end"])
+def test_cu_seqlens_device_assert(cu, total, max_seqlen):
+    """The no-sync check used for device tensors (a device-side assert there; on CPU
+    tensors, as here, it raises at once) refuses each kind of bad cu_seqlens."""
+    from nsa_cuda import _validate
+    cu = torch.tensor(cu, dtype=torch.int32)
+    with raises(r"cu_seqlens must start at 0"):
+        _validate.assert_cu_seqlens_async(cu, total, max_seqlen)
+    _validate.assert_cu_seqlens_async(torch.tensor([0, 3, 10], dtype=torch.int32), 10, 7)
+
+
 def test_max_seqlen_too_small():
     inp, cu = varlen_base()
     with raises(r"max_seqlen"):
