@@ -232,13 +232,16 @@ def test_bwd_bitwise_repeatable():
     ow, lsew = OPS.window_attn_fwd(q, k, v, None, T, 100, s)
     do = rand(*o.shape, dtype=q.dtype)
     dl = torch.randn(lse.shape, device=DEV) * torch.isfinite(lse)
+    gates = [torch.rand(o.shape[:3], device=DEV) for _ in range(3)]
     runs = []
     for _ in range(2):
         runs.append(OPS.compressed_attn_bwd(do, dl, q, kc, vc, o, lse, None, T, 32, 16, s)
                     + OPS.selected_attn_bwd(do, None, q, k, v, bi, os_, lses, None, T, lp, s)
-                    + OPS.window_attn_bwd(do, None, q, k, v, ow, lsew, None, T, 100, s))
+                    + OPS.window_attn_bwd(do, None, q, k, v, ow, lsew, None, T, 100, s)
+                    + tuple(OPS.gate_combine_bwd(do, [o, os_, ow], gates)))
     for a, b in zip(*runs):
-        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b.view(torch.int16 if b.element_size() == 2 else torch.int32))
 
 
 def test_gradients_poisoned_before_launch():
