@@ -127,6 +127,9 @@ def gate_combine(outputs, gates) -> Tensor:
                          f"{len(outputs)} outputs and {len(gates)} gates")
     for j, (o, g) in enumerate(zip(outputs, gates)):
         check.tensor(f"outputs[{j}]", o, 4)
+        check.tensor(f"gates[{j}]", g)
+        if g.device != o.device:
+            raise RuntimeError(f"gates[{j}] is on {g.device} but outputs[{j}] is on {o.device}")
         check.gate(f"gates[{j}]", g, o)
     return ops.gate_combine(outputs, gates)
 
