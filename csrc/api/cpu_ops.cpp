@@ -9,6 +9,7 @@ namespace {
 struct CpuBackend {
   static constexpr bool kHasBackward = true;
   static constexpr bool kKeepsDecodeScores = false;
+  static constexpr bool kWritesEveryGradElement = false;
   static constexpr bool kFusesDecodeGates = false;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }

@@ -199,6 +199,7 @@ DType dtype_of(at::ScalarType t) { return t == at::kBFloat16 ? DType::kBf16 : DT
 struct CudaBackend {
   static constexpr bool kHasBackward = true;
   static constexpr bool kKeepsDecodeScores = true;
+  static constexpr bool kWritesEveryGradElement = true;
   static constexpr bool kFusesDecodeGates = true;
 
   static c10::cuda::CUDAGuard prepare(const at::Tensor& q) { return c10::cuda::CUDAGuard(q.device()); }

@@ -16,12 +16,16 @@
 //   append_kv_to_cache(CacheAppendParams, dtype)  the KV-cache (decode) kernels
 //   gate_combine(GateParams, dtype), gate_combine_bwd(GateParams, dtype)
 //                                      sparse_attn's gated sum and its gradient
+//   kWritesEveryGradElement            the backward kernels write every element of
+//                                      their gradients (zeros where nothing flows), so
+//                                      the gradients are not zero-filled first
 //   kFusesDecodeGates                  sparse_attn_decode sums the gated branches in
 //                                      one kernel; such a backend also has
 //   attn_decode_partials(AttnFwdParams, dtype, DecodePartials&) and
 //   decode_gate_combine(DecodeGateParams, dtype)
 #pragma once
 
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
@@ -134,6 +138,21 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
   return {o, lse};
 }
 
+// A gradient like t (contiguous). The CPU kernels leave rows nothing flows to
+// unwritten (key rows no query visits: extra k_cmp rows, varlen padding), so their
+// gradients start as zeros; the CUDA kernels write every element, and a zero fill
+// would be one more pass over each gradient (about 1.6 GB for dq at 64k on the
+// paper shape). fresh() poisons it under NSA_POISON_OUTPUTS (CUDA; always in the
+// emulator), so an element the kernels miss shows up as NaN in the tests.
+template <class Backend>
+at::Tensor grad_buffer(const at::Tensor& t) {
+  at::Tensor g = Backend::kWritesEveryGradElement
+                     ? at::empty_like(t, at::MemoryFormat::Contiguous)
+                     : at::zeros_like(t, at::MemoryFormat::Contiguous);
+  Backend::fresh(g);
+  return g;
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const AttnSpec& spec, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q_in,
@@ -155,13 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   OptTensor bi;
   if (block_indices.has_value()) bi = checked_block_indices(*block_indices, q_in, k_in.size(2));
   const at::Tensor q = Backend::input(q_in), k = Backend::input(k_in), v = Backend::input(v_in);
-  // Zeros: the CPU kernel leaves key rows no query visits (extra k_cmp rows,
-  // varlen padding) unwritten. The CUDA kernels write every row, zeros included,
-  // so fresh() may poison them (NSA_POISON_OUTPUTS); the CPU's fresh() is a no-op.
-  auto dq = at::zeros_like(q, at::MemoryFormat::Contiguous);
-  auto dk = at::zeros_like(k, at::MemoryFormat::Contiguous);
-  auto dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
-  Backend::fresh(dq), Backend::fresh(dk), Backend::fresh(dv);
+  auto dq = grad_buffer<Backend>(q), dk = grad_buffer<Backend>(k), dv = grad_buffer<Backend>(v);
   const at::Tensor dout_c = Backend::input(dout.contiguous());
   const at::Tensor o_c = Backend::input(o.contiguous());
   // Standard strides on size-1 dims too (contiguous() keeps whatever stride a size-1
@@ -526,8 +539,7 @@ at::Tensor mean_compress_bwd(const at::Tensor& grad_cmp, const at::Tensor& x,
               grad_cmp.sizes());
   [[maybe_unused]] auto guard = Backend::prepare(x);
   const at::Tensor g = grad_cmp.contiguous();
-  auto dx = at::zeros_like(x, at::MemoryFormat::Contiguous);
-  Backend::fresh(dx);  // the CUDA kernel writes every row (see attn_bwd)
+  auto dx = grad_buffer<Backend>(x);
   if (dx.numel() > 0)
     Backend::mean_compress_bwd(make_compress_params(dx, g, cu_seqlens, cmp_block_size, cmp_stride),
                                x.scalar_type());

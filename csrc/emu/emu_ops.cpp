@@ -47,6 +47,7 @@ constexpr cudaStream_t kStream = nullptr;
 struct EmuBackend {
   static constexpr bool kHasBackward = true;
   static constexpr bool kKeepsDecodeScores = true;
+  static constexpr bool kWritesEveryGradElement = true;
   static constexpr bool kFusesDecodeGates = true;
   struct NoGuard {};
   static NoGuard prepare(const at::Tensor&) { return {}; }
