@@ -6,7 +6,7 @@ live on and composes with autograd and torch.compile.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -174,30 +174,114 @@ def sparse_attn(q: Tensor, k: Tensor, v: Tensor, g_cmp: Optional[Tensor],
         block_indices = check.block_indices(block_indices, q, k.shape[2])
 
     need_cmp = g_cmp is not None or (g_slc is not None and block_indices is None)
-    aux = dict.fromkeys(("block_indices", "o_cmp", "o_slc", "o_win", "lse_cmp", "lse_slc",
-                         "lse_win"))
-    cmp_sizes = dict(cmp_block_size=cmp_block_size, cmp_stride=cmp_stride)
-    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if need_cmp:
         if k_cmp is None:
             k_cmp = ops.mean_compress(k, cu_seqlens, cmp_block_size, cmp_stride)
             v_cmp = ops.mean_compress(v, cu_seqlens, cmp_block_size, cmp_stride)
         check.compressed_kv(q, k_cmp, v_cmp, cmp_block_size, cmp_stride, cu_seqlens is not None)
-        aux["o_cmp"], aux["lse_cmp"] = ops.compressed_attn_fwd(
-            q, k_cmp, v_cmp, cu_seqlens, max_seqlen, cmp_block_size, cmp_stride, scale)
-    if g_slc is not None:
-        if block_indices is None:
-            block_indices = ops.select_blocks(
-                q, k_cmp, aux["lse_cmp"], cu_seqlens, max_seqlen, cmp_block_size, cmp_stride,
-                slc_block_size, slc_num_blocks, slc_init_blocks, slc_local_blocks, scale)
-        aux["o_slc"], aux["lse_slc"] = ops.selected_attn_fwd(
-            q, k, v, block_indices, cu_seqlens, max_seqlen, slc_block_size, scale)
-        aux["block_indices"] = block_indices
-    if g_win is not None:
-        aux["o_win"], aux["lse_win"] = ops.window_attn_fwd(q, k, v, cu_seqlens, max_seqlen,
-                                                           window_size, scale)
-    if g_cmp is None:  # computed only to drive selection
-        aux["o_cmp"] = aux["lse_cmp"] = None
+    else:
+        k_cmp = v_cmp = None
+    if g_cmp is None and g_slc is None and g_win is None:
+        o = q.new_zeros((*q.shape[:3], dv))
+        return (o, dict.fromkeys(_AUX_NAMES)) if return_aux else o
 
-    o = _combine_branches(q, dv, aux, g_cmp, g_slc, g_win)
-    return (o, aux) if return_aux else o
+    # Which aux tensors the node returns: known before the call, from the arguments.
+    aux_names = [n for n, on in (("o_cmp", g_cmp is not None), ("lse_cmp", g_cmp is not None),
+                                 ("o_slc", g_slc is not None), ("lse_slc", g_slc is not None),
+                                 ("o_win", g_win is not None), ("lse_win", g_win is not None),
+                                 ("block_indices", g_slc is not None and block_indices is None))
+                 if on] if return_aux else []
+    sizes = _Sizes(cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks, slc_init_blocks,
+                   slc_local_blocks, window_size, max_seqlen, scale)
+    o, *outs = _SparseAttn.apply(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices,
+                                 cu_seqlens, sizes, tuple(aux_names))
+    if not return_aux:
+        return o
+    aux = dict.fromkeys(_AUX_NAMES) | dict(zip(aux_names, outs))
+    if g_slc is not None and block_indices is not None:
+        aux["block_indices"] = block_indices
+    return o, aux
+
+
+_AUX_NAMES = ("block_indices", "o_cmp", "o_slc", "o_win", "lse_cmp", "lse_slc", "lse_win")
+
+
+class _Sizes(NamedTuple):
+    l: int
+    d: int
+    lp: int
+    n: int
+    n_init: int
+    n_local: int
+    w: int
+    max_seqlen: int
+    scale: float
+
+
+class _SparseAttn(torch.autograd.Function):
+    """sparse_attn as one autograd node, so that its backward runs the gated sum's
+    gradient once and hands each branch's backward the dq, dk, dv that the branches
+    before it left: the kernels add them (``dq_in`` ...), and no pass over memory sums
+    the branches. Returns o, then the aux tensors named in ``aux_names``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices, cu_seqlens,
+                sizes: _Sizes, aux_names):
+        z = sizes
+        o_cmp = lse_cmp = o_slc = lse_slc = o_win = lse_win = None
+        if k_cmp is not None:
+            o_cmp, lse_cmp = ops.compressed_attn_fwd(q, k_cmp, v_cmp, cu_seqlens, z.max_seqlen,
+                                                     z.l, z.d, z.scale)
+        if g_slc is not None:
+            if block_indices is None:
+                block_indices = ops.select_blocks(q, k_cmp, lse_cmp, cu_seqlens, z.max_seqlen,
+                                                  z.l, z.d, z.lp, z.n, z.n_init, z.n_local,
+                                                  z.scale)
+            o_slc, lse_slc = ops.selected_attn_fwd(q, k, v, block_indices, cu_seqlens,
+                                                   z.max_seqlen, z.lp, z.scale)
+        if g_win is not None:
+            o_win, lse_win = ops.window_attn_fwd(q, k, v, cu_seqlens, z.max_seqlen, z.w, z.scale)
+        if g_cmp is None:  # computed only to drive selection
+            o_cmp = lse_cmp = None
+        on = [(x, g) for x, g in ((o_cmp, g_cmp), (o_slc, g_slc), (o_win, g_win))
+              if g is not None]
+        o = ops.gate_combine([x for x, _ in on], [g for _, g in on])
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices,
+                              cu_seqlens, o_cmp, lse_cmp, o_slc, lse_slc, o_win, lse_win)
+        ctx.sizes, ctx.aux_names = sizes, aux_names
+        found = dict(o_cmp=o_cmp, lse_cmp=lse_cmp, o_slc=o_slc, lse_slc=lse_slc, o_win=o_win,
+                     lse_win=lse_win, block_indices=block_indices)
+        outs = [found[n] for n in aux_names]
+        if "block_indices" in aux_names:
+            ctx.mark_non_differentiable(found["block_indices"])
+        return (o, *outs)
+
+    @staticmethod
+    def backward(ctx, d_o, *aux_grads):
+        (q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_win, block_indices, cu, o_cmp, lse_cmp, o_slc,
+         lse_slc, o_win, lse_win) = ctx.saved_tensors
+        z = ctx.sizes
+        extra = dict(zip(ctx.aux_names, aux_grads))  # gradients of the returned aux tensors
+        names = [n for n, g in (("cmp", g_cmp), ("slc", g_slc), ("win", g_win)) if g is not None]
+        outputs = {"cmp": o_cmp, "slc": o_slc, "win": o_win}
+        gates = {"cmp": g_cmp, "slc": g_slc, "win": g_win}
+        grads = ops.gate_combine_bwd(d_o, [outputs[n] for n in names], [gates[n] for n in names])
+        d_out = dict(zip(names, grads[:len(names)]))
+        d_gate = dict(zip(names, grads[len(names):]))
+        for n in names:
+            if extra.get(f"o_{n}") is not None:
+                d_out[n] = d_out[n] + extra[f"o_{n}"]
+        dq = dk = dv = dk_cmp = dv_cmp = None
+        if g_win is not None:
+            dq, dk, dv = ops.window_attn_bwd(d_out["win"], extra.get("lse_win"), q, k, v, o_win,
+                                             lse_win, cu, z.max_seqlen, z.w, z.scale)
+        if g_slc is not None:
+            dq, dk, dv = ops.selected_attn_bwd(d_out["slc"], extra.get("lse_slc"), q, k, v,
+                                               block_indices, o_slc, lse_slc, cu, z.max_seqlen,
+                                               z.lp, z.scale, dq, dk, dv)
+        if g_cmp is not None:
+            dq, dk_cmp, dv_cmp = ops.compressed_attn_bwd(
+                d_out["cmp"], extra.get("lse_cmp"), q, k_cmp, v_cmp, o_cmp, lse_cmp, cu,
+                z.max_seqlen, z.l, z.d, z.scale, dq)
+        return (dq, dk, dv, dk_cmp, dv_cmp, d_gate.get("cmp"), d_gate.get("slc"),
+                d_gate.get("win"), None, None, None, None)

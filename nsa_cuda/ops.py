@@ -62,17 +62,19 @@ def _bwd_fake(q, k, v):
 
 @torch.library.register_fake("nsa_cuda::compressed_attn_bwd")
 def _(dout, dlse, q, k_cmp, v_cmp, o, lse, cu_seqlens, max_seqlen, cmp_block_size, cmp_stride,
-      scale):
+      scale, dq_in=None, dk_in=None, dv_in=None):
     return _bwd_fake(q, k_cmp, v_cmp)
 
 
 @torch.library.register_fake("nsa_cuda::selected_attn_bwd")
-def _(dout, dlse, q, k, v, block_indices, o, lse, cu_seqlens, max_seqlen, slc_block_size, scale):
+def _(dout, dlse, q, k, v, block_indices, o, lse, cu_seqlens, max_seqlen, slc_block_size, scale,
+      dq_in=None, dk_in=None, dv_in=None):
     return _bwd_fake(q, k, v)
 
 
 @torch.library.register_fake("nsa_cuda::window_attn_bwd")
-def _(dout, dlse, q, k, v, o, lse, cu_seqlens, max_seqlen, window_size, scale):
+def _(dout, dlse, q, k, v, o, lse, cu_seqlens, max_seqlen, window_size, scale, dq_in=None,
+      dk_in=None, dv_in=None):
     return _bwd_fake(q, k, v)
 
 

@@ -104,13 +104,22 @@ def _op_args(varlen, requires_grad):
                             SCALE),
         "window_attn_bwd/no dlse": (torch.randn_like(o_w), None, q, k, v, o_w, lse_w, cu, ms, W,
                                     SCALE),
+        # sparse_attn's backward: each branch adds the gradients the others left
+        "compressed_attn_bwd/added": (torch.randn_like(o_c), None, q, kc, vc, o_c, lse_c, cu, ms,
+                                      L, D, SCALE, torch.randn_like(q), None, None),
+        "selected_attn_bwd/added": (torch.randn_like(o_s), None, q, k, v, bi, o_s, lse_s, cu, ms,
+                                    LP, SCALE, torch.randn_like(q), torch.randn_like(k),
+                                    torch.randn_like(v)),
+        "window_attn_bwd/added": (torch.randn_like(o_w), dl(lse_w), q, k, v, o_w, lse_w, cu, ms,
+                                  W, SCALE, None, torch.randn_like(k), torch.randn_like(v)),
     }
 
 
 OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compressed_attn_bwd",
             "compressed_attn_bwd/no dlse", "select_blocks", "selected_attn_fwd",
             "selected_attn_bwd", "selected_attn_bwd/no dlse", "window_attn_fwd",
-            "window_attn_bwd", "window_attn_bwd/no dlse", "gate_combine",
+            "window_attn_bwd", "window_attn_bwd/no dlse", "compressed_attn_bwd/added",
+            "selected_attn_bwd/added", "window_attn_bwd/added", "gate_combine",
             "gate_combine/strided gate", "gate_combine_bwd"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
               "selected_attn_decode", "window_attn_decode", "update_cmp_cache",

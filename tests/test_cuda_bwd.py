@@ -94,6 +94,50 @@ def cmp_kv(k, v, l, d, cu=None):
     return OPS.mean_compress(k, cu, l, d), OPS.mean_compress(v, cu, l, d)
 
 
+def check_added_grads(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None):
+    """Each backward op with dq_in, dk_in, dv_in returns its own gradients plus them,
+    summed in fp32 and rounded once, bitwise: every row, varlen padding rows (where
+    the branch sends nothing) included. sparse_attn's backward sums its branches so."""
+    ms = max_seqlen if max_seqlen is not None else q.shape[1]
+    s = q.shape[-1] ** -0.5
+    l, d = 32, 16
+    for name, fwd, bwd, kk, vv, extra, size in (
+            ("cmp", _cmp_fwd, _cmp_bwd_added, kc, vc, (), (l, d)),
+            ("slc", OPS.selected_attn_fwd, OPS.selected_attn_bwd, k, v, (bi,), lp),
+            ("win", OPS.window_attn_fwd, OPS.window_attn_bwd, k, v, (), w)):
+        o, lse = fwd(q, kk, vv, *extra, cu, ms, size, s)
+        o = torch.nan_to_num(o)  # varlen padding rows (poisoned, never written)
+        lse = torch.nan_to_num(lse, nan=float("-inf"), neginf=float("-inf"))
+        do = rand(*o.shape, dtype=q.dtype)
+        args = (do, None, q, kk, vv, *extra, o, lse, cu, ms, size, s)
+        base = bwd(*args)
+        added = [rand(*x.shape, dtype=x.dtype) for x in (q, kk, vv)]
+        got = bwd(*args, *added)
+        for n, g, b, a in zip(("dq", "dk", "dv"), got, base, added):
+            want = (b.float() + a.float()).to(b.dtype)
+            assert torch.equal(g, want), f"{name} {n}: the added gradient differs"
+
+
+def _cmp_bwd_added(do, dlse, q, k, v, o, lse, cu, ms, size, scale, *added):
+    return OPS.compressed_attn_bwd(do, dlse, q, k, v, o, lse, cu, ms, *size, scale, *added)
+
+
+def test_added_grads():
+    q, k, v = qkv(2, 150, 2, 4, 128, 128, torch.bfloat16)
+    bi = random_block_indices(2, 150, 2, 3, 32, seed=3)
+    check_added_grads(q, k, v, *cmp_kv(k, v, 32, 16), bi, 32, 40)
+
+
+def test_added_grads_varlen_padding():
+    lengths = [5, 70, 40]
+    cu, total = make_cu(lengths), sum(lengths)
+    q, k, v = qkv(1, total + 7, 1, 3, 64, 64, torch.float16)  # 7 padding rows
+    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32, device=DEV)
+    bi[..., 0] = 0
+    check_added_grads(q, k, v, *cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
+                      max_seqlen=max(lengths))
+
+
 # --------------------------------------------------------------------------- the grid
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)

@@ -324,6 +324,25 @@ def test_bwd_varlen(B):
     B.check_window_bwd(q, k, v, 40, cu=cu, max_seqlen=ms)
 
 
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+def test_bwd_added_grads(B, dims):
+    """The backward kernels add dq_in, dk_in, dv_in in their epilogue (and copy them
+    on varlen padding rows): bitwise the gradients plus the inputs."""
+    q, k, v = B.qkv(2, 150, 2, 4, *dims)
+    bi = B.random_block_indices(2, 150, 2, 3, 32, seed=3)
+    B.check_added_grads(q, k, v, *B.cmp_kv(k, v, 32, 16), bi, 32, 40)
+
+
+def test_bwd_added_grads_varlen_padding(B):
+    lengths = [5, 70, 40]
+    cu, total = B.make_cu(lengths), sum(lengths)
+    q, k, v = B.qkv(1, total + 7, 1, 3, *DIMS[0])
+    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32)
+    bi[..., 0] = 0
+    B.check_added_grads(q, k, v, *B.cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
+                        max_seqlen=max(lengths))
+
+
 def test_bwd_padding_rows_written(B, emu):
     """Varlen with padding rows past cu_seqlens[-1]: every gradient element is
     written (the outputs are NaN-poisoned before each launch)."""

@@ -627,3 +627,36 @@ def test_cpu_isa_copies_agree(tmp_path, baseline):
     o.square().sum().backward()
     for name, a, b in zip(("o", "dq", "dk", "dv"), theirs, [o.detach(), q.grad, k.grad, v.grad]):
         assert_close_exact(a, b, name, tol=1e-11)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_bwd_ops_add_given_gradients(varlen):
+    """dq_in, dk_in, dv_in are added to a backward op's gradients (the CPU adds after
+    its kernel; CUDA in the epilogue), padding rows of varlen included."""
+    from conftest import make_cu_seqlens
+    ops = torch.ops.nsa_cuda
+    gen = torch.Generator().manual_seed(7)
+    lengths = [9, 30]
+    B, T = (1, sum(lengths) + 3) if varlen else (2, 33)
+    cu = make_cu_seqlens(lengths) if varlen else None
+    ms = max(lengths) if varlen else T
+    q = torch.randn(B, T, 4, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, T, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, T, 2, 6, generator=gen, dtype=torch.float64)
+    kc, vc = ops.mean_compress(k, cu, 8, 4), ops.mean_compress(v, cu, 8, 4)
+    bi = torch.zeros(B, T, 2, 2, dtype=torch.int32)
+    bi[..., 1] = -1
+    for fwd, bwd, kk, vv, extra, sizes in (
+            (ops.compressed_attn_fwd, ops.compressed_attn_bwd, kc, vc, (), (8, 4)),
+            (ops.selected_attn_fwd, ops.selected_attn_bwd, k, v, (bi,), (8,)),
+            (ops.window_attn_fwd, ops.window_attn_bwd, k, v, (), (5,))):
+        o, lse = fwd(q, kk, vv, *extra, cu, ms, *sizes, 0.4)
+        args = (torch.randn(o.shape, generator=gen, dtype=o.dtype), None, q, kk, vv, *extra,
+                o, lse, cu, ms, *sizes, 0.4)
+        base = bwd(*args)
+        added = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in (q, kk, vv)]
+        for n, got, b, a in zip(("dq", "dk", "dv"), bwd(*args, *added), base, added):
+            torch.testing.assert_close(got, b + a, rtol=0, atol=1e-15, msg=n)
+        dq_only = bwd(*args, added[0])
+        torch.testing.assert_close(dq_only[0], base[0] + added[0], rtol=0, atol=1e-15)
+        assert torch.equal(dq_only[1], base[1]) and torch.equal(dq_only[2], base[2])

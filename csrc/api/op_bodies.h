@@ -158,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const AttnSpec& spec, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& o, const at::Tensor& lse,
     const OptTensor& block_indices, const OptTensor& cu_seqlens, int64_t max_seqlen,
-    double scale) {
+    double scale, const OptTensor& dq_in = std::nullopt, const OptTensor& dk_in = std::nullopt,
+    const OptTensor& dv_in = std::nullopt) {
   const bool cmp = spec.branch == Branch::kCompressed;
   check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v", !cmp);
   Backend::check_support(q_in, q_in.size(3), v_in.size(3), spec.op);
@@ -188,8 +189,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   if (dlse.has_value()) dlse_c = dlse->to(lse.scalar_type()).contiguous();
   const AttnFwdParams fwd =
       attn_params<Backend>(spec, q, k, v, o_c, lse_c, bi, cu_seqlens, seqlen, scale);
-  const AttnBwdParams p = make_bwd_params(fwd, dout_c, dlse_c, dq, dk, dv);
-  if (q.numel() > 0) Backend::attn_bwd(p, q.scalar_type());
+  AttnBwdParams p = make_bwd_params(fwd, dout_c, dlse_c, dq, dk, dv);
+  // The gradients to add: checked, in dq / dk / dv's layout (contiguous).
+  at::Tensor* outs[3] = {&dq, &dk, &dv};
+  const OptTensor* ins[3] = {&dq_in, &dk_in, &dv_in};
+  const char* in_names[3] = {"dq_in", "dk_in", "dv_in"};
+  at::Tensor added[3];
+  for (int j = 0; j < 3; ++j) {
+    if (!ins[j]->has_value()) continue;
+    const at::Tensor& x = **ins[j];
+    TORCH_CHECK(x.sizes() == outs[j]->sizes() && x.scalar_type() == outs[j]->scalar_type() &&
+                    x.device() == outs[j]->device(),
+                "nsa_cuda: ", spec.op, ": ", in_names[j], " must match the gradient it adds to (",
+                outs[j]->scalar_type(), " ", outs[j]->sizes(), " on ", outs[j]->device(),
+                "), got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+    added[j] = Backend::input(x.contiguous());
+  }
+  if constexpr (Backend::kWritesEveryGradElement) {  // the kernels add them
+    p.dq_in = added[0].defined() ? added[0].data_ptr() : nullptr;
+    p.dk_in = added[1].defined() ? added[1].data_ptr() : nullptr;
+    p.dv_in = added[2].defined() ? added[2].data_ptr() : nullptr;
+  }
+  const bool launched = q.numel() > 0;
+  if (launched)
+    Backend::attn_bwd(p, q.scalar_type());
+  else  // no query: nothing flows, and no kernel writes the key rows
+    dq.zero_(), dk.zero_(), dv.zero_();
+  if (!Backend::kWritesEveryGradElement || !launched)
+    for (int j = 0; j < 3; ++j)
+      if (added[j].defined()) outs[j]->add_(added[j]);
   return {dq, dk, dv};
 }
 
@@ -685,30 +713,33 @@ void register_backend(torch::Library& m) {
     m.impl("compressed_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
-              const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d, double scale) {
+              const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d, double scale,
+              const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in) {
              check_nsa_sizes(l, d, d);
              const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                      max_seqlen, scale);
+                                      max_seqlen, scale, dq_in, dk_in, dv_in);
            });
     m.impl("selected_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& bi, const at::Tensor& o,
               const at::Tensor& lse, const OptTensor& cu, int64_t max_seqlen, int64_t lp,
-              double scale) {
+              double scale, const OptTensor& dq_in, const OptTensor& dk_in,
+              const OptTensor& dv_in) {
              TORCH_CHECK(lp > 0, "nsa_cuda: slc_block_size must be positive, got ", lp);
              const AttnSpec spec{Branch::kSelected, 1, 1, lp, 1, "selected_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, bi, cu, max_seqlen,
-                                      scale);
+                                      scale, dq_in, dk_in, dv_in);
            });
     m.impl("window_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
-              const OptTensor& cu, int64_t max_seqlen, int64_t w, double scale) {
+              const OptTensor& cu, int64_t max_seqlen, int64_t w, double scale,
+              const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in) {
              TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
              const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                      max_seqlen, scale);
+                                      max_seqlen, scale, dq_in, dk_in, dv_in);
            });
   }
 }

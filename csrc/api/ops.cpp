@@ -12,10 +12,13 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def(
       "compressed_attn_fwd(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor? cu_seqlens, int max_seqlen, "
       "int cmp_block_size, int cmp_stride, float scale) -> (Tensor, Tensor)");
+  // The *_attn_bwd ops return (dq, dk, dv); dq_in, dk_in, dv_in (like q, k, v) are
+  // added to them, so sparse_attn's backward sums its branches inside the kernels.
   m.def(
       "compressed_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, "
       "Tensor o, Tensor lse, Tensor? cu_seqlens, int max_seqlen, int cmp_block_size, "
-      "int cmp_stride, float scale) -> (Tensor, Tensor, Tensor)");
+      "int cmp_stride, float scale, Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None) "
+      "-> (Tensor, Tensor, Tensor)");
 
   m.def(
       "select_blocks(Tensor q, Tensor k_cmp, Tensor lse_cmp, Tensor? cu_seqlens, int max_seqlen, "
@@ -28,15 +31,16 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def(
       "selected_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, "
       "Tensor block_indices, Tensor o, Tensor lse, Tensor? cu_seqlens, int max_seqlen, "
-      "int slc_block_size, float scale) -> (Tensor, Tensor, Tensor)");
+      "int slc_block_size, float scale, Tensor? dq_in=None, Tensor? dk_in=None, "
+      "Tensor? dv_in=None) -> (Tensor, Tensor, Tensor)");
 
   m.def(
       "window_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, "
       "int window_size, float scale) -> (Tensor, Tensor)");
   m.def(
       "window_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, "
-      "Tensor lse, Tensor? cu_seqlens, int max_seqlen, int window_size, float scale) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor lse, Tensor? cu_seqlens, int max_seqlen, int window_size, float scale, "
+      "Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None) -> (Tensor, Tensor, Tensor)");
 
   // Decode with a KV cache: q [B, S, Hq, D] holds the last S positions of each
   // batch entry, whose keys are rows [0, seqlens_k[b]) of the caches (k, v

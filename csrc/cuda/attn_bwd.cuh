@@ -123,10 +123,11 @@ struct ElemInfo {
 
 // Zeroes rows [r_begin, r_end) of a [rows, heads, kCols] gradient for heads
 // [h_begin, h_end) (varlen padding rows, owned by no sequence), grid-strided over
-// blockIdx.x.
+// blockIdx.x; with `add` (a gradient of the same layout to add), copies its rows.
 template <int kCols, class Element>
-__device__ void zero_rows(Element* base, int64_t row_stride, int64_t head_stride, int64_t r_begin,
-                          int64_t r_end, int64_t h_begin, int64_t h_end) {
+__device__ void zero_rows(Element* base, const Element* add, int64_t row_stride,
+                          int64_t head_stride, int64_t r_begin, int64_t r_end, int64_t h_begin,
+                          int64_t h_end) {
   constexpr int kChunks = kCols / 8;
   const int64_t heads = h_end - h_begin;
   const int64_t total = (r_end - r_begin) * heads * kChunks;
@@ -134,9 +135,20 @@ __device__ void zero_rows(Element* base, int64_t row_stride, int64_t head_stride
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = idx % kChunks, h = h_begin + (idx / kChunks) % heads;
     const int64_t r = r_begin + idx / (kChunks * heads);
-    *reinterpret_cast<cute::uint128_t*>(base + r * row_stride + h * head_stride + c * 8) =
-        cute::uint128_t{0, 0};
+    const int64_t off = r * row_stride + h * head_stride + c * 8;
+    *reinterpret_cast<cute::uint128_t*>(base + off) =
+        add == nullptr ? cute::uint128_t{0, 0}
+                       : *reinterpret_cast<const cute::uint128_t*>(add + off);
   }
+}
+
+// store_acc_rows' row_add for a gradient `out` with an input `in` to add (same
+// layout; nullptr: none): the row of `in` at the offset the row has in `out`.
+template <class Element>
+__device__ __forceinline__ auto added_row(const Element* out, const Element* in) {
+  return [=](int, const Element* dst) -> const Element* {
+    return in == nullptr ? nullptr : in + (dst - out);
+  };
 }
 
 // --- 2. dq (query-side) -------------------------------------------------------
@@ -158,8 +170,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* dq = static_cast<Element*>(p.dq);
 
   if (blockIdx.z == p.num_seqs) {  // varlen: dq rows past the last sequence
-    zero_rows<kDk>(dq, p.dq_row_stride, p.dq_head_stride, p.cu_seqlens[p.num_seqs], ws.q_rows,
-                   hkv * G, (hkv + 1) * G);
+    zero_rows<kDk>(dq, static_cast<const Element*>(p.dq_in), p.dq_row_stride, p.dq_head_stride, p.cu_seqlens[p.num_seqs],
+                   ws.q_rows, hkv * G, (hkv + 1) * G);
     return;
   }
   const SeqInfo si = Schedule::seq(p, blockIdx.z);
@@ -312,7 +324,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int64_t f = f0 + r;
     if (f > f_last) return nullptr;
     return dq_b + (si.row0 + f / G) * p.dq_row_stride + (hkv * G + f % G) * p.dq_head_stride;
-  });
+  }, added_row(dq, static_cast<const Element*>(p.dq_in)));
 }
 
 // --- 3. dk, dv (KV-side) ------------------------------------------------------
@@ -333,11 +345,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t G = p.group;
   Element* dk = static_cast<Element*>(p.dk);
   Element* dv = static_cast<Element*>(p.dv);
-
   if (blockIdx.z == p.num_seqs) {  // varlen: key rows past the last sequence
     const int64_t r0 = QSchedule::tail_begin(p);
-    zero_rows<kDk>(dk, p.dk_row_stride, p.dk_head_stride, r0, p.k_rows, hkv, hkv + 1);
-    zero_rows<kDv>(dv, p.dv_row_stride, p.dv_head_stride, r0, p.k_rows, hkv, hkv + 1);
+    zero_rows<kDk>(dk, static_cast<const Element*>(p.dk_in), p.dk_row_stride, p.dk_head_stride, r0, p.k_rows, hkv, hkv + 1);
+    zero_rows<kDv>(dv, static_cast<const Element*>(p.dv_in), p.dv_row_stride, p.dv_head_stride, r0, p.k_rows, hkv, hkv + 1);
     return;
   }
   const SeqInfo si = QSchedule::seq(p, blockIdx.z);
@@ -518,10 +529,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Staged through sK / sV (kBlockN rows; K and V are no longer read).
   store_acc_rows<kBlockN, kDk, kThreads, Element>(acc_dk, sK, thr_mma, tid, [&](int r) -> Element* {
     return kb + r < ke ? dk_b + (key_row0 + kb + r) * p.dk_row_stride : nullptr;
-  });
+  }, added_row(dk, static_cast<const Element*>(p.dk_in)));
   store_acc_rows<kBlockN, kDv, kThreads, Element>(acc_dv, sV, thr_mma, tid, [&](int r) -> Element* {
     return kb + r < ke ? dv_b + (key_row0 + kb + r) * p.dv_row_stride : nullptr;
-  });
+  }, added_row(dv, static_cast<const Element*>(p.dv_in)));
 }
 
 // --- launchers ----------------------------------------------------------------

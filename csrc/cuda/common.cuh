@@ -210,14 +210,40 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA& rA, RB& rB, const SB& sB, 
   }
 }
 
+// 8 elements at dst: the staged ones, plus those at `add` when it is not null
+// (summed in fp32, rounded once).
+template <class Element>
+__device__ __forceinline__ void store_chunk(Element* dst, const Element* staged, const Element* add) {
+  if (add == nullptr) {
+    *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(staged);
+    return;
+  }
+  cutlass::AlignedArray<Element, 8> a, b;
+  *reinterpret_cast<cute::uint128_t*>(&a) = *reinterpret_cast<const cute::uint128_t*>(staged);
+  *reinterpret_cast<cute::uint128_t*>(&b) = *reinterpret_cast<const cute::uint128_t*>(add);
+  cutlass::Array<float, 8> sum;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum[i] = float(a[i]) + float(b[i]);
+  const cutlass::Array<Element, 8> out = cutlass::NumericArrayConverter<Element, float, 8>{}(sum);
+  *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&out);
+}
+
+struct NoRowAdd {
+  template <class T>
+  __device__ const T* operator()(int, const T*) const { return nullptr; }
+};
+
 // Epilogue of the attention kernels: converts the fp32 accumulator `acc` (a
 // kRows x kCols C fragment of `thr_mma`) to Element, stages it in the smem tile
 // `s` (free for reuse: waits for every cp.async and every thread first) and
-// writes each row r to row_dst(r) (nullptr: skip) in 16-byte stores.
+// writes each row r to row_dst(r) (nullptr: skip) in 16-byte stores. The
+// backward's accumulating form adds the row row_add(r, dst) (nullptr: none) of a
+// gradient that earlier branches left (AttnBwdParams::dq_in and the like).
 template <int kRows, int kCols, int kThreads, class Element, class Acc, class SmemTensor,
-          class ThrMma, class RowDst>
+          class ThrMma, class RowDst, class RowAdd = NoRowAdd>
 __device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, const ThrMma& thr_mma,
-                                               int tid, const RowDst& row_dst) {
+                                               int tid, const RowDst& row_dst,
+                                               const RowAdd& row_add = {}) {
   using namespace cute;
   Tensor r = make_tensor<Element>(acc.layout());
   convert_fragment(acc, r);
@@ -234,9 +260,10 @@ __device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, co
     if (idx < kRows * kChunks) {
       const int row = idx / kChunks, c = idx % kChunks;
       Element* dst = row_dst(row);
-      if (dst != nullptr)
-        *reinterpret_cast<cute::uint128_t*>(dst + c * 8) =
-            *reinterpret_cast<const cute::uint128_t*>(&s(row, c * 8));
+      if (dst != nullptr) {
+        const Element* add = row_add(row, static_cast<const Element*>(dst));
+        store_chunk(dst + c * 8, &s(row, c * 8), add == nullptr ? nullptr : add + c * 8);
+      }
     }
   }
 }

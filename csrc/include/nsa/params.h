@@ -80,6 +80,13 @@ struct AttnBwdParams : AttnFwdParams {
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
   int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
   int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  // Gradients that other branches left, added to this branch's (nullptr: none), so
+  // sparse_attn's backward sums the branches without a pass of its own: like dq,
+  // dk, dv (same shapes and strides), read only. Every row gets its value, rows
+  // this branch sends nothing to included.
+  const void* dq_in;
+  const void* dk_in;
+  const void* dv_in;
 };
 
 // Block selection: q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], lse_cmp [B, Hq, T].
