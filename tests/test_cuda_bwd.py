@@ -263,6 +263,31 @@ def test_sparse_attn_all_grads(G):
         assert_close(x, a, b, f"d{n}")
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_sparse_attn_compiled(backend):
+    """torch.compile(fullgraph=True) of sparse_attn's forward and backward (one autograd
+    node over the CUDA ops) gives eager's output and gradients, bitwise."""
+    P = dict(cmp_block_size=32, cmp_stride=16, slc_block_size=32, slc_num_blocks=4,
+             slc_init_blocks=1, slc_local_blocks=2, window_size=64)
+    B, T, Hkv, G = 2, 200, 2, 4
+    q, k, v = qkv(B, T, Hkv, G, 64, 64, torch.bfloat16)
+    gates = [torch.rand(B, T, Hkv * G, device=DEV) for _ in range(3)]
+    do = rand(B, T, Hkv * G, 64, dtype=torch.bfloat16)
+
+    def fn(*x):
+        return nsa_cuda.sparse_attn(*x, **P)
+
+    def run(f):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, *gates)]
+        o = f(*leaves)
+        return (o, *torch.autograd.grad((o * do).sum(), leaves))
+
+    torch._dynamo.reset()
+    eager, compiled = run(fn), run(torch.compile(fn, backend=backend, fullgraph=True))
+    for n, a, b in zip(("o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_win"), compiled, eager):
+        assert torch.equal(a, b), f"{backend}: {n} differs from eager"
+
+
 # --------------------------------------------------------------------------- determinism
 
 def test_bwd_bitwise_repeatable():
