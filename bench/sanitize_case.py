@@ -6,7 +6,8 @@ before position 0, a full cache and an empty entry; a selection long enough for
 several MMA passes in the score kernel; the fused compressed attention + selection
 (compressed_select_decode); a one-split decode (no combine); the one-op decode step
 (sparse_attn_decode: unmerged splits and the gated sum); the prefill's gated sum
-(gate_combine) and its gradient."""
+(gate_combine) and its gradient; the backward ops adding the gradients of another
+branch (dq_in, dk_in, dv_in)."""
 import itertools
 import os
 
@@ -51,6 +52,12 @@ def run(dk, dv, G, dtype, lengths=None):
     gates = [torch.rand(o_c.shape[:3], device=o_c.device) for _ in range(3)]
     OPS.gate_combine([o_c, o_s, o_w], gates)
     OPS.gate_combine_bwd(do, [o_c, o_s, o_w], gates)
+    # sparse_attn's backward: each branch adds the gradients the one before it left
+    # (and copies them on the varlen padding rows).
+    dq, dk, dv = OPS.window_attn_bwd(do, None, q, k, v, o_w, lse_w, cu, ms, 40, scale)
+    dq, dk, dv = OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale,
+                                       dq, dk, dv)
+    OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale, dq)
 
 
 def run_long_selection(dk, dv, dtype):
