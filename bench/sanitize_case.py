@@ -51,10 +51,12 @@ def run(dk, dv, G, dtype, lengths=None):
     # the last 8-row CTA).
     gates = [torch.rand(o_c.shape[:3], device=o_c.device) for _ in range(3)]
     OPS.gate_combine([o_c, o_s, o_w], gates)
-    OPS.gate_combine_bwd(do, [o_c, o_s, o_w], gates)
+    gate_grads = OPS.gate_combine_bwd(do, [o_c, o_s, o_w], gates, True)
     # sparse_attn's backward: each branch adds the gradients the one before it left
-    # (and copies them on the varlen padding rows).
-    dq, dk, dv = OPS.window_attn_bwd(do, None, q, k, v, o_w, lse_w, cu, ms, 40, scale)
+    # (and copies them on the varlen padding rows); the window branch takes its delta
+    # from the gate kernel.
+    dq, dk, dv = OPS.window_attn_bwd(gate_grads[2], None, q, k, v, o_w, lse_w, cu, ms, 40,
+                                     scale, delta=gate_grads[8])
     dq, dk, dv = OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale,
                                        dq, dk, dv)
     OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale, dq)

@@ -86,6 +86,7 @@ def _op_args(varlen, requires_grad):
             [rg(o_s), rg(o_w)],
             [rg(gates[1]), rg(gates[2].float().transpose(0, 1).contiguous().transpose(0, 1))]),
         "gate_combine_bwd": (torch.randn_like(o_c), [o_c, o_s, o_w], gates),
+        "gate_combine_bwd/row dots": (torch.randn_like(o_c), [o_c, o_w], gates[:2], True),
         "mean_compress": (rg(k), cu, L, D),
         "mean_compress_bwd": (torch.randn_like(kc), k, cu, L, D),
         "compressed_attn_fwd": (rg(q), rg(kc), rg(vc), cu, ms, L, D, SCALE),
@@ -112,6 +113,8 @@ def _op_args(varlen, requires_grad):
                                     torch.randn_like(v)),
         "window_attn_bwd/added": (torch.randn_like(o_w), dl(lse_w), q, k, v, o_w, lse_w, cu, ms,
                                   W, SCALE, None, torch.randn_like(k), torch.randn_like(v)),
+        "window_attn_bwd/given delta": (torch.randn_like(o_w), dl(lse_w), q, k, v, o_w, lse_w, cu,
+                                        ms, W, SCALE, None, None, None, torch.randn_like(lse_w)),
     }
 
 
@@ -120,7 +123,8 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "selected_attn_bwd", "selected_attn_bwd/no dlse", "window_attn_fwd",
             "window_attn_bwd", "window_attn_bwd/no dlse", "compressed_attn_bwd/added",
             "selected_attn_bwd/added", "window_attn_bwd/added", "gate_combine",
-            "gate_combine/strided gate", "gate_combine_bwd"]
+            "gate_combine/strided gate", "gate_combine_bwd", "gate_combine_bwd/row dots",
+            "window_attn_bwd/given delta"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
               "selected_attn_decode", "window_attn_decode", "update_cmp_cache",
               "append_kv_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]

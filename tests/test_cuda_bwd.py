@@ -122,6 +122,70 @@ def _cmp_bwd_added(do, dlse, q, k, v, o, lse, cu, ms, size, scale, *added):
     return OPS.compressed_attn_bwd(do, dlse, q, k, v, o, lse, cu, ms, *size, scale, *added)
 
 
+def _bwd_given_delta(ops, name, do, dlse, q, k, v, extra, o, lse, cu, ms, size, scale, delta):
+    sizes = size if name == "cmp" else (size,)
+    op = {"cmp": ops.compressed_attn_bwd, "slc": ops.selected_attn_bwd,
+          "win": ops.window_attn_bwd}[name]
+    return op(do, dlse, q, k, v, *extra, o, lse, cu, ms, *sizes, scale, delta=delta)
+
+
+def check_given_delta(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None):
+    """A backward op given delta (sparse_attn hands it the gate kernel's row dots) uses
+    it, with dlse subtracted and 0 where lse = -inf: against the CPU op given the same
+    delta, in fp64 and in the input dtype. The delta has noise added, so an op that
+    recomputed its own would fail."""
+    ms = max_seqlen if max_seqlen is not None else q.shape[1]
+    s = q.shape[-1] ** -0.5
+    cpu = torch.ops.nsa_cuda
+    for name, fwd, kk, vv, extra, size in (("cmp", _cmp_fwd, kc, vc, (), (32, 16)),
+                                           ("slc", OPS.selected_attn_fwd, k, v, (bi,), lp),
+                                           ("win", OPS.window_attn_fwd, k, v, (), w)):
+        o, lse = fwd(q, kk, vv, *extra, cu, ms, size, s)
+        o = torch.nan_to_num(o)
+        lse = torch.nan_to_num(lse, nan=float("-inf"), neginf=float("-inf"))
+        do = rand(*o.shape, dtype=q.dtype)
+        dlse = torch.randn(lse.shape, device=lse.device) * torch.isfinite(lse)
+        delta = (o.float() * do.float()).sum(-1).transpose(1, 2) + torch.randn(
+            lse.shape, device=lse.device)
+        tensors = (do, dlse, q, kk, vv, *extra, o, lse, cu, delta)
+        got = _bwd_given_delta(OPS, name, do, dlse, q, kk, vv, extra, o, lse, cu, ms, size, s,
+                               delta)
+
+        def on_cpu(dt):
+            lse_dtype = torch.float64 if dt == torch.float64 else torch.float32
+
+            def cast(t):  # q's dtype -> dt, the float32 lse-like tensors -> lse_dtype
+                if t is None or not t.is_floating_point():
+                    return None if t is None else t.cpu()
+                return t.cpu().to(dt if t.dtype == q.dtype else lse_dtype)
+            c = [cast(t) for t in tensors]
+            c_do, c_dlse, c_q, c_k, c_v = c[:5]
+            c_extra = tuple(c[5:5 + len(extra)])
+            c_o, c_lse, c_cu, c_delta = c[5 + len(extra):]
+            return _bwd_given_delta(cpu, name, c_do, c_dlse, c_q, c_k, c_v, c_extra, c_o, c_lse,
+                                    c_cu, ms, size, s, c_delta)
+
+        r64, r_lp = on_cpu(torch.float64), on_cpu(q.dtype)
+        for n, x, a, b in zip(("dq", "dk", "dv"), got, r64, r_lp):
+            assert_close(x, a, b, f"{n}_{name} with a given delta")
+
+
+def test_given_delta():
+    q, k, v = qkv(1, 130, 2, 2, 64, 64, torch.bfloat16)
+    bi = random_block_indices(1, 130, 2, 3, 32, seed=4)
+    check_given_delta(q, k, v, *cmp_kv(k, v, 32, 16), bi, 32, 40)
+
+
+def test_given_delta_varlen():
+    lengths = [5, 70, 40]
+    cu, total = make_cu(lengths), sum(lengths)
+    q, k, v = qkv(1, total, 1, 3, 64, 64, torch.float16)
+    bi = torch.full((1, total, 1, 2), -1, dtype=torch.int32, device=DEV)
+    bi[..., 0] = 0
+    check_given_delta(q, k, v, *cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
+                      max_seqlen=max(lengths))
+
+
 def test_added_grads():
     q, k, v = qkv(2, 150, 2, 4, 128, 128, torch.bfloat16)
     bi = random_block_indices(2, 150, 2, 3, 32, seed=3)

@@ -333,6 +333,25 @@ def test_bwd_added_grads(B, dims):
     B.check_added_grads(q, k, v, *B.cmp_kv(k, v, 32, 16), bi, 32, 40)
 
 
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+def test_bwd_given_delta(B, dims):
+    """Given delta (what sparse_attn's gate kernel hands over), the backward kernels
+    skip their delta pass and use it, dlse subtracted: against the CPU op."""
+    q, k, v = B.qkv(1, 130, 2, 2, *dims)
+    bi = B.random_block_indices(1, 130, 2, 3, 32, seed=4)
+    B.check_given_delta(q, k, v, *B.cmp_kv(k, v, 32, 16), bi, 32, 40)
+
+
+def test_bwd_given_delta_varlen(B):
+    lengths = [5, 70, 40]
+    cu, total = B.make_cu(lengths), sum(lengths)
+    q, k, v = B.qkv(1, total, 1, 3, *DIMS[0])
+    bi = torch.full((1, total, 1, 2), -1, dtype=torch.int32)
+    bi[..., 0] = 0
+    B.check_given_delta(q, k, v, *B.cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
+                        max_seqlen=max(lengths))
+
+
 def test_bwd_added_grads_varlen_padding(B):
     lengths = [5, 70, 40]
     cu, total = B.make_cu(lengths), sum(lengths)

@@ -131,8 +131,13 @@ def check_gate_combine(dtype, num_branches, dv, T=7):
                  "gate_combine o")
 
     d_out = rand(B, T, H, 2 * dv, dtype=dtype)[..., dv:]
-    grads = OPS.gate_combine_bwd(d_out, outputs, gates)
-    assert len(grads) == 2 * num_branches
+    grads = OPS.gate_combine_bwd(d_out, outputs, gates, True)
+    assert len(grads) == 3 * num_branches
+    for j, x in enumerate(outputs):  # row dots: rowsum(o * d o) as the attention's delta
+        d_o, dot = grads[j], grads[2 * num_branches + j]
+        assert dot.dtype == torch.float32 and dot.shape == (B, H, T)
+        assert_close(dot, (x.double() * d_o.double()).sum(-1).transpose(1, 2),
+                     (x.float() * d_o.float()).sum(-1).transpose(1, 2), f"row dots[{j}]")
     for j, (x, g) in enumerate(zip(outputs, gates)):
         d_o, d_g = grads[j], grads[num_branches + j]
         assert d_o.dtype == dtype and d_g.dtype == g.dtype and d_g.shape == g.shape

@@ -660,3 +660,26 @@ def test_bwd_ops_add_given_gradients(varlen):
         dq_only = bwd(*args, added[0])
         torch.testing.assert_close(dq_only[0], base[0] + added[0], rtol=0, atol=1e-15)
         assert torch.equal(dq_only[1], base[1]) and torch.equal(dq_only[2], base[2])
+
+
+def test_given_delta_and_gate_row_dots():
+    """gate_combine_bwd's row dots are rowsum(o * d o) in lse's layout, and a backward op
+    given them as delta (dlse subtracted inside) matches the op that computes its own."""
+    ops = torch.ops.nsa_cuda
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 29, 4, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 29, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 29, 2, 6, generator=gen, dtype=torch.float64)
+    g = torch.rand(2, 29, 4, generator=gen, dtype=torch.float64)
+    o, lse = ops.window_attn_fwd(q, k, v, None, 29, 5, 0.3)
+    do = torch.randn(o.shape, generator=gen, dtype=o.dtype)
+    dlse = torch.randn(lse.shape, generator=gen, dtype=lse.dtype)
+    d_o, dg, dot = ops.gate_combine_bwd(do, [o], [g], True)
+    torch.testing.assert_close(dot, (o * d_o).sum(-1).transpose(1, 2), rtol=0, atol=1e-13)
+    torch.testing.assert_close(dg, (o * do).sum(-1), rtol=0, atol=1e-13)
+    want = ops.window_attn_bwd(d_o, dlse, q, k, v, o, lse, None, 29, 5, 0.3)
+    got = ops.window_attn_bwd(d_o, dlse, q, k, v, o, lse, None, 29, 5, 0.3, delta=dot)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    moved = ops.window_attn_bwd(d_o, dlse, q, k, v, o, lse, None, 29, 5, 0.3, delta=dot + 1)
+    assert not torch.allclose(moved[0], want[0])  # the given delta is what the op uses

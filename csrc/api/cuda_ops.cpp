@@ -173,9 +173,12 @@ void dispatch_attn_bwd(const AttnBwdParams& p, DType dt, cudaStream_t s, const c
   run_kernel(op, [&] {
     const auto opts = at::TensorOptions().device(at::kCUDA, c10::cuda::current_device());
     const int64_t batches = p.cu_seqlens != nullptr ? 1 : p.num_seqs;
-    at::Tensor delta = at::empty({batches * p.lse_batch_stride}, opts.dtype(at::kFloat));
+    at::Tensor delta;
+    if (p.delta_in == nullptr)
+      delta = at::empty({batches * p.lse_batch_stride}, opts.dtype(at::kFloat));
     nsa::cuda::AttnBwdWorkspace ws;
-    ws.delta = delta.data_ptr<float>();
+    ws.delta = p.delta_in != nullptr ? static_cast<float*>(const_cast<void*>(p.delta_in))
+                                     : delta.data_ptr<float>();
     ws.q_rows = p.lse_head_stride;  // lse is a contiguous [B, Hq, T]
     at::Tensor sorted_keys;
     if (p.branch == Branch::kSelected) {

@@ -26,6 +26,8 @@
 #pragma once
 
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/isneginf.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
@@ -159,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& o, const at::Tensor& lse,
     const OptTensor& block_indices, const OptTensor& cu_seqlens, int64_t max_seqlen,
     double scale, const OptTensor& dq_in = std::nullopt, const OptTensor& dk_in = std::nullopt,
-    const OptTensor& dv_in = std::nullopt) {
+    const OptTensor& dv_in = std::nullopt, const OptTensor& delta = std::nullopt) {
   const bool cmp = spec.branch == Branch::kCompressed;
   check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v", !cmp);
   Backend::check_support(q_in, q_in.size(3), v_in.size(3), spec.op);
@@ -190,6 +192,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const AttnFwdParams fwd =
       attn_params<Backend>(spec, q, k, v, o_c, lse_c, bi, cu_seqlens, seqlen, scale);
   AttnBwdParams p = make_bwd_params(fwd, dout_c, dlse_c, dq, dk, dv);
+  // delta = rowsum(o * dout) given by the caller: dlse and the rule for rows that saw
+  // no key (delta 0: the kernels then never meet 0 * inf) folded in here, in lse's
+  // layout.
+  at::Tensor delta_c;
+  if (delta.has_value()) {
+    TORCH_CHECK(delta->sizes() == lse.sizes() && delta->scalar_type() == lse.scalar_type() &&
+                    delta->device() == lse.device(),
+                "nsa_cuda: ", spec.op, ": delta must be like lse (", lse.scalar_type(), " ",
+                lse.sizes(), "), got ", delta->scalar_type(), " ", delta->sizes());
+    delta_c = dlse_c.has_value() ? delta->sub(*dlse_c) : *delta;
+    delta_c = at::where(lse_c.isneginf(), at::zeros({}, delta_c.options()), delta_c).contiguous();
+    p.delta_in = delta_c.data_ptr();
+  }
   // The gradients to add: checked, in dq / dk / dv's layout (contiguous).
   at::Tensor* outs[3] = {&dq, &dk, &dv};
   const OptTensor* ins[3] = {&dq_in, &dk_in, &dv_in};
@@ -366,10 +381,11 @@ at::Tensor gate_combine(at::TensorList outputs, at::TensorList gates) {
 }
 
 // Returns the gradients of the outputs (each [B, T, Hq, Dv], contiguous), then
-// those of the gates (each in its gate's dtype).
+// those of the gates (each in its gate's dtype), then with row_dots each output's
+// rowsum(o * d o) as an attention backward's delta ([B, Hq, T], lse's dtype).
 template <class Backend>
 std::vector<at::Tensor> gate_combine_bwd(const at::Tensor& grad, at::TensorList outputs,
-                                         at::TensorList gates) {
+                                         at::TensorList gates, bool row_dots) {
   check_gate_counts(outputs, gates, "gate_combine_bwd");
   const at::Tensor& o0 = outputs[0];
   TORCH_CHECK(grad.sizes() == o0.sizes() && grad.scalar_type() == o0.scalar_type() &&
@@ -384,21 +400,29 @@ std::vector<at::Tensor> gate_combine_bwd(const at::Tensor& grad, at::TensorList 
   p.out = d_out.data_ptr();
   p.out_batch_stride = d_out.stride(0), p.out_row_stride = d_out.stride(1);
   p.out_head_stride = d_out.stride(2);
-  std::vector<at::Tensor> d_outputs, d_gates;
+  const auto acc = o0.options().dtype(gate_acc_type(o0.scalar_type()));
+  std::vector<at::Tensor> d_outputs, d_gates, dots;
   for (size_t j = 0; j < outputs.size(); ++j) {
     d_outputs.push_back(at::empty(o0.sizes(), o0.options()));
-    d_gates.push_back(at::empty(o0.sizes().slice(0, 3),
-                                o0.options().dtype(gate_acc_type(o0.scalar_type()))));
+    d_gates.push_back(at::empty(o0.sizes().slice(0, 3), acc));
     Backend::fresh(d_outputs.back()), Backend::fresh(d_gates.back());
     p.branches[j].d_o = d_outputs.back().data_ptr();
     p.branches[j].d_gate = d_gates.back().data_ptr();
+    if (row_dots) {
+      dots.push_back(at::empty({o0.size(0), o0.size(2), o0.size(1)}, acc));
+      Backend::fresh(dots.back());
+      p.branches[j].row_dot = dots.back().data_ptr();
+    }
   }
-  if (o0.numel() > 0)
+  if (o0.numel() > 0) {
     Backend::gate_combine_bwd(p, o0.scalar_type());
-  else
-    for (at::Tensor& dg : d_gates) dg.zero_();  // Dv = 0: empty sums
+  } else {  // Dv = 0: empty sums
+    for (at::Tensor& dg : d_gates) dg.zero_();
+    for (at::Tensor& dot : dots) dot.zero_();
+  }
   for (size_t j = 0; j < outputs.size(); ++j)
     d_outputs.push_back(d_gates[j].to(gates[j].scalar_type()));
+  d_outputs.insert(d_outputs.end(), dots.begin(), dots.end());
   return d_outputs;
 }
 
@@ -714,32 +738,34 @@ void register_backend(torch::Library& m) {
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
               const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d, double scale,
-              const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in) {
+              const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in,
+              const OptTensor& delta) {
              check_nsa_sizes(l, d, d);
              const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                      max_seqlen, scale, dq_in, dk_in, dv_in);
+                                      max_seqlen, scale, dq_in, dk_in, dv_in, delta);
            });
     m.impl("selected_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& bi, const at::Tensor& o,
               const at::Tensor& lse, const OptTensor& cu, int64_t max_seqlen, int64_t lp,
               double scale, const OptTensor& dq_in, const OptTensor& dk_in,
-              const OptTensor& dv_in) {
+              const OptTensor& dv_in, const OptTensor& delta) {
              TORCH_CHECK(lp > 0, "nsa_cuda: slc_block_size must be positive, got ", lp);
              const AttnSpec spec{Branch::kSelected, 1, 1, lp, 1, "selected_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, bi, cu, max_seqlen,
-                                      scale, dq_in, dk_in, dv_in);
+                                      scale, dq_in, dk_in, dv_in, delta);
            });
     m.impl("window_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
               const OptTensor& cu, int64_t max_seqlen, int64_t w, double scale,
-              const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in) {
+              const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in,
+              const OptTensor& delta) {
              TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
              const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                      max_seqlen, scale, dq_in, dk_in, dv_in);
+                                      max_seqlen, scale, dq_in, dk_in, dv_in, delta);
            });
   }
 }

@@ -14,10 +14,12 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "int cmp_block_size, int cmp_stride, float scale) -> (Tensor, Tensor)");
   // The *_attn_bwd ops return (dq, dk, dv); dq_in, dk_in, dv_in (like q, k, v) are
   // added to them, so sparse_attn's backward sums its branches inside the kernels.
+  // delta (like lse): rowsum(o * dout) when the caller has it; the op skips its pass.
   m.def(
       "compressed_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, "
       "Tensor o, Tensor lse, Tensor? cu_seqlens, int max_seqlen, int cmp_block_size, "
-      "int cmp_stride, float scale, Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None) "
+      "int cmp_stride, float scale, Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None, "
+      "Tensor? delta=None) "
       "-> (Tensor, Tensor, Tensor)");
 
   m.def(
@@ -32,7 +34,7 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "selected_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, "
       "Tensor block_indices, Tensor o, Tensor lse, Tensor? cu_seqlens, int max_seqlen, "
       "int slc_block_size, float scale, Tensor? dq_in=None, Tensor? dk_in=None, "
-      "Tensor? dv_in=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dv_in=None, Tensor? delta=None) -> (Tensor, Tensor, Tensor)");
 
   m.def(
       "window_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, "
@@ -40,7 +42,8 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def(
       "window_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor? cu_seqlens, int max_seqlen, int window_size, float scale, "
-      "Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None, Tensor? delta=None) "
+      "-> (Tensor, Tensor, Tensor)");
 
   // Decode with a KV cache: q [B, S, Hq, D] holds the last S positions of each
   // batch entry, whose keys are rows [0, seqlens_k[b]) of the caches (k, v
@@ -79,9 +82,11 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "int slc_init_blocks, int slc_local_blocks, int window_size, float scale) -> Tensor");
   // sparse_attn's gated sum over the branches that are on, o = sum_j gates[j] *
   // outputs[j] (outputs [B, T, Hq, Dv], gates [B, T, Hq]), and its gradient: the
-  // outputs' gradients, then the gates'.
+  // outputs' gradients, then the gates', then with row_dots rowsum(o_j * d o_j) as
+  // [B, Hq, T] (the attention backward's delta for that branch).
   m.def("gate_combine(Tensor[] outputs, Tensor[] gates) -> Tensor");
-  m.def("gate_combine_bwd(Tensor grad, Tensor[] outputs, Tensor[] gates) -> Tensor[]");
+  m.def("gate_combine_bwd(Tensor grad, Tensor[] outputs, Tensor[] gates, bool row_dots=False) "
+        "-> Tensor[]");
   // Writes k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D]
   // at rows cache_seqlens[b] + i, in one kernel on CUDA.
   m.def(

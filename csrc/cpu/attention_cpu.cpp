@@ -312,10 +312,11 @@ void bwd_row(const AttnBwdParams& p, const Views<scalar_t>& view, const SeqInfo&
     dout[c] = static_cast<acc_t>(do_src[c]);
     delta += dout[c] * static_cast<acc_t>(o_src[c]);
   }
-  if (p.dlse != nullptr) {
-    delta -= static_cast<const acc_t*>(p.dlse)[s.batch * p.lse_batch_stride +
-                                              h * p.lse_head_stride + s.q_row0 + t];
-  }
+  const int64_t lse_idx = s.batch * p.lse_batch_stride + h * p.lse_head_stride + s.q_row0 + t;
+  if (p.delta_in != nullptr)  // the caller's, dlse already in
+    delta = static_cast<const acc_t*>(p.delta_in)[lse_idx];
+  else if (p.dlse != nullptr)
+    delta -= static_cast<const acc_t*>(p.dlse)[lse_idx];
   const scalar_t* q_src = view.q_row(s, t, h);
   for (int64_t i = 0; i < dk; ++i) q[i] = static_cast<acc_t>(q_src[i]);
 

@@ -549,12 +549,14 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
   // Varlen: one more z slice zeroes the padding rows owned by no sequence.
   const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
 
-  const int64_t warps = p.seqlen * p.num_heads_q;
-  const int64_t delta_blocks = (warps + 3) / 4;
-  check_grid(delta_blocks, p, p.num_seqs, what);
-  NSA_LAUNCH(dim3(unsigned(delta_blocks), 1, unsigned(p.num_seqs)), 128, 0, stream,
-             attn_bwd_delta_kernel<Element, Traits::kDv>)(p, ws);
-  check_launch(what);
+  if (p.delta_in == nullptr) {  // else ws.delta is the caller's
+    const int64_t warps = p.seqlen * p.num_heads_q;
+    const int64_t delta_blocks = (warps + 3) / 4;
+    check_grid(delta_blocks, p, p.num_seqs, what);
+    NSA_LAUNCH(dim3(unsigned(delta_blocks), 1, unsigned(p.num_seqs)), 128, 0, stream,
+               attn_bwd_delta_kernel<Element, Traits::kDv>)(p, ws);
+    check_launch(what);
+  }
 
   const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
   check_grid(m_blocks, p, z, what);

@@ -22,10 +22,13 @@ __device__ __forceinline__ Vec<T> load_vec(const T* src) {
   return v;
 }
 
-// Rounds 8 floats to T (packed conversions) and writes them as one 16-byte store.
 template <class T>
-__device__ __forceinline__ void store_vec(T* dst, const cutlass::Array<float, kVec>& x) {
-  const cutlass::Array<T, kVec> y = cutlass::NumericArrayConverter<T, float, kVec>{}(x);
+__device__ __forceinline__ cutlass::Array<T, kVec> round_vec(const cutlass::Array<float, kVec>& x) {
+  return cutlass::NumericArrayConverter<T, float, kVec>{}(x);
+}
+
+template <class T>
+__device__ __forceinline__ void store_vec(T* dst, const cutlass::Array<T, kVec>& y) {
   *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&y);
 }
 
@@ -78,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) gate_combine_kernel(const GateParams
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] += g[j] * float(x[i]);
     }
-    store_vec(o + c, acc);
+    store_vec(o + c, round_vec<T>(acc));
   }
 }
 
@@ -89,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
   const GateRow r = gate_row(p);
   const bool valid = r.index < p.batch * p.seqlen * p.num_heads;
   const int lane = threadIdx.x % kLanesPerRow;
-  float dg[kMaxGateBranches] = {};
+  float dg[kMaxGateBranches] = {}, dot[kMaxGateBranches] = {};
   if (valid) {
     const T* d_out = static_cast<const T*>(p.out) + r.offset(p.out_batch_stride,
                                                              p.out_row_stride, p.out_head_stride);
@@ -102,12 +105,15 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
         const float g = gate_of(x, r);
         const Vec<T> o = load_vec(static_cast<const T*>(x.o) +
                                   r.offset(x.o_batch_stride, x.o_row_stride, x.o_head_stride) + c);
-        cutlass::Array<float, kVec> d_o;
+        cutlass::Array<float, kVec> scaled;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           dg[j] += float(d[i]) * float(o[i]);
-          d_o[i] = g * float(d[i]);
+          scaled[i] = g * float(d[i]);
         }
+        const cutlass::Array<T, kVec> d_o = round_vec<T>(scaled);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dot[j] += float(o[i]) * float(d_o[i]);
         store_vec(static_cast<T*>(x.d_o) + r.index * p.head_dim + c, d_o);
       }
     }
@@ -116,7 +122,13 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
   for (int j = 0; j < kMaxGateBranches; ++j) {
     if (j >= p.num_branches) break;
     const float sum = quad_allreduce<kLanesPerRow>(dg[j], SumOp{});
-    if (valid && lane == 0) static_cast<float*>(p.branches[j].d_gate)[r.index] = sum;
+    const float row_dot = quad_allreduce<kLanesPerRow>(dot[j], SumOp{});
+    if (valid && lane == 0) {
+      static_cast<float*>(p.branches[j].d_gate)[r.index] = sum;
+      if (p.branches[j].row_dot != nullptr)  // [B, Hq, T]
+        static_cast<float*>(p.branches[j].row_dot)[(r.b * p.num_heads + r.h) * p.seqlen + r.t] =
+            row_dot;
+    }
   }
 }
 

@@ -87,7 +87,8 @@ struct EmuBackend {
       at::Tensor delta = workspace(batches * p.lse_batch_stride);
       poison(delta);
       nsa::cuda::AttnBwdWorkspace ws;
-      ws.delta = delta.data_ptr<float>();
+      ws.delta = p.delta_in != nullptr ? static_cast<float*>(const_cast<void*>(p.delta_in))
+                                       : delta.data_ptr<float>();
       ws.q_rows = p.lse_head_stride;
       at::Tensor sorted_keys;
       if (p.branch == Branch::kSelected) {

@@ -87,6 +87,10 @@ struct AttnBwdParams : AttnFwdParams {
   const void* dq_in;
   const void* dk_in;
   const void* dv_in;
+  // delta = rowsum(o * dout) - dlse per row, 0 where lse = -inf, when the caller has
+  // it (sparse_attn: the gate backward's row dots); nullptr: the backward computes it.
+  // lse's dtype, layout and strides.
+  const void* delta_in;
 };
 
 // Block selection: q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], lse_cmp [B, Hq, T].
@@ -139,6 +143,9 @@ struct GateBranch {
   int64_t gate_batch_stride, gate_row_stride, gate_head_stride;
   void* d_o;     // backward: [B, T, Hq, Dv] contiguous, o's dtype (written)
   void* d_gate;  // backward: [B, T, Hq] contiguous, the gates' type (written)
+  // backward, optional (nullptr: skip): rowsum(o * d_o) with d_o as written, the
+  // attention backward's delta, [B, Hq, T] contiguous (lse's layout), the gates' type
+  void* row_dot;
 };
 
 constexpr int kMaxGateBranches = 3;
