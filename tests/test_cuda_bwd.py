@@ -183,14 +183,21 @@ def test_given_delta():
     check_given_delta(q, k, v, *cmp_kv(k, v, 32, 16), bi, 32, 40)
 
 
-def test_given_delta_varlen():
+def varlen_inputs(dk, dv, dtype, padding=0):
+    """Three packed sequences (5, 70 and 40 tokens) and `padding` rows past them, G = 3
+    on one kv head, block 0 selected for every token: ((q, k, v, k_cmp, v_cmp,
+    block_indices), dict(cu_seqlens, max_seqlen)) for the check_* helpers."""
     lengths = [5, 70, 40]
     cu, total = make_cu(lengths), sum(lengths)
-    q, k, v = qkv(1, total, 1, 3, 64, 64, torch.float16)
-    bi = torch.full((1, total, 1, 2), -1, dtype=torch.int32, device=DEV)
+    q, k, v = qkv(1, total + padding, 1, 3, dk, dv, dtype)
+    bi = torch.full((1, total + padding, 1, 2), -1, dtype=torch.int32, device=DEV)
     bi[..., 0] = 0
-    check_given_delta(q, k, v, *cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
-                      max_seqlen=max(lengths))
+    return (q, k, v, *cmp_kv(k, v, 32, 16, cu), bi), dict(cu=cu, max_seqlen=max(lengths))
+
+
+def test_given_delta_varlen():
+    args, kw = varlen_inputs(64, 64, torch.float16)
+    check_given_delta(*args, 32, 16, **kw)
 
 
 def test_added_grads():
@@ -200,13 +207,8 @@ def test_added_grads():
 
 
 def test_added_grads_varlen_padding():
-    lengths = [5, 70, 40]
-    cu, total = make_cu(lengths), sum(lengths)
-    q, k, v = qkv(1, total + 7, 1, 3, 64, 64, torch.float16)  # 7 padding rows
-    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32, device=DEV)
-    bi[..., 0] = 0
-    check_added_grads(q, k, v, *cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
-                      max_seqlen=max(lengths))
+    args, kw = varlen_inputs(64, 64, torch.float16, padding=7)
+    check_added_grads(*args, 32, 16, **kw)
 
 
 # --------------------------------------------------------------------------- the grid

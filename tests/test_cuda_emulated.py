@@ -343,23 +343,13 @@ def test_bwd_given_delta(B, dims):
 
 
 def test_bwd_given_delta_varlen(B):
-    lengths = [5, 70, 40]
-    cu, total = B.make_cu(lengths), sum(lengths)
-    q, k, v = B.qkv(1, total, 1, 3, *DIMS[0])
-    bi = torch.full((1, total, 1, 2), -1, dtype=torch.int32)
-    bi[..., 0] = 0
-    B.check_given_delta(q, k, v, *B.cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
-                        max_seqlen=max(lengths))
+    args, kw = B.varlen_inputs(*DIMS[0])
+    B.check_given_delta(*args, 32, 16, **kw)
 
 
 def test_bwd_added_grads_varlen_padding(B):
-    lengths = [5, 70, 40]
-    cu, total = B.make_cu(lengths), sum(lengths)
-    q, k, v = B.qkv(1, total + 7, 1, 3, *DIMS[0])
-    bi = torch.full((1, total + 7, 1, 2), -1, dtype=torch.int32)
-    bi[..., 0] = 0
-    B.check_added_grads(q, k, v, *B.cmp_kv(k, v, 32, 16, cu), bi, 32, 16, cu=cu,
-                        max_seqlen=max(lengths))
+    args, kw = B.varlen_inputs(*DIMS[0], padding=7)
+    B.check_added_grads(*args, 32, 16, **kw)
 
 
 def test_bwd_padding_rows_written(B, emu):
