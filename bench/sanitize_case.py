@@ -7,7 +7,7 @@ several MMA passes in the score kernel; the fused compressed attention + selecti
 (compressed_select_decode); a one-split decode (no combine); the one-op decode step
 (sparse_attn_decode: unmerged splits and the gated sum); the prefill's gated sum
 (gate_combine) and its gradient; the backward ops adding the gradients of another
-branch (dq_in, dk_in, dv_in)."""
+branch (dq_in, dk_in, dv_in), and scaling one output gradient by the gate (dout_scale)."""
 import itertools
 import os
 
@@ -60,6 +60,16 @@ def run(dk, dv, G, dtype, lengths=None):
     dq, dk, dv = OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale,
                                        dq, dk, dv)
     OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale, dq)
+    # ... and without a written g * d o: every branch scales the one d o by its gate
+    # (dout_scale), the window and compressed ones with the gate kernel's delta, the
+    # selected one with its own delta pass.
+    d_gates_and_dots = OPS.gate_combine_bwd(do, [o_c, o_s, o_w], gates, True, False)
+    dq, dk, dv = OPS.window_attn_bwd(do, None, q, k, v, o_w, lse_w, cu, ms, 40, scale,
+                                     delta=d_gates_and_dots[5], dout_scale=gates[2])
+    dq, dk, dv = OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale,
+                                       dq, dk, dv, dout_scale=gates[1])
+    OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale, dq,
+                            delta=d_gates_and_dots[3], dout_scale=gates[0])
 
 
 def run_long_selection(dk, dv, dtype):

@@ -265,30 +265,39 @@ class _SparseAttn(torch.autograd.Function):
         names = [n for n, g in (("cmp", g_cmp), ("slc", g_slc), ("win", g_win)) if g is not None]
         outputs = {"cmp": o_cmp, "slc": o_slc, "win": o_win}
         gates = {"cmp": g_cmp, "slc": g_slc, "win": g_win}
-        # The gate kernel also gives each branch's delta = rowsum(o * d o), sparing the
-        # branch backward that pass, unless returned outputs add gradients of their own.
-        row_dots = all(extra.get(f"o_{n}") is None for n in names)
-        grads = ops.gate_combine_bwd(d_o, [outputs[n] for n in names], [gates[n] for n in names],
-                                     row_dots)
+        # The gradient of o_b is g_b * d o. Unless returned branch outputs add gradients
+        # of their own, every branch backward takes the one d o and its gate
+        # (dout_scale), so no g_b * d o is written, and the gate kernel gives each
+        # branch its delta = rowsum(o_b * g_b d o), sparing the branch that pass.
+        shared = all(extra.get(f"o_{n}") is None for n in names)
         nb = len(names)
-        d_out = dict(zip(names, grads[:nb]))
-        d_gate = dict(zip(names, grads[nb:2 * nb]))
-        delta = dict(zip(names, grads[2 * nb:]))
-        for n in names:
-            if extra.get(f"o_{n}") is not None:
-                d_out[n] = d_out[n] + extra[f"o_{n}"]
+        grads = ops.gate_combine_bwd(d_o, [outputs[n] for n in names],
+                                     [gates[n] for n in names], shared, not shared)
+        if shared:
+            d_o = d_o.contiguous()  # once, not per branch
+            d_out = dict.fromkeys(names, d_o)
+            d_gate = dict(zip(names, grads[:nb]))
+            delta = dict(zip(names, grads[nb:]))
+            d_scale = {n: gates[n] for n in names}
+        else:
+            d_out = {n: d + extra[f"o_{n}"] if extra.get(f"o_{n}") is not None else d
+                     for n, d in zip(names, grads[:nb])}
+            d_gate = dict(zip(names, grads[nb:]))
+            delta, d_scale = {}, {}
         dq = dk = dv = dk_cmp = dv_cmp = None
         if g_win is not None:
             dq, dk, dv = ops.window_attn_bwd(d_out["win"], extra.get("lse_win"), q, k, v, o_win,
                                              lse_win, cu, z.max_seqlen, z.w, z.scale,
-                                             delta=delta.get("win"))
+                                             delta=delta.get("win"), dout_scale=d_scale.get("win"))
         if g_slc is not None:
             dq, dk, dv = ops.selected_attn_bwd(d_out["slc"], extra.get("lse_slc"), q, k, v,
                                                block_indices, o_slc, lse_slc, cu, z.max_seqlen,
-                                               z.lp, z.scale, dq, dk, dv, delta=delta.get("slc"))
+                                               z.lp, z.scale, dq, dk, dv, delta=delta.get("slc"),
+                                               dout_scale=d_scale.get("slc"))
         if g_cmp is not None:
             dq, dk_cmp, dv_cmp = ops.compressed_attn_bwd(
                 d_out["cmp"], extra.get("lse_cmp"), q, k_cmp, v_cmp, o_cmp, lse_cmp, cu,
-                z.max_seqlen, z.l, z.d, z.scale, dq, delta=delta.get("cmp"))
+                z.max_seqlen, z.l, z.d, z.scale, dq, delta=delta.get("cmp"),
+                dout_scale=d_scale.get("cmp"))
         return (dq, dk, dv, dk_cmp, dv_cmp, d_gate.get("cmp"), d_gate.get("slc"),
                 d_gate.get("win"), None, None, None, None)

@@ -62,19 +62,19 @@ def _bwd_fake(q, k, v):
 
 @torch.library.register_fake("nsa_cuda::compressed_attn_bwd")
 def _(dout, dlse, q, k_cmp, v_cmp, o, lse, cu_seqlens, max_seqlen, cmp_block_size, cmp_stride,
-      scale, dq_in=None, dk_in=None, dv_in=None, delta=None):
+      scale, dq_in=None, dk_in=None, dv_in=None, delta=None, dout_scale=None):
     return _bwd_fake(q, k_cmp, v_cmp)
 
 
 @torch.library.register_fake("nsa_cuda::selected_attn_bwd")
 def _(dout, dlse, q, k, v, block_indices, o, lse, cu_seqlens, max_seqlen, slc_block_size, scale,
-      dq_in=None, dk_in=None, dv_in=None, delta=None):
+      dq_in=None, dk_in=None, dv_in=None, delta=None, dout_scale=None):
     return _bwd_fake(q, k, v)
 
 
 @torch.library.register_fake("nsa_cuda::window_attn_bwd")
 def _(dout, dlse, q, k, v, o, lse, cu_seqlens, max_seqlen, window_size, scale, dq_in=None,
-      dk_in=None, dv_in=None, delta=None):
+      dk_in=None, dv_in=None, delta=None, dout_scale=None):
     return _bwd_fake(q, k, v)
 
 
@@ -132,11 +132,11 @@ def _(outputs, gates):
 
 
 @torch.library.register_fake("nsa_cuda::gate_combine_bwd")
-def _(grad, outputs, gates, row_dots=False):
+def _(grad, outputs, gates, row_dots=False, output_grads=True):
     dots = [o.new_empty((o.shape[0], o.shape[2], o.shape[1]), dtype=_lse_dtype(o))
             for o in outputs] if row_dots else []
-    return ([o.new_empty(o.shape) for o in outputs]
-            + [g.new_empty(g.shape) for g in gates] + dots)
+    d_outputs = [o.new_empty(o.shape) for o in outputs] if output_grads else []
+    return d_outputs + [g.new_empty(g.shape) for g in gates] + dots
 
 
 @torch.library.register_fake("nsa_cuda::update_cmp_cache")

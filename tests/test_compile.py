@@ -87,6 +87,8 @@ def _op_args(varlen, requires_grad):
             [rg(gates[1]), rg(gates[2].float().transpose(0, 1).contiguous().transpose(0, 1))]),
         "gate_combine_bwd": (torch.randn_like(o_c), [o_c, o_s, o_w], gates),
         "gate_combine_bwd/row dots": (torch.randn_like(o_c), [o_c, o_w], gates[:2], True),
+        "gate_combine_bwd/no output grads": (torch.randn_like(o_c), [o_c, o_w], gates[:2], True,
+                                             False),
         "mean_compress": (rg(k), cu, L, D),
         "mean_compress_bwd": (torch.randn_like(kc), k, cu, L, D),
         "compressed_attn_fwd": (rg(q), rg(kc), rg(vc), cu, ms, L, D, SCALE),
@@ -115,6 +117,12 @@ def _op_args(varlen, requires_grad):
                                   W, SCALE, None, torch.randn_like(k), torch.randn_like(v)),
         "window_attn_bwd/given delta": (torch.randn_like(o_w), dl(lse_w), q, k, v, o_w, lse_w, cu,
                                         ms, W, SCALE, None, None, None, torch.randn_like(lse_w)),
+        # sparse_attn's backward: one d o, each branch scaling it by its gate
+        "selected_attn_bwd/dout scale": (torch.randn_like(o_s), None, q, k, v, bi, o_s, lse_s,
+                                         cu, ms, LP, SCALE, None, None, None, None, gates[1]),
+        "compressed_attn_bwd/dout scale, delta": (
+            torch.randn_like(o_c), dl(lse_c), q, kc, vc, o_c, lse_c, cu, ms, L, D, SCALE, None,
+            None, None, torch.randn_like(lse_c), gates[0]),
     }
 
 
@@ -124,7 +132,8 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "window_attn_bwd", "window_attn_bwd/no dlse", "compressed_attn_bwd/added",
             "selected_attn_bwd/added", "window_attn_bwd/added", "gate_combine",
             "gate_combine/strided gate", "gate_combine_bwd", "gate_combine_bwd/row dots",
-            "window_attn_bwd/given delta"]
+            "window_attn_bwd/given delta", "gate_combine_bwd/no output grads",
+            "selected_attn_bwd/dout scale", "compressed_attn_bwd/dout scale, delta"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
               "selected_attn_decode", "window_attn_decode", "update_cmp_cache",
               "append_kv_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]

@@ -122,18 +122,23 @@ def _cmp_bwd_added(do, dlse, q, k, v, o, lse, cu, ms, size, scale, *added):
     return OPS.compressed_attn_bwd(do, dlse, q, k, v, o, lse, cu, ms, *size, scale, *added)
 
 
-def _bwd_given_delta(ops, name, do, dlse, q, k, v, extra, o, lse, cu, ms, size, scale, delta):
+def _bwd_given_delta(ops, name, do, dlse, q, k, v, extra, o, lse, cu, ms, size, scale, delta,
+                     dout_scale=None):
     sizes = size if name == "cmp" else (size,)
     op = {"cmp": ops.compressed_attn_bwd, "slc": ops.selected_attn_bwd,
           "win": ops.window_attn_bwd}[name]
-    return op(do, dlse, q, k, v, *extra, o, lse, cu, ms, *sizes, scale, delta=delta)
+    return op(do, dlse, q, k, v, *extra, o, lse, cu, ms, *sizes, scale, delta=delta,
+              dout_scale=dout_scale)
 
 
-def check_given_delta(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None):
+def check_given_delta(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None, scaled=False,
+                      given=True):
     """A backward op given delta (sparse_attn hands it the gate kernel's row dots) uses
     it, with dlse subtracted and 0 where lse = -inf: against the CPU op given the same
     delta, in fp64 and in the input dtype. The delta has noise added, so an op that
-    recomputed its own would fail."""
+    recomputed its own would fail. `scaled`: the output gradient is g * do through
+    dout_scale (a strided float32 gate with negative entries and zeros), as in
+    sparse_attn's backward; `given=False`: the op computes its delta (of g * do)."""
     ms = max_seqlen if max_seqlen is not None else q.shape[1]
     s = q.shape[-1] ** -0.5
     cpu = torch.ops.nsa_cuda
@@ -145,11 +150,17 @@ def check_given_delta(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None):
         lse = torch.nan_to_num(lse, nan=float("-inf"), neginf=float("-inf"))
         do = rand(*o.shape, dtype=q.dtype)
         dlse = torch.randn(lse.shape, device=lse.device) * torch.isfinite(lse)
-        delta = (o.float() * do.float()).sum(-1).transpose(1, 2) + torch.randn(
-            lse.shape, device=lse.device)
-        tensors = (do, dlse, q, kk, vv, *extra, o, lse, cu, delta)
+        g = None
+        if scaled:  # [B, T, Hq] seen through a [B, Hq, T] tensor; every 5th row 0
+            g = torch.randn(lse.shape, device=lse.device).transpose(1, 2)
+            g[:, ::5] = 0
+        delta = None
+        if given:
+            delta = (o.float() * do.float()).sum(-1).transpose(1, 2) + torch.randn(
+                lse.shape, device=lse.device)
+        tensors = (do, dlse, q, kk, vv, *extra, o, lse, cu, delta, g)
         got = _bwd_given_delta(OPS, name, do, dlse, q, kk, vv, extra, o, lse, cu, ms, size, s,
-                               delta)
+                               delta, g)
 
         def on_cpu(dt):
             lse_dtype = torch.float64 if dt == torch.float64 else torch.float32
@@ -161,9 +172,9 @@ def check_given_delta(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None):
             c = [cast(t) for t in tensors]
             c_do, c_dlse, c_q, c_k, c_v = c[:5]
             c_extra = tuple(c[5:5 + len(extra)])
-            c_o, c_lse, c_cu, c_delta = c[5 + len(extra):]
+            c_o, c_lse, c_cu, c_delta, c_g = c[5 + len(extra):]
             return _bwd_given_delta(cpu, name, c_do, c_dlse, c_q, c_k, c_v, c_extra, c_o, c_lse,
-                                    c_cu, ms, size, s, c_delta)
+                                    c_cu, ms, size, s, c_delta, c_g)
 
         # The spec's rule, with 4x instead of 2x: r_lp is the CPU op (fp32 inside), whose
         # error is smaller than the reference's in the input dtype that the other tests
@@ -174,7 +185,8 @@ def check_given_delta(q, k, v, kc, vc, bi, lp, w, cu=None, max_seqlen=None):
             x, a, b = x.detach().double().cpu(), a.double(), b.double()
             assert not torch.isnan(x).any(), f"{n}_{name}: NaN"
             err, lp = (x - a).abs().max().item(), (b - a).abs().max().item()
-            assert err <= 4 * lp + 1e-5, f"{n}_{name} with a given delta: {err:.3e} > 4 * {lp:.3e}"
+            assert err <= 4 * lp + 1e-5, (f"{n}_{name} (given delta {given}, scaled {scaled}): "
+                                          f"{err:.3e} > 4 * {lp:.3e}")
 
 
 def test_given_delta():
@@ -198,6 +210,19 @@ def varlen_inputs(dk, dv, dtype, padding=0):
 def test_given_delta_varlen():
     args, kw = varlen_inputs(64, 64, torch.float16)
     check_given_delta(*args, 32, 16, **kw)
+
+
+@pytest.mark.parametrize("given", [True, False], ids=["given_delta", "own_delta"])
+def test_dout_scale(given):
+    """The branch backward scaling one d o by the branch's gate (sparse_attn's backward)."""
+    q, k, v = qkv(1, 130, 2, 2, 64, 64, torch.bfloat16)
+    bi = random_block_indices(1, 130, 2, 3, 32, seed=5)
+    check_given_delta(q, k, v, *cmp_kv(k, v, 32, 16), bi, 32, 40, scaled=True, given=given)
+
+
+def test_dout_scale_varlen():
+    args, kw = varlen_inputs(64, 64, torch.float16, padding=5)
+    check_given_delta(*args, 32, 16, **kw, scaled=True)
 
 
 def test_added_grads():

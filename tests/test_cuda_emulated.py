@@ -347,6 +347,21 @@ def test_bwd_given_delta_varlen(B):
     B.check_given_delta(*args, 32, 16, **kw)
 
 
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+@pytest.mark.parametrize("given", [True, False], ids=["given_delta", "own_delta"])
+def test_bwd_dout_scale(B, dims, given):
+    """dout_scale (sparse_attn's backward: one d o, scaled by each branch's gate in the
+    kernels): with the delta given and with the kernels' own delta pass."""
+    q, k, v = B.qkv(1, 130, 2, 2, *dims)
+    bi = B.random_block_indices(1, 130, 2, 3, 32, seed=5)
+    B.check_given_delta(q, k, v, *B.cmp_kv(k, v, 32, 16), bi, 32, 40, scaled=True, given=given)
+
+
+def test_bwd_dout_scale_varlen(B):
+    args, kw = B.varlen_inputs(*DIMS[0], padding=5)
+    B.check_given_delta(*args, 32, 16, **kw, scaled=True)
+
+
 def test_bwd_added_grads_varlen_padding(B):
     args, kw = B.varlen_inputs(*DIMS[0], padding=7)
     B.check_added_grads(*args, 32, 16, **kw)

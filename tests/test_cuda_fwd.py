@@ -145,6 +145,14 @@ def check_gate_combine(dtype, num_branches, dv, T=7):
                      g.to(dtype).unsqueeze(-1) * d_out, f"d outputs[{j}]")
         assert_close(d_g, (d_out.double() * x.double()).sum(-1), (d_out * x).sum(-1).to(g.dtype),
                      f"d gates[{j}]")
+    # Without the outputs' gradients (sparse_attn's backward: each branch scales d o by
+    # its gate): the same gate gradients, and row dots rowsum(o * g d o) = g * d_g.
+    lean = OPS.gate_combine_bwd(d_out, outputs, gates, True, False)
+    assert len(lean) == 2 * num_branches
+    for j, (x, g) in enumerate(zip(outputs, gates)):
+        assert torch.equal(lean[j], grads[num_branches + j]), f"d gates[{j}], no output grads"
+        dot = (g.double() * (x.double() * d_out.double()).sum(-1)).transpose(1, 2)
+        assert_close(lean[num_branches + j], dot, dot.float(), f"row dots[{j}], no output grads")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)

@@ -683,3 +683,46 @@ def test_given_delta_and_gate_row_dots():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     moved = ops.window_attn_bwd(d_o, dlse, q, k, v, o, lse, None, 29, 5, 0.3, delta=dot + 1)
     assert not torch.allclose(moved[0], want[0])  # the given delta is what the op uses
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_bwd_dout_scale(varlen):
+    """dout_scale g makes a backward op's output gradient g * dout (negative and zero
+    gates, a strided gate, dlse, a given delta): the same gradients as
+    the op given g * dout; and gate_combine_bwd without output gradients gives
+    rowsum(o * g do) = g * d_gate as the row dots."""
+    from conftest import make_cu_seqlens
+    ops = torch.ops.nsa_cuda
+    gen = torch.Generator().manual_seed(13)
+    lengths = [11, 26]
+    B, T = (1, sum(lengths) + 2) if varlen else (2, 31)
+    cu = make_cu_seqlens(lengths) if varlen else None
+    ms = max(lengths) if varlen else T
+    q = torch.randn(B, T, 4, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, T, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, T, 2, 6, generator=gen, dtype=torch.float64)
+    kc, vc = ops.mean_compress(k, cu, 8, 4), ops.mean_compress(v, cu, 8, 4)
+    bi = torch.randint(-1, 3, (B, T, 2, 2), generator=gen, dtype=torch.int32)
+    # A [B, Hq, T] tensor seen as [B, T, Hq]: strided; one gate 0, some negative.
+    g = torch.randn(B, 4, T, generator=gen, dtype=torch.float64).transpose(1, 2)
+    g[:, 3, 1] = 0
+    for fwd, bwd, kk, vv, extra, sizes in (
+            (ops.compressed_attn_fwd, ops.compressed_attn_bwd, kc, vc, (), (8, 4)),
+            (ops.selected_attn_fwd, ops.selected_attn_bwd, k, v, (bi,), (8,)),
+            (ops.window_attn_fwd, ops.window_attn_bwd, k, v, (), (5,))):
+        o, lse = fwd(q, kk, vv, *extra, cu, ms, *sizes, 0.4)
+        do = torch.randn(o.shape, generator=gen, dtype=o.dtype)
+        dlse = torch.randn(lse.shape, generator=gen, dtype=lse.dtype) * lse.isfinite()
+        rest = (q, kk, vv, *extra, o, lse, cu, ms, *sizes, 0.4)
+        want = bwd(g.unsqueeze(-1) * do, dlse, *rest)
+        got = bwd(do, dlse, *rest, dout_scale=g)
+        (dg,) = ops.gate_combine_bwd(do, [o], [g], False, False)
+        _, dot = ops.gate_combine_bwd(do, [o], [g], True, False)
+        torch.testing.assert_close(dot, (g * dg).transpose(1, 2), rtol=0, atol=0)
+        given = bwd(do, dlse, *rest, delta=dot, dout_scale=g)
+        for n, a, b, c in zip(("dq", "dk", "dv"), got, want, given):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-13, msg=n)
+            torch.testing.assert_close(c, b, rtol=0, atol=1e-13, msg=n + " (given delta)")
+        assert not torch.allclose(got[0], bwd(do, dlse, *rest)[0])  # the scale is used
+    with pytest.raises(RuntimeError, match="dout_scale must be a floating-point"):
+        ops.window_attn_bwd(do, None, q, k, v, o, lse, cu, ms, 5, 0.4, dout_scale=g[:, :-1])

@@ -155,13 +155,20 @@ at::Tensor grad_buffer(const at::Tensor& t) {
   return g;
 }
 
+// Gates (and the backward's dout_scale) are read in the accumulation type: float,
+// double for float64.
+inline at::ScalarType gate_acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const AttnSpec& spec, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& o, const at::Tensor& lse,
     const OptTensor& block_indices, const OptTensor& cu_seqlens, int64_t max_seqlen,
     double scale, const OptTensor& dq_in = std::nullopt, const OptTensor& dk_in = std::nullopt,
-    const OptTensor& dv_in = std::nullopt, const OptTensor& delta = std::nullopt) {
+    const OptTensor& dv_in = std::nullopt, const OptTensor& delta = std::nullopt,
+    const OptTensor& dout_scale = std::nullopt) {
   const bool cmp = spec.branch == Branch::kCompressed;
   check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v", !cmp);
   Backend::check_support(q_in, q_in.size(3), v_in.size(3), spec.op);
@@ -192,6 +199,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   const AttnFwdParams fwd =
       attn_params<Backend>(spec, q, k, v, o_c, lse_c, bi, cu_seqlens, seqlen, scale);
   AttnBwdParams p = make_bwd_params(fwd, dout_c, dlse_c, dq, dk, dv);
+  // dout_scale [B, T, Hq]: the gradient of o is dout_scale * dout (sparse_attn passes
+  // the branch's gate and the one d o), read in the accumulation type.
+  at::Tensor scale_c;
+  if (dout_scale.has_value()) {
+    TORCH_CHECK(dout_scale->dim() == 3 && dout_scale->sizes() == dout.sizes().slice(0, 3) &&
+                    at::isFloatingType(dout_scale->scalar_type()) &&
+                    dout_scale->device() == dout.device(),
+                "nsa_cuda: ", spec.op, ": dout_scale must be a floating-point [B, T, Hq] = ",
+                dout.sizes().slice(0, 3), " tensor on ", dout.device(), ", got ",
+                dout_scale->scalar_type(), " ", dout_scale->sizes(), " on ",
+                dout_scale->device());
+    scale_c = dout_scale->to(gate_acc_type(q.scalar_type()));
+    p.dout_scale = scale_c.data_ptr();
+    p.ds_batch_stride = scale_c.stride(0), p.ds_row_stride = scale_c.stride(1);
+    p.ds_head_stride = scale_c.stride(2);
+  }
   // delta = rowsum(o * dout) given by the caller: dlse and the rule for rows that saw
   // no key (delta 0: the kernels then never meet 0 * inf) folded in here, in lse's
   // layout.
@@ -313,9 +336,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compressed_select_decode(
 // on: outputs[j] [B, T, Hq, Dv] of one shape, dtype and device, gates[j] [B, T, Hq]
 // of any floating dtype, read in the accumulation type (float; double for
 // float64). One pass forward, one backward, one rounding per element.
-inline at::ScalarType gate_acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 inline void check_gate_counts(at::TensorList outputs, at::TensorList gates, const char* op) {
   TORCH_CHECK(!outputs.empty() && outputs.size() <= size_t(kMaxGateBranches) &&
@@ -380,12 +400,15 @@ at::Tensor gate_combine(at::TensorList outputs, at::TensorList gates) {
   return o;
 }
 
-// Returns the gradients of the outputs (each [B, T, Hq, Dv], contiguous), then
-// those of the gates (each in its gate's dtype), then with row_dots each output's
-// rowsum(o * d o) as an attention backward's delta ([B, Hq, T], lse's dtype).
+// Returns the gradients of the outputs (each [B, T, Hq, Dv], contiguous; only with
+// output_grads), then those of the gates (each in its gate's dtype), then with
+// row_dots each output's rowsum(o * d o) as an attention backward's delta ([B, Hq,
+// T], lse's dtype). Without output_grads the branch backward takes d o and the gate
+// (dout_scale) instead of a written g * d o per branch.
 template <class Backend>
 std::vector<at::Tensor> gate_combine_bwd(const at::Tensor& grad, at::TensorList outputs,
-                                         at::TensorList gates, bool row_dots) {
+                                         at::TensorList gates, bool row_dots,
+                                         bool output_grads) {
   check_gate_counts(outputs, gates, "gate_combine_bwd");
   const at::Tensor& o0 = outputs[0];
   TORCH_CHECK(grad.sizes() == o0.sizes() && grad.scalar_type() == o0.scalar_type() &&
@@ -403,10 +426,13 @@ std::vector<at::Tensor> gate_combine_bwd(const at::Tensor& grad, at::TensorList 
   const auto acc = o0.options().dtype(gate_acc_type(o0.scalar_type()));
   std::vector<at::Tensor> d_outputs, d_gates, dots;
   for (size_t j = 0; j < outputs.size(); ++j) {
-    d_outputs.push_back(at::empty(o0.sizes(), o0.options()));
+    if (output_grads) {
+      d_outputs.push_back(at::empty(o0.sizes(), o0.options()));
+      Backend::fresh(d_outputs.back());
+      p.branches[j].d_o = d_outputs.back().data_ptr();
+    }
     d_gates.push_back(at::empty(o0.sizes().slice(0, 3), acc));
-    Backend::fresh(d_outputs.back()), Backend::fresh(d_gates.back());
-    p.branches[j].d_o = d_outputs.back().data_ptr();
+    Backend::fresh(d_gates.back());
     p.branches[j].d_gate = d_gates.back().data_ptr();
     if (row_dots) {
       dots.push_back(at::empty({o0.size(0), o0.size(2), o0.size(1)}, acc));
@@ -739,33 +765,35 @@ void register_backend(torch::Library& m) {
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
               const OptTensor& cu, int64_t max_seqlen, int64_t l, int64_t d, double scale,
               const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in,
-              const OptTensor& delta) {
+              const OptTensor& delta, const OptTensor& dout_scale) {
              check_nsa_sizes(l, d, d);
              const AttnSpec spec{Branch::kCompressed, l, d, 1, 1, "compressed_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                      max_seqlen, scale, dq_in, dk_in, dv_in, delta);
+                                      max_seqlen, scale, dq_in, dk_in, dv_in, delta,
+                                      dout_scale);
            });
     m.impl("selected_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& bi, const at::Tensor& o,
               const at::Tensor& lse, const OptTensor& cu, int64_t max_seqlen, int64_t lp,
               double scale, const OptTensor& dq_in, const OptTensor& dk_in,
-              const OptTensor& dv_in, const OptTensor& delta) {
+              const OptTensor& dv_in, const OptTensor& delta, const OptTensor& dout_scale) {
              TORCH_CHECK(lp > 0, "nsa_cuda: slc_block_size must be positive, got ", lp);
              const AttnSpec spec{Branch::kSelected, 1, 1, lp, 1, "selected_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, bi, cu, max_seqlen,
-                                      scale, dq_in, dk_in, dv_in, delta);
+                                      scale, dq_in, dk_in, dv_in, delta, dout_scale);
            });
     m.impl("window_attn_bwd",
            [](const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q,
               const at::Tensor& k, const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
               const OptTensor& cu, int64_t max_seqlen, int64_t w, double scale,
               const OptTensor& dq_in, const OptTensor& dk_in, const OptTensor& dv_in,
-              const OptTensor& delta) {
+              const OptTensor& delta, const OptTensor& dout_scale) {
              TORCH_CHECK(w > 0, "nsa_cuda: window_size must be positive, got ", w);
              const AttnSpec spec{Branch::kWindow, 1, 1, 1, w, "window_attn_bwd"};
              return attn_bwd<Backend>(spec, dout, dlse, q, k, v, o, lse, std::nullopt, cu,
-                                      max_seqlen, scale, dq_in, dk_in, dv_in, delta);
+                                      max_seqlen, scale, dq_in, dk_in, dv_in, delta,
+                                      dout_scale);
            });
   }
 }

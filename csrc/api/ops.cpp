@@ -15,11 +15,13 @@ TORCH_LIBRARY(nsa_cuda, m) {
   // The *_attn_bwd ops return (dq, dk, dv); dq_in, dk_in, dv_in (like q, k, v) are
   // added to them, so sparse_attn's backward sums its branches inside the kernels.
   // delta (like lse): rowsum(o * dout) when the caller has it; the op skips its pass.
+  // dout_scale (like a gate, [B, T, Hq]): the gradient of o is dout_scale * dout, so
+  // sparse_attn's branches share one d o and no g * d o is written per branch.
   m.def(
       "compressed_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k_cmp, Tensor v_cmp, "
       "Tensor o, Tensor lse, Tensor? cu_seqlens, int max_seqlen, int cmp_block_size, "
       "int cmp_stride, float scale, Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None, "
-      "Tensor? delta=None) "
+      "Tensor? delta=None, Tensor? dout_scale=None) "
       "-> (Tensor, Tensor, Tensor)");
 
   m.def(
@@ -34,7 +36,8 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "selected_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, "
       "Tensor block_indices, Tensor o, Tensor lse, Tensor? cu_seqlens, int max_seqlen, "
       "int slc_block_size, float scale, Tensor? dq_in=None, Tensor? dk_in=None, "
-      "Tensor? dv_in=None, Tensor? delta=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? dv_in=None, Tensor? delta=None, Tensor? dout_scale=None) "
+      "-> (Tensor, Tensor, Tensor)");
 
   m.def(
       "window_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int max_seqlen, "
@@ -42,8 +45,8 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def(
       "window_attn_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, "
       "Tensor lse, Tensor? cu_seqlens, int max_seqlen, int window_size, float scale, "
-      "Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None, Tensor? delta=None) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor? dq_in=None, Tensor? dk_in=None, Tensor? dv_in=None, Tensor? delta=None, "
+      "Tensor? dout_scale=None) -> (Tensor, Tensor, Tensor)");
 
   // Decode with a KV cache: q [B, S, Hq, D] holds the last S positions of each
   // batch entry, whose keys are rows [0, seqlens_k[b]) of the caches (k, v
@@ -82,11 +85,12 @@ TORCH_LIBRARY(nsa_cuda, m) {
       "int slc_init_blocks, int slc_local_blocks, int window_size, float scale) -> Tensor");
   // sparse_attn's gated sum over the branches that are on, o = sum_j gates[j] *
   // outputs[j] (outputs [B, T, Hq, Dv], gates [B, T, Hq]), and its gradient: the
-  // outputs' gradients, then the gates', then with row_dots rowsum(o_j * d o_j) as
-  // [B, Hq, T] (the attention backward's delta for that branch).
+  // outputs' gradients (unless output_grads is false: the branch backward then takes
+  // d o and the gate as dout_scale), then the gates', then with row_dots
+  // rowsum(o_j * d o_j) as [B, Hq, T] (the attention backward's delta for that branch).
   m.def("gate_combine(Tensor[] outputs, Tensor[] gates) -> Tensor");
-  m.def("gate_combine_bwd(Tensor grad, Tensor[] outputs, Tensor[] gates, bool row_dots=False) "
-        "-> Tensor[]");
+  m.def("gate_combine_bwd(Tensor grad, Tensor[] outputs, Tensor[] gates, bool row_dots=False, "
+        "bool output_grads=True) -> Tensor[]");
   // Writes k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D]
   // at rows cache_seqlens[b] + i, in one kernel on CUDA.
   m.def(

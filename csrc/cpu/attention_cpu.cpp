@@ -306,10 +306,16 @@ void bwd_row(const AttnBwdParams& p, const Views<scalar_t>& view, const SeqInfo&
   const scalar_t* do_src = row_ptr(static_cast<const scalar_t*>(p.dout), p.do_batch_stride,
                                    p.do_row_stride, p.do_head_stride, s.batch, s.q_row0 + t, h);
   const scalar_t* o_src = view.o_row(s, t, h);
+  // The gradient of o is g * do (g: dout_scale, or 1).
+  const acc_t g = p.dout_scale == nullptr
+                      ? acc_t(1)
+                      : static_cast<const acc_t*>(p.dout_scale)[s.batch * p.ds_batch_stride +
+                                                                (s.q_row0 + t) * p.ds_row_stride +
+                                                                h * p.ds_head_stride];
   // delta = d(loss)/d(lse) folded in: ds = p * (dp - (rowsum(o * do) - dlse)).
   acc_t delta = 0;
   for (int64_t c = 0; c < dv; ++c) {
-    dout[c] = static_cast<acc_t>(do_src[c]);
+    dout[c] = g * static_cast<acc_t>(do_src[c]);
     delta += dout[c] * static_cast<acc_t>(o_src[c]);
   }
   const int64_t lse_idx = s.batch * p.lse_batch_stride + h * p.lse_head_stride + s.q_row0 + t;

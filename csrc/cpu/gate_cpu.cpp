@@ -75,14 +75,16 @@ void gate_combine_bwd(const GateParams& p) {
       const GateBranch& x = p.branches[j];
       const acc_t g = gate_value<acc_t>(x, r);
       const scalar_t* o = branch_row<scalar_t>(x, r);
-      scalar_t* d_o = static_cast<scalar_t*>(x.d_o) + row * p.head_dim;
+      scalar_t* d_o = x.d_o != nullptr ? static_cast<scalar_t*>(x.d_o) + row * p.head_dim : nullptr;
       acc_t dg = 0, dot = 0;
       for (int64_t c = 0; c < p.head_dim; ++c) {
         const acc_t d = static_cast<acc_t>(d_out[c]);
         dg += d * static_cast<acc_t>(o[c]);
+        if (d_o == nullptr) continue;
         d_o[c] = static_cast<scalar_t>(g * d);
         dot += static_cast<acc_t>(o[c]) * static_cast<acc_t>(d_o[c]);
       }
+      if (d_o == nullptr) dot = g * dg;  // rowsum(o * g do), no rounded d_o in between
       static_cast<acc_t*>(x.d_gate)[row] = dg;
       if (x.row_dot != nullptr)  // [B, Hq, T]
         static_cast<acc_t*>(x.row_dot)[(r.b * p.num_heads + r.h) * p.seqlen + r.t] = dot;

@@ -45,17 +45,27 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
   // tiles, double-buffered so that the next step's copies overlap this step's
   // GEMMs. A stage of the streamed tiles is kStageElems elements (a multiple of the
   // swizzle period, so a stage is the stage-0 tensor moved by kStageElems). The
-  // dk/dv kernel adds its per-row data (4 words per query row and stage), the dq
-  // kernel its KV schedule's data.
+  // dk/dv kernel adds its per-row data (kRowWords words per query row and stage),
+  // the dq kernel its KV schedule's data.
   static constexpr int kStageElems = kBlockS * (Base::kDk + Base::kDv);
   static_assert(kStageElems % 512 == 0 && (kBlockS * Base::kDk) % 512 == 0);
   static constexpr int kStages = 2;
   static constexpr int kSmemStreamTiles =
       Base::kSmemK + Base::kSmemV + kStages * kStageElems * int(sizeof(Element_));
-  static constexpr int kSmemDkv = kSmemStreamTiles + kStages * 4 * kBlockS * 4;
+  static constexpr int kRowWords = 5;  // lo, hi, lse2, delta, dout scale
+  static constexpr int kSmemDkv = kSmemStreamTiles + kStages * kRowWords * kBlockS * 4;
   // The dQ / dK GEMMs have N = Dk: no B prefetch when that is wide (gemm_rs).
   static constexpr bool kPrefetchWideB = Base::kDk < 192;
 };
+
+// The gradient of o is dout_scale * dout: the scale of row (batch, row, head), 1
+// without one.
+__device__ __forceinline__ float dout_scale(const AttnBwdParams& p, int64_t batch, int64_t row,
+                                            int64_t h) {
+  if (p.dout_scale == nullptr) return 1.f;
+  return static_cast<const float*>(p.dout_scale)[batch * p.ds_batch_stride +
+                                                 row * p.ds_row_stride + h * p.ds_head_stride];
+}
 
 // --- 1. delta -----------------------------------------------------------------
 // One warp per (token row, query head); 16-byte loads, fp32 sum.
@@ -83,6 +93,7 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnBwdParams
   sum = quad_allreduce<32>(sum, SumOp{});
   if (lane == 0) {
     const int64_t idx = si.batch * p.lse_batch_stride + h * p.lse_head_stride + si.row0 + t;
+    sum *= dout_scale(p, si.batch, si.row0 + t, h);
     if (p.dlse != nullptr) sum -= static_cast<const float*>(p.dlse)[idx];
     // A row with lse = -inf saw no key: P = 0 everywhere, and the CPU backward skips
     // it. delta = 0 keeps a non-finite dlse (or o . do) there out of
@@ -98,9 +109,10 @@ __device__ __forceinline__ float lse_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
-// P = exp(scale * s - lse) where visible, else 0, into `s`; dS = P * (dP - delta)
-// into `dp`. (rows, cols) views of two accumulators of one shape; info(mi, ni)
-// gives {visible, lse2, delta} of an element.
+// With g the row's dout scale (the gradient of o is g * dout, and dp holds dout . v):
+// g * P, P = exp(scale * s - lse) where visible else 0, into `s` (dV's A operand);
+// dS = P * (g * dp - delta) into `dp`. (rows, cols) views of two accumulators of one
+// shape; info(mi, ni) gives {visible, lse2, delta, g} of an element.
 template <class S, class DP, class Info>
 __device__ __forceinline__ void probs_and_dscores(S& s, DP& dp, float scale_log2, const Info& info) {
   using namespace cute;
@@ -108,17 +120,17 @@ __device__ __forceinline__ void probs_and_dscores(S& s, DP& dp, float scale_log2
   for (int mi = 0; mi < size<0>(s); ++mi) {
 #pragma unroll
     for (int ni = 0; ni < size<1>(s); ++ni) {
-      const auto [vis, lse2, delta] = info(mi, ni);
+      const auto [vis, lse2, delta, g] = info(mi, ni);
       const float prob = vis ? exp2f(s(mi, ni) * scale_log2 - lse2) : 0.f;
-      s(mi, ni) = prob;
-      dp(mi, ni) = prob * (dp(mi, ni) - delta);
+      s(mi, ni) = prob * g;
+      dp(mi, ni) = prob * (g * dp(mi, ni) - delta);
     }
   }
 }
 
 struct ElemInfo {
   bool visible;
-  float lse2, delta;
+  float lse2, delta, dout_scale;
 };
 
 // Zeroes rows [r_begin, r_end) of a [rows, heads, kCols] gradient for heads
@@ -240,7 +252,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   int64_t row_t[kRows];
   bool row_ok[kRows];
-  float row_lse2[kRows], row_delta[kRows];
+  float row_lse2[kRows], row_delta[kRows], row_scale[kRows];
   const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
   const float* delta = ws.delta + si.batch * p.lse_batch_stride;
 #pragma unroll
@@ -248,9 +260,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
     row_ok[mi] = f <= f_last;
     row_t[mi] = f / G;
-    const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi];
+    const int64_t h = hkv * G + f % G;
+    const int64_t idx = h * p.lse_head_stride + si.row0 + row_t[mi];
     row_lse2[mi] = row_ok[mi] ? lse_log2(lse[idx]) : INFINITY;
     row_delta[mi] = row_ok[mi] ? delta[idx] : 0.f;
+    row_scale[mi] = row_ok[mi] ? dout_scale(p, si.batch, si.row0 + row_t[mi], h) : 0.f;
   }
   const float scale_log2 = float(p.scale) * kLog2e;
 
@@ -299,7 +313,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
     if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
     probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
-      return ElemInfo{true, row_lse2[mi], row_delta[mi]};
+      return ElemInfo{true, row_lse2[mi], row_delta[mi], row_scale[mi]};
     });
 
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
@@ -366,16 +380,17 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
   Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
   // Per query row of a step, one copy per stage: the CTA's keys it sees, [lo, hi)
-  // as offsets from kb (empty for no row), its log2-domain lse and delta.
+  // as offsets from kb (empty for no row), its log2-domain lse, delta and dout scale.
   struct RowData {
     int32_t *lo, *hi;
-    float *lse2, *delta;
+    float *lse2, *delta, *scale;
   };
+  static_assert(Traits::kRowWords == 5);
   auto row_data = [&](auto stage) {
     int32_t* base = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles) +
-                    decltype(stage)::value * 4 * kBlockM;
-    return RowData{base, base + kBlockM, reinterpret_cast<float*>(base + 2 * kBlockM),
-                   reinterpret_cast<float*>(base + 3 * kBlockM)};
+                    decltype(stage)::value * Traits::kRowWords * kBlockM;
+    float* words = reinterpret_cast<float*>(base + 2 * kBlockM);
+    return RowData{base, base + kBlockM, words, words + kBlockM, words + 2 * kBlockM};
   };
 
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
@@ -437,11 +452,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int64_t f = step * kBlockM + tid;
     const int64_t t = row_token(f);
     int32_t lo = 0, hi = 0;
-    float l2 = INFINITY, dl = 0.f;
+    float l2 = INFINITY, dl = 0.f, g = 0.f;
     if (t >= 0) {
-      const int64_t idx = (hkv * G + f % G) * p.lse_head_stride + si.row0 + t;
+      const int64_t h = hkv * G + f % G;
+      const int64_t idx = h * p.lse_head_stride + si.row0 + t;
       l2 = lse_log2(lse[idx]);
       dl = delta[idx];
+      g = dout_scale(p, si.batch, si.row0 + t, h);
       int64_t klo, khi;
       qs.key_range(t, klo, khi);
       lo = int32_t(max(klo - kb, int64_t(0)));
@@ -451,6 +468,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     rd.hi[tid] = hi;
     rd.lse2[tid] = l2;
     rd.delta[tid] = dl;
+    rd.scale[tid] = g;
   };
   // Each copying thread finds its rows' tokens itself, so the copies of a step can
   // be issued in the same barrier interval as its row data is written.
@@ -498,7 +516,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
       const int r = get<0>(tScS_rc(mi, ni)), c = get<1>(tScS_rc(mi, ni));
-      return ElemInfo{r >= rd.lo[c] && r < rd.hi[c], rd.lse2[c], rd.delta[c]};
+      return ElemInfo{r >= rd.lo[c] && r < rd.hi[c], rd.lse2[c], rd.delta[c], rd.scale[c]};
     });
 
     Tensor rP = make_tensor<Element>(acc_s.layout());

@@ -105,12 +105,12 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
         const float g = gate_of(x, r);
         const Vec<T> o = load_vec(static_cast<const T*>(x.o) +
                                   r.offset(x.o_batch_stride, x.o_row_stride, x.o_head_stride) + c);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dg[j] += float(d[i]) * float(o[i]);
+        if (x.d_o == nullptr) continue;  // the branch backward scales do itself
         cutlass::Array<float, kVec> scaled;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          dg[j] += float(d[i]) * float(o[i]);
-          scaled[i] = g * float(d[i]);
-        }
+        for (int i = 0; i < kVec; ++i) scaled[i] = g * float(d[i]);
         const cutlass::Array<T, kVec> d_o = round_vec<T>(scaled);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dot[j] += float(o[i]) * float(d_o[i]);
@@ -121,13 +121,15 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
 #pragma unroll
   for (int j = 0; j < kMaxGateBranches; ++j) {
     if (j >= p.num_branches) break;
+    const GateBranch& x = p.branches[j];
     const float sum = quad_allreduce<kLanesPerRow>(dg[j], SumOp{});
-    const float row_dot = quad_allreduce<kLanesPerRow>(dot[j], SumOp{});
+    // Without d_o: rowsum(o * g do) = g * d_gate, no rounded d_o in between.
+    const float row_dot = x.d_o != nullptr ? quad_allreduce<kLanesPerRow>(dot[j], SumOp{})
+                                           : (valid ? gate_of(x, r) * sum : 0.f);
     if (valid && lane == 0) {
-      static_cast<float*>(p.branches[j].d_gate)[r.index] = sum;
-      if (p.branches[j].row_dot != nullptr)  // [B, Hq, T]
-        static_cast<float*>(p.branches[j].row_dot)[(r.b * p.num_heads + r.h) * p.seqlen + r.t] =
-            row_dot;
+      static_cast<float*>(x.d_gate)[r.index] = sum;
+      if (x.row_dot != nullptr)  // [B, Hq, T]
+        static_cast<float*>(x.row_dot)[(r.b * p.num_heads + r.h) * p.seqlen + r.t] = row_dot;
     }
   }
 }

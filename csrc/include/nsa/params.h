@@ -91,6 +91,13 @@ struct AttnBwdParams : AttnFwdParams {
   // it (sparse_attn: the gate backward's row dots); nullptr: the backward computes it.
   // lse's dtype, layout and strides.
   const void* delta_in;
+  // Row scales of the output gradient (nullptr: 1): the gradient of o is
+  // dout_scale[b, t, h] * dout, so sparse_attn's backward hands every branch the one
+  // do and the branch's gate instead of writing g * do per branch. [B, T, Hq] like a
+  // gate, the accumulation type (float on CUDA), any strides. delta (given or
+  // computed) is that of the scaled gradient.
+  const void* dout_scale;
+  int64_t ds_batch_stride, ds_row_stride, ds_head_stride;
 };
 
 // Block selection: q [B, T, Hq, Dk], k_cmp [B, Tc, Hkv, Dk], lse_cmp [B, Hq, T].
@@ -141,10 +148,13 @@ struct GateBranch {
   int64_t o_batch_stride, o_row_stride, o_head_stride;
   const void* gate;
   int64_t gate_batch_stride, gate_row_stride, gate_head_stride;
-  void* d_o;     // backward: [B, T, Hq, Dv] contiguous, o's dtype (written)
+  // backward: [B, T, Hq, Dv] contiguous, o's dtype (written); nullptr: not written
+  // (the branch backward then scales do by the gate itself)
+  void* d_o;
   void* d_gate;  // backward: [B, T, Hq] contiguous, the gates' type (written)
-  // backward, optional (nullptr: skip): rowsum(o * d_o) with d_o as written, the
-  // attention backward's delta, [B, Hq, T] contiguous (lse's layout), the gates' type
+  // backward, optional (nullptr: skip): rowsum(o * d_o), the attention backward's
+  // delta, [B, Hq, T] contiguous (lse's layout), the gates' type: with d_o as
+  // written, or without d_o g * d_gate unrounded
   void* row_dot;
 };
 
