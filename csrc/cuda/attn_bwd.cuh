@@ -52,7 +52,7 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
   static constexpr int kStages = 2;
   static constexpr int kSmemStreamTiles =
       Base::kSmemK + Base::kSmemV + kStages * kStageElems * int(sizeof(Element_));
-  static constexpr int kRowWords = 5;  // lo, hi, lse2, delta, dout scale
+  static constexpr int kRowWords = 4;  // key range (lo, hi packed), lse2, delta, dout scale
   static constexpr int kSmemDkv = kSmemStreamTiles + kStages * kRowWords * kBlockS * 4;
   // The dQ / dK GEMMs have N = Dk: no B prefetch when that is wide (gemm_rs).
   static constexpr bool kPrefetchWideB = Base::kDk < 192;
@@ -84,9 +84,7 @@ __global__ void __launch_bounds__(128) attn_bwd_delta_kernel(const AttnBwdParams
                        (si.row0 + t) * p.o_row_stride + h * p.o_head_stride + lane * 8;
     const Element* d = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride +
                        (si.row0 + t) * p.do_row_stride + h * p.do_head_stride + lane * 8;
-    cutlass::AlignedArray<Element, 8> ov, dv;  // 16-byte aligned for the vector copies
-    *reinterpret_cast<cute::uint128_t*>(&ov) = *reinterpret_cast<const cute::uint128_t*>(o);
-    *reinterpret_cast<cute::uint128_t*>(&dv) = *reinterpret_cast<const cute::uint128_t*>(d);
+    const Vec8<Element> ov = load_vec8(o), dv = load_vec8(d);
 #pragma unroll
     for (int i = 0; i < 8; ++i) sum += float(ov[i]) * float(dv[i]);
   }
@@ -182,8 +180,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* dq = static_cast<Element*>(p.dq);
 
   if (blockIdx.z == p.num_seqs) {  // varlen: dq rows past the last sequence
-    zero_rows<kDk>(dq, static_cast<const Element*>(p.dq_in), p.dq_row_stride, p.dq_head_stride, p.cu_seqlens[p.num_seqs],
-                   ws.q_rows, hkv * G, (hkv + 1) * G);
+    zero_rows<kDk>(dq, static_cast<const Element*>(p.dq_in), p.dq_row_stride, p.dq_head_stride,
+                   p.cu_seqlens[p.num_seqs], ws.q_rows, hkv * G, (hkv + 1) * G);
     return;
   }
   const SeqInfo si = Schedule::seq(p, blockIdx.z);
@@ -361,8 +359,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Element* dv = static_cast<Element*>(p.dv);
   if (blockIdx.z == p.num_seqs) {  // varlen: key rows past the last sequence
     const int64_t r0 = QSchedule::tail_begin(p);
-    zero_rows<kDk>(dk, static_cast<const Element*>(p.dk_in), p.dk_row_stride, p.dk_head_stride, r0, p.k_rows, hkv, hkv + 1);
-    zero_rows<kDv>(dv, static_cast<const Element*>(p.dv_in), p.dv_row_stride, p.dv_head_stride, r0, p.k_rows, hkv, hkv + 1);
+    zero_rows<kDk>(dk, static_cast<const Element*>(p.dk_in), p.dk_row_stride, p.dk_head_stride,
+                   r0, p.k_rows, hkv, hkv + 1);
+    zero_rows<kDv>(dv, static_cast<const Element*>(p.dv_in), p.dv_row_stride, p.dv_head_stride,
+                   r0, p.k_rows, hkv, hkv + 1);
     return;
   }
   const SeqInfo si = QSchedule::seq(p, blockIdx.z);
@@ -382,15 +382,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Per query row of a step, one copy per stage: the CTA's keys it sees, [lo, hi)
   // as offsets from kb (empty for no row), its log2-domain lse, delta and dout scale.
   struct RowData {
-    int32_t *lo, *hi;
+    uint32_t* range;  // lo | hi << 16: one word, so a thread holds one per column
     float *lse2, *delta, *scale;
   };
-  static_assert(Traits::kRowWords == 5);
+  static_assert(Traits::kRowWords == 4 && kBlockN < 65536);
   auto row_data = [&](auto stage) {
-    int32_t* base = reinterpret_cast<int32_t*>(smem + Traits::kSmemStreamTiles) +
-                    decltype(stage)::value * Traits::kRowWords * kBlockM;
-    float* words = reinterpret_cast<float*>(base + 2 * kBlockM);
-    return RowData{base, base + kBlockM, words, words + kBlockM, words + 2 * kBlockM};
+    uint32_t* base = reinterpret_cast<uint32_t*>(smem + Traits::kSmemStreamTiles) +
+                     decltype(stage)::value * Traits::kRowWords * kBlockM;
+    float* words = reinterpret_cast<float*>(base + kBlockM);
+    return RowData{base, words, words + kBlockM, words + 2 * kBlockM};
   };
 
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
@@ -464,8 +464,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       lo = int32_t(max(klo - kb, int64_t(0)));
       hi = int32_t(max(min(khi, ke) - kb, int64_t(0)));
     }
-    rd.lo[tid] = lo;
-    rd.hi[tid] = hi;
+    rd.range[tid] = uint32_t(lo) | uint32_t(hi) << 16;
     rd.lse2[tid] = l2;
     rd.delta[tid] = dl;
     rd.scale[tid] = g;
@@ -516,7 +515,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
       const int r = get<0>(tScS_rc(mi, ni)), c = get<1>(tScS_rc(mi, ni));
-      return ElemInfo{r >= rd.lo[c] && r < rd.hi[c], rd.lse2[c], rd.delta[c], rd.scale[c]};
+      const uint32_t range = rd.range[c];
+      return ElemInfo{uint32_t(r) >= (range & 0xffffu) && uint32_t(r) < (range >> 16), rd.lse2[c],
+                      rd.delta[c], rd.scale[c]};
     });
 
     Tensor rP = make_tensor<Element>(acc_s.layout());

@@ -210,22 +210,44 @@ __device__ __forceinline__ void gemm_rs(Acc& acc, RA& rA, RB& rB, const SB& sB, 
   }
 }
 
+// 8 elements in one 16-byte access (rows and chunks are 16-byte aligned wherever
+// these are used), and their rounding from fp32.
+template <class T>
+using Vec8 = cutlass::AlignedArray<T, 8>;
+
+template <class T>
+__device__ __forceinline__ Vec8<T> load_vec8(const T* src) {
+  Vec8<T> v;
+  *reinterpret_cast<cute::uint128_t*>(&v) = *reinterpret_cast<const cute::uint128_t*>(src);
+  return v;
+}
+
+template <class T>
+__device__ __forceinline__ void store_vec8(T* dst, const Vec8<T>& v) {
+  *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&v);
+}
+
+template <class T>
+__device__ __forceinline__ Vec8<T> round_vec8(const cutlass::Array<float, 8>& x) {
+  Vec8<T> y;
+  static_cast<cutlass::Array<T, 8>&>(y) = cutlass::NumericArrayConverter<T, float, 8>{}(x);
+  return y;
+}
+
 // 8 elements at dst: the staged ones, plus those at `add` when it is not null
 // (summed in fp32, rounded once).
 template <class Element>
 __device__ __forceinline__ void store_chunk(Element* dst, const Element* staged, const Element* add) {
+  const Vec8<Element> a = load_vec8(staged);
   if (add == nullptr) {
-    *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(staged);
+    store_vec8(dst, a);
     return;
   }
-  cutlass::AlignedArray<Element, 8> a, b;
-  *reinterpret_cast<cute::uint128_t*>(&a) = *reinterpret_cast<const cute::uint128_t*>(staged);
-  *reinterpret_cast<cute::uint128_t*>(&b) = *reinterpret_cast<const cute::uint128_t*>(add);
+  const Vec8<Element> b = load_vec8(add);
   cutlass::Array<float, 8> sum;
 #pragma unroll
   for (int i = 0; i < 8; ++i) sum[i] = float(a[i]) + float(b[i]);
-  const cutlass::Array<Element, 8> out = cutlass::NumericArrayConverter<Element, float, 8>{}(sum);
-  *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&out);
+  store_vec8(dst, round_vec8<Element>(sum));
 }
 
 struct NoRowAdd {

@@ -13,24 +13,8 @@ constexpr int kThreads = 128, kLanesPerRow = 16, kVec = 8;
 constexpr int kRowsPerCta = kThreads / kLanesPerRow;
 
 template <class T>
-using Vec = cutlass::AlignedArray<T, kVec>;
-
-template <class T>
-__device__ __forceinline__ Vec<T> load_vec(const T* src) {
-  Vec<T> v;
-  *reinterpret_cast<cute::uint128_t*>(&v) = *reinterpret_cast<const cute::uint128_t*>(src);
-  return v;
-}
-
-template <class T>
-__device__ __forceinline__ cutlass::Array<T, kVec> round_vec(const cutlass::Array<float, kVec>& x) {
-  return cutlass::NumericArrayConverter<T, float, kVec>{}(x);
-}
-
-template <class T>
-__device__ __forceinline__ void store_vec(T* dst, const cutlass::Array<T, kVec>& y) {
-  *reinterpret_cast<cute::uint128_t*>(dst) = *reinterpret_cast<const cute::uint128_t*>(&y);
-}
+using Vec = Vec8<T>;
+static_assert(kVec == 8, "rows move in Vec8 chunks");
 
 // This thread's row: its flat index (b * T + t) * Hq + h and the row offset of a
 // [B, T, Hq, *] tensor with the given strides.
@@ -77,11 +61,11 @@ __global__ void __launch_bounds__(kThreads) gate_combine_kernel(const GateParams
 #pragma unroll
     for (int j = 0; j < kMaxGateBranches; ++j) {
       if (j >= p.num_branches) break;
-      const Vec<T> x = load_vec(o_b[j] + c);
+      const Vec<T> x = load_vec8(o_b[j] + c);
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] += g[j] * float(x[i]);
     }
-    store_vec(o + c, round_vec<T>(acc));
+    store_vec8(o + c, round_vec8<T>(acc));
   }
 }
 
@@ -97,13 +81,13 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
     const T* d_out = static_cast<const T*>(p.out) + r.offset(p.out_batch_stride,
                                                              p.out_row_stride, p.out_head_stride);
     for (int64_t c = lane * kVec; c < p.head_dim; c += kLanesPerRow * kVec) {
-      const Vec<T> d = load_vec(d_out + c);
+      const Vec<T> d = load_vec8(d_out + c);
 #pragma unroll
       for (int j = 0; j < kMaxGateBranches; ++j) {
         if (j >= p.num_branches) break;
         const GateBranch& x = p.branches[j];
         const float g = gate_of(x, r);
-        const Vec<T> o = load_vec(static_cast<const T*>(x.o) +
+        const Vec<T> o = load_vec8(static_cast<const T*>(x.o) +
                                   r.offset(x.o_batch_stride, x.o_row_stride, x.o_head_stride) + c);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dg[j] += float(d[i]) * float(o[i]);
@@ -111,10 +95,10 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
         cutlass::Array<float, kVec> scaled;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) scaled[i] = g * float(d[i]);
-        const cutlass::Array<T, kVec> d_o = round_vec<T>(scaled);
+        const Vec<T> d_o = round_vec8<T>(scaled);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dot[j] += float(o[i]) * float(d_o[i]);
-        store_vec(static_cast<T*>(x.d_o) + r.index * p.head_dim + c, d_o);
+        store_vec8(static_cast<T*>(x.d_o) + r.index * p.head_dim + c, d_o);
       }
     }
   }
