@@ -84,8 +84,11 @@ struct EmuBackend {
   static void attn_bwd(const AttnBwdParams& p, at::ScalarType t) {
     run_kernel("attn_bwd", [&] {
       const int64_t batches = p.cu_seqlens != nullptr ? 1 : p.num_seqs;
-      at::Tensor delta = workspace(batches * p.lse_batch_stride);
-      poison(delta);
+      at::Tensor delta;
+      if (p.delta_in == nullptr) {
+        delta = workspace(batches * p.lse_batch_stride);
+        poison(delta);
+      }
       nsa::cuda::AttnBwdWorkspace ws;
       ws.delta = p.delta_in != nullptr ? static_cast<float*>(const_cast<void*>(p.delta_in))
                                        : delta.data_ptr<float>();
