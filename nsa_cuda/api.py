@@ -270,34 +270,37 @@ class _SparseAttn(torch.autograd.Function):
         # (dout_scale), so no g_b * d o is written, and the gate kernel gives each
         # branch its delta = rowsum(o_b * g_b d o), sparing the branch that pass.
         shared = all(extra.get(f"o_{n}") is None for n in names)
-        nb = len(names)
+        branch_grads = any(ctx.needs_input_grad[:5])  # q, k, v, k_cmp, v_cmp
+        write_d_o = branch_grads and not shared
         grads = ops.gate_combine_bwd(d_o, [outputs[n] for n in names],
-                                     [gates[n] for n in names], shared, not shared)
+                                     [gates[n] for n in names], branch_grads and shared,
+                                     write_d_o)
+        nb, nd = len(names), len(names) if write_d_o else 0
+        d_gate = dict(zip(names, grads[nd:nd + nb]))
+        gate_grads = (d_gate.get("cmp"), d_gate.get("slc"), d_gate.get("win"))
+        if not branch_grads:  # only the gates train
+            return (None,) * 5 + gate_grads + (None,) * 4
         if shared:
-            d_o = d_o.contiguous()  # once, not per branch
-            d_out = dict.fromkeys(names, d_o)
-            d_gate = dict(zip(names, grads[:nb]))
+            d_out = dict.fromkeys(names, d_o.contiguous())  # once, not per branch
             delta = dict(zip(names, grads[nb:]))
             d_scale = {n: gates[n] for n in names}
         else:
             d_out = {n: d + extra[f"o_{n}"] if extra.get(f"o_{n}") is not None else d
                      for n, d in zip(names, grads[:nb])}
-            d_gate = dict(zip(names, grads[nb:]))
             delta, d_scale = {}, {}
         dq = dk = dv = dk_cmp = dv_cmp = None
-        if g_win is not None:
+        if "win" in names:
             dq, dk, dv = ops.window_attn_bwd(d_out["win"], extra.get("lse_win"), q, k, v, o_win,
                                              lse_win, cu, z.max_seqlen, z.w, z.scale,
                                              delta=delta.get("win"), dout_scale=d_scale.get("win"))
-        if g_slc is not None:
+        if "slc" in names:
             dq, dk, dv = ops.selected_attn_bwd(d_out["slc"], extra.get("lse_slc"), q, k, v,
                                                block_indices, o_slc, lse_slc, cu, z.max_seqlen,
                                                z.lp, z.scale, dq, dk, dv, delta=delta.get("slc"),
                                                dout_scale=d_scale.get("slc"))
-        if g_cmp is not None:
+        if "cmp" in names:
             dq, dk_cmp, dv_cmp = ops.compressed_attn_bwd(
                 d_out["cmp"], extra.get("lse_cmp"), q, k_cmp, v_cmp, o_cmp, lse_cmp, cu,
                 z.max_seqlen, z.l, z.d, z.scale, dq, delta=delta.get("cmp"),
                 dout_scale=d_scale.get("cmp"))
-        return (dq, dk, dv, dk_cmp, dv_cmp, d_gate.get("cmp"), d_gate.get("slc"),
-                d_gate.get("win"), None, None, None, None)
+        return (dq, dk, dv, dk_cmp, dv_cmp) + gate_grads + (None,) * 4

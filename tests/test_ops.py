@@ -685,6 +685,34 @@ def test_given_delta_and_gate_row_dots():
     assert not torch.allclose(moved[0], want[0])  # the given delta is what the op uses
 
 
+def test_sparse_attn_gates_only_skip_branch_backward():
+    """With only the gates requiring grad, the backward runs the gate kernel alone (no
+    branch backward op) and gives the gates the gradients of the full backward."""
+    gen = torch.Generator().manual_seed(17)
+    q = torch.randn(1, 40, 4, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 40, 2, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 40, 2, 6, generator=gen, dtype=torch.float64)
+    gates = [torch.rand(1, 40, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    do = torch.randn(1, 40, 4, 6, generator=gen, dtype=torch.float64)
+    kw = dict(cmp_block_size=8, cmp_stride=4, slc_block_size=8, slc_num_blocks=3,
+              window_size=6)
+
+    def gate_grads(train_qkv):
+        xs = [x.clone().requires_grad_(train_qkv) for x in (q, k, v)]
+        gs = [g.clone().requires_grad_(True) for g in gates]
+        o = nsa_cuda.sparse_attn(*xs, *gs, **kw)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            grads = torch.autograd.grad((o * do).sum(), gs)
+        return grads, {e.name for e in prof.events()}
+
+    full, full_ops = gate_grads(True)
+    only, only_ops = gate_grads(False)
+    assert "nsa_cuda::window_attn_bwd" in full_ops  # the profiler sees the ops
+    assert not {n for n in only_ops if n.startswith("nsa_cuda::") and n.endswith("_attn_bwd")}
+    for a, b in zip(only, full):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("varlen", [False, True])
 def test_bwd_dout_scale(varlen):
     """dout_scale g makes a backward op's output gradient g * dout (negative and zero
