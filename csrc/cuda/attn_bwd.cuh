@@ -294,31 +294,34 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (have_next) load_kv(Int<1 - kStage>{}, next_tile);
     cute::cp_async_fence();
 
-    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, off), mma, copy_a, copy_b, thr_copy_a, thr_copy_b);
-    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_dp);
-    gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, shifted(tdPsV, off), mma, copy_a, copy_b, thr_copy_a,
-            thr_copy_b);
+    if (warp_sees_tile(sched, tile, row_ok, row_t)) {  // warp-uniform; no barrier below
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_s);
+      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, off), mma, copy_a, copy_b, thr_copy_a,
+              thr_copy_b);
+      Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      clear(acc_dp);
+      gemm_ss(acc_dp, tdPrdO, tdPrV, tdPsdO, shifted(tdPsV, off), mma, copy_a, copy_b, thr_copy_a,
+              thr_copy_b);
 
-    Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-    Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
-    // Scale before masking (as the forward does): a masked -inf scaled afterwards
-    // would be +inf for scale < 0 and NaN for scale == 0 (both allowed). Masked
-    // entries then give exp2(-inf - lse2) = 0 for any scale.
+      Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+      Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
+      // Scale before masking (as the forward does): a masked -inf scaled afterwards
+      // would be +inf for scale < 0 and NaN for scale == 0 (both allowed). Masked
+      // entries then give exp2(-inf - lse2) = 0 for any scale.
 #pragma unroll
-    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
-    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
-      return ElemInfo{true, row_lse2[mi], row_delta[mi], row_scale[mi]};
-    });
+      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+      probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
+        return ElemInfo{true, row_lse2[mi], row_delta[mi], row_scale[mi]};
+      });
 
-    Tensor rdS = make_tensor<Element>(acc_dp.layout());
-    convert_fragment(acc_dp, rdS);
-    Tensor tdQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
-    gemm_rs<Traits::kPrefetchWideB>(acc_dq, tdQrdS, tdQrKt, shifted(tdQsKt, off), mma, copy_bt,
-                                    thr_copy_bt);
+      Tensor rdS = make_tensor<Element>(acc_dp.layout());
+      convert_fragment(acc_dp, rdS);
+      Tensor tdQrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
+      gemm_rs<Traits::kPrefetchWideB>(acc_dq, tdQrdS, tdQrKt, shifted(tdQsKt, off), mma, copy_bt,
+                                      thr_copy_bt);
+    }
     tile = next_tile;
     have = have_next;
   };

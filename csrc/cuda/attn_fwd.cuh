@@ -122,16 +122,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
     load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
     cute::cp_async_fence();
 
+    // Warp-uniform: the loads and barriers above and below run for every warp.
+    const bool warp_sees = warp_sees_tile(sched, tile, row_ok, row_t);
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
-    gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
-    Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-
-    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-    softmax.update(scores, acc_o_rc, scale_log2);
-
     Tensor rP = make_tensor<Element>(acc_s.layout());
-    convert_fragment(acc_s, rP);
+    if (warp_sees) {
+      clear(acc_s);
+      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+      Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+      softmax.update(scores, acc_o_rc, scale_log2);
+      convert_fragment(acc_s, rP);
+    }
     Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
 
     cute::cp_async_wait<0>();
@@ -141,7 +143,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (have_next) load_kv(sK, k, p.k_row_stride, next_tile, Int<kDk>{});
     cute::cp_async_fence();
 
-    gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, copy_v, thr_copy_v);
+    if (warp_sees) gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, copy_v, thr_copy_v);
     tile = next_tile;
     have = have_next;
   }

@@ -230,4 +230,29 @@ __device__ __forceinline__ void mask_scores(Scores& scores, const Coords& coords
   }
 }
 
+// Whether the calling warp has work on `tile`: some lane's row sees one of its keys
+// (a warp vote; every lane of the warp calls it, and a tile without a mask is seen
+// by all). A warp whose rows see none of the tile skips its tensor-core work there:
+// the selected branch visits the union of its tokens' blocks, most of them chosen
+// by a few tokens, and with several CTAs per SM the other warps get those cycles.
+// Exact: a fully masked tile changes neither the softmax state nor dq. Only the
+// selected branch votes: the others' tiles are seen by nearly every row, and the
+// vote's registers cost their hdim-192 kernels spills (sass_report).
+template <class Schedule, int kRows>
+__device__ __forceinline__ bool warp_sees_tile(const Schedule& sched, const KvTile& tile,
+                                               const bool (&row_ok)[kRows],
+                                               const int64_t (&row_t)[kRows]) {
+  if constexpr (Schedule::kBranch != Branch::kSelected) return true;
+  if (!tile.need_mask) return true;
+  bool sees = false;
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    if (!row_ok[mi]) continue;
+    int64_t lo, hi;
+    sched.row_range(row_t[mi], tile, lo, hi);
+    sees |= max(lo, tile.begin) < min(hi, tile.end);
+  }
+  return __any_sync(0xffffffffu, sees);
+}
+
 }  // namespace nsa::cuda
