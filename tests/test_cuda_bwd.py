@@ -269,7 +269,7 @@ def test_compressed_bwd_lengths(T):
 
 
 @pytest.mark.parametrize("T,lp,n", [(1, 64, 16), (20, 64, 4), (130, 64, 2), (333, 16, 5),
-                                    (257, 128, 3)])
+                                    (257, 128, 3), (300, 32, 8)])
 def test_selected_bwd_lengths(T, lp, n):
     q, k, v = qkv(1, T, 1, 4, 64, 64, torch.float16)
     check_selected_bwd(q, k, v, random_block_indices(1, T, 1, n, lp, seed=T), lp)

@@ -157,9 +157,12 @@ def test_compressed_fwd_fewer_rows(F, emu):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (200, 2, 16, 5),
-                                      (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6)])
+                                      (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6),
+                                      (300, 4, 32, 8), (160, 16, 16, 4)])
 def test_selected_fwd(F, dims, T, G, lp, n):
-    """(700, 1, 16, 6): 44 blocks, so the union bitmap of a CTA spans two words."""
+    """(700, 1, 16, 6): 44 blocks, so the union bitmap of a CTA spans two words. n = 8
+    and 4: the lists read 16 bytes at a time; G = 4 and 16: warps skipping the union
+    tiles none of their tokens chose."""
     q, k, v = _qkv(F, 2, T, 2, G, dims)
     bi = F.random_block_indices(2, T, 2, n, lp, seed=T + G)
     F.check_selected(q, k, v, bi, lp)
@@ -301,7 +304,8 @@ def test_compressed_bwd(B, dims, T, G):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (150, 2, 16, 5),
-                                      (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6)])
+                                      (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6),
+                                      (300, 4, 32, 8), (160, 16, 16, 4)])
 def test_selected_bwd(B, dims, T, G, lp, n):
     q, k, v = B.qkv(2, T, 2, G, *dims)
     B.check_selected_bwd(q, k, v, B.random_block_indices(2, T, 2, n, lp, seed=T + G), lp)

@@ -404,7 +404,8 @@ def test_selected(dims, dtype, G):
     check_selected(q, k, v, bi, 32)
 
 
-@pytest.mark.parametrize("T,lp,n", [(1, 64, 16), (20, 64, 4), (130, 64, 2), (333, 16, 5), (257, 128, 3)])
+@pytest.mark.parametrize("T,lp,n", [(1, 64, 16), (20, 64, 4), (130, 64, 2), (333, 16, 5), (257, 128, 3),
+                                    (300, 32, 8)])
 def test_selected_lengths(T, lp, n):
     q = rand(1, T, 4, 64, dtype=torch.float16)
     k = rand(1, T, 1, 64, dtype=torch.float16)

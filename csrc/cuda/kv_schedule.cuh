@@ -198,8 +198,16 @@ struct SelectedSchedule {
 
   __device__ void row_range(int64_t t, const KvTile& tile, int64_t& lo, int64_t& hi) const {
     const int32_t* mine = list + (t - t_lo) * n;
+    const int32_t j = int32_t(tile.block);
     bool listed = false;
-    for (int s = 0; s < n; ++s) listed |= mine[s] == tile.block;
+    if (n % 4 == 0) {  // 16-byte rows (the list base is 16-byte aligned): a quarter of the loads
+      for (int s = 0; s < n; s += 4) {
+        const int4 four = *reinterpret_cast<const int4*>(mine + s);
+        listed |= (four.x == j) | (four.y == j) | (four.z == j) | (four.w == j);
+      }
+    } else {
+      for (int s = 0; s < n; ++s) listed |= mine[s] == j;
+    }
     lo = tile.block * lp;
     hi = listed ? selected_block_end(tile.block, t, lp) : lo;
   }
