@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) gate_combine_bwd_kernel(const GatePa
         const GateBranch& x = p.branches[j];
         const float g = gate_of(x, r);
         const Vec<T> o = load_vec8(static_cast<const T*>(x.o) +
-                                  r.offset(x.o_batch_stride, x.o_row_stride, x.o_head_stride) + c);
+                                   r.offset(x.o_batch_stride, x.o_row_stride, x.o_head_stride) + c);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) dg[j] += float(d[i]) * float(o[i]);
         if (x.d_o == nullptr) continue;  // the branch backward scales do itself
