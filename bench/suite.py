@@ -432,6 +432,13 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     add_passes(run, base, f"{op_prefix}.branch.combine_torch", combine_torch, sets,
                lambda p: None, note=bnote + "; the same sum as torch elementwise ops (eager)")
 
+    def combine_grad_lean(i):  # what sparse_attn's backward runs
+        return torch.ops.nsa_cuda.gate_combine_bwd(sets[i]["do"], pre[i]["o"], sets[i]["g"],
+                                                   True, False)
+    run.add(base, f"{op_prefix}.branch.combine_grad_lean", "bwd", combine_grad_lean,
+            nsets=len(sets), note=bnote + "; sparse_attn's gate backward: the gates' gradients "
+            "and each branch's delta, no g * do written (the branch kernels scale do)")
+
 
 def _sparse_flops(T, s, cfg, pass_, win=True):
     f = branch_flops(T, s, cfg, pass_)
