@@ -629,21 +629,29 @@ def test_cpu_isa_copies_agree(tmp_path, baseline):
         assert_close_exact(a, b, name, tol=1e-11)
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_bwd_ops_add_given_gradients(varlen):
-    """dq_in, dk_in, dv_in are added to a backward op's gradients (the CPU adds after
-    its kernel; CUDA in the epilogue), padding rows of varlen included."""
+def _bwd_op_inputs(varlen, seed, lengths, batch_T):
+    """Small fp64 inputs for the backward-op tests, G = 2, Dk = 8, Dv = 6, l = 8, d = 4:
+    (generator, cu_seqlens, max_seqlen, q, k, v, k_cmp, v_cmp). Batch mode: two entries
+    of batch_T tokens; varlen: `lengths` packed, with three padding rows after them."""
     from conftest import make_cu_seqlens
     ops = torch.ops.nsa_cuda
-    gen = torch.Generator().manual_seed(7)
-    lengths = [9, 30]
-    B, T = (1, sum(lengths) + 3) if varlen else (2, 33)
+    gen = torch.Generator().manual_seed(seed)
+    B, T = (1, sum(lengths) + 3) if varlen else (2, batch_T)
     cu = make_cu_seqlens(lengths) if varlen else None
     ms = max(lengths) if varlen else T
     q = torch.randn(B, T, 4, 8, generator=gen, dtype=torch.float64)
     k = torch.randn(B, T, 2, 8, generator=gen, dtype=torch.float64)
     v = torch.randn(B, T, 2, 6, generator=gen, dtype=torch.float64)
-    kc, vc = ops.mean_compress(k, cu, 8, 4), ops.mean_compress(v, cu, 8, 4)
+    return gen, cu, ms, q, k, v, ops.mean_compress(k, cu, 8, 4), ops.mean_compress(v, cu, 8, 4)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_bwd_ops_add_given_gradients(varlen):
+    """dq_in, dk_in, dv_in are added to a backward op's gradients (the CPU adds after
+    its kernel; CUDA in the epilogue), padding rows of varlen included."""
+    ops = torch.ops.nsa_cuda
+    gen, cu, ms, q, k, v, kc, vc = _bwd_op_inputs(varlen, 7, [9, 30], 33)
+    B, T = q.shape[:2]
     bi = torch.zeros(B, T, 2, 2, dtype=torch.int32)
     bi[..., 1] = -1
     for fwd, bwd, kk, vv, extra, sizes in (
@@ -719,17 +727,9 @@ def test_bwd_dout_scale(varlen):
     gates, a strided gate, dlse, a given delta): the same gradients as
     the op given g * dout; and gate_combine_bwd without output gradients gives
     rowsum(o * g do) = g * d_gate as the row dots."""
-    from conftest import make_cu_seqlens
     ops = torch.ops.nsa_cuda
-    gen = torch.Generator().manual_seed(13)
-    lengths = [11, 26]
-    B, T = (1, sum(lengths) + 2) if varlen else (2, 31)
-    cu = make_cu_seqlens(lengths) if varlen else None
-    ms = max(lengths) if varlen else T
-    q = torch.randn(B, T, 4, 8, generator=gen, dtype=torch.float64)
-    k = torch.randn(B, T, 2, 8, generator=gen, dtype=torch.float64)
-    v = torch.randn(B, T, 2, 6, generator=gen, dtype=torch.float64)
-    kc, vc = ops.mean_compress(k, cu, 8, 4), ops.mean_compress(v, cu, 8, 4)
+    gen, cu, ms, q, k, v, kc, vc = _bwd_op_inputs(varlen, 13, [11, 26], 31)
+    B, T = q.shape[:2]
     bi = torch.randint(-1, 3, (B, T, 2, 2), generator=gen, dtype=torch.int32)
     # A [B, Hq, T] tensor seen as [B, T, Hq]: strided; one gate 0, some negative.
     g = torch.randn(B, 4, T, generator=gen, dtype=torch.float64).transpose(1, 2)
