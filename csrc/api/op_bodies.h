@@ -31,6 +31,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
+#include <string>
 #include <vector>
 
 #include "api/fill_params.h"
@@ -161,6 +162,19 @@ inline at::ScalarType gate_acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A per-row tensor like a gate: floating-point, shaped as `like`'s first three dims
+// (`dims` names them), on its device; returned in the accumulation type of `data`.
+inline at::Tensor gate_like(const at::Tensor& g, const at::Tensor& like, at::ScalarType data,
+                            const char* op, const std::string& name,
+                            const char* dims = "[B, T, Hq]") {
+  TORCH_CHECK(g.dim() == 3 && g.sizes() == like.sizes().slice(0, 3) &&
+                  at::isFloatingType(g.scalar_type()) && g.device() == like.device(),
+              "nsa_cuda: ", op, ": ", name, " must be a floating-point ", dims, " = ",
+              like.sizes().slice(0, 3), " tensor on ", like.device(), ", got ", g.scalar_type(),
+              " ", g.sizes(), " on ", g.device());
+  return g.to(gate_acc_type(data));
+}
+
 template <class Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
     const AttnSpec& spec, const at::Tensor& dout, const OptTensor& dlse, const at::Tensor& q_in,
@@ -203,14 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(
   // the branch's gate and the one d o), read in the accumulation type.
   at::Tensor scale_c;
   if (dout_scale.has_value()) {
-    TORCH_CHECK(dout_scale->dim() == 3 && dout_scale->sizes() == dout.sizes().slice(0, 3) &&
-                    at::isFloatingType(dout_scale->scalar_type()) &&
-                    dout_scale->device() == dout.device(),
-                "nsa_cuda: ", spec.op, ": dout_scale must be a floating-point [B, T, Hq] = ",
-                dout.sizes().slice(0, 3), " tensor on ", dout.device(), ", got ",
-                dout_scale->scalar_type(), " ", dout_scale->sizes(), " on ",
-                dout_scale->device());
-    scale_c = dout_scale->to(gate_acc_type(q.scalar_type()));
+    scale_c = gate_like(*dout_scale, dout, q.scalar_type(), spec.op, "dout_scale");
     p.dout_scale = scale_c.data_ptr();
     p.ds_batch_stride = scale_c.stride(0), p.ds_row_stride = scale_c.stride(1);
     p.ds_head_stride = scale_c.stride(2);
@@ -368,13 +375,8 @@ GateInputs gate_inputs(at::TensorList outputs, at::TensorList gates, const char*
                 "nsa_cuda: ", op, ": the branch outputs must share one shape, dtype and device; "
                 "output ", j, " is ", o.scalar_type(), " ", o.sizes(), " on ", o.device(),
                 ", output 0 is ", o0.scalar_type(), " ", o0.sizes(), " on ", o0.device());
-    TORCH_CHECK(g.dim() == 3 && g.sizes() == o0.sizes().slice(0, 3) &&
-                    at::isFloatingType(g.scalar_type()) && g.device() == o0.device(),
-                "nsa_cuda: ", op, ": gate ", j, " must be a floating-point [B, T, Hq] = ",
-                o0.sizes().slice(0, 3), " tensor on ", o0.device(), ", got ", g.scalar_type(),
-                " ", g.sizes(), " on ", g.device());
     in.outputs.push_back(Backend::input(o.stride(3) == 1 ? o : o.contiguous()));
-    in.gates.push_back(g.to(gate_acc_type(o0.scalar_type())));
+    in.gates.push_back(gate_like(g, o0, o0.scalar_type(), op, "gate " + std::to_string(j)));
     const at::Tensor &ob = in.outputs.back(), &gb = in.gates.back();
     GateBranch& x = p.branches[j];
     x.o = ob.data_ptr();
@@ -482,12 +484,7 @@ at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
   [[maybe_unused]] auto guard = Backend::prepare(q);
   auto gate_of = [&](const OptTensor& g, const char* name) -> OptTensor {
     if (!g.has_value()) return std::nullopt;
-    TORCH_CHECK(g->dim() == 3 && g->sizes() == q.sizes().slice(0, 3) &&
-                    at::isFloatingType(g->scalar_type()) && g->device() == q.device(),
-                "nsa_cuda: sparse_attn_decode: ", name, " must be a floating-point [B, S, Hq] = ",
-                q.sizes().slice(0, 3), " tensor on ", q.device(), ", got ", g->scalar_type(), " ",
-                g->sizes(), " on ", g->device());
-    return g->to(gate_acc_type(q.scalar_type()));
+    return gate_like(*g, q, q.scalar_type(), "sparse_attn_decode", name, "[B, S, Hq]");
   };
   const OptTensor gc = gate_of(g_cmp, "g_cmp"), gs = gate_of(g_slc, "g_slc"),
                   gw = gate_of(g_win, "g_win");
