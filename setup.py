@@ -101,10 +101,13 @@ def extensions():
             raise RuntimeError(f"NSA_DTYPES: {t} is not one of {ALL_DTYPES}")
     archs = _env_list("NSA_CUDA_ARCHS", ("80", "90a"))
     cuda_sources = sorted(glob.glob("csrc/api/cuda_*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    # The wgmma (sm90) forward is built only for an arch list with sm_90a in it.
+    sm90a = "90a" in archs
     cuda_sources += sorted(p for p in glob.glob("csrc/cuda/instantiations/*.cu")
-                           if _instance_selected(p, headdims, dtypes))
+                           if _instance_selected(p, headdims, dtypes)
+                           and (sm90a or "_sm90_" not in os.path.basename(p)))
     macros = ["-DNSA_WITH_CUDA"] + [f"-DNSA_HDIM_{h}" for h in headdims] + \
-             [f"-DNSA_DTYPE_{t.upper()}" for t in dtypes]
+             [f"-DNSA_DTYPE_{t.upper()}" for t in dtypes] + (["-DNSA_SM90A_BUILT"] if sm90a else [])
     gencode = []
     for a in archs:
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]

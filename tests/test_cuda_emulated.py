@@ -108,6 +108,23 @@ def test_atoms_gemm(emu, dtype):
     torch.testing.assert_close(nn.double(), a64 @ b64, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulator_wgmma_gemm(emu, dtype):
+    """The wgmma path's atoms, descriptors and fragment layouts: a b^T with both
+    operands in smem (K-major), then P b with P in registers and b as the MN-major
+    V^T view. The emulated wgmma reads smem through the descriptor and register
+    layouts written from the PTX ISA; CuTe builds the descriptors and partitions."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-3, 4, (64, 64), generator=g).to(dtype) / 4
+    b = torch.randint(-3, 4, (64, 64), generator=g).to(dtype) / 4
+    nt, pv = emu.gemm_selftest_sm90(a, b)
+    a64, b64 = a.double(), b.double()
+    s = a64 @ b64.T
+    torch.testing.assert_close(nt.double(), s, rtol=0, atol=1e-4)
+    p = s.to(dtype).double()  # the kernel rounds P to the element type
+    torch.testing.assert_close(pv.double(), p @ b64, rtol=0, atol=1e-3)
+
+
 def test_emulator_catches_hazards(emu):
     """The emulator's checks on a tiny kernel: correct, a missing __syncthreads
     (shared-memory race), a warp split between __syncwarp and __syncthreads."""
@@ -121,6 +138,14 @@ def test_emulator_catches_hazards(emu):
 
 # --------------------------------------------------------------------------- forward
 
+@pytest.fixture(params=["sm90", "sm80"])
+def mainloop(request, monkeypatch):
+    """The compressed and window forward kernels: wgmma (the emulated device is an
+    H100, so "auto" picks them) and mma.sync."""
+    monkeypatch.setenv("NSA_FWD_MAINLOOP", request.param)
+    return request.param
+
+
 def _qkv(F, B, T, Hkv, G, dims):
     dk, dv, dtype = dims
     return (F.rand(B, T, Hkv * G, dk, dtype=dtype), F.rand(B, T, Hkv, dk, dtype=dtype),
@@ -129,14 +154,14 @@ def _qkv(F, B, T, Hkv, G, dims):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G", [(1, 4), (17, 16), (70, 1), (200, 2), (130, 8)])
-def test_compressed_fwd(F, dims, T, G):
+def test_compressed_fwd(F, dims, T, G, mainloop):
     q, k, v = _qkv(F, 2, T, 2, G, dims)
     kc = F.ref.mean_compress(k, 32, 16)
     vc = F.ref.mean_compress(v, 32, 16)
     F.check_compressed(q, kc, vc, 32, 16)
 
 
-def test_compressed_fwd_varlen(F):
+def test_compressed_fwd_varlen(F, mainloop):
     lengths = [1, 17, 150, 64, 40]
     cu = F.make_cu(lengths)
     q, k, v = _qkv(F, 1, sum(lengths), 2, 4, DIMS[0])
@@ -145,7 +170,7 @@ def test_compressed_fwd_varlen(F):
     F.check_compressed(q, kc, vc, 32, 16, cu=cu, max_seqlen=max(lengths))
 
 
-def test_compressed_fwd_fewer_rows(F, emu):
+def test_compressed_fwd_fewer_rows(F, emu, mainloop):
     dk, dv, dtype = DIMS[0]
     q, k, v = _qkv(F, 1, 120, 1, 2, DIMS[0])
     kc = F.ref.mean_compress(k, 32, 16)[:, :3].contiguous()
@@ -186,19 +211,19 @@ def test_selected_fwd_int64_indices(F):
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,w", [(1, 2, 512), (17, 16, 8), (70, 1, 64), (200, 4, 65),
                                    (130, 8, 129)])
-def test_window_fwd(F, dims, T, G, w):
+def test_window_fwd(F, dims, T, G, w, mainloop):
     q, k, v = _qkv(F, 2, T, 2, G, dims)
     F.check_window(q, k, v, w)
 
 
-def test_window_fwd_varlen(F):
+def test_window_fwd_varlen(F, mainloop):
     lengths = [1, 17, 200, 64, 5]
     cu = F.make_cu(lengths)
     q, k, v = _qkv(F, 1, sum(lengths), 2, 8, DIMS[0])
     F.check_window(q, k, v, 50, cu=cu, max_seqlen=max(lengths))
 
 
-def test_window_fwd_non_contiguous(F):
+def test_window_fwd_non_contiguous(F, mainloop):
     dk, dv, dtype = DIMS[0]
     big = F.rand(1, 90, 6, dk, dtype=dtype)
     F.check_window(big[:, :, :4], big[:, :, 4:5], big[:, :, 5:6], 30)

@@ -1,6 +1,7 @@
 """Writes csrc/cuda/instantiations/*.cu: one (op, head dims, dtype) per file, so
 the build parallelises and setup.py can narrow it (NSA_HEADDIMS, NSA_DTYPES match
-the `hdim<Dk>` and `_fp16`/`_bf16` parts of the names).
+the `hdim<Dk>` and `_fp16`/`_bf16` parts of the names; the `_sm90` files are built
+only with sm_90a in the arch list).
 
     python csrc/cuda/generate_kernels.py
 """
@@ -17,6 +18,13 @@ ATTN = HEADER + """#include "cuda/attn_fwd.cuh"
 
 namespace nsa::cuda {{
 template void run_attn_fwd<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaStream_t);
+}}  // namespace nsa::cuda
+"""
+
+ATTN_SM90 = HEADER + """#include "cuda/attn_fwd_sm90.cuh"
+
+namespace nsa::cuda {{
+template void run_attn_fwd_sm90<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaStream_t);
 }}  // namespace nsa::cuda
 """
 
@@ -52,6 +60,7 @@ def files():
     for dk, dv in HEAD_DIMS:
         for name, dt in DTYPES.items():
             out[f"attn_fwd_hdim{dk}x{dv}_{name}.cu"] = ATTN.format(dk=dk, dv=dv, dt=dt)
+            out[f"attn_fwd_sm90_hdim{dk}x{dv}_{name}.cu"] = ATTN_SM90.format(dk=dk, dv=dv, dt=dt)
             out[f"attn_bwd_hdim{dk}x{dv}_{name}.cu"] = ATTN_BWD.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)
             out[f"decode_hdim{dk}x{dv}_{name}.cu"] = DECODE.format(dk=dk, dv=dv, dt=dt)

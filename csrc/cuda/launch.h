@@ -16,6 +16,20 @@ enum class DType : int { kFp16 = 0, kBf16 = 1 };
 template <int kDk, int kDv, DType kDType>
 void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
 
+// The Hopper forward of the compressed and window branches (attn_fwd_sm90.cuh,
+// wgmma). Instantiations in csrc/cuda/instantiations/attn_fwd_sm90_hdim*.cu, built
+// when the arch list holds sm_90a (NSA_SM90A_BUILT). run_attn_fwd calls it when
+// use_sm90_forward says so.
+template <int kDk, int kDv, DType kDType>
+void run_attn_fwd_sm90(const AttnFwdParams& params, cudaStream_t stream);
+
+// Whether run_attn_fwd takes the wgmma kernel for `branch` (arch_dispatch.cu): the
+// compressed and window branches on a compute capability 9.0 device when this build
+// has sm_90a code. NSA_FWD_MAINLOOP (read at each call) overrides: "sm80" keeps the
+// mma.sync kernels everywhere, "sm90" asks for wgmma and throws where it cannot run;
+// "auto" or unset is the rule above. The selected branch always runs mma.sync.
+bool use_sm90_forward(Branch branch);
+
 // Block selection (scores from q.k_cmp and lse_cmp, top-n per kv head).
 // Instantiations in csrc/cuda/instantiations/select_hdim*.cu.
 template <int kDk, DType kDType>

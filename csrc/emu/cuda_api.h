@@ -23,6 +23,11 @@ struct dim3 {
 
 typedef struct CUstream_st* cudaStream_t;
 
+// A generic pointer into the launch's dynamic smem -> its shared address (the
+// offset; runtime.h). CuTe's cast_smem_ptr_to_uint (wgmma descriptors) calls it:
+// the emulator's build defines CUTE_CVTA_GENERIC_TO_SHARED_ACTIVATED.
+inline size_t __cvta_generic_to_shared(const void* p);
+
 enum cudaError_t {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
@@ -32,6 +37,8 @@ enum cudaError_t {
 enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
@@ -104,6 +111,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) 
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = nsa_emu::kSmemDefault; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *v = nsa_emu::num_sms(); return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = nsa_emu::kSmemOptin; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess;  // sm_90
+    case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }

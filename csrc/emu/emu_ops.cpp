@@ -170,7 +170,8 @@ struct EmuBackend {
 
 // a [64, 64], b [64, 64] (fp16 or bf16, CPU, contiguous) -> (a @ b^T, a @ b) in
 // float32, through the forward's TiledMma, ldmatrix atoms and swizzled smem.
-std::tuple<at::Tensor, at::Tensor> gemm_selftest(const at::Tensor& a, const at::Tensor& b) {
+std::tuple<at::Tensor, at::Tensor> gemm_selftest_impl(const at::Tensor& a, const at::Tensor& b,
+                                                      bool sm90) {
   TORCH_CHECK(a.is_cpu() && a.sizes() == at::IntArrayRef({64, 64}) && b.sizes() == a.sizes() &&
                   a.scalar_type() == b.scalar_type() && a.is_contiguous() && b.is_contiguous() &&
                   (a.scalar_type() == at::kHalf || a.scalar_type() == at::kBFloat16),
@@ -178,10 +179,18 @@ std::tuple<at::Tensor, at::Tensor> gemm_selftest(const at::Tensor& a, const at::
   at::Tensor nt = at::empty({64, 64}, at::kFloat), nn = at::empty({64, 64}, at::kFloat);
   poison(nt), poison(nn);
   run_kernel("gemm_selftest", [&] {
-    nsa::emu::gemm_selftest(a.data_ptr(), b.data_ptr(), a.scalar_type() == at::kBFloat16,
-                            nt.data_ptr<float>(), nn.data_ptr<float>());
+    (sm90 ? nsa::emu::gemm_selftest_sm90 : nsa::emu::gemm_selftest)(
+        a.data_ptr(), b.data_ptr(), a.scalar_type() == at::kBFloat16, nt.data_ptr<float>(),
+        nn.data_ptr<float>());
   });
   return {nt, nn};
+}
+std::tuple<at::Tensor, at::Tensor> gemm_selftest(const at::Tensor& a, const at::Tensor& b) {
+  return gemm_selftest_impl(a, b, false);
+}
+// The same inputs through the wgmma path: (a @ b^T, round(a @ b^T) @ b).
+std::tuple<at::Tensor, at::Tensor> gemm_selftest_sm90(const at::Tensor& a, const at::Tensor& b) {
+  return gemm_selftest_impl(a, b, true);
 }
 
 void hazard_selftest(int64_t mode) {
@@ -193,10 +202,12 @@ void hazard_selftest(int64_t mode) {
 
 TORCH_LIBRARY_FRAGMENT(nsa_cuda_emu, m) {
   m.def("gemm_selftest(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  m.def("gemm_selftest_sm90(Tensor a, Tensor b) -> (Tensor, Tensor)");
   // No tensor argument to dispatch on: a catch-all kernel.
   m.def("hazard_selftest(int mode) -> ()", &nsa::api::hazard_selftest);
 }
 TORCH_LIBRARY_IMPL(nsa_cuda_emu, CPU, m) {
   nsa::api::register_backend<nsa::api::EmuBackend>(m);
   m.impl("gemm_selftest", &nsa::api::gemm_selftest);
+  m.impl("gemm_selftest_sm90", &nsa::api::gemm_selftest_sm90);
 }

@@ -6,8 +6,10 @@
 #include <cstdint>
 
 namespace nsa::cuda {
-__thread __attribute__((aligned(128))) char smem[nsa_emu::kSmemBytes];
-__thread __attribute__((aligned(128))) uint32_t taken[nsa_emu::kSmemBytes / 4];
+// 1024-byte aligned like the GPU's dynamic smem: CuTe's swizzled smem pointers
+// (wgmma layouts) swizzle address bits, and the emulated wgmma swizzles offsets.
+__thread __attribute__((aligned(1024))) char smem[nsa_emu::kSmemBytes];
+__thread __attribute__((aligned(1024))) uint32_t taken[nsa_emu::kSmemBytes / 4];
 }  // namespace nsa::cuda
 
 namespace nsa_emu {

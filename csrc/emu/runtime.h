@@ -102,9 +102,31 @@ struct Fiber {
   uint64_t warp_ops = 0;
   int next_group = 0;
   std::vector<PendingCopy> pending;
+  int wg_commits = 0;  // wgmma.commit_group calls so far
 #if !defined(__x86_64__)
   ucontext_t uc;
 #endif
+};
+
+// One thread's part of a wgmma.mma_async (see wgmma() below).
+struct WgmmaLane {
+  uint64_t desc_a = 0, desc_b = 0;  // desc_a unused when A comes from registers
+  uint32_t a[4] = {0, 0, 0, 0};
+  float* d[64] = {};  // n / 2 accumulators (n <= 128)
+  int n = 0, group = 0, scale_d = 1;
+  bool a_regs = false, bf16 = false, a_mn = false, b_mn = false;
+};
+
+// An issued wgmma (all 128 lanes), executed when a wait_group retires its group.
+struct WgmmaOp {
+  std::vector<WgmmaLane> lanes;
+};
+
+struct Warpgroup {
+  int arrived = 0;       // lanes at the current wgmma or wait_group
+  int wait_n = 0;
+  std::vector<WgmmaLane> cur = std::vector<WgmmaLane>(128);
+  std::vector<WgmmaOp> in_flight;  // issued, not yet retired, oldest first
 };
 
 struct LaneSlot {
@@ -130,6 +152,7 @@ struct Cta {
   std::vector<Access> last_write, last_read;  // per 16-byte granule of dynamic smem
   std::vector<int> warp_arrived;
   std::vector<LaneSlot> slots;  // [2 parities][warps][32 lanes]
+  std::vector<Warpgroup> warpgroups;
   std::mt19937_64 rng;
   bool copies_random = true;
   std::string error;
@@ -539,6 +562,154 @@ inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const f
   std::memcpy(d, out, 16);
 }
 
+
+// ---- wgmma (PTX ISA: wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}) -----
+// A warpgroup is 128 consecutive threads. Each lane's call deposits its part (the
+// descriptors, its A registers, the addresses of its accumulator registers) and
+// waits until all 128 lanes have issued the same instruction. The product runs when
+// a wgmma.wait_group retires its group (commit_group counts the groups per thread),
+// and reads shared memory then, as the asynchronous hardware may: an operand
+// overwritten before the wait is read as overwritten, and a cp.async landing in the
+// barrier epoch of the read is reported as a race.
+//
+// Shared addresses are offsets from the launch's dynamic smem (the GPU's dynamic
+// smem starts 1024-byte aligned; the kernels check it). 16-bit operands; the
+// descriptor (bits): start address [0,14) >> 4, leading byte offset (LBO) [16,30) >> 4,
+// stride byte offset (SBO) [32,46) >> 4, base offset [49,52) (must be 0), layout
+// [62,64) (must be 1, the 128-byte swizzle). Element (mn, k) of a 64 x 16 A or
+// N x 16 B operand lies at byte
+//   K-major:  start + (mn / 8) SBO + (mn % 8) 128 + 2 k
+//   MN-major: start + (mn / 64) LBO + 2 (mn % 64) + (k % 8) 128 + (k / 8) SBO
+// with bits [4,7) of the address XOR-ed with bits [7,10) (the 128-byte swizzle).
+// Registers of lane l of warp w (g = l / 4, t = l % 4):
+//   A (from registers): a0 (16w+g, 2t..2t+1), a1 (16w+g+8, 2t..), a2 (16w+g, 2t+8..),
+//   a3 (16w+g+8, 2t+8..); D (f32): d[4j+i] = (16w + g + 8(i/2), 8j + 2t + i%2).
+inline uint32_t smem_address(const void* p) {
+  Cta& c = *t_cta;
+  const char* q = static_cast<const char*>(p);
+  if (q < c.smem_base || q >= c.smem_base + c.smem_bytes)
+    fiber_fail("shared address outside the launch's dynamic smem");
+  return uint32_t(q - c.smem_base);
+}
+
+}  // namespace nsa_emu
+
+inline size_t __cvta_generic_to_shared(const void* p) { return nsa_emu::smem_address(p); }
+
+namespace nsa_emu {
+
+inline uint16_t wgmma_operand(uint64_t desc, bool mn_major, int mn, int k) {
+  Cta& c = *t_cta;
+  const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+  const uint32_t lbo = uint32_t((desc >> 16) & 0x3fff) << 4;
+  const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+  if (((desc >> 49) & 7) != 0) fiber_fail("wgmma: descriptor base offset != 0 (not modelled)");
+  if ((desc >> 62) != 1) fiber_fail("wgmma: only the 128-byte swizzle is modelled");
+  uint32_t byte = mn_major ? start + (mn / 64) * lbo + 2 * (mn % 64) + (k % 8) * 128 + (k / 8) * sbo
+                           : start + (mn / 8) * sbo + (mn % 8) * 128 + 2 * k;
+  byte ^= ((byte >> 7) & 7) << 4;
+  if (byte + 2 > c.smem_bytes) fiber_fail("wgmma: operand outside the launch's dynamic smem");
+  const char* p = c.smem_base + byte;
+  const size_t g = byte / 16;
+  const Access w = c.last_write[g];
+  if (w.epoch == c.epoch) report_race("wgmma read of cp.async data of this barrier epoch", p, w.tid, w.epoch);
+  c.last_read[g] = Access{c.epoch, -2};  // read by the whole warpgroup
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+inline float half_bits_to_float(uint16_t h, bool bf16) { return bf16 ? bf16_to_float(h) : f16_to_float(h); }
+
+inline void wgmma_execute(const WgmmaOp& op) {
+  const WgmmaLane& l0 = op.lanes[0];
+  const int n = l0.n;
+  std::vector<float> A(64 * 16), B(size_t(n) * 16);
+  for (int m = 0; m < 64; ++m)
+    for (int k = 0; k < 16; ++k) {
+      uint16_t h;
+      if (l0.a_regs) {
+        const int w = m / 16, g = m % 8, t = (k % 8) / 2;
+        const WgmmaLane& ln = op.lanes[w * 32 + g * 4 + t];
+        const uint32_t reg = ln.a[(m % 16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+        h = uint16_t(reg >> (16 * (k % 2)));
+      } else {
+        h = wgmma_operand(l0.desc_a, l0.a_mn, m, k);
+      }
+      A[m * 16 + k] = half_bits_to_float(h, l0.bf16);
+    }
+  for (int j = 0; j < n; ++j)
+    for (int k = 0; k < 16; ++k) B[j * 16 + k] = half_bits_to_float(wgmma_operand(l0.desc_b, l0.b_mn, j, k), l0.bf16);
+  for (int tid = 0; tid < 128; ++tid) {
+    const WgmmaLane& ln = op.lanes[tid];
+    const int w = tid / 32, g = tid % 32 / 4, t = tid % 4;
+    for (int r = 0; r < n / 2; ++r) {
+      const int j = r / 4, i = r % 4;
+      const int row = 16 * w + g + 8 * (i / 2), col = 8 * j + 2 * t + i % 2;
+      double acc = ln.scale_d ? double(*ln.d[r]) : 0.0;
+      for (int k = 0; k < 16; ++k) acc += double(A[row * 16 + k]) * double(B[col * 16 + k]);
+      *ln.d[r] = float(acc);
+    }
+  }
+}
+
+inline Warpgroup& my_warpgroup(int* lane) {
+  Fiber* f = t_fiber;
+  Cta& c = *f->cta;
+  if (c.nthreads % 128 != 0) fiber_fail("wgmma in a CTA whose size is not a multiple of 128");
+  *lane = f->tid % 128;
+  return c.warpgroups[f->tid / 128];
+}
+
+// Blocks until all 128 lanes of the warpgroup arrive; the last one runs done().
+template <class Done>
+inline void warpgroup_collective(Warpgroup& wg, Done&& done) {
+  Fiber* f = t_fiber;
+  Cta& c = *f->cta;
+  f->state = State::kWarpBarrier;
+  if (++wg.arrived == 128) {
+    wg.arrived = 0;
+    done();
+    const int base = f->tid / 128 * 128;
+    for (int i = 0; i < 128; ++i) c.fibers[base + i].state = State::kRunnable;
+  }
+  yield_fiber();
+}
+
+inline void wgmma_issue(WgmmaLane lane_op) {
+  int lane;
+  Warpgroup& wg = my_warpgroup(&lane);
+  lane_op.group = t_fiber->wg_commits;
+  wg.cur[lane] = lane_op;
+  warpgroup_collective(wg, [&wg] {
+    const WgmmaLane& a = wg.cur[0];
+    for (const WgmmaLane& b : wg.cur)
+      if (b.desc_a != a.desc_a || b.desc_b != a.desc_b || b.n != a.n || b.group != a.group ||
+          b.scale_d != a.scale_d || b.a_regs != a.a_regs || b.bf16 != a.bf16 || b.a_mn != a.a_mn ||
+          b.b_mn != a.b_mn)
+        fiber_fail("lanes of a warpgroup issued different wgmma instructions");
+    wg.in_flight.push_back(WgmmaOp{wg.cur});
+  });
+}
+
+inline void wgmma_commit() { t_fiber->wg_commits++; }
+
+// wgmma.wait_group N: retires every group but the newest N committed ones.
+inline void wgmma_wait(int n) {
+  int lane;
+  Warpgroup& wg = my_warpgroup(&lane);
+  const int commits = t_fiber->wg_commits;
+  if (lane == 0) wg.wait_n = n;
+  warpgroup_collective(wg, [&wg, commits] {
+    std::vector<WgmmaOp> rest;
+    for (WgmmaOp& op : wg.in_flight) {
+      if (op.lanes[0].group < commits - wg.wait_n) wgmma_execute(op);
+      else rest.push_back(std::move(op));
+    }
+    wg.in_flight.swap(rest);
+  });
+}
+
 // ---- kernel launch ------------------------------------------------------------
 struct ThreadResources {
   char* stacks = nullptr;
@@ -586,6 +757,7 @@ inline std::string run_cta(const std::function<void()>& body, dim3 grid, dim3 bl
   const int nwarps = (c.nthreads + 31) / 32;
   c.warp_arrived.assign(nwarps, 0);
   c.slots.resize(size_t(2) * nwarps * 32);
+  c.warpgroups.resize((c.nthreads + 127) / 128);
   c.fibers.resize(c.nthreads);
   c.last_write.assign((smem_bytes + 15) / 16, Access{});
   c.last_read.assign((smem_bytes + 15) / 16, Access{});
@@ -631,6 +803,9 @@ inline std::string run_cta(const std::function<void()>& body, dim3 grid, dim3 bl
       if (c.fibers[i].state == State::kRunnable) switch_to_fiber(c, c.fibers[i]);
     }
   }
+  if (c.error.empty())
+    for (const Warpgroup& wg : c.warpgroups)
+      if (!wg.in_flight.empty()) c.error = "a wgmma.mma_async was never retired by wgmma.wait_group";
   t_cta = prev_cta;
   if (!c.error.empty()) {
     char where[96];

@@ -6,6 +6,7 @@
 // definitions the same way CuTe's MMA_Traits / Copy_Traits layouts describe them.
 #include "emu/selftest.h"
 
+#include "cuda/attn_fwd_sm90.cuh"
 #include "cuda/attn_traits.cuh"
 
 namespace nsa::cuda {
@@ -69,6 +70,62 @@ void run_gemm_selftest(const void* a, const void* b, float* nt, float* nn) {
   check_launch("gemm_selftest");
 }
 
+// The same through the Hopper forward's machinery: its wgmma TiledMmas and GMMA
+// smem layouts (descriptors from make_gmma_desc). nt = a b^T (SS, both K-major);
+// pv = P b with P = nt rounded to the element type and held in registers as the A
+// operand (RS; b through the V^T view, MN-major).
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    gemm_selftest_sm90_kernel(const typename Traits::Element* a, const typename Traits::Element* b,
+                              float* nt, float* pv) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  static_assert(Traits::kBlockM == 64 && Traits::kBlockN == 64 && Traits::kDk == 64 &&
+                Traits::kDv == 64);
+  extern __shared__ __align__(1024) char smem[];
+  const int tid = threadIdx.x;
+  Element* pa = reinterpret_cast<Element*>(smem);
+  Element* pb = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
+  Tensor sA = make_tensor(make_smem_ptr(pa), typename Traits::SmemLayoutQ{});
+  Tensor sB = make_tensor(make_smem_ptr(pb), typename Traits::SmemLayoutK{});
+  Tensor sBt = make_tensor(make_smem_ptr(pb), typename Traits::SmemLayoutVt{});
+  load_rows_async<64, 64, Traits::kThreads>(sA, [&](int r) -> const Element* { return a + r * 64; }, a, tid);
+  load_rows_async<64, 64, Traits::kThreads>(sB, [&](int r) -> const Element* { return b + r * 64; }, b, tid);
+  cute::cp_async_fence();
+  cute::cp_async_wait<0>();
+  fence_smem_for_wgmma();
+  __syncthreads();
+
+  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor rA = thr_s.partition_fragment_A(sA);
+  Tensor rB = thr_s.partition_fragment_B(sB);
+  Tensor rBt = thr_o.partition_fragment_B(sBt);
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<_64, _64>{});
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<_64, _64>{});
+  gemm_wgmma<true>(mma_s, rA, rB, acc_s);
+  Tensor rP = make_tensor<Element>(acc_s.layout());
+  convert_fragment(acc_s, rP);
+  Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a_operand(rP.layout()));
+  gemm_wgmma<true>(mma_o, tOrP, rBt, acc_o);
+
+  Tensor tS = thr_s.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+  Tensor tO = thr_o.partition_C(make_identity_tensor(Shape<_64, _64>{}));
+  for (int i = 0; i < size(acc_s); ++i) nt[get<0>(tS(i)) * 64 + get<1>(tS(i))] = acc_s(i);
+  for (int i = 0; i < size(acc_o); ++i) pv[get<0>(tO(i)) * 64 + get<1>(tO(i))] = acc_o(i);
+}
+
+template <class Element>
+void run_gemm_selftest_sm90(const void* a, const void* b, float* nt, float* pv) {
+  using Traits = AttnTraitsSm90<64, 64, Element>;
+  NSA_LAUNCH(1, Traits::kThreads, Traits::kSmemQ + Traits::kSmemK, nullptr,
+             gemm_selftest_sm90_kernel<Traits>)(static_cast<const Element*>(a),
+                                                static_cast<const Element*>(b), nt, pv);
+  check_launch("gemm_selftest_sm90");
+}
+
 // The emulator's own checks must keep their teeth. mode 0: cp.async, wait,
 // __syncthreads, then warp 0 ldmatrix-reads rows other threads copied (correct);
 // mode 1: the same without the __syncthreads (a race); mode 2: half of each warp
@@ -103,6 +160,13 @@ void run_hazard_selftest(int mode) {
 
 namespace nsa::emu {
 void hazard_selftest(int mode) { nsa::cuda::run_hazard_selftest(mode); }
+
+void gemm_selftest_sm90(const void* a, const void* b, bool bf16, float* nt, float* pv) {
+  if (bf16)
+    nsa::cuda::run_gemm_selftest_sm90<cutlass::bfloat16_t>(a, b, nt, pv);
+  else
+    nsa::cuda::run_gemm_selftest_sm90<cutlass::half_t>(a, b, nt, pv);
+}
 
 void gemm_selftest(const void* a, const void* b, bool bf16, float* nt, float* nn) {
   if (bf16)

@@ -1,0 +1,60 @@
+// Which kernel family a launch takes on the current device (launch.h). Host code.
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/launch.h"
+
+namespace nsa::cuda {
+
+namespace {
+
+// Compute capability of the current device as 10 * major + minor (cached per
+// device: a host query, no sync); 0 when the query fails.
+int current_device_sm() {
+  static int cache[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (cache[dev] == 0) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    cache[dev] = 10 * major + minor;
+  }
+  return cache[dev];
+}
+
+}  // namespace
+
+bool use_sm90_forward(Branch branch) {
+  const char* env = std::getenv("NSA_FWD_MAINLOOP");
+  const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
+  if (mode != "auto" && mode != "sm80" && mode != "sm90")
+    throw std::runtime_error("NSA_FWD_MAINLOOP must be auto, sm80 or sm90, got '" + mode + "'");
+  if (mode == "sm80" || branch == Branch::kSelected) return false;
+#ifdef NSA_SM90A_BUILT
+  const bool built = true;
+#else
+  const bool built = false;
+#endif
+  // sm_90a code runs on compute capability 9.0 exactly.
+  const bool can = built && current_device_sm() == 90;
+  if (mode == "sm90" && !can)
+    throw std::runtime_error(
+        std::string("NSA_FWD_MAINLOOP=sm90: the wgmma forward needs ") +
+        (built ? "a compute capability 9.0 device (H100/H200), this one is sm_" +
+                     std::to_string(current_device_sm())
+               : "a build with sm_90a in NSA_CUDA_ARCHS"));
+  return can;
+}
+
+}  // namespace nsa::cuda

@@ -1,0 +1,301 @@
+// The Hopper (sm_90a) attention forward of the compressed and window branches:
+// the mainloop of attn_fwd.cuh with warpgroup MMAs (wgmma.mma_async) in place of
+// mma.sync. One CTA is one warpgroup (4 warps, 128 threads) owning kBlockM = 64
+// flattened (token, head of the group) rows, the M of one wgmma:
+//   S = Q K^T   wgmma m64n64k16, both operands from smem (K-major, 128-byte swizzle)
+//   O += P V    wgmma m64n{Dv}k16, P from registers, V^T from smem (MN-major)
+// The KV schedules, the masks, the online softmax and the epilogue are the SM80
+// kernel's. The selected branch stays on mma.sync: its CTA visits the union of its
+// tokens' blocks and each warp votes itself out of the tiles none of its rows chose
+// (warp_sees_tile), which a warpgroup-wide MMA cannot do.
+//
+// K/V arrive by cp.async (the selected and window tiles are gathered row ranges);
+// each thread makes its copies visible to the async proxy that wgmma reads through
+// (fence.proxy.async) before the barrier that publishes them.
+#pragma once
+
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+#include "cuda/attn_traits.cuh"
+#include "cuda/kv_schedule.cuh"
+#include "cuda/softmax.cuh"
+
+namespace nsa::cuda {
+
+// The wgmma kernel body exists in the sm_90a pass (and on the host / emulator); the
+// sm_80 pass of a multi-arch build compiles an empty kernel that is never launched.
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(NSA_CUDA_EMULATION)
+#define NSA_SM90_KERNEL_BODY 1
+#else
+#define NSA_SM90_KERNEL_BODY 0
+#endif
+
+template <int kDk_, int kDv_, class Element_>
+struct AttnTraitsSm90 {
+  using Element = Element_;
+  static constexpr int kDk = kDk_;
+  static constexpr int kDv = kDv_;
+  static_assert(kDk % 64 == 0 && kDv % 64 == 0 && kDv <= 128, "head dims: multiples of 64, Dv <= 128");
+  static_assert(kDv <= kDk, "sO reuses sQ");
+
+  static constexpr int kWarps = 4;  // one warpgroup
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = 64;
+
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>, cute::Int<kDk>>>()));
+  using TiledMmaO = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
+                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kDv>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
+  // 8 rows x 64 elements (128 bytes) with the 128-byte swizzle: the same bytes as
+  // the SM80 kernels' Swizzle<3,3,3> atom, spelled so that make_gmma_desc reads it.
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kDk>>{}));
+  using SmemLayoutK = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kDk>>{}));
+  using SmemLayoutV = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kDv>>{}));
+  // V^T (Dv x kBlockN) as a view of sV: the MN-major B operand of O += P V.
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutV{}, cute::make_layout(cute::Shape<cute::Int<kDv>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+  using SmemLayoutO = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kDv>>{}));
+
+  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
+  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
+  static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
+  static_assert(kSmemQ % 1024 == 0 && kSmemK % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+  static constexpr int kSmemAttn = kSmemQ + kSmemK + kSmemV;  // sO reuses sQ
+};
+
+// wgmma accumulator ((2, 2, N/8), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=((2, N/8), MMA_N)):
+// values 0,1 share a row, 2,3 are 8 rows further, then the next 8 columns.
+template <class Layout>
+CUTE_HOST_DEVICE auto gmma_acc_rowcol(Layout acc) {
+  using namespace cute;
+  static_assert(decltype(rank(acc))::value == 3);
+  static_assert(decltype(rank<0>(acc))::value == 3);
+  return make_layout(make_layout(get<0, 1>(acc), get<1>(acc)),
+                     make_layout(make_layout(get<0, 0>(acc), get<0, 2>(acc)), get<2>(acc)));
+}
+
+// wgmma accumulator ((2, 2, N/8), MMA_M, MMA_N) -> the register A operand of a
+// k16 wgmma, ((2, 2, 2), MMA_M, N/16 * MMA_N): columns 16j..16j+15 are the n8
+// tiles 2j and 2j+1, in the order the A fragment wants.
+template <class Layout>
+CUTE_HOST_DEVICE auto gmma_acc_as_a_operand(Layout acc) {
+  using namespace cute;
+  static_assert(decltype(rank<0>(acc))::value == 3);
+  auto l = logical_divide(get<0>(acc), Shape<Underscore, Underscore, _2>{});  // (2, 2, (2, N/16))
+  return make_layout(make_layout(get<0>(l), get<1>(l), get<2, 0>(l)), get<1>(acc),
+                     coalesce(make_layout(get<2, 1>(l), get<2>(acc))));
+}
+
+// acc (+)= A B over the k blocks, issued as one wgmma group and waited for. With
+// kZeroInit the first k block overwrites acc.
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void gemm_wgmma(TiledMma& mma, TA& tA, TB& tB, TC& tC) {
+  using namespace cute;
+  // A from registers (RS) or, like B, smem descriptors (SS).
+  constexpr bool kARegs = !is_same_v<typename TA::engine_type::iterator, GMMA::DescriptorIterator>;
+  warpgroup_fence_operand(tC);
+  if constexpr (kARegs) warpgroup_fence_operand(tA);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+  for (int kb = 0; kb < size<2>(tA); ++kb) {
+    cute::gemm(mma, tA(_, _, kb), tB(_, _, kb), tC);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(tC);
+  if constexpr (kARegs) warpgroup_fence_operand(tA);
+}
+
+// This thread's shared-memory writes (cp.async landed, plain stores) become visible
+// to the async proxy, through which wgmma reads its smem operands.
+__device__ __forceinline__ void fence_smem_for_wgmma() {
+#if defined(__CUDA_ARCH__) && !defined(NSA_CUDA_EMULATION)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+template <class Traits, class Schedule>
+__global__ void __launch_bounds__(Traits::kThreads)
+    attn_fwd_sm90_kernel(const AttnFwdParams p) {
+#if NSA_SM90_KERNEL_BODY
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+
+  // The 128-byte swizzle is a function of the shared address: the tiles must start
+  // 1024-byte aligned, which the dynamic smem base is.
+  extern __shared__ __align__(1024) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t G = p.group;
+
+  const SeqInfo si = Schedule::seq(p, blockIdx.z);
+  const int64_t rows_total = si.len * G;
+  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
+  if (f0 >= rows_total) return;  // varlen: a sequence shorter than the grid's max
+  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
+  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Element* smem_k = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
+  Element* smem_v = reinterpret_cast<Element*>(smem + Traits::kSmemQ + Traits::kSmemK);
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutV{});
+  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVt{});
+  Tensor sO = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutO{});  // after the mainloop
+  char* smem_schedule = smem + Traits::kSmemAttn;
+
+  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+
+  load_rows_async<kBlockM, kDk, kThreads>(
+      sQ,
+      [&](int r) -> const Element* {
+        const int64_t f = f0 + r;
+        if (f > f_last) return nullptr;
+        return q + (si.row0 + f / G) * p.q_row_stride + (hkv * G + f % G) * p.q_head_stride;
+      },
+      static_cast<const Element*>(p.q), tid);
+  cute::cp_async_fence();
+
+  Schedule sched;
+  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  const int64_t key_row0 = sched.key_row0();
+
+  auto load_kv = [&](auto& s, const Element* base, int64_t row_stride, const KvTile& tile,
+                     auto cols) {
+    load_rows_async<kBlockN, decltype(cols)::value, kThreads>(
+        s,
+        [&](int r) -> const Element* {
+          const int64_t key = tile.begin + r;
+          return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
+        },
+        base, tid);
+  };
+
+  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaO mma_o;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_o = mma_o.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // smem descriptors
+  Tensor tSrK = thr_s.partition_fragment_B(sK);
+  Tensor tOrVt = thr_o.partition_fragment_B(sVt);
+  Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kDv>>{});
+  clear(acc_o);
+  Tensor acc_o_rc = make_tensor(acc_o.data(), gmma_acc_rowcol(acc_o.layout()));
+
+  // (row, col) of each S accumulator element, in the rows x cols view.
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_s.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), gmma_acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  int64_t row_t[kRows];
+  bool row_ok[kRows];
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
+    row_ok[mi] = f <= f_last;
+    row_t[mi] = f / G;
+  }
+
+  OnlineSoftmax<kRows> softmax;
+  const float scale_log2 = float(p.scale) * kLog2e;
+
+  KvTile tile;
+  bool have = sched.next(tile);
+  if (have) load_kv(sK, k, p.k_row_stride, tile, Int<kDk>{});
+  cute::cp_async_fence();
+
+  while (have) {
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();  // K (and Q) landed; the previous P V has retired (waited below)
+    load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
+    cute::cp_async_fence();
+
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    gemm_wgmma</*kZeroInit=*/true>(mma_s, tSrQ, tSrK, acc_s);
+    Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
+    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+    softmax.update(scores, acc_o_rc, scale_log2);
+    Tensor rP = make_tensor<Element>(acc_s.layout());
+    convert_fragment(acc_s, rP);
+    Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a_operand(rP.layout()));
+
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();  // V landed; every Q K^T has retired, so sK is free
+    KvTile next_tile;
+    const bool have_next = sched.next(next_tile);
+    if (have_next) load_kv(sK, k, p.k_row_stride, next_tile, Int<kDk>{});
+    cute::cp_async_fence();
+
+    gemm_wgmma</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
+    tile = next_tile;
+    have = have_next;
+  }
+
+  // Epilogue: as the SM80 kernel's (store_acc_rows waits for every thread first).
+  float lse[kRows];
+  softmax.finalize(acc_o_rc, float(p.scale), lse);
+  float* lse_out = static_cast<float*>(p.lse) + si.batch * p.lse_batch_stride;
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    if (row_ok[mi] && tid % 4 == 0) {
+      const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
+      lse_out[(hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi]] = lse[mi];
+    }
+  }
+  Element* o = static_cast<Element*>(p.o) + si.batch * p.o_batch_stride;
+  store_acc_rows<kBlockM, kDv, kThreads, Element>(acc_o, sO, thr_o, tid, [&](int r) -> Element* {
+    const int64_t f = f0 + r;
+    if (f > f_last) return nullptr;
+    return o + (si.row0 + f / G) * p.o_row_stride + (hkv * G + f % G) * p.o_head_stride;
+  });
+#endif  // NSA_SM90_KERNEL_BODY
+}
+
+template <class Traits, class Schedule>
+void launch_attn_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream, const char* what) {
+  const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
+  if (m_blocks == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
+  if (m_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
+    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
+  const int smem = Traits::kSmemAttn + Schedule::smem_bytes(p);
+  auto kernel = attn_fwd_sm90_kernel<Traits, Schedule>;
+  set_smem_limit(kernel, smem, what, Schedule::smem_hint(p));
+  dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
+  NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p);
+  check_launch(what);
+}
+
+template <int kDk, int kDv, DType kDType>
+void run_attn_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream) {
+  using Traits = AttnTraitsSm90<kDk, kDv, typename ElementOf<kDType>::type>;
+  switch (p.branch) {
+    case Branch::kCompressed:
+      launch_attn_fwd_sm90<Traits, CompressedSchedule<Traits::kBlockN>>(p, stream, "compressed_attn_fwd (sm90)");
+      break;
+    case Branch::kWindow:
+      launch_attn_fwd_sm90<Traits, WindowSchedule<Traits::kBlockN>>(p, stream, "window_attn_fwd (sm90)");
+      break;
+    case Branch::kSelected:
+      throw std::runtime_error("nsa_cuda: selected_attn_fwd has no sm90 (wgmma) kernel");
+  }
+}
+
+}  // namespace nsa::cuda
