@@ -146,6 +146,21 @@ def mainloop(request, monkeypatch):
     return request.param
 
 
+def test_fwd_mainloop_setting(emu, monkeypatch):
+    """NSA_FWD_MAINLOOP: a bad value and sm90 for the selected branch (no wgmma
+    kernel: it stays on mma.sync) are answered clearly or ignored as documented."""
+    dk, dv, dtype = DIMS[0]
+    q = torch.rand(1, 8, 2, dk).to(dtype)
+    kv = torch.rand(1, 8, 1, dk).to(dtype)
+    monkeypatch.setenv("NSA_FWD_MAINLOOP", "wgmma")
+    with pytest.raises(RuntimeError, match="NSA_FWD_MAINLOOP must be auto, sm80 or sm90"):
+        emu.window_attn_fwd(q, kv, kv[..., :dv].contiguous(), None, 8, 4, 0.125)
+    monkeypatch.setenv("NSA_FWD_MAINLOOP", "sm90")
+    bi = torch.zeros(1, 8, 1, 1, dtype=torch.int32)
+    o, _ = emu.selected_attn_fwd(q, kv, kv[..., :dv].contiguous(), bi, None, 8, 16, 0.125)
+    assert not torch.isnan(o).any()
+
+
 def _qkv(F, B, T, Hkv, G, dims):
     dk, dv, dtype = dims
     return (F.rand(B, T, Hkv * G, dk, dtype=dtype), F.rand(B, T, Hkv, dk, dtype=dtype),

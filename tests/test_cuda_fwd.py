@@ -29,6 +29,38 @@ GROUPS = [1, 2, 4, 8, 16]
 PAPER = dict(l=32, d=16, lp=64, n=16, n_init=1, n_local=2, w=512)
 
 
+def _sm90_forward_unavailable():
+    """None when this device and build run the wgmma forward (compressed and window
+    branches, NSA_FWD_MAINLOOP=sm90), else the library's reason."""
+    if not hasattr(_sm90_forward_unavailable, "reason"):
+        old = os.environ.get("NSA_FWD_MAINLOOP")
+        os.environ["NSA_FWD_MAINLOOP"] = "sm90"
+        try:
+            x = torch.rand(1, 4, 1, 64, device=DEV, dtype=torch.float16)
+            OPS.window_attn_fwd(x, x, x, None, 4, 4, 0.125)
+            _sm90_forward_unavailable.reason = None
+        except RuntimeError as e:
+            if "NSA_FWD_MAINLOOP=sm90" not in str(e):
+                raise
+            _sm90_forward_unavailable.reason = str(e)
+        finally:
+            if old is None:
+                os.environ.pop("NSA_FWD_MAINLOOP")
+            else:
+                os.environ["NSA_FWD_MAINLOOP"] = old
+    return _sm90_forward_unavailable.reason
+
+
+@pytest.fixture(params=["sm90", "sm80"])
+def mainloop(request, monkeypatch):
+    """The compressed and window forward kernels: wgmma on an H100/H200 (what "auto"
+    picks there), and mma.sync (every GPU; forced on sm_90 with NSA_FWD_MAINLOOP)."""
+    if request.param == "sm90" and _sm90_forward_unavailable():
+        pytest.skip(_sm90_forward_unavailable())
+    monkeypatch.setenv("NSA_FWD_MAINLOOP", request.param)
+    return request.param
+
+
 def _id(x):
     if isinstance(x, torch.dtype):
         return str(x).replace("torch.", "")
@@ -214,24 +246,24 @@ def check_compressed(q, k_cmp, v_cmp, l, d, cu=None, max_seqlen=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_compressed(dims, dtype, G):
+def test_compressed(dims, dtype, G, mainloop):
     dk, dv = dims
     q, kc, vc = compressed_case(2, 300, 2, G, dk, dv, dtype, 32, 16)
     check_compressed(q, kc, vc, 32, 16)
 
 
 @pytest.mark.parametrize("T", [1, 20, 31, 32, 33, 47, 129, 1000])
-def test_compressed_lengths(T):
+def test_compressed_lengths(T, mainloop):
     q, kc, vc = compressed_case(2, T, 1, 4, 128, 128, torch.bfloat16, 32, 16)
     check_compressed(q, kc, vc, 32, 16)
 
 
-def test_compressed_fla_setting():
+def test_compressed_fla_setting(mainloop):
     q, kc, vc = compressed_case(1, 777, 2, 8, 64, 64, torch.float16, 64, 64)
     check_compressed(q, kc, vc, 64, 64)
 
 
-def test_compressed_fewer_rows():
+def test_compressed_fewer_rows(mainloop):
     """k_cmp with fewer rows than Tc(T): rows that do not exist are never read."""
     q, kc, vc = compressed_case(1, 200, 1, 2, 64, 64, torch.float16, 32, 16)
     kc, vc = kc[:, :5].contiguous(), vc[:, :5].contiguous()
@@ -240,7 +272,7 @@ def test_compressed_fewer_rows():
 
 
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
-def test_compressed_varlen(dims):
+def test_compressed_varlen(dims, mainloop):
     dk, dv = dims
     lengths = [1, 17, 300, 64, 129]
     cu = make_cu(lengths)
@@ -456,7 +488,7 @@ def check_window(q, k, v, w, cu=None, max_seqlen=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_window(dims, dtype, G):
+def test_window(dims, dtype, G, mainloop):
     dk, dv = dims
     B, T, Hkv = 2, 300, 2
     q = rand(B, T, Hkv * G, dk, dtype=dtype)
@@ -466,14 +498,14 @@ def test_window(dims, dtype, G):
 
 
 @pytest.mark.parametrize("T,w", [(1, 512), (20, 512), (300, 1), (300, 64), (300, 65), (1000, 512), (130, 129)])
-def test_window_lengths(T, w):
+def test_window_lengths(T, w, mainloop):
     q = rand(1, T, 2, 64, dtype=torch.bfloat16)
     k = rand(1, T, 1, 64, dtype=torch.bfloat16)
     v = rand(1, T, 1, 64, dtype=torch.bfloat16)
     check_window(q, k, v, w)
 
 
-def test_window_varlen():
+def test_window_varlen(mainloop):
     lengths = [1, 17, 600, 64, 129]
     cu = make_cu(lengths)
     total = sum(lengths)
@@ -483,7 +515,7 @@ def test_window_varlen():
     check_window(q, k, v, 100, cu=cu, max_seqlen=max(lengths))
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(mainloop):
     """Strided q/k/v (a head slice of a larger tensor) go through the copy path."""
     T = 150
     big = rand(1, T, 6, 64, dtype=torch.float16)
@@ -595,8 +627,10 @@ def test_select_blocks_128k():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("T", [8192, 32768])
-def test_long_paper_settings(T):
+@pytest.mark.parametrize("T,fwd_mainloop", [(8192, "auto"), (32768, "auto"), (8192, "sm80")])
+def test_long_paper_settings(T, fwd_mainloop, monkeypatch):
+    """auto: the wgmma compressed and window kernels on an H100/H200; sm80: mma.sync."""
+    monkeypatch.setenv("NSA_FWD_MAINLOOP", fwd_mainloop)
     P = PAPER
     B, Hkv, G, dk, dv, dtype = 1, 1, 2, 192, 128, torch.bfloat16
     q = rand(B, T, Hkv * G, dk, dtype=dtype)
