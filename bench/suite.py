@@ -396,6 +396,19 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     def combine(i):
         return nsa_cuda.gate_combine(pre[i]["o"], sets[i]["g"])
 
+    def on_mainloop(mode, fn):  # NSA_FWD_MAINLOOP for the call (read by each launch)
+        def call(i):
+            old = os.environ.get("NSA_FWD_MAINLOOP")
+            os.environ["NSA_FWD_MAINLOOP"] = mode
+            try:
+                return fn(i)
+            finally:
+                if old is None:
+                    os.environ.pop("NSA_FWD_MAINLOOP", None)
+                else:
+                    os.environ["NSA_FWD_MAINLOOP"] = old
+        return call
+
     def combine_torch(i):  # the five elementwise ops it replaces, for comparison
         x, p = sets[i], pre[i]
         o = None
@@ -427,6 +440,15 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
                lambda p: fl[p]["selected"], note=bnote)
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        # The rows above run the wgmma kernels here (NSA_FWD_MAINLOOP=auto); these,
+        # the mma.sync ones the sm_80 build runs, on the same inputs.
+        snote = bnote + "; forward forced onto the mma.sync kernel (NSA_FWD_MAINLOOP=sm80)"
+        with torch.no_grad():
+            run.add(base, f"{op_prefix}.branch.compressed_sm80", "fwd", on_mainloop("sm80", cmp),
+                    nsets=len(sets), flops=fl["fwd"]["compressed"], note=snote)
+            run.add(base, f"{op_prefix}.branch.window_sm80", "fwd", on_mainloop("sm80", wnd),
+                    nsets=len(sets), flops=fl["fwd"]["window"], note=snote)
     add_passes(run, base, f"{op_prefix}.branch.combine", combine, sets, lambda p: None,
                note=bnote + "; gate_combine: g_cmp*o_cmp + g_slc*o_slc + g_win*o_win")
     add_passes(run, base, f"{op_prefix}.branch.combine_torch", combine_torch, sets,
