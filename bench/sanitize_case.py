@@ -1,5 +1,6 @@
 """A small case of every CUDA kernel, for compute-sanitizer (memcheck, racecheck):
 the forward and backward of each branch and of mean compression (batch and varlen,
+on sm_90 the compressed and window forward on both the wgmma and mma.sync kernels,
 each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
 the three branches, selection and update_cmp_cache, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
@@ -40,6 +41,14 @@ def run(dk, dv, G, dtype, lengths=None):
     o_c, lse_c = OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
     o_s, lse_s = OPS.selected_attn_fwd(q, k, v, bi2, cu, ms, lp, scale)
     o_w, lse_w = OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
+    if torch.cuda.get_device_capability() == (9, 0):
+        # The calls above ran the wgmma compressed and window kernels; these, mma.sync.
+        os.environ["NSA_FWD_MAINLOOP"] = "sm80"
+        try:
+            OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
+            OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
+        finally:
+            del os.environ["NSA_FWD_MAINLOOP"]
     # Backward of each branch (dlse given once) and of mean_compress.
     do = torch.randn_like(o_c)
     dlse = torch.randn_like(lse_c) * torch.isfinite(lse_c)

@@ -1,7 +1,7 @@
 // The Hopper (sm_90a) attention forward of the compressed and window branches:
 // the mainloop of attn_fwd.cuh with warpgroup MMAs (wgmma.mma_async) in place of
-// mma.sync. One CTA is one warpgroup (4 warps, 128 threads) owning kBlockM = 64
-// flattened (token, head of the group) rows, the M of one wgmma:
+// mma.sync. A CTA is two warpgroups (8 warps) owning kBlockM = 128 flattened
+// (token, head of the group) rows, 64 per warpgroup (the M of one wgmma):
 //   S = Q K^T   wgmma m64n64k16, both operands from smem (K-major, 128-byte swizzle)
 //   O += P V    wgmma m64n{Dv}k16, P from registers, V^T from smem (MN-major)
 // The KV schedules, the masks, the online softmax and the epilogue are the SM80
@@ -30,7 +30,12 @@ namespace nsa::cuda {
 #define NSA_SM90_KERNEL_BODY 0
 #endif
 
-template <int kDk_, int kDv_, class Element_>
+// kWarpgroups warpgroups of 64 rows each share every K/V tile: with two (the
+// default, 128 rows as FlashAttention's Hopper and Ampere forwards use) each tile
+// loaded from L2 serves twice the rows of the SM80 kernels' 64, which halves the
+// K/V traffic of the compressed branch (at 64k on the paper shape about 84 GB of
+// tile loads with 64 rows).
+template <int kDk_, int kDv_, class Element_, int kWarpgroups_ = 2>
 struct AttnTraitsSm90 {
   using Element = Element_;
   static constexpr int kDk = kDk_;
@@ -38,18 +43,22 @@ struct AttnTraitsSm90 {
   static_assert(kDk % 64 == 0 && kDv % 64 == 0 && kDv <= 128, "head dims: multiples of 64, Dv <= 128");
   static_assert(kDv <= kDk, "sO reuses sQ");
 
-  static constexpr int kWarps = 4;  // one warpgroup
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kWarps = 4 * kWarpgroups;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = 64 * kWarpgroups;  // warpgroup w owns rows 64w .. 64w + 63
   static constexpr int kBlockN = 64;
 
+  using WarpgroupLayout = cute::Layout<cute::Shape<cute::Int<kWarpgroups>, cute::_1, cute::_1>>;
   using TiledMmaS = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kBlockN>, cute::Int<kDk>>>()));
+                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kDk>>>(),
+      WarpgroupLayout{}));
   using TiledMmaO = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float,
-                                 cute::Shape<cute::Int<kBlockM>, cute::Int<kDv>, cute::Int<kBlockN>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+                                 cute::Shape<cute::_64, cute::Int<kDv>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      WarpgroupLayout{}));
 
   // 8 rows x 64 elements (128 bytes) with the 128-byte swizzle: the same bytes as
   // the SM80 kernels' Swizzle<3,3,3> atom, spelled so that make_gmma_desc reads it.

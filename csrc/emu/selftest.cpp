@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
 template <class Element>
 void run_gemm_selftest_sm90(const void* a, const void* b, float* nt, float* pv) {
-  using Traits = AttnTraitsSm90<64, 64, Element>;
+  using Traits = AttnTraitsSm90<64, 64, Element, /*kWarpgroups=*/1>;
   NSA_LAUNCH(1, Traits::kThreads, Traits::kSmemQ + Traits::kSmemK, nullptr,
              gemm_selftest_sm90_kernel<Traits>)(static_cast<const Element*>(a),
                                                 static_cast<const Element*>(b), nt, pv);
