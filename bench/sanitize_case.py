@@ -43,12 +43,12 @@ def run(dk, dv, G, dtype, lengths=None):
     o_w, lse_w = OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
     if torch.cuda.get_device_capability() == (9, 0):
         # The calls above ran the wgmma compressed and window kernels; these, mma.sync.
-        os.environ["NSA_FWD_MAINLOOP"] = "sm80"
+        os.environ["NSA_MAINLOOP"] = "sm80"
         try:
             OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
             OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
         finally:
-            del os.environ["NSA_FWD_MAINLOOP"]
+            del os.environ["NSA_MAINLOOP"]
     # Backward of each branch (dlse given once) and of mean_compress.
     do = torch.randn_like(o_c)
     dlse = torch.randn_like(lse_c) * torch.isfinite(lse_c)

@@ -396,17 +396,17 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     def combine(i):
         return nsa_cuda.gate_combine(pre[i]["o"], sets[i]["g"])
 
-    def on_mainloop(mode, fn):  # NSA_FWD_MAINLOOP for the call (read by each launch)
+    def on_mainloop(mode, fn):  # NSA_MAINLOOP for the call (read by each launch)
         def call(i):
-            old = os.environ.get("NSA_FWD_MAINLOOP")
-            os.environ["NSA_FWD_MAINLOOP"] = mode
+            old = os.environ.get("NSA_MAINLOOP")
+            os.environ["NSA_MAINLOOP"] = mode
             try:
                 return fn(i)
             finally:
                 if old is None:
-                    os.environ.pop("NSA_FWD_MAINLOOP", None)
+                    os.environ.pop("NSA_MAINLOOP", None)
                 else:
-                    os.environ["NSA_FWD_MAINLOOP"] = old
+                    os.environ["NSA_MAINLOOP"] = old
         return call
 
     def combine_torch(i):  # the five elementwise ops it replaces, for comparison
@@ -441,9 +441,9 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
-        # The rows above run the wgmma kernels here (NSA_FWD_MAINLOOP=auto); these,
+        # The rows above run the wgmma kernels here (NSA_MAINLOOP=auto); these,
         # the mma.sync ones the sm_80 build runs, on the same inputs.
-        snote = bnote + "; forward forced onto the mma.sync kernel (NSA_FWD_MAINLOOP=sm80)"
+        snote = bnote + "; forward forced onto the mma.sync kernel (NSA_MAINLOOP=sm80)"
         with torch.no_grad():
             run.add(base, f"{op_prefix}.branch.compressed_sm80", "fwd", on_mainloop("sm80", cmp),
                     nsets=len(sets), flops=fl["fwd"]["compressed"], note=snote)

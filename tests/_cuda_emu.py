@@ -64,7 +64,7 @@ def build(verbose=False):
                "cuda/arch_dispatch.cu"]
     for h, t in insts:
         wrapped += [f"cuda/instantiations/attn_fwd_hdim{h}x{DV[h]}_{t}.cu",
-                    f"cuda/instantiations/attn_fwd_sm90_hdim{h}x{DV[h]}_{t}.cu",
+                    f"cuda/instantiations/attn_sm90_hdim{h}x{DV[h]}_{t}.cu",
                     f"cuda/instantiations/attn_bwd_hdim{h}x{DV[h]}_{t}.cu",
                     f"cuda/instantiations/select_hdim{h}_{t}.cu",
                     f"cuda/instantiations/decode_hdim{h}x{DV[h]}_{t}.cu"]

@@ -140,22 +140,22 @@ def test_emulator_catches_hazards(emu):
 
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
-    """The compressed and window forward kernels: wgmma (the emulated device is an
-    H100, so "auto" picks them) and mma.sync."""
-    monkeypatch.setenv("NSA_FWD_MAINLOOP", request.param)
+    """The compressed and window forward and dq kernels: wgmma (the emulated device
+    is an H100, so "auto" picks them; dq for Dk <= 128) and mma.sync."""
+    monkeypatch.setenv("NSA_MAINLOOP", request.param)
     return request.param
 
 
 def test_fwd_mainloop_setting(emu, monkeypatch):
-    """NSA_FWD_MAINLOOP: a bad value and sm90 for the selected branch (no wgmma
+    """NSA_MAINLOOP: a bad value and sm90 for the selected branch (no wgmma
     kernel: it stays on mma.sync) are answered clearly or ignored as documented."""
     dk, dv, dtype = DIMS[0]
     q = torch.rand(1, 8, 2, dk).to(dtype)
     kv = torch.rand(1, 8, 1, dk).to(dtype)
-    monkeypatch.setenv("NSA_FWD_MAINLOOP", "wgmma")
-    with pytest.raises(RuntimeError, match="NSA_FWD_MAINLOOP must be auto, sm80 or sm90"):
+    monkeypatch.setenv("NSA_MAINLOOP", "wgmma")
+    with pytest.raises(RuntimeError, match="NSA_MAINLOOP must be auto, sm80 or sm90"):
         emu.window_attn_fwd(q, kv, kv[..., :dv].contiguous(), None, 8, 4, 0.125)
-    monkeypatch.setenv("NSA_FWD_MAINLOOP", "sm90")
+    monkeypatch.setenv("NSA_MAINLOOP", "sm90")
     bi = torch.zeros(1, 8, 1, 1, dtype=torch.int32)
     o, _ = emu.selected_attn_fwd(q, kv, kv[..., :dv].contiguous(), bi, None, 8, 16, 0.125)
     assert not torch.isnan(o).any()
@@ -337,7 +337,7 @@ def B(F):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G", [(1, 4), (17, 16), (70, 1), (150, 2)])
-def test_compressed_bwd(B, dims, T, G):
+def test_compressed_bwd(B, dims, T, G, mainloop):
     q, k, v = B.qkv(2, T, 2, G, *dims)
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
 
@@ -353,12 +353,12 @@ def test_selected_bwd(B, dims, T, G, lp, n):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,w", [(1, 2, 512), (17, 16, 8), (70, 1, 64), (150, 4, 65)])
-def test_window_bwd(B, dims, T, G, w):
+def test_window_bwd(B, dims, T, G, w, mainloop):
     q, k, v = B.qkv(2, T, 2, G, *dims)
     B.check_window_bwd(q, k, v, w)
 
 
-def test_bwd_varlen(B):
+def test_bwd_varlen(B, mainloop):
     lengths = [1, 17, 150, 64, 33]
     cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
     q, k, v = B.qkv(1, total, 2, 2, *DIMS[0])
@@ -369,7 +369,7 @@ def test_bwd_varlen(B):
 
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
-def test_bwd_added_grads(B, dims):
+def test_bwd_added_grads(B, dims, mainloop):
     """The backward kernels add dq_in, dk_in, dv_in in their epilogue (and copy them
     on varlen padding rows): bitwise the gradients plus the inputs."""
     q, k, v = B.qkv(2, 150, 2, 4, *dims)
@@ -378,7 +378,7 @@ def test_bwd_added_grads(B, dims):
 
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
-def test_bwd_given_delta(B, dims):
+def test_bwd_given_delta(B, dims, mainloop):
     """Given delta (what sparse_attn's gate kernel hands over), the backward kernels
     skip their delta pass and use it, dlse subtracted: against the CPU op."""
     q, k, v = B.qkv(1, 130, 2, 2, *dims)
@@ -393,7 +393,7 @@ def test_bwd_given_delta_varlen(B):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("given", [True, False], ids=["given_delta", "own_delta"])
-def test_bwd_dout_scale(B, dims, given):
+def test_bwd_dout_scale(B, dims, given, mainloop):
     """dout_scale (sparse_attn's backward: one d o, scaled by each branch's gate in the
     kernels): with the delta given and with the kernels' own delta pass."""
     q, k, v = B.qkv(1, 130, 2, 2, *dims)
@@ -406,12 +406,12 @@ def test_bwd_dout_scale_varlen(B):
     B.check_given_delta(*args, 32, 16, **kw, scaled=True)
 
 
-def test_bwd_added_grads_varlen_padding(B):
+def test_bwd_added_grads_varlen_padding(B, mainloop):
     args, kw = B.varlen_inputs(*DIMS[0], padding=7)
     B.check_added_grads(*args, 32, 16, **kw)
 
 
-def test_bwd_padding_rows_written(B, emu):
+def test_bwd_padding_rows_written(B, emu, mainloop):
     """Varlen with padding rows past cu_seqlens[-1]: every gradient element is
     written (the outputs are NaN-poisoned before each launch)."""
     lengths = [5, 70, 40]

@@ -31,33 +31,33 @@ PAPER = dict(l=32, d=16, lp=64, n=16, n_init=1, n_local=2, w=512)
 
 def _sm90_forward_unavailable():
     """None when this device and build run the wgmma forward (compressed and window
-    branches, NSA_FWD_MAINLOOP=sm90), else the library's reason."""
+    branches, NSA_MAINLOOP=sm90), else the library's reason."""
     if not hasattr(_sm90_forward_unavailable, "reason"):
-        old = os.environ.get("NSA_FWD_MAINLOOP")
-        os.environ["NSA_FWD_MAINLOOP"] = "sm90"
+        old = os.environ.get("NSA_MAINLOOP")
+        os.environ["NSA_MAINLOOP"] = "sm90"
         try:
             x = torch.rand(1, 4, 1, 64, device=DEV, dtype=torch.float16)
             OPS.window_attn_fwd(x, x, x, None, 4, 4, 0.125)
             _sm90_forward_unavailable.reason = None
         except RuntimeError as e:
-            if "NSA_FWD_MAINLOOP=sm90" not in str(e):
+            if "NSA_MAINLOOP=sm90" not in str(e):
                 raise
             _sm90_forward_unavailable.reason = str(e)
         finally:
             if old is None:
-                os.environ.pop("NSA_FWD_MAINLOOP")
+                os.environ.pop("NSA_MAINLOOP")
             else:
-                os.environ["NSA_FWD_MAINLOOP"] = old
+                os.environ["NSA_MAINLOOP"] = old
     return _sm90_forward_unavailable.reason
 
 
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
     """The compressed and window forward kernels: wgmma on an H100/H200 (what "auto"
-    picks there), and mma.sync (every GPU; forced on sm_90 with NSA_FWD_MAINLOOP)."""
+    picks there), and mma.sync (every GPU; forced on sm_90 with NSA_MAINLOOP)."""
     if request.param == "sm90" and _sm90_forward_unavailable():
         pytest.skip(_sm90_forward_unavailable())
-    monkeypatch.setenv("NSA_FWD_MAINLOOP", request.param)
+    monkeypatch.setenv("NSA_MAINLOOP", request.param)
     return request.param
 
 
@@ -630,7 +630,7 @@ def test_select_blocks_128k():
 @pytest.mark.parametrize("T,fwd_mainloop", [(8192, "auto"), (32768, "auto"), (8192, "sm80")])
 def test_long_paper_settings(T, fwd_mainloop, monkeypatch):
     """auto: the wgmma compressed and window kernels on an H100/H200; sm80: mma.sync."""
-    monkeypatch.setenv("NSA_FWD_MAINLOOP", fwd_mainloop)
+    monkeypatch.setenv("NSA_MAINLOOP", fwd_mainloop)
     P = PAPER
     B, Hkv, G, dk, dv, dtype = 1, 1, 2, 192, 128, torch.bfloat16
     q = rand(B, T, Hkv * G, dk, dtype=dtype)

@@ -35,11 +35,11 @@ int current_device_sm() {
 
 }  // namespace
 
-bool use_sm90_forward(Branch branch) {
-  const char* env = std::getenv("NSA_FWD_MAINLOOP");
+bool use_sm90_kernels(Branch branch) {
+  const char* env = std::getenv("NSA_MAINLOOP");
   const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
   if (mode != "auto" && mode != "sm80" && mode != "sm90")
-    throw std::runtime_error("NSA_FWD_MAINLOOP must be auto, sm80 or sm90, got '" + mode + "'");
+    throw std::runtime_error("NSA_MAINLOOP must be auto, sm80 or sm90, got '" + mode + "'");
   if (mode == "sm80" || branch == Branch::kSelected) return false;
 #ifdef NSA_SM90A_BUILT
   const bool built = true;
@@ -50,7 +50,7 @@ bool use_sm90_forward(Branch branch) {
   const bool can = built && current_device_sm() == 90;
   if (mode == "sm90" && !can)
     throw std::runtime_error(
-        std::string("NSA_FWD_MAINLOOP=sm90: the wgmma forward needs ") +
+        std::string("NSA_MAINLOOP=sm90: the wgmma kernels need ") +
         (built ? "a compute capability 9.0 device (H100/H200), this one is sm_" +
                      std::to_string(current_device_sm())
                : "a build with sm_90a in NSA_CUDA_ARCHS"));

@@ -563,9 +563,12 @@ inline void check_grid(int64_t x, const AttnBwdParams& p, int64_t z, const char*
     throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
 }
 
+// The dq launch of another kernel family (the Hopper one), or nullptr.
+using DqLauncher = void (*)(const AttnBwdParams&, const AttnBwdWorkspace&, cudaStream_t);
+
 template <class Traits, class Schedule, class QSchedule>
 void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
-                     const char* what) {
+                     const char* what, DqLauncher dq_launcher = nullptr) {
   using Element = typename Traits::Element;
   if (p.num_heads_kv == 0 || p.num_seqs == 0 || p.seqlen == 0) return;
   // Varlen: one more z slice zeroes the padding rows owned by no sequence.
@@ -580,14 +583,18 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
     check_launch(what);
   }
 
-  const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
-  check_grid(m_blocks, p, z, what);
-  const int smem_dq = Traits::kSmemStreamTiles + Schedule::smem_bytes(p);
-  auto dq_kernel = attn_bwd_dq_kernel<Traits, Schedule>;
-  set_smem_limit(dq_kernel, smem_dq, what);
-  NSA_LAUNCH(dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
-             smem_dq, stream, dq_kernel)(p, ws);
-  check_launch(what);
+  if (dq_launcher != nullptr) {
+    dq_launcher(p, ws, stream);
+  } else {
+    const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
+    check_grid(m_blocks, p, z, what);
+    const int smem_dq = Traits::kSmemStreamTiles + Schedule::smem_bytes(p);
+    auto dq_kernel = attn_bwd_dq_kernel<Traits, Schedule>;
+    set_smem_limit(dq_kernel, smem_dq, what);
+    NSA_LAUNCH(dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
+               smem_dq, stream, dq_kernel)(p, ws);
+    check_launch(what);
+  }
 
   int64_t n_blocks = QSchedule::key_tiles(p);
   // No key tile (no complete compressed block): varlen still zeroes the padding rows.
@@ -607,10 +614,17 @@ void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream
   using Traits = AttnBwdTraits<kDk, kDv, typename ElementOf<kDType>::type>;
   constexpr int kN = Traits::kBlockN;  // keys per dk/dv CTA
   constexpr int kS = Traits::kBlockS;  // keys per dq KV tile
+  DqLauncher dq_sm90 = nullptr;
+#ifdef NSA_SM90A_BUILT
+  // Not for Dk = 192: its 64 x 192 fp32 dQ accumulator with the S / dP tiles spills
+  // there (255 registers, 0.25 KB of spills); that dq stays on mma.sync.
+  if constexpr (kDk <= 128)
+    if (use_sm90_kernels(p.branch)) dq_sm90 = &run_attn_bwd_dq_sm90<kDk, kDv, kDType>;
+#endif
   switch (p.branch) {
     case Branch::kCompressed:
       launch_attn_bwd<Traits, CompressedSchedule<kS>, CompressedQuerySchedule<kN>>(
-          p, ws, stream, "compressed_attn_bwd");
+          p, ws, stream, "compressed_attn_bwd", dq_sm90);
       break;
     case Branch::kSelected:
       launch_attn_bwd<Traits, SelectedSchedule<Traits::kBlockM, kS, Traits::kThreads>,
@@ -618,7 +632,7 @@ void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream
       break;
     case Branch::kWindow:
       launch_attn_bwd<Traits, WindowSchedule<kS>, WindowQuerySchedule<kN>>(p, ws, stream,
-                                                                          "window_attn_bwd");
+                                                                          "window_attn_bwd", dq_sm90);
       break;
   }
 }

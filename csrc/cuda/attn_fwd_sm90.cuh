@@ -35,7 +35,7 @@ namespace nsa::cuda {
 // loaded from L2 serves twice the rows of the SM80 kernels' 64, which halves the
 // K/V traffic of the compressed branch (at 64k on the paper shape about 84 GB of
 // tile loads with 64 rows).
-template <int kDk_, int kDv_, class Element_, int kWarpgroups_ = 2>
+template <int kDk_, int kDv_, class Element_, int kWarpgroups_ = 2, int kBlockN_ = 64>
 struct AttnTraitsSm90 {
   using Element = Element_;
   static constexpr int kDk = kDk_;
@@ -47,7 +47,7 @@ struct AttnTraitsSm90 {
   static constexpr int kWarps = 4 * kWarpgroups;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kBlockM = 64 * kWarpgroups;  // warpgroup w owns rows 64w .. 64w + 63
-  static constexpr int kBlockN = 64;
+  static constexpr int kBlockN = kBlockN_;  // keys per KV tile
 
   using WarpgroupLayout = cute::Layout<cute::Shape<cute::Int<kWarpgroups>, cute::_1, cute::_1>>;
   using TiledMmaS = decltype(cute::make_tiled_mma(
@@ -74,7 +74,8 @@ struct AttnTraitsSm90 {
   static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
   static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
   static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
-  static_assert(kSmemQ % 1024 == 0 && kSmemK % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+  static_assert(kSmemQ % 1024 == 0 && kSmemK % 1024 == 0 && kSmemV % 1024 == 0,
+                "swizzle atoms stay 1024-byte aligned");
   static constexpr int kSmemAttn = kSmemQ + kSmemK + kSmemV;  // sO reuses sQ
 };
 

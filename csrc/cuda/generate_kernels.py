@@ -21,11 +21,15 @@ template void run_attn_fwd<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaSt
 }}  // namespace nsa::cuda
 """
 
-ATTN_SM90 = HEADER + """#include "cuda/attn_fwd_sm90.cuh"
+ATTN_SM90 = HEADER + """#include "cuda/attn_bwd_sm90.cuh"
 
 namespace nsa::cuda {{
 template void run_attn_fwd_sm90<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaStream_t);
-}}  // namespace nsa::cuda
+{dq}}}  // namespace nsa::cuda
+"""
+# The Hopper dq kernel serves Dk <= 128 (attn_bwd.cuh: run_attn_bwd).
+ATTN_SM90_DQ = """template void run_attn_bwd_dq_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
+                                                         const AttnBwdWorkspace&, cudaStream_t);
 """
 
 ATTN_BWD = HEADER + """#include "cuda/attn_bwd.cuh"
@@ -60,7 +64,8 @@ def files():
     for dk, dv in HEAD_DIMS:
         for name, dt in DTYPES.items():
             out[f"attn_fwd_hdim{dk}x{dv}_{name}.cu"] = ATTN.format(dk=dk, dv=dv, dt=dt)
-            out[f"attn_fwd_sm90_hdim{dk}x{dv}_{name}.cu"] = ATTN_SM90.format(dk=dk, dv=dv, dt=dt)
+            out[f"attn_sm90_hdim{dk}x{dv}_{name}.cu"] = ATTN_SM90.format(
+                dk=dk, dv=dv, dt=dt, dq=ATTN_SM90_DQ.format(dk=dk, dv=dv, dt=dt) if dk <= 128 else "")
             out[f"attn_bwd_hdim{dk}x{dv}_{name}.cu"] = ATTN_BWD.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)
             out[f"decode_hdim{dk}x{dv}_{name}.cu"] = DECODE.format(dk=dk, dv=dv, dt=dt)

@@ -19,16 +19,23 @@ void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
 // The Hopper forward of the compressed and window branches (attn_fwd_sm90.cuh,
 // wgmma). Instantiations in csrc/cuda/instantiations/attn_fwd_sm90_hdim*.cu, built
 // when the arch list holds sm_90a (NSA_SM90A_BUILT). run_attn_fwd calls it when
-// use_sm90_forward says so.
+// use_sm90_kernels says so.
 template <int kDk, int kDv, DType kDType>
 void run_attn_fwd_sm90(const AttnFwdParams& params, cudaStream_t stream);
 
-// Whether run_attn_fwd takes the wgmma kernel for `branch` (arch_dispatch.cu): the
-// compressed and window branches on a compute capability 9.0 device when this build
-// has sm_90a code. NSA_FWD_MAINLOOP (read at each call) overrides: "sm80" keeps the
-// mma.sync kernels everywhere, "sm90" asks for wgmma and throws where it cannot run;
-// "auto" or unset is the rule above. The selected branch always runs mma.sync.
-bool use_sm90_forward(Branch branch);
+// Whether run_attn_fwd and run_attn_bwd take the wgmma kernels for `branch`
+// (arch_dispatch.cu): the compressed and window forward and dq on a compute
+// capability 9.0 device when this build has sm_90a code. NSA_MAINLOOP (read at each
+// call) overrides: "sm80" keeps the mma.sync kernels everywhere, "sm90" asks for
+// wgmma and throws where it cannot run; "auto" or unset is the rule above. The
+// selected branch, the dk/dv kernels and the decode always run mma.sync.
+bool use_sm90_kernels(Branch branch);
+
+// The Hopper dq kernel of the compressed and window backward (attn_bwd_sm90.cuh);
+// instantiated next to run_attn_fwd_sm90.
+struct AttnBwdWorkspace;
+template <int kDk, int kDv, DType kDType>
+void run_attn_bwd_dq_sm90(const AttnBwdParams& params, const AttnBwdWorkspace& ws, cudaStream_t stream);
 
 // Block selection (scores from q.k_cmp and lse_cmp, top-n per kv head).
 // Instantiations in csrc/cuda/instantiations/select_hdim*.cu.

@@ -112,7 +112,7 @@ struct Fiber {
 struct WgmmaLane {
   uint64_t desc_a = 0, desc_b = 0;  // desc_a unused when A comes from registers
   uint32_t a[4] = {0, 0, 0, 0};
-  float* d[64] = {};  // n / 2 accumulators (n <= 128)
+  float* d[96] = {};  // n / 2 accumulators (n <= 192)
   int n = 0, group = 0, scale_d = 1;
   bool a_regs = false, bf16 = false, a_mn = false, b_mn = false;
 };

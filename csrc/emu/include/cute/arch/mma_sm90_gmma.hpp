@@ -1,11 +1,14 @@
 // Emulator shadow of CuTe's SM90 GMMA header (see mma_sm80.hpp here): the real
 // header is included with the warpgroup primitives and the wgmma atoms the kernels
-// use renamed; the emulated ones take their names, so CUTLASS's MMA_Traits (the
+// use renamed (m64n{64,128}k16 SS and RS, m64n32k16 SS, m64n192k16 RS; f16 and bf16 with f32
+// accumulators); the emulated ones take their names, so CUTLASS's MMA_Traits (the
 // layouts) and make_gmma_desc (the descriptors) apply to them unchanged.
 #pragma once
 #define warpgroup_arrive warpgroup_arrive_hardware
 #define warpgroup_wait warpgroup_wait_hardware
 #define warpgroup_commit_batch warpgroup_commit_batch_hardware
+#define MMA_64x32x16_F32F16F16_SS MMA_64x32x16_F32F16F16_SS_hardware
+#define MMA_64x32x16_F32BF16BF16_SS MMA_64x32x16_F32BF16BF16_SS_hardware
 #define MMA_64x64x16_F32F16F16_SS MMA_64x64x16_F32F16F16_SS_hardware
 #define MMA_64x64x16_F32F16F16_RS MMA_64x64x16_F32F16F16_RS_hardware
 #define MMA_64x128x16_F32F16F16_SS MMA_64x128x16_F32F16F16_SS_hardware
@@ -14,10 +17,14 @@
 #define MMA_64x64x16_F32BF16BF16_RS MMA_64x64x16_F32BF16BF16_RS_hardware
 #define MMA_64x128x16_F32BF16BF16_SS MMA_64x128x16_F32BF16BF16_SS_hardware
 #define MMA_64x128x16_F32BF16BF16_RS MMA_64x128x16_F32BF16BF16_RS_hardware
+#define MMA_64x192x16_F32F16F16_RS MMA_64x192x16_F32F16F16_RS_hardware
+#define MMA_64x192x16_F32BF16BF16_RS MMA_64x192x16_F32BF16BF16_RS_hardware
 #include_next <cute/arch/mma_sm90_gmma.hpp>
 #undef warpgroup_arrive
 #undef warpgroup_wait
 #undef warpgroup_commit_batch
+#undef MMA_64x32x16_F32F16F16_SS
+#undef MMA_64x32x16_F32BF16BF16_SS
 #undef MMA_64x64x16_F32F16F16_SS
 #undef MMA_64x64x16_F32F16F16_RS
 #undef MMA_64x128x16_F32F16F16_SS
@@ -26,6 +33,8 @@
 #undef MMA_64x64x16_F32BF16BF16_RS
 #undef MMA_64x128x16_F32BF16BF16_SS
 #undef MMA_64x128x16_F32BF16BF16_RS
+#undef MMA_64x192x16_F32F16F16_RS
+#undef MMA_64x192x16_F32BF16BF16_RS
 #include "emu/runtime.h"
 
 namespace cute {
@@ -66,7 +75,7 @@ template <int kN, bool kBf16, GMMA::Major tnspA, GMMA::Major tnspB,
 struct NsaEmuGmmaSS;
 template <int kN, bool kBf16, GMMA::Major tnspA, GMMA::Major tnspB, size_t... I>
 struct NsaEmuGmmaSS<kN, kBf16, tnspA, tnspB, std::index_sequence<I...>> {
-  static_assert(kN <= 128);
+  static_assert(kN <= 192);
   using DRegisters = void;
   using ARegisters = uint64_t[1];
   using BRegisters = uint64_t[1];
@@ -86,7 +95,7 @@ template <int kN, bool kBf16, GMMA::Major tnspA, GMMA::Major tnspB,
 struct NsaEmuGmmaRS;
 template <int kN, bool kBf16, GMMA::Major tnspA, GMMA::Major tnspB, size_t... I>
 struct NsaEmuGmmaRS<kN, kBf16, tnspA, tnspB, std::index_sequence<I...>> {
-  static_assert(kN <= 128);
+  static_assert(kN <= 192);
   static_assert(tnspA == GMMA::Major::K, "Register source operand A must have K major layout.");
   using DRegisters = void;
   using ARegisters = uint32_t[4];
@@ -110,6 +119,8 @@ struct NsaEmuGmmaRS<kN, kBf16, tnspA, tnspB, std::index_sequence<I...>> {
     static_assert(scaleA == GMMA::ScaleIn::One && scaleB == GMMA::ScaleIn::One,            \
                   "the emulator models unscaled operands only");                           \
   };
+NSA_EMU_GMMA(MMA_64x32x16_F32F16F16_SS, 32, false, SS)
+NSA_EMU_GMMA(MMA_64x32x16_F32BF16BF16_SS, 32, true, SS)
 NSA_EMU_GMMA(MMA_64x64x16_F32F16F16_SS, 64, false, SS)
 NSA_EMU_GMMA(MMA_64x64x16_F32F16F16_RS, 64, false, RS)
 NSA_EMU_GMMA(MMA_64x128x16_F32F16F16_SS, 128, false, SS)
@@ -118,6 +129,8 @@ NSA_EMU_GMMA(MMA_64x64x16_F32BF16BF16_SS, 64, true, SS)
 NSA_EMU_GMMA(MMA_64x64x16_F32BF16BF16_RS, 64, true, RS)
 NSA_EMU_GMMA(MMA_64x128x16_F32BF16BF16_SS, 128, true, SS)
 NSA_EMU_GMMA(MMA_64x128x16_F32BF16BF16_RS, 128, true, RS)
+NSA_EMU_GMMA(MMA_64x192x16_F32F16F16_RS, 192, false, RS)
+NSA_EMU_GMMA(MMA_64x192x16_F32BF16BF16_RS, 192, true, RS)
 #undef NSA_EMU_GMMA
 
 }  // namespace SM90::GMMA

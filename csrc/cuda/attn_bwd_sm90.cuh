@@ -1,0 +1,267 @@
+// The Hopper (sm_90a) dq kernel of the compressed and window backward: the query-side
+// loop of attn_bwd.cuh's attn_bwd_dq_kernel with warpgroup MMAs, on the forward's
+// Hopper tiling (attn_fwd_sm90.cuh: two warpgroups, 128 rows; 64 keys per tile, 32
+// for Dk >= 128):
+//   S  = Q K^T     wgmma SS (Q, K K-major)
+//   dP = dO V^T    wgmma SS (dO, V K-major), issued in the same group as S
+//   dQ += dS K     wgmma RS (dS from registers, K^T MN-major), N = Dk
+// K and V tiles are double-buffered (the next tile's cp.async under this tile's
+// GEMMs). The dk/dv kernel and the selected branch stay on mma.sync.
+#pragma once
+
+#include "cuda/attn_bwd.cuh"
+#include "cuda/attn_fwd_sm90.cuh"
+
+namespace nsa::cuda {
+
+// A warpgroup keeps a 64 x Dk fp32 dQ accumulator next to the S and dP tiles: for
+// Dk >= 128 the KV tiles have 32 keys (as the SM80 dq kernel's) so that the S and
+// dP accumulators halve and nothing spills (hdim 192 with 64 keys: 255 registers and
+// 0.5 KB of spills).
+template <int kDk_, int kDv_, class Element_>
+struct AttnBwdDqTraitsSm90 : AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 128 ? 32 : 64)> {
+  using Base = AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 128 ? 32 : 64)>;
+  using typename Base::Element;
+  using typename Base::WarpgroupLayout;
+  using Base::kBlockM;
+  using Base::kBlockN;
+  using Base::kDk;
+  using Base::kDv;
+  // dQ += dS K: N = Dk (up to 192), K^T through a transposed view of sK.
+  using TiledMmaDq = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kDk>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      WarpgroupLayout{}));
+  using SmemLayoutKt = decltype(cute::composition(
+      typename Base::SmemLayoutK{},
+      cute::make_layout(cute::Shape<cute::Int<kDk>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
+  using SmemLayoutDo = typename Base::SmemLayoutO;  // kBlockM x Dv
+
+  // Smem: Q and dO (kBlockM rows), then two stages of (K, V) tiles.
+  static constexpr int kSmemDo = kBlockM * kDv * int(sizeof(Element));
+  static constexpr int kSmemStage = Base::kSmemK + Base::kSmemV;
+  static_assert(kSmemDo % 1024 == 0 && kSmemStage % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+  static constexpr int kSmemTiles = Base::kSmemQ + kSmemDo + 2 * kSmemStage;
+};
+
+template <class Traits, class Schedule>
+__global__ void __launch_bounds__(Traits::kThreads)
+    attn_bwd_dq_sm90_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
+#if NSA_SM90_KERNEL_BODY
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+
+  extern __shared__ __align__(1024) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  const int64_t G = p.group;
+  Element* dq = static_cast<Element*>(p.dq);
+
+  if (blockIdx.z == p.num_seqs) {  // varlen: dq rows past the last sequence
+    zero_rows<kDk>(dq, static_cast<const Element*>(p.dq_in), p.dq_row_stride, p.dq_head_stride,
+                   p.cu_seqlens[p.num_seqs], ws.q_rows, hkv * G, (hkv + 1) * G);
+    return;
+  }
+  const SeqInfo si = Schedule::seq(p, blockIdx.z);
+  const int64_t rows_total = si.len * G;
+  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
+  if (f0 >= rows_total) return;
+  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
+  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Element* smem_do = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
+  char* smem_stage0 = smem + Traits::kSmemQ + Traits::kSmemDo;
+  auto stage_k = [&](int s) { return reinterpret_cast<Element*>(smem_stage0 + s * Traits::kSmemStage); };
+  auto stage_v = [&](int s) {
+    return reinterpret_cast<Element*>(smem_stage0 + s * Traits::kSmemStage + Traits::kSmemK);
+  };
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(smem_do), typename Traits::SmemLayoutDo{});
+  char* smem_schedule = smem + Traits::kSmemTiles;
+
+  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+  const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
+  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+
+  auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
+    return [=](int r) -> const Element* {
+      const int64_t f = f0 + r;
+      if (f > f_last) return nullptr;
+      return base + (si.row0 + f / G) * row_stride + (hkv * G + f % G) * head_stride;
+    };
+  };
+  load_rows_async<kBlockM, kDk, kThreads>(sQ, query_row(q, p.q_row_stride, p.q_head_stride),
+                                          static_cast<const Element*>(p.q), tid);
+  load_rows_async<kBlockM, kDv, kThreads>(sdO, query_row(dout, p.do_row_stride, p.do_head_stride),
+                                          static_cast<const Element*>(p.dout), tid);
+  cute::cp_async_fence();
+
+  Schedule sched;
+  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  const int64_t key_row0 = sched.key_row0();
+
+  typename Traits::TiledMmaS mma_s;  // S and dP: both 64 x kBlockN tiles, K-major operands
+  typename Traits::TiledMmaDq mma_dq;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tdPrdO = thr_s.partition_fragment_A(sdO);
+  // The stages' operand descriptors (the stage is a compile-time constant below).
+  auto k_operands = [&](auto stage) {
+    constexpr int s = decltype(stage)::value;
+    Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
+    Tensor sKt = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutKt{});
+    return cute::make_tuple(thr_s.partition_fragment_B(sK), thr_s.partition_fragment_B(sV),
+                            thr_dq.partition_fragment_B(sKt));
+  };
+  Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kDk>>{});
+  clear(acc_dq);
+
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tScS = thr_s.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), gmma_acc_rowcol(tScS.layout()));
+  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
+  int64_t row_t[kRows];
+  bool row_ok[kRows];
+  float row_lse2[kRows], row_delta[kRows], row_scale[kRows];
+  const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
+  const float* delta = ws.delta + si.batch * p.lse_batch_stride;
+#pragma unroll
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
+    row_ok[mi] = f <= f_last;
+    row_t[mi] = f / G;
+    const int64_t h = hkv * G + f % G;
+    const int64_t idx = h * p.lse_head_stride + si.row0 + row_t[mi];
+    row_lse2[mi] = row_ok[mi] ? lse_log2(lse[idx]) : INFINITY;
+    row_delta[mi] = row_ok[mi] ? delta[idx] : 0.f;
+    row_scale[mi] = row_ok[mi] ? dout_scale(p, si.batch, si.row0 + row_t[mi], h) : 0.f;
+  }
+  const float scale_log2 = float(p.scale) * kLog2e;
+
+  auto load_kv = [&](auto stage, const KvTile& tile) {
+    constexpr int s = decltype(stage)::value;
+    auto row = [&](const Element* base, int64_t row_stride) {
+      return [=](int r) -> const Element* {
+        const int64_t key = tile.begin + r;
+        return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
+      };
+    };
+    Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
+    load_rows_async<kBlockN, kDk, kThreads>(sK, row(k, p.k_row_stride), k, tid);
+    load_rows_async<kBlockN, kDv, kThreads>(sV, row(v, p.v_row_stride), v, tid);
+  };
+
+  KvTile tile;
+  bool have = sched.next(tile);
+  auto run_tile = [&](auto stage) {
+    constexpr int kStage = decltype(stage)::value;
+    KvTile next_tile;
+    const bool have_next = sched.next(next_tile);
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();  // this stage's K, V (and Q, dO) landed; the other stage's GEMMs retired
+    if (have_next) load_kv(Int<1 - kStage>{}, next_tile);
+    cute::cp_async_fence();
+
+    auto [tSrK, tdPrV, tdQrKt] = k_operands(stage);
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+    // S and dP in one wgmma group: issued back to back, waited for once.
+    warpgroup_fence_operand(acc_s);
+    warpgroup_fence_operand(acc_dp);
+    warpgroup_arrive();
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb), acc_s);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
+#pragma unroll
+    for (int kb = 0; kb < size<2>(tdPrdO); ++kb) {
+      cute::gemm(mma_s, tdPrdO(_, _, kb), tdPrV(_, _, kb), acc_dp);
+      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_s);
+    warpgroup_fence_operand(acc_dp);
+
+    Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
+    Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
+    // Scale before masking, as the SM80 kernel does (any scale, 0 and negative too).
+#pragma unroll
+    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
+    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
+      return ElemInfo{true, row_lse2[mi], row_delta[mi], row_scale[mi]};
+    });
+    Tensor rdS = make_tensor<Element>(acc_dp.layout());
+    convert_fragment(acc_dp, rdS);
+    Tensor tdQrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
+    gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+    tile = next_tile;
+    have = have_next;
+  };
+  if (have) load_kv(_0{}, tile);
+  cute::cp_async_fence();
+  while (have) {
+    run_tile(_0{});
+    if (have) run_tile(_1{});
+  }
+
+#pragma unroll
+  for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
+  Element* dq_b = dq + si.batch * p.dq_batch_stride;
+  store_acc_rows<kBlockM, kDk, kThreads, Element>(acc_dq, sQ, thr_dq, tid, [&](int r) -> Element* {
+    const int64_t f = f0 + r;
+    if (f > f_last) return nullptr;
+    return dq_b + (si.row0 + f / G) * p.dq_row_stride + (hkv * G + f % G) * p.dq_head_stride;
+  }, added_row(dq, static_cast<const Element*>(p.dq_in)));
+#endif  // NSA_SM90_KERNEL_BODY
+}
+
+template <class Traits, class Schedule>
+void launch_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
+                             const char* what) {
+  if (p.num_heads_kv == 0 || p.num_seqs == 0 || p.seqlen == 0) return;
+  const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
+  const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
+  check_grid(m_blocks, p, z, what);
+  const int smem = Traits::kSmemTiles + Schedule::smem_bytes(p);
+  auto kernel = attn_bwd_dq_sm90_kernel<Traits, Schedule>;
+  set_smem_limit(kernel, smem, what);
+  NSA_LAUNCH(dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads, smem,
+             stream, kernel)(p, ws);
+  check_launch(what);
+}
+
+template <int kDk, int kDv, DType kDType>
+void run_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream) {
+  using Traits = AttnBwdDqTraitsSm90<kDk, kDv, typename ElementOf<kDType>::type>;
+  switch (p.branch) {
+    case Branch::kCompressed:
+      launch_attn_bwd_dq_sm90<Traits, CompressedSchedule<Traits::kBlockN>>(p, ws, stream,
+                                                                           "compressed_attn_bwd (sm90 dq)");
+      break;
+    case Branch::kWindow:
+      launch_attn_bwd_dq_sm90<Traits, WindowSchedule<Traits::kBlockN>>(p, ws, stream,
+                                                                       "window_attn_bwd (sm90 dq)");
+      break;
+    case Branch::kSelected:
+      throw std::runtime_error("nsa_cuda: selected_attn_bwd has no sm90 (wgmma) dq kernel");
+  }
+}
+
+}  // namespace nsa::cuda
