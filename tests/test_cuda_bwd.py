@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from test_cuda_fwd import (  # noqa: F401  (sets NSA_POISON_OUTPUTS=1 first)
-    DEV, DTYPES, GROUPS, HEAD_DIMS, OPS, PAPER, _id, assert_close, make_cu, rand,
+    DEV, DTYPES, GROUPS, HEAD_DIMS, OPS, PAPER, _id, assert_close, mainloop, make_cu, rand,
     random_block_indices)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -213,7 +213,7 @@ def test_given_delta_varlen():
 
 
 @pytest.mark.parametrize("given", [True, False], ids=["given_delta", "own_delta"])
-def test_dout_scale(given):
+def test_dout_scale(given, mainloop):
     """The branch backward scaling one d o by the branch's gate (sparse_attn's backward)."""
     q, k, v = qkv(1, 130, 2, 2, 64, 64, torch.bfloat16)
     bi = random_block_indices(1, 130, 2, 3, 32, seed=5)
@@ -225,13 +225,13 @@ def test_dout_scale_varlen():
     check_given_delta(*args, 32, 16, **kw, scaled=True)
 
 
-def test_added_grads():
+def test_added_grads(mainloop):
     q, k, v = qkv(2, 150, 2, 4, 128, 128, torch.bfloat16)
     bi = random_block_indices(2, 150, 2, 3, 32, seed=3)
     check_added_grads(q, k, v, *cmp_kv(k, v, 32, 16), bi, 32, 40)
 
 
-def test_added_grads_varlen_padding():
+def test_added_grads_varlen_padding(mainloop):
     args, kw = varlen_inputs(64, 64, torch.float16, padding=7)
     check_added_grads(*args, 32, 16, **kw)
 
@@ -241,7 +241,7 @@ def test_added_grads_varlen_padding():
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_compressed_bwd(dims, dtype, G):
+def test_compressed_bwd(dims, dtype, G, mainloop):
     q, k, v = qkv(2, 300, 2, G, *dims, dtype)
     check_compressed_bwd(q, *cmp_kv(k, v, 32, 16), 32, 16)
 
@@ -257,13 +257,13 @@ def test_selected_bwd(dims, dtype, G):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_window_bwd(dims, dtype, G):
+def test_window_bwd(dims, dtype, G, mainloop):
     q, k, v = qkv(2, 300, 2, G, *dims, dtype)
     check_window_bwd(q, k, v, 100)
 
 
 @pytest.mark.parametrize("T", [1, 20, 31, 32, 33, 47, 129, 1000])
-def test_compressed_bwd_lengths(T):
+def test_compressed_bwd_lengths(T, mainloop):
     q, k, v = qkv(1, T, 1, 4, 64, 64, torch.bfloat16)
     check_compressed_bwd(q, *cmp_kv(k, v, 32, 16), 32, 16)
 
@@ -277,13 +277,13 @@ def test_selected_bwd_lengths(T, lp, n):
 
 @pytest.mark.parametrize("T,w", [(1, 512), (20, 512), (300, 1), (300, 64), (300, 65),
                                  (1000, 512), (130, 129)])
-def test_window_bwd_lengths(T, w):
+def test_window_bwd_lengths(T, w, mainloop):
     q, k, v = qkv(1, T, 1, 2, 64, 64, torch.bfloat16)
     check_window_bwd(q, k, v, w)
 
 
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
-def test_bwd_varlen(dims):
+def test_bwd_varlen(dims, mainloop):
     lengths = [1, 17, 300, 64, 129]
     cu, total, ms = make_cu(lengths), sum(lengths), max(lengths)
     q, k, v = qkv(1, total, 2, 2, *dims, torch.float16)
@@ -388,7 +388,7 @@ def test_sparse_attn_compiled(backend):
 
 # --------------------------------------------------------------------------- determinism
 
-def test_bwd_bitwise_repeatable():
+def test_bwd_bitwise_repeatable(mainloop):
     B, T, Hkv, G, lp = 2, 700, 2, 4, 64
     q, k, v = qkv(B, T, Hkv, G, 128, 128, torch.bfloat16)
     kc, vc = cmp_kv(k, v, 32, 16)
@@ -411,7 +411,7 @@ def test_bwd_bitwise_repeatable():
                            b.view(torch.int16 if b.element_size() == 2 else torch.int32))
 
 
-def test_gradients_poisoned_before_launch():
+def test_gradients_poisoned_before_launch(mainloop):
     """The poison switch is on for this process: a gradient element a kernel did not
     write would be NaN; every element must be finite (zeros where nothing flows)."""
     import os
