@@ -16,6 +16,7 @@
 
 #include "cuda/attn_traits.cuh"
 #include "cuda/kv_schedule.cuh"
+#include "cuda/query_tile.cuh"
 #include "cuda/q_schedule.cuh"
 
 namespace nsa::cuda {
@@ -162,6 +163,63 @@ __device__ __forceinline__ auto added_row(const Element* out, const Element* in)
 }
 
 // --- 2. dq (query-side) -------------------------------------------------------
+// Shared by the SM80 dq kernel below and the Hopper one (attn_bwd_sm90.cuh).
+
+// Varlen: the z slice past the last sequence zeroes (or, with dq_in, copies) the dq
+// rows past cu_seqlens[-1] that no sequence owns; true when this CTA is that slice.
+template <int kDk, class Element>
+__device__ __forceinline__ bool dq_padding_rows(const AttnBwdParams& p, const AttnBwdWorkspace& ws) {
+  if (blockIdx.z != p.num_seqs) return false;
+  const int64_t hkv = blockIdx.y;
+  zero_rows<kDk>(static_cast<Element*>(p.dq), static_cast<const Element*>(p.dq_in), p.dq_row_stride,
+                 p.dq_head_stride, p.cu_seqlens[p.num_seqs], ws.q_rows, hkv * p.group,
+                 (hkv + 1) * p.group);
+  return true;
+}
+
+// Per accumulator row of this thread: its token and existence, lse in log2 units,
+// delta and dout scale (rows past the sequence: see nothing, scale 0).
+template <int kRows>
+struct DqRows {
+  int64_t t[kRows];
+  bool ok[kRows];
+  float lse2[kRows], delta[kRows], scale[kRows];
+
+  template <class Coords>
+  __device__ __forceinline__ DqRows(const AttnBwdParams& p, const AttnBwdWorkspace& ws,
+                                    const QueryTile& qt, const Coords& coords) {
+    using namespace cute;
+    tile_row_tokens(qt, coords, t, ok);
+    const float* lse = static_cast<const float*>(p.lse) + qt.si.batch * p.lse_batch_stride;
+    const float* dl = ws.delta + qt.si.batch * p.lse_batch_stride;
+#pragma unroll
+    for (int mi = 0; mi < kRows; ++mi) {
+      const int64_t f = qt.f0 + get<0>(coords(mi, 0));
+      const int64_t h = qt.hkv * qt.group + f % qt.group;
+      const int64_t idx = h * p.lse_head_stride + qt.si.row0 + t[mi];
+      lse2[mi] = ok[mi] ? lse_log2(lse[idx]) : INFINITY;
+      delta[mi] = ok[mi] ? dl[idx] : 0.f;
+      scale[mi] = ok[mi] ? dout_scale(p, qt.si.batch, qt.si.row0 + t[mi], h) : 0.f;
+    }
+  }
+  __device__ __forceinline__ ElemInfo info(int mi) const {
+    return ElemInfo{true, lse2[mi], delta[mi], scale[mi]};
+  }
+};
+
+// dq = scale * acc_dq (+ dq_in), written through the smem tile `s`.
+template <int kBlockM, int kDk, int kThreads, class Element, class Acc, class SmemTensor, class ThrMma>
+__device__ __forceinline__ void store_dq_rows(const AttnBwdParams& p, const QueryTile& qt, Acc& acc_dq,
+                                              SmemTensor& s, const ThrMma& thr_mma, int tid) {
+#pragma unroll
+  for (int i = 0; i < cute::size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
+  Element* dq = static_cast<Element*>(p.dq);
+  Element* dq_b = dq + qt.si.batch * p.dq_batch_stride;
+  store_acc_rows<kBlockM, kDk, kThreads, Element>(
+      acc_dq, s, thr_mma, tid, [&](int r) { return qt.row(dq_b, p.dq_row_stride, p.dq_head_stride, r); },
+      added_row(dq, static_cast<const Element*>(p.dq_in)));
+}
+
 template <class Traits, class Schedule>
 __global__ void __launch_bounds__(Traits::kThreads)
     attn_bwd_dq_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
@@ -176,20 +234,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(128) char smem[];
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
-  const int64_t G = p.group;
-  Element* dq = static_cast<Element*>(p.dq);
-
-  if (blockIdx.z == p.num_seqs) {  // varlen: dq rows past the last sequence
-    zero_rows<kDk>(dq, static_cast<const Element*>(p.dq_in), p.dq_row_stride, p.dq_head_stride,
-                   p.cu_seqlens[p.num_seqs], ws.q_rows, hkv * G, (hkv + 1) * G);
-    return;
-  }
-  const SeqInfo si = Schedule::seq(p, blockIdx.z);
-  const int64_t rows_total = si.len * G;
-  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
-  if (f0 >= rows_total) return;
-  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
-  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+  if (dq_padding_rows<kDk, Element>(p, ws)) return;
+  QueryTile qt;
+  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
+  const SeqInfo& si = qt.si;
 
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutO{});
@@ -205,21 +253,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
 
-  auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
-    return [=](int r) -> const Element* {
-      const int64_t f = f0 + r;
-      if (f > f_last) return nullptr;
-      return base + (si.row0 + f / G) * row_stride + (hkv * G + f % G) * head_stride;
-    };
-  };
-  load_rows_async<kBlockM, kDk, kThreads>(sQ, query_row(q, p.q_row_stride, p.q_head_stride),
-                                          static_cast<const Element*>(p.q), tid);
-  load_rows_async<kBlockM, kDv, kThreads>(sdO, query_row(dout, p.do_row_stride, p.do_head_stride),
-                                          static_cast<const Element*>(p.dout), tid);
+  load_rows_async<kBlockM, kDk, kThreads>(
+      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
+      static_cast<const Element*>(p.q), tid);
+  load_rows_async<kBlockM, kDv, kThreads>(
+      sdO, [&](int r) { return qt.row(dout, p.do_row_stride, p.do_head_stride, r); },
+      static_cast<const Element*>(p.dout), tid);
   cute::cp_async_fence();
 
   Schedule sched;
-  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
   const int64_t key_row0 = sched.key_row0();
 
   typename Traits::TiledMma mma;
@@ -247,37 +290,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tScS = thr_mma.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-  int64_t row_t[kRows];
-  bool row_ok[kRows];
-  float row_lse2[kRows], row_delta[kRows], row_scale[kRows];
-  const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
-  const float* delta = ws.delta + si.batch * p.lse_batch_stride;
-#pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
-    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
-    row_ok[mi] = f <= f_last;
-    row_t[mi] = f / G;
-    const int64_t h = hkv * G + f % G;
-    const int64_t idx = h * p.lse_head_stride + si.row0 + row_t[mi];
-    row_lse2[mi] = row_ok[mi] ? lse_log2(lse[idx]) : INFINITY;
-    row_delta[mi] = row_ok[mi] ? delta[idx] : 0.f;
-    row_scale[mi] = row_ok[mi] ? dout_scale(p, si.batch, si.row0 + row_t[mi], h) : 0.f;
-  }
+  const DqRows<decltype(size<0>(tScS_rc))::value> rows(p, ws, qt, tScS_rc);
   const float scale_log2 = float(p.scale) * kLog2e;
 
   auto load_kv = [&](auto stage, const KvTile& tile) {
-    auto row = [&](const Element* base, int64_t row_stride) {
-      return [=](int r) -> const Element* {
-        const int64_t key = tile.begin + r;
-        return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
-      };
-    };
     constexpr int kOff = decltype(stage)::value * Traits::kStageElems;
     auto sK_st = shifted(sK, kOff);
     auto sV_st = shifted(sV, kOff);
-    load_rows_async<kBlockN, kDk, kThreads>(sK_st, row(k, p.k_row_stride), k, tid);
-    load_rows_async<kBlockN, kDv, kThreads>(sV_st, row(v, p.v_row_stride), v, tid);
+    load_kv_tile<kBlockN, kDk, kThreads>(sK_st, k, p.k_row_stride, key_row0, tile, tid);
+    load_kv_tile<kBlockN, kDv, kThreads>(sV_st, v, p.v_row_stride, key_row0, tile, tid);
   };
 
   // Two-stage pipeline, the stage a compile-time constant (tiles come in pairs):
@@ -294,7 +315,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (have_next) load_kv(Int<1 - kStage>{}, next_tile);
     cute::cp_async_fence();
 
-    if (warp_sees_tile(sched, tile, row_ok, row_t)) {  // warp-uniform; no barrier below
+    if (warp_sees_tile(sched, tile, rows.ok, rows.t)) {  // warp-uniform; no barrier below
       Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
       gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, off), mma, copy_a, copy_b, thr_copy_a,
@@ -311,10 +332,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
       // entries then give exp2(-inf - lse2) = 0 for any scale.
 #pragma unroll
       for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
-      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-      probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
-        return ElemInfo{true, row_lse2[mi], row_delta[mi], row_scale[mi]};
-      });
+      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, rows.ok, rows.t);
+      probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) { return rows.info(mi); });
 
       Tensor rdS = make_tensor<Element>(acc_dp.layout());
       convert_fragment(acc_dp, rdS);
@@ -332,14 +351,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (have) run_tile(_1{});
   }
 
-#pragma unroll
-  for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
-  Element* dq_b = dq + si.batch * p.dq_batch_stride;
-  store_acc_rows<kBlockM, kDk, kThreads, Element>(acc_dq, sQ, thr_mma, tid, [&](int r) -> Element* {
-    const int64_t f = f0 + r;
-    if (f > f_last) return nullptr;
-    return dq_b + (si.row0 + f / G) * p.dq_row_stride + (hkv * G + f % G) * p.dq_head_stride;
-  }, added_row(dq, static_cast<const Element*>(p.dq_in)));
+  store_dq_rows<kBlockM, kDk, kThreads, Element>(p, qt, acc_dq, sQ, thr_mma, tid);
 }
 
 // --- 3. dk, dv (KV-side) ------------------------------------------------------

@@ -60,20 +60,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
-  const int64_t G = p.group;
-  Element* dq = static_cast<Element*>(p.dq);
-
-  if (blockIdx.z == p.num_seqs) {  // varlen: dq rows past the last sequence
-    zero_rows<kDk>(dq, static_cast<const Element*>(p.dq_in), p.dq_row_stride, p.dq_head_stride,
-                   p.cu_seqlens[p.num_seqs], ws.q_rows, hkv * G, (hkv + 1) * G);
-    return;
-  }
-  const SeqInfo si = Schedule::seq(p, blockIdx.z);
-  const int64_t rows_total = si.len * G;
-  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
-  if (f0 >= rows_total) return;
-  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
-  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+  if (dq_padding_rows<kDk, Element>(p, ws)) return;
+  QueryTile qt;
+  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
+  const SeqInfo& si = qt.si;
 
   Element* smem_q = reinterpret_cast<Element*>(smem);
   Element* smem_do = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
@@ -91,21 +81,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
 
-  auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
-    return [=](int r) -> const Element* {
-      const int64_t f = f0 + r;
-      if (f > f_last) return nullptr;
-      return base + (si.row0 + f / G) * row_stride + (hkv * G + f % G) * head_stride;
-    };
-  };
-  load_rows_async<kBlockM, kDk, kThreads>(sQ, query_row(q, p.q_row_stride, p.q_head_stride),
-                                          static_cast<const Element*>(p.q), tid);
-  load_rows_async<kBlockM, kDv, kThreads>(sdO, query_row(dout, p.do_row_stride, p.do_head_stride),
-                                          static_cast<const Element*>(p.dout), tid);
+  load_rows_async<kBlockM, kDk, kThreads>(
+      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
+      static_cast<const Element*>(p.q), tid);
+  load_rows_async<kBlockM, kDv, kThreads>(
+      sdO, [&](int r) { return qt.row(dout, p.do_row_stride, p.do_head_stride, r); },
+      static_cast<const Element*>(p.dout), tid);
   cute::cp_async_fence();
 
   Schedule sched;
-  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
   const int64_t key_row0 = sched.key_row0();
 
   typename Traits::TiledMmaS mma_s;  // S and dP: both 64 x kBlockN tiles, K-major operands
@@ -129,37 +114,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor cS = make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{});
   Tensor tScS = thr_s.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), gmma_acc_rowcol(tScS.layout()));
-  constexpr int kRows = decltype(size<0>(tScS_rc))::value;
-  int64_t row_t[kRows];
-  bool row_ok[kRows];
-  float row_lse2[kRows], row_delta[kRows], row_scale[kRows];
-  const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
-  const float* delta = ws.delta + si.batch * p.lse_batch_stride;
-#pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
-    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
-    row_ok[mi] = f <= f_last;
-    row_t[mi] = f / G;
-    const int64_t h = hkv * G + f % G;
-    const int64_t idx = h * p.lse_head_stride + si.row0 + row_t[mi];
-    row_lse2[mi] = row_ok[mi] ? lse_log2(lse[idx]) : INFINITY;
-    row_delta[mi] = row_ok[mi] ? delta[idx] : 0.f;
-    row_scale[mi] = row_ok[mi] ? dout_scale(p, si.batch, si.row0 + row_t[mi], h) : 0.f;
-  }
+  const DqRows<decltype(size<0>(tScS_rc))::value> rows(p, ws, qt, tScS_rc);
   const float scale_log2 = float(p.scale) * kLog2e;
 
   auto load_kv = [&](auto stage, const KvTile& tile) {
     constexpr int s = decltype(stage)::value;
-    auto row = [&](const Element* base, int64_t row_stride) {
-      return [=](int r) -> const Element* {
-        const int64_t key = tile.begin + r;
-        return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
-      };
-    };
     Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
-    load_rows_async<kBlockN, kDk, kThreads>(sK, row(k, p.k_row_stride), k, tid);
-    load_rows_async<kBlockN, kDv, kThreads>(sV, row(v, p.v_row_stride), v, tid);
+    load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
+    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
   };
 
   KvTile tile;
@@ -203,10 +166,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
     // Scale before masking, as the SM80 kernel does (any scale, 0 and negative too).
 #pragma unroll
     for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
-    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) {
-      return ElemInfo{true, row_lse2[mi], row_delta[mi], row_scale[mi]};
-    });
+    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, rows.ok, rows.t);
+    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) { return rows.info(mi); });
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, rdS);
     Tensor tdQrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
@@ -221,14 +182,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (have) run_tile(_1{});
   }
 
-#pragma unroll
-  for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
-  Element* dq_b = dq + si.batch * p.dq_batch_stride;
-  store_acc_rows<kBlockM, kDk, kThreads, Element>(acc_dq, sQ, thr_dq, tid, [&](int r) -> Element* {
-    const int64_t f = f0 + r;
-    if (f > f_last) return nullptr;
-    return dq_b + (si.row0 + f / G) * p.dq_row_stride + (hkv * G + f % G) * p.dq_head_stride;
-  }, added_row(dq, static_cast<const Element*>(p.dq_in)));
+  store_dq_rows<kBlockM, kDk, kThreads, Element>(p, qt, acc_dq, sQ, thr_dq, tid);
 #endif  // NSA_SM90_KERNEL_BODY
 }
 

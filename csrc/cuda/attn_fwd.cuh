@@ -1,15 +1,11 @@
 // The attention forward mainloop shared by the compressed, selected and window
 // branches, and its launcher. The branch is a KV-schedule policy
-// (kv_schedule.cuh): which KV tiles a CTA visits and which keys each row sees.
-//
-// Group-centric tiling: a CTA owns one (sequence, kv head) and kBlockM rows of
-// the flattened index f = t * G + g over the sequence's tokens t and the G query
-// heads g of the group. The G heads of a token (and, for G < kBlockM, several
-// consecutive tokens) share every K/V tile loaded into shared memory.
+// (kv_schedule.cuh): which KV tiles a CTA visits and which keys each row sees; the
+// CTA's query rows are a QueryTile (query_tile.cuh, group-centric).
 #pragma once
 
 #include "cuda/attn_traits.cuh"
-#include "cuda/kv_schedule.cuh"
+#include "cuda/query_tile.cuh"
 #include "cuda/softmax.cuh"
 
 namespace nsa::cuda {
@@ -28,14 +24,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(128) char smem[];
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
-  const int64_t G = p.group;
-
-  const SeqInfo si = Schedule::seq(p, blockIdx.z);
-  const int64_t rows_total = si.len * G;
-  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
-  if (f0 >= rows_total) return;  // varlen: a sequence shorter than the grid's max
-  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
-  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+  QueryTile qt;
+  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
+  const SeqInfo& si = qt.si;
 
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutK{});
@@ -51,29 +42,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   // Q: gather the tile's rows (token t, head hkv*G + g); rows past the sequence are zero.
   load_rows_async<kBlockM, kDk, kThreads>(
-      sQ,
-      [&](int r) -> const Element* {
-        const int64_t f = f0 + r;
-        if (f > f_last) return nullptr;
-        return q + (si.row0 + f / G) * p.q_row_stride + (hkv * G + f % G) * p.q_head_stride;
-      },
+      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
       static_cast<const Element*>(p.q), tid);
   cute::cp_async_fence();
 
   Schedule sched;
-  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
   const int64_t key_row0 = sched.key_row0();
-
-  auto load_kv = [&](auto& s, const Element* base, int64_t row_stride, const KvTile& tile,
-                     auto cols) {
-    load_rows_async<kBlockN, decltype(cols)::value, kThreads>(
-        s,
-        [&](int r) -> const Element* {
-          const int64_t key = tile.begin + r;
-          return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
-        },
-        base, tid);
-  };
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
@@ -101,25 +76,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   int64_t row_t[kRows];
   bool row_ok[kRows];
-#pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
-    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
-    row_ok[mi] = f <= f_last;
-    row_t[mi] = f / G;
-  }
+  tile_row_tokens(qt, tScS_rc, row_t, row_ok);
 
   OnlineSoftmax<kRows> softmax;
   const float scale_log2 = float(p.scale) * kLog2e;
 
   KvTile tile;
   bool have = sched.next(tile);
-  if (have) load_kv(sK, k, p.k_row_stride, tile, Int<kDk>{});
+  if (have) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
   cute::cp_async_fence();
 
   while (have) {
     cute::cp_async_wait<0>();
     __syncthreads();  // K (and Q) landed; everyone is done with the previous V
-    load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
+    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
     cute::cp_async_fence();
 
     // Warp-uniform: the loads and barriers above and below run for every warp.
@@ -140,7 +110,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     __syncthreads();  // V landed; everyone is done reading K
     KvTile next_tile;
     const bool have_next = sched.next(next_tile);
-    if (have_next) load_kv(sK, k, p.k_row_stride, next_tile, Int<kDk>{});
+    if (have_next) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, next_tile, tid);
     cute::cp_async_fence();
 
     if (warp_sees) gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, copy_v, thr_copy_v);
@@ -152,20 +122,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // so that each row goes out in 16-byte stores).
   float lse[kRows];
   softmax.finalize(acc_o_rc, float(p.scale), lse);
-  float* lse_out = static_cast<float*>(p.lse) + si.batch * p.lse_batch_stride;
-#pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
-    if (row_ok[mi] && tid % 4 == 0) {
-      const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
-      lse_out[(hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi]] = lse[mi];
-    }
-  }
+  store_lse_rows(p, qt, tScS_rc, row_ok, row_t, lse, tid);
   Element* o = static_cast<Element*>(p.o) + si.batch * p.o_batch_stride;
-  store_acc_rows<kBlockM, kDv, kThreads, Element>(acc_o, sO, thr_mma, tid, [&](int r) -> Element* {
-    const int64_t f = f0 + r;
-    if (f > f_last) return nullptr;
-    return o + (si.row0 + f / G) * p.o_row_stride + (hkv * G + f % G) * p.o_head_stride;
-  });
+  store_acc_rows<kBlockM, kDv, kThreads, Element>(
+      acc_o, sO, thr_mma, tid, [&](int r) { return qt.row(o, p.o_row_stride, p.o_head_stride, r); });
 }
 
 template <class Traits, class Schedule>

@@ -17,7 +17,7 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 
 #include "cuda/attn_traits.cuh"
-#include "cuda/kv_schedule.cuh"
+#include "cuda/query_tile.cuh"
 #include "cuda/softmax.cuh"
 
 namespace nsa::cuda {
@@ -149,14 +149,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
-  const int64_t G = p.group;
-
-  const SeqInfo si = Schedule::seq(p, blockIdx.z);
-  const int64_t rows_total = si.len * G;
-  const int64_t f0 = int64_t(blockIdx.x) * kBlockM;
-  if (f0 >= rows_total) return;  // varlen: a sequence shorter than the grid's max
-  const int64_t f_last = min(f0 + kBlockM, rows_total) - 1;
-  const int64_t t_lo = f0 / G, t_hi = f_last / G;
+  QueryTile qt;
+  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
+  const SeqInfo& si = qt.si;
 
   Element* smem_q = reinterpret_cast<Element*>(smem);
   Element* smem_k = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
@@ -173,29 +168,13 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
 
   load_rows_async<kBlockM, kDk, kThreads>(
-      sQ,
-      [&](int r) -> const Element* {
-        const int64_t f = f0 + r;
-        if (f > f_last) return nullptr;
-        return q + (si.row0 + f / G) * p.q_row_stride + (hkv * G + f % G) * p.q_head_stride;
-      },
+      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
       static_cast<const Element*>(p.q), tid);
   cute::cp_async_fence();
 
   Schedule sched;
-  sched.init(p, si, t_lo, t_hi, hkv, smem_schedule, tid);
+  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
   const int64_t key_row0 = sched.key_row0();
-
-  auto load_kv = [&](auto& s, const Element* base, int64_t row_stride, const KvTile& tile,
-                     auto cols) {
-    load_rows_async<kBlockN, decltype(cols)::value, kThreads>(
-        s,
-        [&](int r) -> const Element* {
-          const int64_t key = tile.begin + r;
-          return key < tile.end ? base + (key_row0 + key) * row_stride : nullptr;
-        },
-        base, tid);
-  };
 
   typename Traits::TiledMmaS mma_s;
   typename Traits::TiledMmaO mma_o;
@@ -215,26 +194,21 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kRows = decltype(size<0>(tScS_rc))::value;
   int64_t row_t[kRows];
   bool row_ok[kRows];
-#pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
-    const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
-    row_ok[mi] = f <= f_last;
-    row_t[mi] = f / G;
-  }
+  tile_row_tokens(qt, tScS_rc, row_t, row_ok);
 
   OnlineSoftmax<kRows> softmax;
   const float scale_log2 = float(p.scale) * kLog2e;
 
   KvTile tile;
   bool have = sched.next(tile);
-  if (have) load_kv(sK, k, p.k_row_stride, tile, Int<kDk>{});
+  if (have) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
   cute::cp_async_fence();
 
   while (have) {
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();  // K (and Q) landed; the previous P V has retired (waited below)
-    load_kv(sV, v, p.v_row_stride, tile, Int<kDv>{});
+    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
     cute::cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -251,7 +225,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     __syncthreads();  // V landed; every Q K^T has retired, so sK is free
     KvTile next_tile;
     const bool have_next = sched.next(next_tile);
-    if (have_next) load_kv(sK, k, p.k_row_stride, next_tile, Int<kDk>{});
+    if (have_next) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, next_tile, tid);
     cute::cp_async_fence();
 
     gemm_wgmma</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
@@ -262,20 +236,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Epilogue: as the SM80 kernel's (store_acc_rows waits for every thread first).
   float lse[kRows];
   softmax.finalize(acc_o_rc, float(p.scale), lse);
-  float* lse_out = static_cast<float*>(p.lse) + si.batch * p.lse_batch_stride;
-#pragma unroll
-  for (int mi = 0; mi < kRows; ++mi) {
-    if (row_ok[mi] && tid % 4 == 0) {
-      const int64_t f = f0 + get<0>(tScS_rc(mi, 0));
-      lse_out[(hkv * G + f % G) * p.lse_head_stride + si.row0 + row_t[mi]] = lse[mi];
-    }
-  }
+  store_lse_rows(p, qt, tScS_rc, row_ok, row_t, lse, tid);
   Element* o = static_cast<Element*>(p.o) + si.batch * p.o_batch_stride;
-  store_acc_rows<kBlockM, kDv, kThreads, Element>(acc_o, sO, thr_o, tid, [&](int r) -> Element* {
-    const int64_t f = f0 + r;
-    if (f > f_last) return nullptr;
-    return o + (si.row0 + f / G) * p.o_row_stride + (hkv * G + f % G) * p.o_head_stride;
-  });
+  store_acc_rows<kBlockM, kDv, kThreads, Element>(
+      acc_o, sO, thr_o, tid, [&](int r) { return qt.row(o, p.o_row_stride, p.o_head_stride, r); });
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
