@@ -207,6 +207,34 @@ struct DqRows {
   }
 };
 
+// The dq kernels' fixed tiles: the query rows of q (Dk) and of dout (Dv).
+template <int kBlockM, int kDk, int kDv, int kThreads, class Element, class SQ, class SdO>
+__device__ __forceinline__ void load_dq_query_tiles(const AttnBwdParams& p, const QueryTile& qt,
+                                                    SQ& sQ, SdO& sdO, int tid) {
+  const Element* q = static_cast<const Element*>(p.q) + qt.si.batch * p.q_batch_stride;
+  const Element* dout = static_cast<const Element*>(p.dout) + qt.si.batch * p.do_batch_stride;
+  load_rows_async<kBlockM, kDk, kThreads>(
+      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
+      static_cast<const Element*>(p.q), tid);
+  load_rows_async<kBlockM, kDv, kThreads>(
+      sdO, [&](int r) { return qt.row(dout, p.do_row_stride, p.do_head_stride, r); },
+      static_cast<const Element*>(p.dout), tid);
+}
+
+// S (acc_s) and dP (acc_dp) of a dq tile -> g * P in acc_s and dS in acc_dp, through
+// their (rows, cols) views. Scale before masking (as the forward does): a masked
+// -inf scaled afterwards would be +inf for scale < 0 and NaN for scale == 0 (both
+// allowed); masked entries then give exp2(-inf - lse2) = 0 for any scale.
+template <class AccS, class Scores, class DScores, class Coords, class Schedule, class Rows>
+__device__ __forceinline__ void dq_tile_dscores(AccS& acc_s, Scores& scores, DScores& dscores,
+                                                const Coords& coords, const Schedule& sched,
+                                                const KvTile& tile, const Rows& rows, float scale_log2) {
+#pragma unroll
+  for (int i = 0; i < cute::size(acc_s); ++i) acc_s(i) *= scale_log2;
+  if (tile.need_mask) mask_scores(scores, coords, sched, tile, rows.ok, rows.t);
+  probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) { return rows.info(mi); });
+}
+
 // dq = scale * acc_dq (+ dq_in), written through the smem tile `s`.
 template <int kBlockM, int kDk, int kThreads, class Element, class Acc, class SmemTensor, class ThrMma>
 __device__ __forceinline__ void store_dq_rows(const AttnBwdParams& p, const QueryTile& qt, Acc& acc_dq,
@@ -248,17 +276,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sKtNoSwizzle = make_tensor(sK.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
   char* smem_schedule = smem + Traits::kSmemStreamTiles;
 
-  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
-  const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
-
-  load_rows_async<kBlockM, kDk, kThreads>(
-      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
-      static_cast<const Element*>(p.q), tid);
-  load_rows_async<kBlockM, kDv, kThreads>(
-      sdO, [&](int r) { return qt.row(dout, p.do_row_stride, p.do_head_stride, r); },
-      static_cast<const Element*>(p.dout), tid);
+  load_dq_query_tiles<kBlockM, kDk, kDv, kThreads, Element>(p, qt, sQ, sdO, tid);
   cute::cp_async_fence();
 
   Schedule sched;
@@ -327,13 +347,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
       Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
       Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
-      // Scale before masking (as the forward does): a masked -inf scaled afterwards
-      // would be +inf for scale < 0 and NaN for scale == 0 (both allowed). Masked
-      // entries then give exp2(-inf - lse2) = 0 for any scale.
-#pragma unroll
-      for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
-      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, rows.ok, rows.t);
-      probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) { return rows.info(mi); });
+      dq_tile_dscores(acc_s, scores, dscores, tScS_rc, sched, tile, rows, scale_log2);
 
       Tensor rdS = make_tensor<Element>(acc_dp.layout());
       convert_fragment(acc_dp, rdS);

@@ -76,17 +76,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sdO = make_tensor(make_smem_ptr(smem_do), typename Traits::SmemLayoutDo{});
   char* smem_schedule = smem + Traits::kSmemTiles;
 
-  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
-  const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
   const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
-
-  load_rows_async<kBlockM, kDk, kThreads>(
-      sQ, [&](int r) { return qt.row(q, p.q_row_stride, p.q_head_stride, r); },
-      static_cast<const Element*>(p.q), tid);
-  load_rows_async<kBlockM, kDv, kThreads>(
-      sdO, [&](int r) { return qt.row(dout, p.do_row_stride, p.do_head_stride, r); },
-      static_cast<const Element*>(p.dout), tid);
+  load_dq_query_tiles<kBlockM, kDk, kDv, kThreads, Element>(p, qt, sQ, sdO, tid);
   cute::cp_async_fence();
 
   Schedule sched;
@@ -163,11 +155,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
     Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
-    // Scale before masking, as the SM80 kernel does (any scale, 0 and negative too).
-#pragma unroll
-    for (int i = 0; i < size(acc_s); ++i) acc_s(i) *= scale_log2;
-    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, rows.ok, rows.t);
-    probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) { return rows.info(mi); });
+    dq_tile_dscores(acc_s, scores, dscores, tScS_rc, sched, tile, rows, scale_log2);
     Tensor rdS = make_tensor<Element>(acc_dp.layout());
     convert_fragment(acc_dp, rdS);
     Tensor tdQrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
