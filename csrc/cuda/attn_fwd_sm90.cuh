@@ -76,7 +76,8 @@ struct AttnTraitsSm90 {
   static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
   static_assert(kSmemQ % 1024 == 0 && kSmemK % 1024 == 0 && kSmemV % 1024 == 0,
                 "swizzle atoms stay 1024-byte aligned");
-  static constexpr int kSmemAttn = kSmemQ + kSmemK + kSmemV;  // sO reuses sQ
+  // The forward's smem: Q, K and two V buffers (sO reuses sQ).
+  static constexpr int kSmemAttn = kSmemQ + kSmemK + 2 * kSmemV;
 };
 
 // wgmma accumulator ((2, 2, N/8), MMA_M, MMA_N) -> (rows=(2, MMA_M), cols=((2, N/8), MMA_N)):
@@ -102,10 +103,12 @@ CUTE_HOST_DEVICE auto gmma_acc_as_a_operand(Layout acc) {
                      coalesce(make_layout(get<2, 1>(l), get<2>(acc))));
 }
 
-// acc (+)= A B over the k blocks, issued as one wgmma group and waited for. With
-// kZeroInit the first k block overwrites acc.
+// acc (+)= A B over the k blocks, issued as one wgmma group (committed, not waited
+// for: the caller waits with warpgroup_wait and then fences acc with
+// warpgroup_fence_operand before touching it). With kZeroInit the first k block
+// overwrites acc.
 template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
-__device__ __forceinline__ void gemm_wgmma(TiledMma& mma, TA& tA, TB& tB, TC& tC) {
+__device__ __forceinline__ void gemm_wgmma_issue(TiledMma& mma, TA& tA, TB& tB, TC& tC) {
   using namespace cute;
   // A from registers (RS) or, like B, smem descriptors (SS).
   constexpr bool kARegs = !is_same_v<typename TA::engine_type::iterator, GMMA::DescriptorIterator>;
@@ -119,9 +122,17 @@ __device__ __forceinline__ void gemm_wgmma(TiledMma& mma, TA& tA, TB& tB, TC& tC
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+
+// The same, waited for.
+template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
+__device__ __forceinline__ void gemm_wgmma(TiledMma& mma, TA& tA, TB& tB, TC& tC) {
+  using namespace cute;
+  gemm_wgmma_issue<kZeroInit>(mma, tA, tB, tC);
   warpgroup_wait<0>();
   warpgroup_fence_operand(tC);
-  if constexpr (kARegs) warpgroup_fence_operand(tA);
+  if constexpr (!is_same_v<typename TA::engine_type::iterator, GMMA::DescriptorIterator>)
+    warpgroup_fence_operand(tA);
 }
 
 // This thread's shared-memory writes (cp.async landed, plain stores) become visible
@@ -155,11 +166,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   Element* smem_q = reinterpret_cast<Element*>(smem);
   Element* smem_k = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
-  Element* smem_v = reinterpret_cast<Element*>(smem + Traits::kSmemQ + Traits::kSmemK);
+  // V is double-buffered: tile j's V lands while tile j-1's P V runs.
+  auto smem_v = [&](int stage) {
+    return reinterpret_cast<Element*>(smem + Traits::kSmemQ + Traits::kSmemK + stage * Traits::kSmemV);
+  };
   Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(smem_k), typename Traits::SmemLayoutK{});
-  Tensor sV = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutV{});
-  Tensor sVt = make_tensor(make_smem_ptr(smem_v), typename Traits::SmemLayoutVt{});
   Tensor sO = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutO{});  // after the mainloop
   char* smem_schedule = smem + Traits::kSmemAttn;
 
@@ -182,7 +194,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   auto thr_o = mma_o.get_thread_slice(tid);
   Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // smem descriptors
   Tensor tSrK = thr_s.partition_fragment_B(sK);
-  Tensor tOrVt = thr_o.partition_fragment_B(sVt);
+  auto v_operand = [&](auto stage) {  // V^T of a stage, the B operand of P V
+    Tensor sVt = make_tensor(make_smem_ptr(smem_v(decltype(stage)::value)), typename Traits::SmemLayoutVt{});
+    return thr_o.partition_fragment_B(sVt);
+  };
   Tensor acc_o = partition_fragment_C(mma_o, Shape<Int<kBlockM>, Int<kDv>>{});
   clear(acc_o);
   Tensor acc_o_rc = make_tensor(acc_o.data(), gmma_acc_rowcol(acc_o.layout()));
@@ -199,38 +214,81 @@ __global__ void __launch_bounds__(Traits::kThreads)
   OnlineSoftmax<kRows> softmax;
   const float scale_log2 = float(p.scale) * kLog2e;
 
+  // P of the last tile whose P V is still to issue (the A operand of that wgmma).
+  Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor rP = make_tensor<Element>(acc_s.layout());
+  Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a_operand(rP.layout()));
+
   KvTile tile;
   bool have = sched.next(tile);
   if (have) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
   cute::cp_async_fence();
 
-  while (have) {
+  // One tile j (its V to buffer kStage): S_j = Q K_j^T and, with tile j-1 pending,
+  // its P V from the other buffer in a second wgmma group, so that tile j's mask
+  // and softmax run on the CUDA cores while the tensor cores finish P_{j-1} V_{j-1}.
+  // acc_o is rescaled for tile j only after that P V has retired.
+  bool pending = false;
+  auto step = [&](auto stage) {
+    constexpr int kStage = decltype(stage)::value;
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
-    __syncthreads();  // K (and Q) landed; the previous P V has retired (waited below)
-    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
+    __syncthreads();  // K_j (and Q), V_{j-1} landed; every P_{j-2} V_{j-2} (buffer kStage) retired
+    {
+      Tensor sV = make_tensor(make_smem_ptr(smem_v(kStage)), typename Traits::SmemLayoutV{});
+      load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
+    }
     cute::cp_async_fence();
 
-    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    gemm_wgmma</*kZeroInit=*/true>(mma_s, tSrQ, tSrK, acc_s);
-    Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
-    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
-    softmax.update(scores, acc_o_rc, scale_log2);
-    Tensor rP = make_tensor<Element>(acc_s.layout());
-    convert_fragment(acc_s, rP);
-    Tensor tOrP = make_tensor(rP.data(), gmma_acc_as_a_operand(rP.layout()));
-
-    cute::cp_async_wait<0>();
-    fence_smem_for_wgmma();
-    __syncthreads();  // V landed; every Q K^T has retired, so sK is free
+    gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrQ, tSrK, acc_s);
+    if (pending) {
+      auto tOrVt = v_operand(Int<1 - kStage>{});
+      gemm_wgmma_issue</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
+      warpgroup_wait<1>();  // S_j (the older group)
+    } else {
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(acc_s);
+    __syncthreads();  // every warpgroup's S_j retired: sK is free
     KvTile next_tile;
     const bool have_next = sched.next(next_tile);
     if (have_next) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, next_tile, tid);
     cute::cp_async_fence();
 
-    gemm_wgmma</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
+    Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
+    if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+    float rescale[kRows];
+    softmax.update_scores(scores, scale_log2, rescale);
+    if (pending) {
+      warpgroup_wait<0>();  // P_{j-1} V_{j-1}: acc_o is complete and rP is free
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(rP);
+    }
+    softmax.rescale_o(acc_o_rc, rescale);
+    convert_fragment(acc_s, rP);
+    pending = true;
     tile = next_tile;
     have = have_next;
+  };
+  int last_stage = 1;
+  while (have) {
+    step(_0{});
+    last_stage = 0;
+    if (!have) break;
+    step(_1{});
+    last_stage = 1;
+  }
+  if (pending) {  // the last tile's P V
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();  // its V landed
+    if (last_stage == 0) {
+      auto tOrVt = v_operand(_0{});
+      gemm_wgmma</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
+    } else {
+      auto tOrVt = v_operand(_1{});
+      gemm_wgmma</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
+    }
   }
 
   // Epilogue: as the SM80 kernel's (store_acc_rows waits for every thread first).

@@ -23,6 +23,17 @@ struct OnlineSoftmax {
   // view of the output accumulator, rescaled to the new max.
   template <class Scores, class AccO>
   __device__ __forceinline__ void update(Scores& scores, AccO& acc_o, float scale_log2) {
+    float rescale[kRows];
+    update_scores(scores, scale_log2, rescale);
+    rescale_o(acc_o, rescale);
+  }
+
+  // update() without the output: the factor each row of acc_o must be multiplied by,
+  // for a caller whose P V of the previous tile is still accumulating into acc_o
+  // (the Hopper kernel applies it once that wgmma has retired).
+  template <class Scores>
+  __device__ __forceinline__ void update_scores(Scores& scores, float scale_log2,
+                                                float (&rescale)[kRows]) {
     using namespace cute;
     static_assert(decltype(size<0>(scores))::value == kRows);
 #pragma unroll
@@ -41,11 +52,9 @@ struct OnlineSoftmax {
       // With everything masked so far, m == -inf: subtract 0 instead so that
       // exp2(-inf - -inf) never appears; every p is then exp2(-inf) = 0.
       const float base = m == -INFINITY ? 0.f : m;
-      const float rescale = exp2f(row_max[mi] - base);  // 0 when old max is -inf
+      rescale[mi] = exp2f(row_max[mi] - base);  // 0 when old max is -inf
       row_max[mi] = m;
-      row_sum[mi] *= rescale;
-#pragma unroll
-      for (int ni = 0; ni < size<1>(acc_o); ++ni) acc_o(mi, ni) *= rescale;
+      row_sum[mi] *= rescale[mi];
       float sum = 0.f;
 #pragma unroll
       for (int ni = 0; ni < size<1>(scores); ++ni) {
@@ -54,6 +63,16 @@ struct OnlineSoftmax {
         sum += p;
       }
       row_sum[mi] += sum;
+    }
+  }
+
+  template <class AccO>
+  __device__ __forceinline__ static void rescale_o(AccO& acc_o, const float (&rescale)[kRows]) {
+    using namespace cute;
+#pragma unroll
+    for (int mi = 0; mi < kRows; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < size<1>(acc_o); ++ni) acc_o(mi, ni) *= rescale[mi];
     }
   }
 

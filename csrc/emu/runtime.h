@@ -424,7 +424,7 @@ inline void track_write(const void* p, uint32_t issued) {
   const Access w = c.last_write[g], r = c.last_read[g];
   if (w.epoch == c.epoch && w.tid != me) report_race("cp.async write after another thread's write", p, w.tid, w.epoch);
   if (r.epoch != ~0u && r.epoch >= issued && r.epoch <= c.epoch && r.tid != me)
-    report_race("cp.async write while another thread reads (ldmatrix)", p, r.tid, r.epoch);
+    report_race("cp.async write while another thread reads (ldmatrix or wgmma)", p, r.tid, r.epoch);
   c.last_write[g] = Access{c.epoch, me};
 }
 
