@@ -9,8 +9,10 @@
 // tokens' blocks and each warp votes itself out of the tiles none of its rows chose
 // (warp_sees_tile), which a warpgroup-wide MMA cannot do.
 //
-// K/V arrive by cp.async (the selected and window tiles are gathered row ranges);
-// each thread makes its copies visible to the async proxy that wgmma reads through
+// Tile j's Q K^T and tile j-1's P V go out as two wgmma groups, so the mask and
+// softmax of tile j run on the CUDA cores while the tensor cores finish P V.
+// Q, K and V arrive by cp.async (Q rows are gathered across the group's heads); each
+// thread makes its copies visible to the async proxy that wgmma reads through
 // (fence.proxy.async) before the barrier that publishes them.
 #pragma once
 
