@@ -170,6 +170,13 @@ try:
     fail = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
     skip = sum(int(s.get("skipped", 0)) for s in suites)
     rec["tests"] = {"passed": tot - fail - skip, "failed": fail, "skipped": skip}
+    # Which failed, and how many per kernel family (the mainloop fixture's sm90 / sm80
+    # ids: the wgmma and the mma.sync compressed and window kernels).
+    failed = [f"{c.get('classname', '')}::{c.get('name', '')}" for s in suites for c in s.iter("testcase")
+              if c.find("failure") is not None or c.find("error") is not None]
+    rec["tests"]["failed_sm90"] = sum("sm90" in n for n in failed)
+    rec["tests"]["failed_sm80"] = sum("sm80" in n for n in failed)
+    rec["tests"]["failed_names"] = failed[:40]
 except Exception as e:
     rec["tests"]["error"] = f"no junit xml: {e}"
 errs, seen = 0, False
@@ -194,7 +201,9 @@ print("\n==== summary ====")
 print(f"device {rec['device']}  torch {rec['torch']}  commit {rec['commit']}")
 for k, v in rec["steps"].items():
     print(f"  step {k:10s} {v}")
-print(f"  tests      {rec['tests']}")
+print(f"  tests      { {k: v for k, v in rec['tests'].items() if k != 'failed_names'} }")
+for n in rec["tests"].get("failed_names", [])[:10]:
+    print(f"    failed   {n}")
 print(f"  sanitizer  {rec['sanitizer']}")
 if rec["bench"]:
     print(f"  {'shape':6s} {'op':34s} {'T':>7s} {'pass':8s} {'ms':>9s} {'TF/s':>7s}")
