@@ -5,8 +5,9 @@
 //   S  = Q K^T     wgmma SS (Q, K K-major)
 //   dP = dO V^T    wgmma SS (dO, V K-major), issued in the same group as S
 //   dQ += dS K     wgmma RS (dS from registers, K^T MN-major), N = Dk
-// K and V tiles are double-buffered (the next tile's cp.async under this tile's
-// GEMMs). The dk/dv kernel and the selected branch stay on mma.sync.
+// K and V tiles have three stages: tile j+1's cp.async and tile j-1's dQ GEMM run
+// under tile j's S and dP, and dS_j is computed while dS_{j-1} K_{j-1} finishes. The
+// dk/dv kernel and the selected branch stay on mma.sync.
 #pragma once
 
 #include "cuda/attn_bwd.cuh"
@@ -38,11 +39,13 @@ struct AttnBwdDqTraitsSm90 : AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 12
       cute::make_layout(cute::Shape<cute::Int<kDk>, cute::Int<kBlockN>>{}, cute::GenRowMajor{})));
   using SmemLayoutDo = typename Base::SmemLayoutO;  // kBlockM x Dv
 
-  // Smem: Q and dO (kBlockM rows), then two stages of (K, V) tiles.
+  // Smem: Q and dO (kBlockM rows), then three stages of (K, V) tiles: tile j's
+  // GEMMs, tile j-1's dQ GEMM (still running) and tile j+1's copies.
+  static constexpr int kStages = 3;
   static constexpr int kSmemDo = kBlockM * kDv * int(sizeof(Element));
   static constexpr int kSmemStage = Base::kSmemK + Base::kSmemV;
   static_assert(kSmemDo % 1024 == 0 && kSmemStage % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
-  static constexpr int kSmemTiles = Base::kSmemQ + kSmemDo + 2 * kSmemStage;
+  static constexpr int kSmemTiles = Base::kSmemQ + kSmemDo + kStages * kSmemStage;
 };
 
 template <class Traits, class Schedule>
@@ -117,57 +120,77 @@ __global__ void __launch_bounds__(Traits::kThreads)
     load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
   };
 
+  // dS of the tile whose dQ GEMM is still to issue (its A operand).
+  Tensor rdS = make_tensor<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
+  Tensor tdQrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
+
+  // Tile j in stage kStage: S_j and dP_j (two wgmma groups) and, with tile j-1
+  // pending, its dQ GEMM from the previous stage (a third group), so that dS_j is
+  // computed on the CUDA cores while the tensor cores finish dS_{j-1} K_{j-1}.
   KvTile tile;
   bool have = sched.next(tile);
+  bool pending = false;
   auto run_tile = [&](auto stage) {
     constexpr int kStage = decltype(stage)::value;
+    constexpr int kPrev = (kStage + Traits::kStages - 1) % Traits::kStages;
+    constexpr int kNext = (kStage + 1) % Traits::kStages;
     KvTile next_tile;
     const bool have_next = sched.next(next_tile);
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
-    __syncthreads();  // this stage's K, V (and Q, dO) landed; the other stage's GEMMs retired
-    if (have_next) load_kv(Int<1 - kStage>{}, next_tile);
+    __syncthreads();  // tile j (and Q, dO) landed; every GEMM on stage kNext (tile j-2) retired
+    if (have_next) load_kv(Int<kNext>{}, next_tile);
     cute::cp_async_fence();
 
-    auto [tSrK, tdPrV, tdQrKt] = k_operands(stage);
+    auto ops = k_operands(stage);
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
     Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    // S and dP in one wgmma group: issued back to back, waited for once.
-    warpgroup_fence_operand(acc_s);
-    warpgroup_fence_operand(acc_dp);
-    warpgroup_arrive();
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-      cute::gemm(mma_s, tSrQ(_, _, kb), tSrK(_, _, kb), acc_s);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
+    gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrQ, get<0>(ops), acc_s);
+    gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tdPrdO, get<1>(ops), acc_dp);
+    if (pending) {
+      auto prev = k_operands(Int<kPrev>{});
+      gemm_wgmma_issue</*kZeroInit=*/false>(mma_dq, tdQrdS, get<2>(prev), acc_dq);
+      warpgroup_wait<1>();  // S_j and dP_j (the older groups)
+    } else {
+      warpgroup_wait<0>();
     }
-    mma_s.accumulate_ = GMMA::ScaleOut::Zero;
-#pragma unroll
-    for (int kb = 0; kb < size<2>(tdPrdO); ++kb) {
-      cute::gemm(mma_s, tdPrdO(_, _, kb), tdPrV(_, _, kb), acc_dp);
-      mma_s.accumulate_ = GMMA::ScaleOut::One;
-    }
-    warpgroup_commit_batch();
-    warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_dp);
 
     Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
     dq_tile_dscores(acc_s, scores, dscores, tScS_rc, sched, tile, rows, scale_log2);
-    Tensor rdS = make_tensor<Element>(acc_dp.layout());
+    if (pending) {
+      warpgroup_wait<0>();  // dS_{j-1} K_{j-1}: rdS is free
+      warpgroup_fence_operand(acc_dq);
+      warpgroup_fence_operand(rdS);
+    }
     convert_fragment(acc_dp, rdS);
-    Tensor tdQrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
-    gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+    pending = true;
     tile = next_tile;
     have = have_next;
   };
   if (have) load_kv(_0{}, tile);
   cute::cp_async_fence();
+  int last_stage = 0;
   while (have) {
     run_tile(_0{});
-    if (have) run_tile(_1{});
+    last_stage = 0;
+    if (!have) break;
+    run_tile(_1{});
+    last_stage = 1;
+    if (!have) break;
+    run_tile(_2{});
+    last_stage = 2;
+  }
+  if (pending) {  // the last tile's dQ GEMM (its K landed at its step's barrier)
+    auto last_dq = [&](auto stage) {
+      auto ops = k_operands(stage);
+      gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQrdS, get<2>(ops), acc_dq);
+    };
+    if (last_stage == 0) last_dq(_0{});
+    else if (last_stage == 1) last_dq(_1{});
+    else last_dq(_2{});
   }
 
   store_dq_rows<kBlockM, kDk, kThreads, Element>(p, qt, acc_dq, sQ, thr_dq, tid);

@@ -111,7 +111,10 @@ struct Fiber {
 // One thread's part of a wgmma.mma_async (see wgmma() below).
 struct WgmmaLane {
   uint64_t desc_a = 0, desc_b = 0;  // desc_a unused when A comes from registers
-  uint32_t a[4] = {0, 0, 0, 0};
+  // A from registers: the addresses of the lane's four A registers, read when the
+  // wgmma executes (at the wait), as the hardware may: A overwritten before the
+  // wait is read as overwritten.
+  const uint32_t* a[4] = {nullptr, nullptr, nullptr, nullptr};
   float* d[96] = {};  // n / 2 accumulators (n <= 192)
   int n = 0, group = 0, scale_d = 1;
   bool a_regs = false, bf16 = false, a_mn = false, b_mn = false;
@@ -570,7 +573,8 @@ inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const f
 // a wgmma.wait_group retires its group (commit_group counts the groups per thread),
 // and reads shared memory then, as the asynchronous hardware may: an operand
 // overwritten before the wait is read as overwritten, and a cp.async landing in the
-// barrier epoch of the read is reported as a race.
+// barrier epoch of the read is reported as a race; A registers (RS) are read then
+// too.
 //
 // Shared addresses are offsets from the launch's dynamic smem (the GPU's dynamic
 // smem starts 1024-byte aligned; the kernels check it). 16-bit operands; the
@@ -631,7 +635,7 @@ inline void wgmma_execute(const WgmmaOp& op) {
       if (l0.a_regs) {
         const int w = m / 16, g = m % 8, t = (k % 8) / 2;
         const WgmmaLane& ln = op.lanes[w * 32 + g * 4 + t];
-        const uint32_t reg = ln.a[(m % 16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+        const uint32_t reg = *ln.a[(m % 16 >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
         h = uint16_t(reg >> (16 * (k % 2)));
       } else {
         h = wgmma_operand(l0.desc_a, l0.a_mn, m, k);

@@ -105,7 +105,7 @@ struct NsaEmuGmmaRS<kN, kBf16, tnspA, tnspB, std::index_sequence<I...>> {
                   uint64_t const& desc_b, NsaEmuFloat<I>&... d,
                   GMMA::ScaleOut const scale_D = GMMA::ScaleOut::One) {
     nsa_emu::WgmmaLane op;
-    op.a[0] = a0, op.a[1] = a1, op.a[2] = a2, op.a[3] = a3;
+    op.a[0] = &a0, op.a[1] = &a1, op.a[2] = &a2, op.a[3] = &a3;
     op.desc_b = desc_b;
     float* const regs[] = {&d...};
     nsa_emu_gmma_issue<kBf16, tnspA, tnspB>(op, kN, true, regs, scale_D);
