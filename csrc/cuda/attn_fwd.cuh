@@ -128,14 +128,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
       acc_o, sO, thr_mma, tid, [&](int r) { return qt.row(o, p.o_row_stride, p.o_head_stride, r); });
 }
 
-template <class Traits, class Schedule>
-void launch_attn_fwd(const AttnFwdParams& p, cudaStream_t stream, const char* what) {
+// Launches a forward kernel of either family (`kernel`: attn_fwd_kernel here, or the
+// Hopper attn_fwd_sm90_kernel) over the query tiles: one CTA per (kBlockM rows,
+// kv head, sequence), Traits::kSmemAttn bytes of tiles plus the schedule's.
+template <class Traits, class Schedule, class Kernel>
+void launch_attn_fwd(const AttnFwdParams& p, cudaStream_t stream, const char* what, Kernel kernel) {
   const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
   if (m_blocks == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
   if (m_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
     throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
   const int smem = Traits::kSmemAttn + Schedule::smem_bytes(p);
-  auto kernel = attn_fwd_kernel<Traits, Schedule>;
   set_smem_limit(kernel, smem, what, Schedule::smem_hint(p));
   dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
   NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p);
@@ -149,16 +151,21 @@ void run_attn_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   if (use_sm90_kernels(p.branch)) return run_attn_fwd_sm90<kDk, kDv, kDType>(p, stream);
 #endif
   switch (p.branch) {
-    case Branch::kCompressed:
-      launch_attn_fwd<Traits, CompressedSchedule<Traits::kBlockN>>(p, stream, "compressed_attn_fwd");
+    case Branch::kCompressed: {
+      using S = CompressedSchedule<Traits::kBlockN>;
+      launch_attn_fwd<Traits, S>(p, stream, "compressed_attn_fwd", attn_fwd_kernel<Traits, S>);
       break;
-    case Branch::kSelected:
-      launch_attn_fwd<Traits, SelectedSchedule<Traits::kBlockM, Traits::kBlockN, Traits::kThreads>>(
-          p, stream, "selected_attn_fwd");
+    }
+    case Branch::kSelected: {
+      using S = SelectedSchedule<Traits::kBlockM, Traits::kBlockN, Traits::kThreads>;
+      launch_attn_fwd<Traits, S>(p, stream, "selected_attn_fwd", attn_fwd_kernel<Traits, S>);
       break;
-    case Branch::kWindow:
-      launch_attn_fwd<Traits, WindowSchedule<Traits::kBlockN>>(p, stream, "window_attn_fwd");
+    }
+    case Branch::kWindow: {
+      using S = WindowSchedule<Traits::kBlockN>;
+      launch_attn_fwd<Traits, S>(p, stream, "window_attn_fwd", attn_fwd_kernel<Traits, S>);
       break;
+    }
   }
 }
 

@@ -18,6 +18,7 @@
 
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 
+#include "cuda/attn_fwd.cuh"  // launch_attn_fwd, shared by both kernel families
 #include "cuda/attn_traits.cuh"
 #include "cuda/query_tile.cuh"
 #include "cuda/softmax.cuh"
@@ -303,30 +304,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
-template <class Traits, class Schedule>
-void launch_attn_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream, const char* what) {
-  const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
-  if (m_blocks == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
-  if (m_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
-    throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
-  const int smem = Traits::kSmemAttn + Schedule::smem_bytes(p);
-  auto kernel = attn_fwd_sm90_kernel<Traits, Schedule>;
-  set_smem_limit(kernel, smem, what, Schedule::smem_hint(p));
-  dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
-  NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p);
-  check_launch(what);
-}
-
 template <int kDk, int kDv, DType kDType>
 void run_attn_fwd_sm90(const AttnFwdParams& p, cudaStream_t stream) {
   using Traits = AttnTraitsSm90<kDk, kDv, typename ElementOf<kDType>::type>;
   switch (p.branch) {
-    case Branch::kCompressed:
-      launch_attn_fwd_sm90<Traits, CompressedSchedule<Traits::kBlockN>>(p, stream, "compressed_attn_fwd (sm90)");
+    case Branch::kCompressed: {
+      using S = CompressedSchedule<Traits::kBlockN>;
+      launch_attn_fwd<Traits, S>(p, stream, "compressed_attn_fwd (sm90)", attn_fwd_sm90_kernel<Traits, S>);
       break;
-    case Branch::kWindow:
-      launch_attn_fwd_sm90<Traits, WindowSchedule<Traits::kBlockN>>(p, stream, "window_attn_fwd (sm90)");
+    }
+    case Branch::kWindow: {
+      using S = WindowSchedule<Traits::kBlockN>;
+      launch_attn_fwd<Traits, S>(p, stream, "window_attn_fwd (sm90)", attn_fwd_sm90_kernel<Traits, S>);
       break;
+    }
     case Branch::kSelected:
       throw std::runtime_error("nsa_cuda: selected_attn_fwd has no sm90 (wgmma) kernel");
   }
