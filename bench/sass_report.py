@@ -5,7 +5,7 @@ code runs once per CTA or once per KV tile. This compiles CUDA translation units
 to cubins for one arch, disassembles them (cuobjdump: the CUDA toolkit's, or the
 copy that ships with triton), and reports per kernel: registers, spill bytes, and
 the local-memory loads/stores (LDL/STL) inside the innermost loop that holds the
-tensor-core instructions (HMMA), next to that loop's HMMA count.
+tensor-core instructions (HMMA; HGMMA for wgmma), next to that loop's count of them.
 
     python bench/sass_report.py                       # attn_fwd/attn_bwd/select, 192x128 bf16, sm_90a
     python bench/sass_report.py csrc/cuda/instantiations/attn_bwd_hdim64x64_fp16.cu --arch sm_80
@@ -79,7 +79,7 @@ def loop_stats(sass):
     def flush():
         if name is None:
             return
-        hmma = [a for a, t in ins if "HMMA" in t]
+        hmma = [a for a, t in ins if re.search(r"\bHG?MMA", t)]  # mma.sync and wgmma
         ldl = [a for a, t in ins if re.search(r"\bLDL", t)]
         stl = [a for a, t in ins if re.search(r"\bSTL", t)]
         loops = []
@@ -108,7 +108,7 @@ def loop_stats(sass):
 
 def short(name):
     """attn_bwd_dkdv_kernel<..., WindowQuerySchedule<64>> from a mangled name, roughly."""
-    kernel = re.search(r"\d+([a-z_]+_kernel)", name)
+    kernel = re.search(r"\d+((?:[a-z_]|sm\d+)+_kernel)", name)
     sched = re.search(r"\d+([A-Za-z]+Schedule)", name)
     return (kernel.group(1) if kernel else name[:40]) + (f" [{sched.group(1)}]" if sched else "")
 

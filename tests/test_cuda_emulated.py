@@ -140,8 +140,9 @@ def test_emulator_catches_hazards(emu):
 
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
-    """The compressed and window forward and dq kernels: wgmma (the emulated device
-    is an H100, so "auto" picks them; dq for Dk <= 128) and mma.sync."""
+    """The wgmma kernels (the emulated device is an H100, so "auto" picks them: the
+    compressed and window forward and dq, and every branch's dk/dv for Dk <= 128)
+    and mma.sync."""
     monkeypatch.setenv("NSA_MAINLOOP", request.param)
     return request.param
 
@@ -346,7 +347,7 @@ def test_compressed_bwd(B, dims, T, G, mainloop):
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (150, 2, 16, 5),
                                       (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6),
                                       (300, 4, 32, 8), (160, 16, 16, 4)])
-def test_selected_bwd(B, dims, T, G, lp, n):
+def test_selected_bwd(B, dims, T, G, lp, n, mainloop):
     q, k, v = B.qkv(2, T, 2, G, *dims)
     B.check_selected_bwd(q, k, v, B.random_block_indices(2, T, 2, n, lp, seed=T + G), lp)
 

@@ -34,12 +34,12 @@ int current_device_sm() {
 
 }  // namespace
 
-bool use_sm90_kernels(Branch branch) {
+bool use_sm90_kernels() {
   const char* env = std::getenv("NSA_MAINLOOP");
   const std::string mode = env == nullptr || *env == '\0' ? "auto" : env;
   if (mode != "auto" && mode != "sm80" && mode != "sm90")
     throw std::runtime_error("NSA_MAINLOOP must be auto, sm80 or sm90, got '" + mode + "'");
-  if (mode == "sm80" || branch == Branch::kSelected) return false;
+  if (mode == "sm80") return false;
 #ifdef NSA_SM90A_BUILT
   const bool built = true;
 #else

@@ -53,8 +53,8 @@ struct AttnBwdTraits : AttnTraits<kDk_, kDv_, Element_> {
   static constexpr int kStages = 2;
   static constexpr int kSmemStreamTiles =
       Base::kSmemK + Base::kSmemV + kStages * kStageElems * int(sizeof(Element_));
-  static constexpr int kRowWords = 4;  // key range (lo, hi packed), lse2, delta, dout scale
-  static constexpr int kSmemDkv = kSmemStreamTiles + kStages * kRowWords * kBlockS * 4;
+  // The dk/dv kernel's row data: DkvRowData::kWords words per query row and stage.
+  static constexpr int kSmemDkv = kSmemStreamTiles + kStages * 4 * kBlockS * 4;
   // The dQ / dK GEMMs have N = Dk: no B prefetch when that is wide (gemm_rs).
   static constexpr bool kPrefetchWideB = Base::kDk < 192;
 };
@@ -369,6 +369,151 @@ __global__ void __launch_bounds__(Traits::kThreads)
 }
 
 // --- 3. dk, dv (KV-side) ------------------------------------------------------
+// Shared by the SM80 dk/dv kernel below and the Hopper one (attn_bwd_sm90.cuh).
+
+// Varlen: the z slice past the last sequence zeroes (or, with dk_in / dv_in, copies)
+// the key rows owned by no sequence; true when this CTA is that slice.
+template <int kDk, int kDv, class Element, class QSchedule>
+__device__ __forceinline__ bool dkv_padding_rows(const AttnBwdParams& p) {
+  if (blockIdx.z != p.num_seqs) return false;
+  const int64_t hkv = blockIdx.y, r0 = QSchedule::tail_begin(p);
+  zero_rows<kDk>(static_cast<Element*>(p.dk), static_cast<const Element*>(p.dk_in), p.dk_row_stride,
+                 p.dk_head_stride, r0, p.k_rows, hkv, hkv + 1);
+  zero_rows<kDv>(static_cast<Element*>(p.dv), static_cast<const Element*>(p.dv_in), p.dv_row_stride,
+                 p.dv_head_stride, r0, p.k_rows, hkv, hkv + 1);
+  return true;
+}
+
+// The query rows a dk/dv CTA visits, flattened as the forward's: row f is position
+// f / G of the query schedule and head hkv * G + f % G.
+template <class QSchedule>
+struct DkvQueries {
+  const AttnBwdParams& p;
+  const AttnBwdWorkspace& ws;
+  const QSchedule& qs;
+  SeqInfo si;
+  int64_t hkv, group, total;
+
+  __device__ DkvQueries(const AttnBwdParams& p_, const AttnBwdWorkspace& ws_, const QSchedule& qs_,
+                        const SeqInfo& si_, int64_t hkv_)
+      : p(p_), ws(ws_), qs(qs_), si(si_), hkv(hkv_), group(p_.group), total(qs_.n_pos * p_.group) {}
+  // The token of row f (-1: none).
+  __device__ int64_t token(int64_t f) const { return f < total ? qs.token(f / group) : -1; }
+  __device__ int64_t head(int64_t f) const { return hkv * group + f % group; }
+  __device__ int64_t steps(int rows_per_step) const { return (total + rows_per_step - 1) / rows_per_step; }
+
+  // The rows [step * kRows, +kRows) of q (Dk) and dout (Dv) into sQ and sdO (a
+  // stage). Each copying thread finds its rows' tokens itself, so the copies of a
+  // step can be issued in the same barrier interval as its row data is written.
+  template <int kRows, int kDk, int kDv, int kThreads, class Element, class SQ, class SdO>
+  __device__ void load_tiles(int64_t step, SQ&& sQ, SdO&& sdO, int tid) const {
+    const int64_t f0 = step * kRows;
+    auto query_row = [&](const void* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+      const Element* b = static_cast<const Element*>(base) + si.batch * batch_stride;
+      return [=, this](int r) -> const Element* {
+        const int64_t t = token(f0 + r);
+        return t < 0 ? nullptr : b + (si.row0 + t) * row_stride + head(f0 + r) * head_stride;
+      };
+    };
+    load_rows_async<kRows, kDk, kThreads>(sQ, query_row(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
+                                          static_cast<const Element*>(p.q), tid);
+    load_rows_async<kRows, kDv, kThreads>(
+        sdO, query_row(p.dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
+        static_cast<const Element*>(p.dout), tid);
+  }
+};
+
+// Per query row of a dk/dv step, in smem (one copy per pipeline stage): the CTA's
+// keys it sees, [lo, hi) as offsets from kb packed in one word (so that a thread
+// holds one per column), its log2-domain lse, delta and dout scale.
+struct DkvRowData {
+  static constexpr int kWords = 4;
+  uint32_t* range;
+  float *lse2, *delta, *scale;
+
+  __device__ DkvRowData(void* base, int rows) : range(static_cast<uint32_t*>(base)) {
+    float* words = reinterpret_cast<float*>(range + rows);
+    lse2 = words, delta = words + rows, scale = words + 2 * rows;
+  }
+  // {visible, lse2, delta, g} of the element (key r of the CTA, query row c).
+  __device__ __forceinline__ ElemInfo info(int r, int c) const {
+    const uint32_t rg = range[c];
+    return ElemInfo{uint32_t(r) >= (rg & 0xffffu) && uint32_t(r) < (rg >> 16), lse2[c], delta[c], scale[c]};
+  }
+
+  // Threads 0 .. kRows-1 write the rows [step * kRows, +kRows).
+  template <int kRows, class QSchedule>
+  __device__ void fill(const DkvQueries<QSchedule>& qr, int64_t step, int tid) const {
+    static_assert(kRows < 65536);
+    if (tid >= kRows) return;
+    const AttnBwdParams& p = qr.p;
+    const int64_t f = step * kRows + tid;
+    const int64_t t = qr.token(f);
+    int32_t lo = 0, hi = 0;
+    float l2 = INFINITY, dl = 0.f, g = 0.f;
+    if (t >= 0) {
+      const int64_t h = qr.head(f);
+      const int64_t idx = qr.si.batch * p.lse_batch_stride + h * p.lse_head_stride + qr.si.row0 + t;
+      l2 = lse_log2(static_cast<const float*>(p.lse)[idx]);
+      dl = qr.ws.delta[idx];
+      g = dout_scale(p, qr.si.batch, qr.si.row0 + t, h);
+      int64_t klo, khi;
+      qr.qs.key_range(t, klo, khi);
+      lo = int32_t(max(klo - qr.qs.kb, int64_t(0)));
+      hi = int32_t(max(min(khi, qr.qs.ke) - qr.qs.kb, int64_t(0)));
+    }
+    range[tid] = uint32_t(lo) | uint32_t(hi) << 16;
+    lse2[tid] = l2;
+    delta[tid] = dl;
+    scale[tid] = g;
+  }
+};
+
+// The CTA's key rows [kb, ke) of k and v into sK and sV (kBlockN rows; zeros past ke).
+template <int kBlockN, int kDk, int kDv, int kThreads, class Element, class QSchedule, class SK, class SV>
+__device__ __forceinline__ void load_dkv_key_tiles(const DkvQueries<QSchedule>& qr, SK& sK, SV& sV, int tid) {
+  const AttnBwdParams& p = qr.p;
+  const QSchedule& qs = qr.qs;
+  auto key_row = [&](const void* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    const Element* b = static_cast<const Element*>(base) + qr.si.batch * batch_stride + qr.hkv * head_stride;
+    return [=](int r) -> const Element* {
+      return qs.kb + r < qs.ke ? b + (qs.key_row0 + qs.kb + r) * row_stride : nullptr;
+    };
+  };
+  load_rows_async<kBlockN, kDk, kThreads>(sK, key_row(p.k, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
+                                          static_cast<const Element*>(p.k), tid);
+  load_rows_async<kBlockN, kDv, kThreads>(sV, key_row(p.v, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
+                                          static_cast<const Element*>(p.v), tid);
+}
+
+// dk = scale * acc_dk (+ dk_in) and dv = acc_dv (+ dv_in) for the CTA's key rows,
+// staged through sK and sV (no longer read). Every owned key row is written, zeros
+// where no query saw it.
+template <int kBlockN, int kDk, int kDv, int kThreads, class Element, class QSchedule, class AccK,
+          class AccV, class SK, class SV, class ThrK, class ThrV>
+__device__ __forceinline__ void store_dkdv_rows(const DkvQueries<QSchedule>& qr, AccK& acc_dk, AccV& acc_dv,
+                                                SK& sK, SV& sV, const ThrK& thr_dk, const ThrV& thr_dv,
+                                                int tid) {
+  const AttnBwdParams& p = qr.p;
+  const QSchedule& qs = qr.qs;
+#pragma unroll
+  for (int i = 0; i < cute::size(acc_dk); ++i) acc_dk(i) *= float(p.scale);
+  Element* dk = static_cast<Element*>(p.dk);
+  Element* dv = static_cast<Element*>(p.dv);
+  auto key_row = [&](Element* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    Element* b = base + qr.si.batch * batch_stride + qr.hkv * head_stride;
+    return [=](int r) -> Element* {
+      return qs.kb + r < qs.ke ? b + (qs.key_row0 + qs.kb + r) * row_stride : nullptr;
+    };
+  };
+  store_acc_rows<kBlockN, kDk, kThreads, Element>(
+      acc_dk, sK, thr_dk, tid, key_row(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride),
+      added_row(dk, static_cast<const Element*>(p.dk_in)));
+  store_acc_rows<kBlockN, kDv, kThreads, Element>(
+      acc_dv, sV, thr_dv, tid, key_row(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride),
+      added_row(dv, static_cast<const Element*>(p.dv_in)));
+}
+
 template <class Traits, class QSchedule>
 __global__ void __launch_bounds__(Traits::kThreads)
     attn_bwd_dkdv_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
@@ -383,21 +528,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(128) char smem[];
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
-  const int64_t G = p.group;
-  Element* dk = static_cast<Element*>(p.dk);
-  Element* dv = static_cast<Element*>(p.dv);
-  if (blockIdx.z == p.num_seqs) {  // varlen: key rows past the last sequence
-    const int64_t r0 = QSchedule::tail_begin(p);
-    zero_rows<kDk>(dk, static_cast<const Element*>(p.dk_in), p.dk_row_stride, p.dk_head_stride,
-                   r0, p.k_rows, hkv, hkv + 1);
-    zero_rows<kDv>(dv, static_cast<const Element*>(p.dv_in), p.dv_row_stride, p.dv_head_stride,
-                   r0, p.k_rows, hkv, hkv + 1);
-    return;
-  }
+  if (dkv_padding_rows<kDk, kDv, Element, QSchedule>(p)) return;
   const SeqInfo si = QSchedule::seq(p, blockIdx.z);
   QSchedule qs;
   if (!qs.init(p, ws, si, blockIdx.x, hkv)) return;
-  const int64_t kb = qs.kb, ke = qs.ke, key_row0 = qs.key_row0;
+  const DkvQueries<QSchedule> qr(p, ws, qs, si, hkv);
 
   // Key-side tiles in the A-operand roles, query-side tiles as B operands.
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
@@ -408,34 +543,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sQtNoSwizzle = make_tensor(sQ.data().get(), typename Traits::SmemLayoutSktNoSwizzle{});
   Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutSvt{});
   Tensor sdOtNoSwizzle = make_tensor(sdO.data().get(), typename Traits::SmemLayoutSvtNoSwizzle{});
-  // Per query row of a step, one copy per stage: the CTA's keys it sees, [lo, hi)
-  // as offsets from kb (empty for no row), its log2-domain lse, delta and dout scale.
-  struct RowData {
-    uint32_t* range;  // lo | hi << 16: one word, so a thread holds one per column
-    float *lse2, *delta, *scale;
-  };
-  static_assert(Traits::kRowWords == 4 && kBlockN < 65536);
   auto row_data = [&](auto stage) {
-    uint32_t* base = reinterpret_cast<uint32_t*>(smem + Traits::kSmemStreamTiles) +
-                     decltype(stage)::value * Traits::kRowWords * kBlockM;
-    float* words = reinterpret_cast<float*>(base + kBlockM);
-    return RowData{base, words, words + kBlockM, words + 2 * kBlockM};
+    return DkvRowData(smem + Traits::kSmemStreamTiles + decltype(stage)::value * DkvRowData::kWords * kBlockM * 4,
+                      kBlockM);
   };
 
-  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
-  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
-  const Element* dout = static_cast<const Element*>(p.dout) + si.batch * p.do_batch_stride;
-  const float* lse = static_cast<const float*>(p.lse) + si.batch * p.lse_batch_stride;
-  const float* delta = ws.delta + si.batch * p.lse_batch_stride;
-
-  auto key_row = [&](const Element* base, int64_t row_stride) {
-    return [=](int r) -> const Element* {
-      return kb + r < ke ? base + (key_row0 + kb + r) * row_stride : nullptr;
-    };
-  };
-  load_rows_async<kBlockN, kDk, kThreads>(sK, key_row(k, p.k_row_stride), k, tid);
-  load_rows_async<kBlockN, kDv, kThreads>(sV, key_row(v, p.v_row_stride), v, tid);
+  load_dkv_key_tiles<kBlockN, kDk, kDv, kThreads, Element>(qr, sK, sV, tid);
   cute::cp_async_fence();
 
   typename Traits::TiledMma mma;
@@ -469,55 +582,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor tScS = thr_mma.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
   const float scale_log2 = float(p.scale) * kLog2e;
-  const int64_t q_rows_total = qs.n_pos * G;
-
-  const int64_t steps = (q_rows_total + kBlockM - 1) / kBlockM;
-  // The token of flattened query row f (-1: none).
-  auto row_token = [&](int64_t f) -> int64_t { return f < q_rows_total ? qs.token(f / G) : -1; };
-
-  auto fill_row_data = [&](int64_t step, auto stage) {
-    if (tid >= kBlockM) return;
-    const RowData rd = row_data(stage);
-    const int64_t f = step * kBlockM + tid;
-    const int64_t t = row_token(f);
-    int32_t lo = 0, hi = 0;
-    float l2 = INFINITY, dl = 0.f, g = 0.f;
-    if (t >= 0) {
-      const int64_t h = hkv * G + f % G;
-      const int64_t idx = h * p.lse_head_stride + si.row0 + t;
-      l2 = lse_log2(lse[idx]);
-      dl = delta[idx];
-      g = dout_scale(p, si.batch, si.row0 + t, h);
-      int64_t klo, khi;
-      qs.key_range(t, klo, khi);
-      lo = int32_t(max(klo - kb, int64_t(0)));
-      hi = int32_t(max(min(khi, ke) - kb, int64_t(0)));
-    }
-    rd.range[tid] = uint32_t(lo) | uint32_t(hi) << 16;
-    rd.lse2[tid] = l2;
-    rd.delta[tid] = dl;
-    rd.scale[tid] = g;
-  };
-  // Each copying thread finds its rows' tokens itself, so the copies of a step can
-  // be issued in the same barrier interval as its row data is written.
-  auto load_q_tiles = [&](int64_t step, auto stage) {
-    const int64_t f0 = step * kBlockM;
-    auto query_row = [&](const Element* base, int64_t row_stride, int64_t head_stride) {
-      return [=](int r) -> const Element* {
-        const int64_t f = f0 + r;
-        const int64_t t = row_token(f);
-        if (t < 0) return nullptr;
-        return base + (si.row0 + t) * row_stride + (hkv * G + f % G) * head_stride;
-      };
-    };
-    constexpr int kOff = decltype(stage)::value * Traits::kStageElems;
-    auto sQ_st = shifted(sQ, kOff);
-    auto sdO_st = shifted(sdO, kOff);
-    load_rows_async<kBlockM, kDk, kThreads>(sQ_st, query_row(q, p.q_row_stride, p.q_head_stride),
-                                            static_cast<const Element*>(p.q), tid);
-    load_rows_async<kBlockM, kDv, kThreads>(sdO_st, query_row(dout, p.do_row_stride, p.do_head_stride),
-                                            static_cast<const Element*>(p.dout), tid);
-  };
+  const int64_t steps = qr.steps(kBlockM);
 
   // Two-stage pipeline, the stage a compile-time constant (steps come in pairs):
   // step i computes with stage i % 2 while the copies and the row data of step
@@ -525,12 +590,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
   auto run_step = [&](int64_t step, auto stage) {
     constexpr int kStage = decltype(stage)::value;
     constexpr int kOff = kStage * Traits::kStageElems;
+    constexpr int kNextOff = (1 - kStage) * Traits::kStageElems;
     cute::cp_async_wait<0>();
     __syncthreads();  // this step's Q, dO, row data (and K, V) landed; step - 1 is done
-    if (step + 1 < steps) load_q_tiles(step + 1, Int<1 - kStage>{});
+    if (step + 1 < steps)
+      qr.template load_tiles<kBlockM, kDk, kDv, kThreads, Element>(step + 1, shifted(sQ, kNextOff),
+                                                                   shifted(sdO, kNextOff), tid);
     cute::cp_async_fence();
-    if (step + 1 < steps) fill_row_data(step + 1, Int<1 - kStage>{});
-    const RowData rd = row_data(stage);
+    if (step + 1 < steps) row_data(Int<1 - kStage>{}).template fill<kBlockM>(qr, step + 1, tid);
+    const DkvRowData rd = row_data(stage);
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     clear(acc_s);
@@ -543,10 +611,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
-      const int r = get<0>(tScS_rc(mi, ni)), c = get<1>(tScS_rc(mi, ni));
-      const uint32_t range = rd.range[c];
-      return ElemInfo{uint32_t(r) >= (range & 0xffffu) && uint32_t(r) < (range >> 16), rd.lse2[c],
-                      rd.delta[c], rd.scale[c]};
+      return rd.info(get<0>(tScS_rc(mi, ni)), get<1>(tScS_rc(mi, ni)));
     });
 
     Tensor rP = make_tensor<Element>(acc_s.layout());
@@ -560,8 +625,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
                                     thr_copy_bt);
   };
   if (steps > 0) {
-    fill_row_data(0, _0{});
-    load_q_tiles(0, _0{});
+    row_data(_0{}).template fill<kBlockM>(qr, 0, tid);
+    qr.template load_tiles<kBlockM, kDk, kDv, kThreads, Element>(0, sQ, sdO, tid);
   }
   cute::cp_async_fence();
   for (int64_t step = 0; step < steps; step += 2) {
@@ -569,18 +634,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (step + 1 < steps) run_step(step + 1, _1{});
   }
 
-  // Every owned key row is written, zeros where no query saw it.
-#pragma unroll
-  for (int i = 0; i < size(acc_dk); ++i) acc_dk(i) *= float(p.scale);
-  Element* dk_b = dk + si.batch * p.dk_batch_stride + hkv * p.dk_head_stride;
-  Element* dv_b = dv + si.batch * p.dv_batch_stride + hkv * p.dv_head_stride;
-  // Staged through sK / sV (kBlockN rows; K and V are no longer read).
-  store_acc_rows<kBlockN, kDk, kThreads, Element>(acc_dk, sK, thr_mma, tid, [&](int r) -> Element* {
-    return kb + r < ke ? dk_b + (key_row0 + kb + r) * p.dk_row_stride : nullptr;
-  }, added_row(dk, static_cast<const Element*>(p.dk_in)));
-  store_acc_rows<kBlockN, kDv, kThreads, Element>(acc_dv, sV, thr_mma, tid, [&](int r) -> Element* {
-    return kb + r < ke ? dv_b + (key_row0 + kb + r) * p.dv_row_stride : nullptr;
-  }, added_row(dv, static_cast<const Element*>(p.dv_in)));
+  store_dkdv_rows<kBlockN, kDk, kDv, kThreads, Element>(qr, acc_dk, acc_dv, sK, sV, thr_mma, thr_mma, tid);
 }
 
 // --- launchers ----------------------------------------------------------------
@@ -589,12 +643,21 @@ inline void check_grid(int64_t x, const AttnBwdParams& p, int64_t z, const char*
     throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
 }
 
-// The dq launch of another kernel family (the Hopper one), or nullptr.
-using DqLauncher = void (*)(const AttnBwdParams&, const AttnBwdWorkspace&, cudaStream_t);
+// CTAs of the dk/dv kernel along grid x. With no key tile (no complete compressed
+// block), varlen still has the padding rows to zero: one.
+template <class QSchedule>
+int64_t dkv_key_tiles(const AttnBwdParams& p) {
+  const int64_t n = QSchedule::key_tiles(p);
+  return n == 0 && p.cu_seqlens != nullptr && p.k_rows > 0 ? 1 : n;
+}
+
+// The dq or dk/dv launch of another kernel family (the Hopper one), or nullptr.
+using BwdLauncher = void (*)(const AttnBwdParams&, const AttnBwdWorkspace&, cudaStream_t);
 
 template <class Traits, class Schedule, class QSchedule>
 void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
-                     const char* what, DqLauncher dq_launcher = nullptr) {
+                     const char* what, BwdLauncher dq_launcher = nullptr,
+                     BwdLauncher dkv_launcher = nullptr) {
   using Element = typename Traits::Element;
   if (p.num_heads_kv == 0 || p.num_seqs == 0 || p.seqlen == 0) return;
   // Varlen: one more z slice zeroes the padding rows owned by no sequence.
@@ -622,9 +685,8 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
     check_launch(what);
   }
 
-  int64_t n_blocks = QSchedule::key_tiles(p);
-  // No key tile (no complete compressed block): varlen still zeroes the padding rows.
-  if (n_blocks == 0 && p.cu_seqlens != nullptr && p.k_rows > 0) n_blocks = 1;
+  if (dkv_launcher != nullptr) return dkv_launcher(p, ws, stream);
+  const int64_t n_blocks = dkv_key_tiles<QSchedule>(p);
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
   const int smem_dkv = Traits::kSmemDkv;
@@ -640,25 +702,30 @@ void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream
   using Traits = AttnBwdTraits<kDk, kDv, typename ElementOf<kDType>::type>;
   constexpr int kN = Traits::kBlockN;  // keys per dk/dv CTA
   constexpr int kS = Traits::kBlockS;  // keys per dq KV tile
-  DqLauncher dq_sm90 = nullptr;
+  BwdLauncher dq_sm90 = nullptr, dkv_sm90 = nullptr;
 #ifdef NSA_SM90A_BUILT
-  // Not for Dk = 192: its 64 x 192 fp32 dQ accumulator with the S / dP tiles spills
-  // there (255 registers, 0.25 KB of spills); that dq stays on mma.sync.
-  if constexpr (kDk <= 128)
-    if (use_sm90_kernels(p.branch)) dq_sm90 = &run_attn_bwd_dq_sm90<kDk, kDv, kDType>;
+  // Not for Dk = 192: a 64 x 192 fp32 accumulator (dQ, dK) with the S / dP tiles
+  // spills there (dq: 255 registers, 0.25 KB of spills); those stay on mma.sync.
+  if constexpr (kDk <= 128) {
+    if (use_sm90_kernels()) {
+      dkv_sm90 = &run_attn_bwd_dkdv_sm90<kDk, kDv, kDType>;
+      // The selected branch's dq visits its tokens' block union per warp (mma.sync).
+      if (p.branch != Branch::kSelected) dq_sm90 = &run_attn_bwd_dq_sm90<kDk, kDv, kDType>;
+    }
+  }
 #endif
   switch (p.branch) {
     case Branch::kCompressed:
       launch_attn_bwd<Traits, CompressedSchedule<kS>, CompressedQuerySchedule<kN>>(
-          p, ws, stream, "compressed_attn_bwd", dq_sm90);
+          p, ws, stream, "compressed_attn_bwd", dq_sm90, dkv_sm90);
       break;
     case Branch::kSelected:
       launch_attn_bwd<Traits, SelectedSchedule<Traits::kBlockM, kS, Traits::kThreads>,
-                      SelectedQuerySchedule<kN>>(p, ws, stream, "selected_attn_bwd");
+                      SelectedQuerySchedule<kN>>(p, ws, stream, "selected_attn_bwd", nullptr, dkv_sm90);
       break;
     case Branch::kWindow:
-      launch_attn_bwd<Traits, WindowSchedule<kS>, WindowQuerySchedule<kN>>(p, ws, stream,
-                                                                          "window_attn_bwd", dq_sm90);
+      launch_attn_bwd<Traits, WindowSchedule<kS>, WindowQuerySchedule<kN>>(p, ws, stream, "window_attn_bwd",
+                                                                          dq_sm90, dkv_sm90);
       break;
   }
 }

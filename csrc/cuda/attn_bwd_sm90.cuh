@@ -197,6 +197,225 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
+// The dk/dv kernel's tiling: kWarpgroups warpgroups of 64 keys each (a CTA owns
+// kBlockN = 64 * kWarpgroups keys; two for the compressed and window branches, whose
+// CTAs visit long runs of queries, so that each Q / dO tile serves 128 keys; one for
+// the selected branch, whose blocks are l' = 64 keys). Per step, kBlockM query rows
+// (64; 32 for Dk >= 128, as the SM80 kernel's, so that the 64 x Dk and 64 x Dv fp32
+// accumulators of dK and dV leave room for the S^T and dP^T tiles):
+//   S^T  = K Q^T     wgmma SS (K, Q K-major), M = keys, N = query rows
+//   dP^T = V dO^T    wgmma SS (V, dO K-major), one more group
+//   dV  += P^T dO    wgmma RS (P^T from registers, dO^T MN-major), N = Dv
+//   dK  += dS^T Q    wgmma RS (dS^T from registers, Q^T MN-major), N = Dk
+template <int kDk_, int kDv_, class Element_, int kWarpgroups_>
+struct AttnBwdDkvTraitsSm90 {
+  using Element = Element_;
+  static constexpr int kDk = kDk_;
+  static constexpr int kDv = kDv_;
+  static constexpr int kWarpgroups = kWarpgroups_;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kBlockN = 64 * kWarpgroups;  // keys of the CTA
+  static constexpr int kBlockM = kDk >= 128 ? 32 : 64;  // query rows per step
+
+  using WarpgroupLayout = cute::Layout<cute::Shape<cute::Int<kWarpgroups>, cute::_1, cute::_1>>;
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockM>, cute::Int<kDk>>>(),
+      WarpgroupLayout{}));
+  template <int kN>
+  using TiledMmaAcc = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kN>, cute::Int<kBlockM>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      WarpgroupLayout{}));
+  using TiledMmaDk = TiledMmaAcc<kDk>;
+  using TiledMmaDv = TiledMmaAcc<kDv>;
+
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  template <int kRows, int kCols>
+  using Tile = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
+  // The transpose (kCols x kRows) of a Tile: the MN-major B operand of dV and dK.
+  template <int kRows, int kCols>
+  using TileT = decltype(cute::composition(
+      Tile<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+  using SmemLayoutK = Tile<kBlockN, kDk>;
+  using SmemLayoutV = Tile<kBlockN, kDv>;
+  using SmemLayoutQ = Tile<kBlockM, kDk>;
+  using SmemLayoutDo = Tile<kBlockM, kDv>;
+  using SmemLayoutQt = TileT<kBlockM, kDk>;
+  using SmemLayoutDot = TileT<kBlockM, kDv>;
+
+  // Smem: K and V (kBlockN rows), then three stages of (Q, dO) tiles (step i's S^T
+  // and dP^T GEMMs, step i-1's dV and dK GEMMs, still running, and step i+1's
+  // copies), then three stages of row data (DkvRowData).
+  static constexpr int kStages = 3;
+  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
+  static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
+  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
+  static constexpr int kSmemStage = kSmemQ + kBlockM * kDv * int(sizeof(Element));
+  static_assert(kSmemK % 1024 == 0 && kSmemV % 1024 == 0 && kSmemQ % 1024 == 0 && kSmemStage % 1024 == 0,
+                "swizzle atoms stay 1024-byte aligned");
+  static constexpr int kSmemTiles = kSmemK + kSmemV + kStages * kSmemStage;
+  static constexpr int kSmemRowData = DkvRowData::kWords * kBlockM * 4;
+  static constexpr int kSmem = kSmemTiles + kStages * kSmemRowData;
+};
+
+template <class Traits, class QSchedule>
+__global__ void __launch_bounds__(Traits::kThreads)
+    attn_bwd_dkdv_sm90_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
+#if NSA_SM90_KERNEL_BODY
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;  // query rows per step
+  constexpr int kBlockN = Traits::kBlockN;  // keys of the CTA
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kStages = Traits::kStages;
+
+  extern __shared__ __align__(1024) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  if (dkv_padding_rows<kDk, kDv, Element, QSchedule>(p)) return;
+  const SeqInfo si = QSchedule::seq(p, blockIdx.z);
+  QSchedule qs;
+  if (!qs.init(p, ws, si, blockIdx.x, hkv)) return;
+  const DkvQueries<QSchedule> qr(p, ws, qs, si, hkv);
+
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemK)),
+                          typename Traits::SmemLayoutV{});
+  auto stage_q = [&](int s) {
+    return reinterpret_cast<Element*>(smem + Traits::kSmemK + Traits::kSmemV + s * Traits::kSmemStage);
+  };
+  auto stage_do = [&](int s) { return reinterpret_cast<Element*>(reinterpret_cast<char*>(stage_q(s)) + Traits::kSmemQ); };
+  auto row_data = [&](int s) { return DkvRowData(smem + Traits::kSmemTiles + s * Traits::kSmemRowData, kBlockM); };
+
+  load_dkv_key_tiles<kBlockN, kDk, kDv, kThreads, Element>(qr, sK, sV, tid);
+  cute::cp_async_fence();
+
+  typename Traits::TiledMmaS mma_s;  // S^T and dP^T: kBlockN x kBlockM tiles, K-major operands
+  typename Traits::TiledMmaDk mma_dk;
+  typename Traits::TiledMmaDv mma_dv;
+  auto thr_s = mma_s.get_thread_slice(tid);
+  auto thr_dk = mma_dk.get_thread_slice(tid);
+  auto thr_dv = mma_dv.get_thread_slice(tid);
+  Tensor tSrK = thr_s.partition_fragment_A(sK);
+  Tensor tdPrV = thr_s.partition_fragment_A(sV);
+  // The operand descriptors of a stage's Q and dO (the stage a compile-time constant).
+  auto q_operands = [&](auto stage) {
+    constexpr int s = decltype(stage)::value;
+    Tensor sQ = make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDo{});
+    Tensor sQt = make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQt{});
+    Tensor sdOt = make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDot{});
+    return cute::make_tuple(thr_s.partition_fragment_B(sQ), thr_s.partition_fragment_B(sdO),
+                            thr_dk.partition_fragment_B(sQt), thr_dv.partition_fragment_B(sdOt));
+  };
+  auto load_q_tiles = [&](int64_t step, int s) {
+    qr.template load_tiles<kBlockM, kDk, kDv, kThreads, Element>(
+        step, make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQ{}),
+        make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDo{}), tid);
+  };
+  Tensor acc_dk = partition_fragment_C(mma_dk, Shape<Int<kBlockN>, Int<kDk>>{});
+  Tensor acc_dv = partition_fragment_C(mma_dv, Shape<Int<kBlockN>, Int<kDv>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  // (key, query row) of each element of an S^T tile.
+  Tensor cS = make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{});
+  Tensor tScS = thr_s.partition_C(cS);
+  Tensor tScS_rc = make_tensor(tScS.data(), gmma_acc_rowcol(tScS.layout()));
+  const float scale_log2 = float(p.scale) * kLog2e;
+  const int64_t steps = qr.steps(kBlockM);
+
+  // g P^T and dS^T of the step whose dV and dK GEMMs are still to issue (their A operands).
+  using AccLayout = decltype(partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{}).layout());
+  Tensor rP = make_tensor<Element>(AccLayout{});
+  Tensor rdS = make_tensor<Element>(AccLayout{});
+  Tensor tdVrP = make_tensor(rP.data(), gmma_acc_as_a_operand(rP.layout()));
+  Tensor tdKrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
+
+  // Step i in stage kStage: S^T_i and dP^T_i (two wgmma groups) and, with step i-1
+  // pending, its dV and dK GEMMs from the previous stage (two more), so that P_i and
+  // dS_i are computed on the CUDA cores while the tensor cores finish step i-1.
+  bool pending = false;
+  auto run_step = [&](int64_t step, auto stage) {
+    constexpr int kStage = decltype(stage)::value;
+    constexpr int kPrev = (kStage + kStages - 1) % kStages;
+    constexpr int kNext = (kStage + 1) % kStages;
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();  // step i's Q, dO, row data (and K, V) landed; every GEMM of step i-2 retired
+    if (step + 1 < steps) load_q_tiles(step + 1, kNext);
+    cute::cp_async_fence();
+    if (step + 1 < steps) row_data(kNext).template fill<kBlockM>(qr, step + 1, tid);
+
+    auto ops = q_operands(stage);
+    Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
+    gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrK, get<0>(ops), acc_s);
+    gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tdPrV, get<1>(ops), acc_dp);
+    if (pending) {
+      auto prev = q_operands(Int<kPrev>{});
+      gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(prev), acc_dv);
+      gemm_wgmma_issue</*kZeroInit=*/false>(mma_dk, tdKrdS, get<2>(prev), acc_dk);
+      warpgroup_wait<2>();  // S^T_i and dP^T_i (the older groups)
+    } else {
+      warpgroup_wait<0>();
+    }
+    warpgroup_fence_operand(acc_s);
+    warpgroup_fence_operand(acc_dp);
+
+    const DkvRowData rd = row_data(kStage);
+    Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
+    Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
+    probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
+      return rd.info(get<0>(tScS_rc(mi, ni)), get<1>(tScS_rc(mi, ni)));
+    });
+    if (pending) {
+      warpgroup_wait<0>();  // step i-1's dV and dK: rP and rdS are free
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(acc_dk);
+      warpgroup_fence_operand(rP);
+      warpgroup_fence_operand(rdS);
+    }
+    convert_fragment(acc_s, rP);
+    convert_fragment(acc_dp, rdS);
+    pending = true;
+  };
+  if (steps > 0) {
+    row_data(0).template fill<kBlockM>(qr, 0, tid);
+    load_q_tiles(0, 0);
+  }
+  cute::cp_async_fence();
+  int last_stage = 0;
+  for (int64_t step = 0; step < steps; step += kStages) {
+    run_step(step, _0{});
+    last_stage = 0;
+    if (step + 1 >= steps) break;
+    run_step(step + 1, _1{});
+    last_stage = 1;
+    if (step + 2 >= steps) break;
+    run_step(step + 2, _2{});
+    last_stage = 2;
+  }
+  if (pending) {  // the last step's dV and dK (its Q and dO landed at its barrier)
+    auto last = [&](auto stage) {
+      auto ops = q_operands(stage);
+      gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(ops), acc_dv);
+      gemm_wgmma</*kZeroInit=*/false>(mma_dk, tdKrdS, get<2>(ops), acc_dk);
+      warpgroup_fence_operand(acc_dv);
+      warpgroup_fence_operand(rP);
+    };
+    if (last_stage == 0) last(_0{});
+    else if (last_stage == 1) last(_1{});
+    else last(_2{});
+  }
+
+  store_dkdv_rows<kBlockN, kDk, kDv, kThreads, Element>(qr, acc_dk, acc_dv, sK, sV, thr_dk, thr_dv, tid);
+#endif  // NSA_SM90_KERNEL_BODY
+}
+
 template <class Traits, class Schedule>
 void launch_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
                              const char* what) {
@@ -226,6 +445,41 @@ void run_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cu
       break;
     case Branch::kSelected:
       throw std::runtime_error("nsa_cuda: selected_attn_bwd has no sm90 (wgmma) dq kernel");
+  }
+}
+
+template <class Traits, class QSchedule>
+void launch_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
+                               const char* what) {
+  const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
+  const int64_t n_blocks = dkv_key_tiles<QSchedule>(p);
+  if (n_blocks == 0) return;
+  check_grid(n_blocks, p, z, what);
+  auto kernel = attn_bwd_dkdv_sm90_kernel<Traits, QSchedule>;
+  set_smem_limit(kernel, Traits::kSmem, what);
+  NSA_LAUNCH(dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
+             Traits::kSmem, stream, kernel)(p, ws);
+  check_launch(what);
+}
+
+template <int kDk, int kDv, DType kDType>
+void run_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream) {
+  using Element = typename ElementOf<kDType>::type;
+  using Wide = AttnBwdDkvTraitsSm90<kDk, kDv, Element, 2>;
+  using Narrow = AttnBwdDkvTraitsSm90<kDk, kDv, Element, 1>;
+  switch (p.branch) {
+    case Branch::kCompressed:
+      launch_attn_bwd_dkdv_sm90<Wide, CompressedQuerySchedule<Wide::kBlockN>>(p, ws, stream,
+                                                                             "compressed_attn_bwd (sm90 dk/dv)");
+      break;
+    case Branch::kWindow:
+      launch_attn_bwd_dkdv_sm90<Wide, WindowQuerySchedule<Wide::kBlockN>>(p, ws, stream,
+                                                                         "window_attn_bwd (sm90 dk/dv)");
+      break;
+    case Branch::kSelected:
+      launch_attn_bwd_dkdv_sm90<Narrow, SelectedQuerySchedule<Narrow::kBlockN>>(p, ws, stream,
+                                                                               "selected_attn_bwd (sm90 dk/dv)");
+      break;
   }
 }
 

@@ -148,7 +148,7 @@ template <int kDk, int kDv, DType kDType>
 void run_attn_fwd(const AttnFwdParams& p, cudaStream_t stream) {
   using Traits = AttnTraits<kDk, kDv, typename ElementOf<kDType>::type>;
 #ifdef NSA_SM90A_BUILT
-  if (use_sm90_kernels(p.branch)) return run_attn_fwd_sm90<kDk, kDv, kDType>(p, stream);
+  if (p.branch != Branch::kSelected && use_sm90_kernels()) return run_attn_fwd_sm90<kDk, kDv, kDType>(p, stream);
 #endif
   switch (p.branch) {
     case Branch::kCompressed: {

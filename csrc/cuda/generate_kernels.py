@@ -27,9 +27,11 @@ namespace nsa::cuda {{
 template void run_attn_fwd_sm90<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaStream_t);
 {dq}}}  // namespace nsa::cuda
 """
-# The Hopper dq kernel serves Dk <= 128 (attn_bwd.cuh: run_attn_bwd).
+# The Hopper backward kernels serve Dk <= 128 (attn_bwd.cuh: run_attn_bwd).
 ATTN_SM90_DQ = """template void run_attn_bwd_dq_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
                                                          const AttnBwdWorkspace&, cudaStream_t);
+template void run_attn_bwd_dkdv_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
+                                                           const AttnBwdWorkspace&, cudaStream_t);
 """
 
 ATTN_BWD = HEADER + """#include "cuda/attn_bwd.cuh"

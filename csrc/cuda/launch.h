@@ -23,19 +23,22 @@ void run_attn_fwd(const AttnFwdParams& params, cudaStream_t stream);
 template <int kDk, int kDv, DType kDType>
 void run_attn_fwd_sm90(const AttnFwdParams& params, cudaStream_t stream);
 
-// Whether run_attn_fwd and run_attn_bwd take the wgmma kernels for `branch`
-// (arch_dispatch.cu): the compressed and window forward and dq on a compute
-// capability 9.0 device when this build has sm_90a code. NSA_MAINLOOP (read at each
-// call) overrides: "sm80" keeps the mma.sync kernels everywhere, "sm90" asks for
-// wgmma and throws where it cannot run; "auto" or unset is the rule above. The
-// selected branch, the dk/dv kernels and the decode always run mma.sync.
-bool use_sm90_kernels(Branch branch);
+// Whether run_attn_fwd and run_attn_bwd take the wgmma kernels where they have one
+// (arch_dispatch.cu): on a compute capability 9.0 device when this build has sm_90a
+// code. NSA_MAINLOOP (read at each call) overrides: "sm80" keeps the mma.sync
+// kernels everywhere, "sm90" asks for wgmma and throws where it cannot run; "auto"
+// or unset is the rule above. The wgmma kernels: the compressed and window forward
+// and dq, and the dk/dv of all three branches, for Dk <= 128 in the backward. The
+// selected forward and dq, the selection scores and the decode run mma.sync.
+bool use_sm90_kernels();
 
-// The Hopper dq kernel of the compressed and window backward (attn_bwd_sm90.cuh);
-// instantiated next to run_attn_fwd_sm90.
+// The Hopper backward kernels (attn_bwd_sm90.cuh): dq of the compressed and window
+// branches, dk/dv of all three; instantiated next to run_attn_fwd_sm90 for Dk <= 128.
 struct AttnBwdWorkspace;
 template <int kDk, int kDv, DType kDType>
 void run_attn_bwd_dq_sm90(const AttnBwdParams& params, const AttnBwdWorkspace& ws, cudaStream_t stream);
+template <int kDk, int kDv, DType kDType>
+void run_attn_bwd_dkdv_sm90(const AttnBwdParams& params, const AttnBwdWorkspace& ws, cudaStream_t stream);
 
 // Block selection (scores from q.k_cmp and lse_cmp, top-n per kv head).
 // Instantiations in csrc/cuda/instantiations/select_hdim*.cu.
