@@ -1,6 +1,7 @@
 """A small case of every CUDA kernel, for compute-sanitizer (memcheck, racecheck):
 the forward and backward of each branch and of mean compression (batch and varlen,
-on sm_90 the compressed and window forward and dq on both the wgmma and mma.sync kernels,
+on sm_90 both the wgmma and the mma.sync kernels: the compressed and window forward
+and dq, and every branch's dk/dv,
 each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
 the three branches, selection and update_cmp_cache, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
@@ -42,14 +43,16 @@ def run(dk, dv, G, dtype, lengths=None):
     o_s, lse_s = OPS.selected_attn_fwd(q, k, v, bi2, cu, ms, lp, scale)
     o_w, lse_w = OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
     if torch.cuda.get_device_capability() == (9, 0):
-        # The calls above (and the backward below) run the wgmma compressed and window
-        # forward and dq kernels; these, the mma.sync ones.
+        # The calls above (and the backward below) run the wgmma kernels: the compressed
+        # and window forward, and for Dk <= 128 their dq and every branch's dk/dv.
+        # These, the mma.sync ones.
         os.environ["NSA_MAINLOOP"] = "sm80"
         try:
             OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
             OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
             do_ = torch.randn_like(o_w)
             OPS.compressed_attn_bwd(do_, None, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale)
+            OPS.selected_attn_bwd(do_, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale)
             OPS.window_attn_bwd(do_, None, q, k, v, o_w, lse_w, cu, ms, 40, scale)
         finally:
             del os.environ["NSA_MAINLOOP"]

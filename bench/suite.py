@@ -441,14 +441,26 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
-        # The rows above run the wgmma kernels here (NSA_MAINLOOP=auto); these,
-        # the mma.sync ones the sm_80 build runs, on the same inputs.
+        # The rows above run the wgmma kernels here (NSA_MAINLOOP=auto) where there
+        # are some: the compressed and window forward, and for Dk <= 128 their dq and
+        # every branch's dk/dv. These rows force the mma.sync kernels (what the sm_80
+        # build runs) on the same inputs.
         snote = bnote + "; forward forced onto the mma.sync kernel (NSA_MAINLOOP=sm80)"
         with torch.no_grad():
             run.add(base, f"{op_prefix}.branch.compressed_sm80", "fwd", on_mainloop("sm80", cmp),
                     nsets=len(sets), flops=fl["fwd"]["compressed"], note=snote)
             run.add(base, f"{op_prefix}.branch.window_sm80", "fwd", on_mainloop("sm80", wnd),
                     nsets=len(sets), flops=fl["fwd"]["window"], note=snote)
+
+        def sm80_bwd(i, out):  # the backward of a branch's output, on the mma.sync kernels
+            def call(j):
+                _backward(out, sets[j]["do"])
+                _zero_grads(sets[j])
+            on_mainloop("sm80", call)(i)
+        bnote80 = bnote + "; backward forced onto the mma.sync kernels (NSA_MAINLOOP=sm80)"
+        for name, fn in (("compressed", cmp), ("selected", slc), ("window", wnd)):
+            run.add(base, f"{op_prefix}.branch.{name}_sm80", "bwd", sm80_bwd, setup=fn,
+                    nsets=len(sets), flops=fl["bwd"][name], note=bnote80)
     add_passes(run, base, f"{op_prefix}.branch.combine", combine, sets, lambda p: None,
                note=bnote + "; gate_combine: g_cmp*o_cmp + g_slc*o_slc + g_win*o_win")
     add_passes(run, base, f"{op_prefix}.branch.combine_torch", combine_torch, sets,

@@ -249,7 +249,7 @@ def test_compressed_bwd(dims, dtype, G, mainloop):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_selected_bwd(dims, dtype, G):
+def test_selected_bwd(dims, dtype, G, mainloop):
     q, k, v = qkv(2, 300, 2, G, *dims, dtype)
     check_selected_bwd(q, k, v, random_block_indices(2, 300, 2, 3, 32, seed=G), 32)
 
@@ -270,7 +270,7 @@ def test_compressed_bwd_lengths(T, mainloop):
 
 @pytest.mark.parametrize("T,lp,n", [(1, 64, 16), (20, 64, 4), (130, 64, 2), (333, 16, 5),
                                     (257, 128, 3), (300, 32, 8)])
-def test_selected_bwd_lengths(T, lp, n):
+def test_selected_bwd_lengths(T, lp, n, mainloop):
     q, k, v = qkv(1, T, 1, 4, 64, 64, torch.float16)
     check_selected_bwd(q, k, v, random_block_indices(1, T, 1, n, lp, seed=T), lp)
 

@@ -704,14 +704,13 @@ void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream
   constexpr int kS = Traits::kBlockS;  // keys per dq KV tile
   BwdLauncher dq_sm90 = nullptr, dkv_sm90 = nullptr;
 #ifdef NSA_SM90A_BUILT
-  // Not for Dk = 192: a 64 x 192 fp32 accumulator (dQ, dK) with the S / dP tiles
-  // spills there (dq: 255 registers, 0.25 KB of spills); those stay on mma.sync.
-  if constexpr (kDk <= 128) {
-    if (use_sm90_kernels()) {
-      dkv_sm90 = &run_attn_bwd_dkdv_sm90<kDk, kDv, kDType>;
-      // The selected branch's dq visits its tokens' block union per warp (mma.sync).
+  if (use_sm90_kernels()) {
+    dkv_sm90 = &run_attn_bwd_dkdv_sm90<kDk, kDv, kDType>;
+    // Not the selected branch's dq (its CTA visits the union of its tokens' blocks
+    // with a per-warp skip, as its forward does), nor the dq for Dk = 192 (its 64 x 192
+    // fp32 accumulator with the S / dP tiles spills: 255 registers, 0.25 KB).
+    if constexpr (kDk <= 128)
       if (p.branch != Branch::kSelected) dq_sm90 = &run_attn_bwd_dq_sm90<kDk, kDv, kDType>;
-    }
   }
 #endif
   switch (p.branch) {

@@ -1,13 +1,18 @@
-// The Hopper (sm_90a) dq kernel of the compressed and window backward: the query-side
-// loop of attn_bwd.cuh's attn_bwd_dq_kernel with warpgroup MMAs, on the forward's
-// Hopper tiling (attn_fwd_sm90.cuh: two warpgroups, 128 rows; 64 keys per tile, 32
-// for Dk >= 128):
-//   S  = Q K^T     wgmma SS (Q, K K-major)
-//   dP = dO V^T    wgmma SS (dO, V K-major), issued in the same group as S
-//   dQ += dS K     wgmma RS (dS from registers, K^T MN-major), N = Dk
-// K and V tiles have three stages: tile j+1's cp.async and tile j-1's dQ GEMM run
-// under tile j's S and dP, and dS_j is computed while dS_{j-1} K_{j-1} finishes. The
-// dk/dv kernel and the selected branch stay on mma.sync.
+// The Hopper (sm_90a) backward kernels, warpgroup MMAs in place of mma.sync
+// (attn_bwd.cuh's run_attn_bwd picks them):
+// 1. dq of the compressed and window branches, Dk <= 128: the query-side loop of
+//    attn_bwd_dq_kernel on the forward's Hopper tiling (attn_fwd_sm90.cuh: two
+//    warpgroups, 128 rows; 64 keys per tile, 32 for Dk >= 128):
+//      S  = Q K^T     wgmma SS (Q, K K-major)
+//      dP = dO V^T    wgmma SS (dO, V K-major), issued in the same group as S
+//      dQ += dS K     wgmma RS (dS from registers, K^T MN-major), N = Dk
+//    K and V tiles have three stages: tile j+1's cp.async and tile j-1's dQ GEMM run
+//    under tile j's S and dP, and dS_j is computed while dS_{j-1} K_{j-1} finishes.
+// 2. dk/dv of all three branches: the KV-side loop of attn_bwd_dkdv_kernel (the same
+//    query schedules, row data and epilogue), pipelined the same way over three
+//    stages of Q / dO tiles (AttnBwdDkvTraitsSm90).
+// The selected branch's dq stays on mma.sync: like its forward, a CTA visits the
+// union of its tokens' blocks with a per-warp skip.
 #pragma once
 
 #include "cuda/attn_bwd.cuh"
@@ -201,8 +206,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // kBlockN = 64 * kWarpgroups keys; two for the compressed and window branches, whose
 // CTAs visit long runs of queries, so that each Q / dO tile serves 128 keys; one for
 // the selected branch, whose blocks are l' = 64 keys). Per step, kBlockM query rows
-// (64; 32 for Dk >= 128, as the SM80 kernel's, so that the 64 x Dk and 64 x Dv fp32
-// accumulators of dK and dV leave room for the S^T and dP^T tiles):
+// (64; 32 for Dk = 128 as the SM80 kernel's, 16 for Dk = 192, so that the 64 x Dk
+// and 64 x Dv fp32 accumulators of dK and dV leave room for the S^T and dP^T tiles):
 //   S^T  = K Q^T     wgmma SS (K, Q K-major), M = keys, N = query rows
 //   dP^T = V dO^T    wgmma SS (V, dO K-major), one more group
 //   dV  += P^T dO    wgmma RS (P^T from registers, dO^T MN-major), N = Dv
@@ -215,7 +220,7 @@ struct AttnBwdDkvTraitsSm90 {
   static constexpr int kWarpgroups = kWarpgroups_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockN = 64 * kWarpgroups;  // keys of the CTA
-  static constexpr int kBlockM = kDk >= 128 ? 32 : 64;  // query rows per step
+  static constexpr int kBlockM = kDk >= 192 ? 16 : kDk >= 128 ? 32 : 64;  // query rows per step
 
   using WarpgroupLayout = cute::Layout<cute::Shape<cute::Int<kWarpgroups>, cute::_1, cute::_1>>;
   using TiledMmaS = decltype(cute::make_tiled_mma(

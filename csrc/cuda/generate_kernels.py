@@ -27,10 +27,12 @@ namespace nsa::cuda {{
 template void run_attn_fwd_sm90<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaStream_t);
 {dq}}}  // namespace nsa::cuda
 """
-# The Hopper backward kernels serve Dk <= 128 (attn_bwd.cuh: run_attn_bwd).
+# The Hopper dq kernel serves Dk <= 128, the dk/dv kernel every head dim
+# (attn_bwd.cuh: run_attn_bwd).
 ATTN_SM90_DQ = """template void run_attn_bwd_dq_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
                                                          const AttnBwdWorkspace&, cudaStream_t);
-template void run_attn_bwd_dkdv_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
+"""
+ATTN_SM90_DKDV = """template void run_attn_bwd_dkdv_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
                                                            const AttnBwdWorkspace&, cudaStream_t);
 """
 
@@ -67,7 +69,8 @@ def files():
         for name, dt in DTYPES.items():
             out[f"attn_fwd_hdim{dk}x{dv}_{name}.cu"] = ATTN.format(dk=dk, dv=dv, dt=dt)
             out[f"attn_sm90_hdim{dk}x{dv}_{name}.cu"] = ATTN_SM90.format(
-                dk=dk, dv=dv, dt=dt, dq=ATTN_SM90_DQ.format(dk=dk, dv=dv, dt=dt) if dk <= 128 else "")
+                dk=dk, dv=dv, dt=dt, dq=(ATTN_SM90_DQ.format(dk=dk, dv=dv, dt=dt) if dk <= 128 else "")
+                + ATTN_SM90_DKDV.format(dk=dk, dv=dv, dt=dt))
             out[f"attn_bwd_hdim{dk}x{dv}_{name}.cu"] = ATTN_BWD.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)
             out[f"decode_hdim{dk}x{dv}_{name}.cu"] = DECODE.format(dk=dk, dv=dv, dt=dt)

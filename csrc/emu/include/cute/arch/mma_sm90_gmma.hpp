@@ -119,6 +119,8 @@ struct NsaEmuGmmaRS<kN, kBf16, tnspA, tnspB, std::index_sequence<I...>> {
     static_assert(scaleA == GMMA::ScaleIn::One && scaleB == GMMA::ScaleIn::One,            \
                   "the emulator models unscaled operands only");                           \
   };
+NSA_EMU_GMMA(MMA_64x16x16_F32F16F16_SS, 16, false, SS)
+NSA_EMU_GMMA(MMA_64x16x16_F32BF16BF16_SS, 16, true, SS)
 NSA_EMU_GMMA(MMA_64x32x16_F32F16F16_SS, 32, false, SS)
 NSA_EMU_GMMA(MMA_64x32x16_F32BF16BF16_SS, 32, true, SS)
 NSA_EMU_GMMA(MMA_64x64x16_F32F16F16_SS, 64, false, SS)
