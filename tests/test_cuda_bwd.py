@@ -275,6 +275,22 @@ def test_selected_bwd_lengths(T, lp, n, mainloop):
     check_selected_bwd(q, k, v, random_block_indices(1, T, 1, n, lp, seed=T), lp)
 
 
+@pytest.mark.parametrize("chunk_rows", ["64", "1000"])
+def test_compressed_bwd_split(chunk_rows, mainloop, monkeypatch):
+    """NSA_DKV_CHUNK_ROWS small: the compressed dk/dv splits each key tile's queries
+    into chunks (fp32 partial sums, then the reduce kernel), batch and varlen, with
+    gradients to add (test_bwd_bitwise_repeatable runs it twice)."""
+    monkeypatch.setenv("NSA_DKV_CHUNK_ROWS", chunk_rows)
+    q, k, v = qkv(2, 1500, 2, 4, 128, 128, torch.bfloat16)
+    check_compressed_bwd(q, *cmp_kv(k, v, 32, 16), 32, 16)
+    lengths = [1, 17, 1200, 64, 333]
+    cu, total, ms = make_cu(lengths), sum(lengths), max(lengths)
+    q, k, v = qkv(1, total, 2, 3, 192, 128, torch.float16)
+    check_compressed_bwd(q, *cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
+    args, kw = varlen_inputs(64, 64, torch.bfloat16, padding=7)
+    check_added_grads(*args, 32, 16, **kw)
+
+
 @pytest.mark.parametrize("T,w", [(1, 512), (20, 512), (300, 1), (300, 64), (300, 65),
                                  (1000, 512), (130, 129)])
 def test_window_bwd_lengths(T, w, mainloop):
@@ -388,7 +404,9 @@ def test_sparse_attn_compiled(backend):
 
 # --------------------------------------------------------------------------- determinism
 
-def test_bwd_bitwise_repeatable(mainloop):
+@pytest.mark.parametrize("chunk_rows", ["", "256"], ids=["default", "split256"])
+def test_bwd_bitwise_repeatable(chunk_rows, mainloop, monkeypatch):
+    monkeypatch.setenv("NSA_DKV_CHUNK_ROWS", chunk_rows)  # 256: the compressed dk/dv split
     B, T, Hkv, G, lp = 2, 700, 2, 4, 64
     q, k, v = qkv(B, T, Hkv, G, 128, 128, torch.bfloat16)
     kc, vc = cmp_kv(k, v, 32, 16)

@@ -343,6 +343,32 @@ def test_compressed_bwd(B, dims, T, G, mainloop):
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
 
 
+@pytest.mark.parametrize("chunk_rows", ["40", "7"])
+def test_compressed_bwd_split(B, chunk_rows, mainloop, monkeypatch):
+    """NSA_DKV_CHUNK_ROWS small: the compressed dk/dv splits each key tile's queries
+    into chunks (fp32 partial sums, then the reduce kernel), batch and varlen, with
+    gradients to add."""
+    monkeypatch.setenv("NSA_DKV_CHUNK_ROWS", chunk_rows)
+    q, k, v = B.qkv(2, 150, 2, 2, *DIMS[0])
+    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
+    lengths = [1, 17, 150, 64, 33]
+    cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
+    q, k, v = B.qkv(1, total, 2, 3, *DIMS[0])
+    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
+    args, kw = B.varlen_inputs(*DIMS[0], padding=7)
+    B.check_added_grads(*args, 32, 16, **kw)
+
+
+def test_compressed_bwd_split_setting(B, emu, monkeypatch):
+    q, k, v = B.qkv(1, 100, 1, 2, *DIMS[0])
+    kc, vc = B.cmp_kv(k, v, 32, 16)
+    o, lse = B._cmp_fwd(q, kc, vc, None, 100, (32, 16), 0.125)
+    for bad in ("0", "-3", "many"):
+        monkeypatch.setenv("NSA_DKV_CHUNK_ROWS", bad)
+        with pytest.raises(RuntimeError, match="NSA_DKV_CHUNK_ROWS must be a positive integer"):
+            emu.compressed_attn_bwd(torch.rand_like(o), None, q, kc, vc, o, lse, None, 100, 32, 16, 0.125)
+
+
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (150, 2, 16, 5),
                                       (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6),

@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "api/kernel_instances.h"
 #include "api/op_bodies.h"
@@ -180,6 +181,16 @@ void dispatch_attn_bwd(const AttnBwdParams& p, DType dt, cudaStream_t s, const c
     ws.delta = p.delta_in != nullptr ? static_cast<float*>(const_cast<void*>(p.delta_in))
                                      : delta.data_ptr<float>();
     ws.q_rows = p.lse_head_stride;  // lse is a contiguous [B, Hq, T]
+    // Scratch the launchers size (the dk/dv split's partial sums), freed when this
+    // op returns: the caching allocator reuses it only for later work on this stream.
+    std::vector<at::Tensor> scratch;
+    ws.alloc_ctx = &scratch;
+    ws.alloc_floats = [](void* ctx, int64_t n) -> float* {
+      auto& keep = *static_cast<std::vector<at::Tensor>*>(ctx);
+      keep.push_back(at::empty({n}, at::TensorOptions().device(at::kCUDA, c10::cuda::current_device())
+                                        .dtype(at::kFloat)));
+      return keep.back().data_ptr<float>();
+    };
     at::Tensor sorted_keys;
     if (p.branch == Branch::kSelected) {
       at::Tensor keys = at::empty({nsa::cuda::slc_inverse_key_count(p)}, opts.dtype(at::kLong));

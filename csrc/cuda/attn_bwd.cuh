@@ -14,6 +14,9 @@
 // run under this step's GEMMs, with one barrier per step.
 #pragma once
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "cuda/attn_traits.cuh"
 #include "cuda/kv_schedule.cuh"
 #include "cuda/query_tile.cuh"
@@ -486,6 +489,16 @@ __device__ __forceinline__ void load_dkv_key_tiles(const DkvQueries<QSchedule>& 
                                           static_cast<const Element*>(p.v), tid);
 }
 
+// A kRows x kCols fp32 accumulator into the row-major `out` (a partial sum).
+template <int kRows, int kCols, class Acc, class ThrMma>
+__device__ __forceinline__ void store_acc_partial(const Acc& acc, float* out, const ThrMma& thr_mma) {
+  using namespace cute;
+  Tensor g = make_tensor(make_gmem_ptr(out), make_layout(Shape<Int<kRows>, Int<kCols>>{}, LayoutRight{}));
+  Tensor tg = thr_mma.partition_C(g);
+#pragma unroll
+  for (int i = 0; i < size(acc); ++i) tg(i) = acc(i);
+}
+
 // dk = scale * acc_dk (+ dk_in) and dv = acc_dv (+ dv_in) for the CTA's key rows,
 // staged through sK and sV (no longer read). Every owned key row is written, zeros
 // where no query saw it.
@@ -498,6 +511,16 @@ __device__ __forceinline__ void store_dkdv_rows(const DkvQueries<QSchedule>& qr,
   const QSchedule& qs = qr.qs;
 #pragma unroll
   for (int i = 0; i < cute::size(acc_dk); ++i) acc_dk(i) *= float(p.scale);
+  if constexpr (QSchedule::kSplits) {
+    if (qs.slot >= 0) {  // one chunk of the tile's queries: fp32 partial sums
+      float* part = qr.ws.dkv_partial +
+                    ((int64_t(blockIdx.z) * p.num_heads_kv + qr.hkv) * qr.ws.dkv_slots + qs.slot) *
+                        (kBlockN * (kDk + kDv));
+      store_acc_partial<kBlockN, kDk>(acc_dk, part, thr_dk);
+      store_acc_partial<kBlockN, kDv>(acc_dv, part + kBlockN * kDk, thr_dv);
+      return;
+    }
+  }
   Element* dk = static_cast<Element*>(p.dk);
   Element* dv = static_cast<Element*>(p.dv);
   auto key_row = [&](Element* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
@@ -643,12 +666,95 @@ inline void check_grid(int64_t x, const AttnBwdParams& p, int64_t z, const char*
     throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
 }
 
-// CTAs of the dk/dv kernel along grid x. With no key tile (no complete compressed
-// block), varlen still has the padding rows to zero: one.
-template <class QSchedule>
-int64_t dkv_key_tiles(const AttnBwdParams& p) {
-  const int64_t n = QSchedule::key_tiles(p);
+// The split tiles' partial sums, added up in chunk order: dk = sum (+ dk_in), dv
+// likewise, for the key rows of tile blockIdx.x that exist in the sequence. One
+// thread per 4 columns of a row; bitwise the same every run.
+template <int kBlockN, int kDk, int kDv, class Element, class QSchedule>
+__global__ void __launch_bounds__(256) attn_bwd_dkdv_reduce_kernel(const AttnBwdParams p,
+                                                                   const AttnBwdWorkspace ws) {
+  const int64_t j = blockIdx.x, hkv = blockIdx.y;
+  const int64_t nch = QSchedule::chunks(p, ws.dkv_chunk_pos, j);
+  if (nch <= 1) return;
+  const SeqInfo si = QSchedule::seq(p, blockIdx.z);
+  QSchedule qs;
+  if (!qs.init(p, ws, si, -1, int(hkv), j)) return;
+  constexpr int kCols = kDk + kDv, kSlot = kBlockN * kCols;
+  const float* part = ws.dkv_partial + ((int64_t(blockIdx.z) * p.num_heads_kv + hkv) * ws.dkv_slots + qs.slot) * kSlot;
+  for (int idx = threadIdx.x; idx < kBlockN * kCols / 4; idx += blockDim.x) {
+    const int r = idx / (kCols / 4), col = idx % (kCols / 4) * 4;
+    if (qs.kb + r >= qs.ke) continue;
+    const bool is_k = col < kDk;
+    const int off = is_k ? r * kDk + col : kBlockN * kDk + r * kDv + (col - kDk);
+    float4 sum = *reinterpret_cast<const float4*>(part + off);
+    for (int64_t c = 1; c < nch; ++c) {
+      const float4 x = *reinterpret_cast<const float4*>(part + c * kSlot + off);
+      sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
+    }
+    const int64_t row = qs.key_row0 + qs.kb + r;
+    Element* out = is_k ? static_cast<Element*>(p.dk) + si.batch * p.dk_batch_stride + hkv * p.dk_head_stride +
+                              row * p.dk_row_stride + col
+                        : static_cast<Element*>(p.dv) + si.batch * p.dv_batch_stride + hkv * p.dv_head_stride +
+                              row * p.dv_row_stride + (col - kDk);
+    const Element* in = static_cast<const Element*>(is_k ? p.dk_in : p.dv_in);
+    float v[4] = {sum.x, sum.y, sum.z, sum.w};
+    if (in != nullptr) {  // as store_chunk: the gradient rounded, then the input added
+      const Element* a = in + (out - static_cast<Element*>(is_k ? p.dk : p.dv));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = float(Element(v[i])) + float(a[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = Element(v[i]);
+  }
+}
+
+// Query positions per chunk of the compressed dk/dv split: NSA_DKV_CHUNK_ROWS
+// (read per call; default 65536) flattened query rows, over the group's heads.
+inline int64_t dkv_chunk_positions(const AttnBwdParams& p) {
+  const char* env = std::getenv("NSA_DKV_CHUNK_ROWS");
+  int64_t rows = 65536;
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    rows = std::strtoll(env, &end, 10);
+    if (*end != '\0' || rows <= 0)
+      throw std::runtime_error(std::string("NSA_DKV_CHUNK_ROWS must be a positive integer, got '") + env + "'");
+  }
+  return std::max<int64_t>(1, rows / std::max<int64_t>(1, p.group));
+}
+
+// The dk/dv launch of QSchedule at kBlockN keys per CTA: its CTA count along grid x,
+// and for a splitting schedule the chunking and partial sums in `w` (allocated
+// here). With no key tile (no complete compressed block), varlen still has the
+// padding rows to zero: one CTA.
+template <class QSchedule, int kBlockN, int kDk, int kDv>
+int64_t plan_dkv_split(const AttnBwdParams& p, AttnBwdWorkspace& w) {
+  int64_t n = QSchedule::key_tiles(p);
+  if constexpr (QSchedule::kSplits) {
+    if (w.alloc_floats != nullptr && n > 0) {
+      w.dkv_chunk_pos = dkv_chunk_positions(p);
+      int64_t j = 0, ctas = 0, slots = 0;
+      QSchedule::locate(p, w.dkv_chunk_pos, INT64_MAX, j, ctas, slots);
+      n = ctas;
+      w.dkv_slots = slots;
+      if (slots > 0) {
+        const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
+        w.dkv_partial = w.alloc_floats(w.alloc_ctx, z * p.num_heads_kv * slots * kBlockN * (kDk + kDv));
+      }
+    }
+  }
   return n == 0 && p.cu_seqlens != nullptr && p.k_rows > 0 ? 1 : n;
+}
+
+// After the dk/dv kernel of a split launch: the reduce kernel.
+template <class QSchedule, int kBlockN, int kDk, int kDv, class Element>
+void launch_dkv_reduce(const AttnBwdParams& p, const AttnBwdWorkspace& w, cudaStream_t stream, const char* what) {
+  if constexpr (QSchedule::kSplits) {
+    if (w.dkv_slots == 0) return;
+    const int64_t tiles = QSchedule::key_tiles(p);
+    check_grid(tiles, p, p.num_seqs, what);
+    NSA_LAUNCH(dim3(unsigned(tiles), unsigned(p.num_heads_kv), unsigned(p.num_seqs)), 256, 0, stream,
+               attn_bwd_dkdv_reduce_kernel<kBlockN, kDk, kDv, Element, QSchedule>)(p, w);
+    check_launch(what);
+  }
 }
 
 // The dq or dk/dv launch of another kernel family (the Hopper one), or nullptr.
@@ -686,15 +792,17 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
   }
 
   if (dkv_launcher != nullptr) return dkv_launcher(p, ws, stream);
-  const int64_t n_blocks = dkv_key_tiles<QSchedule>(p);
+  AttnBwdWorkspace w = ws;
+  const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w);
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
   const int smem_dkv = Traits::kSmemDkv;
   auto dkv_kernel = attn_bwd_dkdv_kernel<Traits, QSchedule>;
   set_smem_limit(dkv_kernel, smem_dkv, what);
   NSA_LAUNCH(dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
-             smem_dkv, stream, dkv_kernel)(p, ws);
+             smem_dkv, stream, dkv_kernel)(p, w);
   check_launch(what);
+  launch_dkv_reduce<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv, Element>(p, w, stream, what);
 }
 
 template <int kDk, int kDv, DType kDType>

@@ -457,14 +457,17 @@ template <class Traits, class QSchedule>
 void launch_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
                                const char* what) {
   const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
-  const int64_t n_blocks = dkv_key_tiles<QSchedule>(p);
+  AttnBwdWorkspace w = ws;
+  const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w);
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
   auto kernel = attn_bwd_dkdv_sm90_kernel<Traits, QSchedule>;
   set_smem_limit(kernel, Traits::kSmem, what);
   NSA_LAUNCH(dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
-             Traits::kSmem, stream, kernel)(p, ws);
+             Traits::kSmem, stream, kernel)(p, w);
   check_launch(what);
+  launch_dkv_reduce<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv, typename Traits::Element>(p, w, stream,
+                                                                                                  what);
 }
 
 template <int kDk, int kDv, DType kDType>

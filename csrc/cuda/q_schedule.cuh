@@ -15,18 +15,48 @@
 namespace nsa::cuda {
 
 // Branch 1: query t sees compressed key i iff t >= i*d + l - 1, i.e. the tokens
-// [kb*d + l - 1, len) see some key of the tile.
+// [kb*d + l - 1, len) see some key of the tile. At batch 1 that is few CTAs with a
+// triangular load (64k tokens, d = 16, 64 keys per CTA: 64 tiles per kv head, the
+// first visiting every token), so a tile's queries are split into chunks of
+// ws.dkv_chunk_pos positions, one CTA each (kSplits; plan_dkv_split): CTA x is
+// chunk c of tile j, in tile order. A tile of several chunks writes partial sums
+// to its slots (slot >= 0), which the reduce kernel adds up in chunk order.
 template <int kBlockN>
 struct CompressedQuerySchedule {
+  static constexpr bool kSplits = true;
   int64_t kb, ke, key_row0, t_first, n_pos, l, d;
+  int64_t slot = -1;  // this CTA's partial slot; -1: it writes dk, dv itself
 
-  static int64_t key_tiles(const AttnBwdParams& p) {
+  __host__ __device__ static int64_t key_tiles(const AttnBwdParams& p) {
     // Batch mode: every k_cmp row (rows past Tc(T) get zero gradients);
     // varlen: the longest sequence's blocks (padding rows: the tail CTAs).
     const int64_t rows = p.cu_seqlens == nullptr
                              ? p.k_rows
                              : num_cmp_blocks(p.seqlen, p.cmp_block_size, p.cmp_stride);
     return (rows + kBlockN - 1) / kBlockN;
+  }
+  // Chunks of key tile j: its query positions in the longest sequence, split.
+  __host__ __device__ static int64_t chunks(const AttnBwdParams& p, int64_t chunk_pos, int64_t j) {
+    const int64_t pos = p.seqlen - (j * kBlockN * p.cmp_stride + p.cmp_block_size - 1);
+    return chunk_pos <= 0 || pos <= chunk_pos ? 1 : (pos + chunk_pos - 1) / chunk_pos;
+  }
+  // CTA x -> (tile j, chunk c) and the slot of (j, 0) (-1: a one-chunk tile); with
+  // x = -1, the same for chunk 0 of tile `j` (the reduce kernel). Host: x = total
+  // CTAs gives the CTA and slot counts (j = tiles, slot0 = slots).
+  __host__ __device__ static void locate(const AttnBwdParams& p, int64_t chunk_pos, int64_t x,
+                                         int64_t& j, int64_t& c, int64_t& slot0) {
+    const int64_t tiles = key_tiles(p);
+    const int64_t want_j = j;
+    int64_t first = 0, slots = 0;
+    for (j = 0; j < tiles; ++j) {
+      const int64_t n = chunks(p, chunk_pos, j);
+      if (x >= 0 ? x < first + n : j == want_j) break;
+      first += n;
+      if (n > 1) slots += n;
+    }
+    c = x >= 0 ? x - first : 0;
+    slot0 = j < tiles && chunks(p, chunk_pos, j) == 1 ? -1 : slots;
+    if (j == tiles) c = first;  // the totals
   }
   __device__ static SeqInfo seq(const AttnBwdParams& p, int64_t s) {
     return nsa::seq_info(p.cu_seqlens, s, p.seqlen, p.cmp_block_size, p.cmp_stride);
@@ -35,17 +65,24 @@ struct CompressedQuerySchedule {
     return packed_cmp_row_begin(p.cu_seqlens, p.num_seqs, p.cmp_block_size, p.cmp_stride);
   }
 
-  __device__ bool init(const AttnBwdParams& p, const AttnBwdWorkspace&, const SeqInfo& si,
-                       int64_t x, int) {
+  // CTA x, or with x < 0 chunk 0 of tile `tile`.
+  __device__ bool init(const AttnBwdParams& p, const AttnBwdWorkspace& ws, const SeqInfo& si,
+                       int64_t x, int, int64_t tile = 0) {
     l = p.cmp_block_size, d = p.cmp_stride;
+    int64_t j = tile, c, slot0;
+    locate(p, ws.dkv_chunk_pos, x, j, c, slot0);
+    slot = slot0 < 0 ? -1 : slot0 + c;
     int64_t own = p.k_rows - si.cmp_row0;  // rows of k_cmp from the sequence's first
     if (p.cu_seqlens != nullptr) own = min(own, num_cmp_blocks(si.len, l, d));
-    kb = x * kBlockN;
+    kb = j * kBlockN;
     if (kb >= own) return false;
     ke = min(kb + kBlockN, own);
     key_row0 = si.cmp_row0;
-    t_first = kb * d + l - 1;
-    n_pos = max(si.len - t_first, int64_t(0));
+    const int64_t first = kb * d + l - 1;  // the tile's first query token
+    const int64_t total = max(si.len - first, int64_t(0));
+    const int64_t step = ws.dkv_chunk_pos > 0 ? ws.dkv_chunk_pos : total;
+    t_first = first + c * step;
+    n_pos = max(min(total - c * step, step), int64_t(0));
     return true;
   }
   __device__ int64_t token(int64_t pos) const { return t_first + pos; }
@@ -59,6 +96,7 @@ struct CompressedQuerySchedule {
 // [kb, ke - 1 + w - 1] (clipped to the sequence).
 template <int kBlockN>
 struct WindowQuerySchedule {
+  static constexpr bool kSplits = false;
   int64_t kb, ke, key_row0, t_first, n_pos, w;
 
   static int64_t key_tiles(const AttnBwdParams& p) { return (p.seqlen + kBlockN - 1) / kBlockN; }
@@ -93,6 +131,7 @@ struct WindowQuerySchedule {
 // forward counts the block once.
 template <int kBlockN>
 struct SelectedQuerySchedule {
+  static constexpr bool kSplits = false;
   int64_t kb, ke, key_row0, n_pos, lo, rows, row0;
   const int64_t* keys;
 

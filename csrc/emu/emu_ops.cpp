@@ -18,6 +18,7 @@
 #include <limits>
 #include <stdexcept>
 #include <tuple>
+#include <vector>
 
 #define NSA_OP_LIBRARY "nsa_cuda_emu"
 #include "api/kernel_instances.h"
@@ -93,6 +94,14 @@ struct EmuBackend {
       ws.delta = p.delta_in != nullptr ? static_cast<float*>(const_cast<void*>(p.delta_in))
                                        : delta.data_ptr<float>();
       ws.q_rows = p.lse_head_stride;
+      std::vector<at::Tensor> scratch;  // NaN-poisoned, like every workspace here
+      ws.alloc_ctx = &scratch;
+      ws.alloc_floats = [](void* ctx, int64_t n) -> float* {
+        auto& keep = *static_cast<std::vector<at::Tensor>*>(ctx);
+        keep.push_back(workspace(n));
+        poison(keep.back());
+        return keep.back().data_ptr<float>();
+      };
       at::Tensor sorted_keys;
       if (p.branch == Branch::kSelected) {
         at::Tensor keys = at::empty({nsa::cuda::slc_inverse_key_count(p)}, at::kLong);

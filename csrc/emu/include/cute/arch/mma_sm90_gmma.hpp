@@ -1,12 +1,14 @@
 // Emulator shadow of CuTe's SM90 GMMA header (see mma_sm80.hpp here): the real
 // header is included with the warpgroup primitives and the wgmma atoms the kernels
-// use renamed (m64n{64,128}k16 SS and RS, m64n32k16 SS, m64n192k16 RS; f16 and bf16 with f32
+// use renamed (m64n{64,128}k16 SS and RS, m64n{16,32}k16 SS, m64n192k16 RS; f16 and bf16 with f32
 // accumulators); the emulated ones take their names, so CUTLASS's MMA_Traits (the
 // layouts) and make_gmma_desc (the descriptors) apply to them unchanged.
 #pragma once
 #define warpgroup_arrive warpgroup_arrive_hardware
 #define warpgroup_wait warpgroup_wait_hardware
 #define warpgroup_commit_batch warpgroup_commit_batch_hardware
+#define MMA_64x16x16_F32F16F16_SS MMA_64x16x16_F32F16F16_SS_hardware
+#define MMA_64x16x16_F32BF16BF16_SS MMA_64x16x16_F32BF16BF16_SS_hardware
 #define MMA_64x32x16_F32F16F16_SS MMA_64x32x16_F32F16F16_SS_hardware
 #define MMA_64x32x16_F32BF16BF16_SS MMA_64x32x16_F32BF16BF16_SS_hardware
 #define MMA_64x64x16_F32F16F16_SS MMA_64x64x16_F32F16F16_SS_hardware
@@ -23,6 +25,8 @@
 #undef warpgroup_arrive
 #undef warpgroup_wait
 #undef warpgroup_commit_batch
+#undef MMA_64x16x16_F32F16F16_SS
+#undef MMA_64x16x16_F32BF16BF16_SS
 #undef MMA_64x32x16_F32F16F16_SS
 #undef MMA_64x32x16_F32BF16BF16_SS
 #undef MMA_64x64x16_F32F16F16_SS
