@@ -7,6 +7,9 @@
 //      visits the query rows that see them (q_schedule.cuh); it computes the
 //      transposed tiles S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are
 //      already A operands in registers: dv += P^T dO, dk += scale * dS^T Q.
+//      The compressed branch splits a key tile's queries over several CTAs
+//      (CompressedQuerySchedule): fp32 partial sums, added in chunk order by
+//      attn_bwd_dkdv_reduce_kernel.
 // Every gradient row is written once by one CTA: no atomics, bitwise repeatable.
 // Both kernels hold four tiles in smem: Q, dO (query rows) and K, V (keys); 64 rows
 // each, except the streamed ones for Dk >= 128 (kBlockS = 32). The streamed tiles

@@ -98,8 +98,9 @@ struct AttnBwdWorkspace {
 };
 
 // Attention backward for one branch: delta, then dq (query-side, the forward's
-// KV schedules) and dk/dv (KV-side, one CTA per KV tile writing its rows once).
-// Deterministic: no atomics. Instantiations in instantiations/attn_bwd_hdim*.cu.
+// KV schedules) and dk/dv (KV-side, one CTA per KV tile writing its rows once;
+// the compressed branch's tiles split over query chunks whose fp32 partial sums one
+// more kernel adds in chunk order). Deterministic: no atomics. Instantiations in instantiations/attn_bwd_hdim*.cu.
 template <int kDk, int kDv, DType kDType>
 void run_attn_bwd(const AttnBwdParams& params, const AttnBwdWorkspace& ws, cudaStream_t stream);
 
