@@ -276,17 +276,22 @@ def test_selected_bwd_lengths(T, lp, n, mainloop):
 
 
 @pytest.mark.parametrize("chunk_rows", ["64", "1000"])
-def test_compressed_bwd_split(chunk_rows, mainloop, monkeypatch):
-    """NSA_DKV_CHUNK_ROWS small: the compressed dk/dv splits each key tile's queries
-    into chunks (fp32 partial sums, then the reduce kernel), batch and varlen, with
-    gradients to add (test_bwd_bitwise_repeatable runs it twice)."""
+def test_bwd_split(chunk_rows, mainloop, monkeypatch):
+    """NSA_DKV_CHUNK_ROWS small: the compressed and selected dk/dv split each key
+    tile's queries into chunks (fp32 partial sums, then the reduce kernel; the
+    selected branch's chunk counts from the device-side plan), batch and varlen,
+    with duplicate block ids, block 0 chosen by every token and gradients to add
+    (test_bwd_bitwise_repeatable runs the split twice)."""
     monkeypatch.setenv("NSA_DKV_CHUNK_ROWS", chunk_rows)
     q, k, v = qkv(2, 1500, 2, 4, 128, 128, torch.bfloat16)
     check_compressed_bwd(q, *cmp_kv(k, v, 32, 16), 32, 16)
+    check_selected_bwd(q, k, v, random_block_indices(2, 1500, 2, 6, 64, seed=11), 64)
     lengths = [1, 17, 1200, 64, 333]
     cu, total, ms = make_cu(lengths), sum(lengths), max(lengths)
     q, k, v = qkv(1, total, 2, 3, 192, 128, torch.float16)
     check_compressed_bwd(q, *cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
+    bi = random_block_indices(1, total, 2, 4, 64, lengths=lengths, seed=12)
+    check_selected_bwd(q, k, v, bi, 64, cu=cu, max_seqlen=ms)
     args, kw = varlen_inputs(64, 64, torch.bfloat16, padding=7)
     check_added_grads(*args, 32, 16, **kw)
 

@@ -343,23 +343,28 @@ def test_compressed_bwd(B, dims, T, G, mainloop):
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
 
 
-@pytest.mark.parametrize("chunk_rows", ["40", "7"])
-def test_compressed_bwd_split(B, chunk_rows, mainloop, monkeypatch):
-    """NSA_DKV_CHUNK_ROWS small: the compressed dk/dv splits each key tile's queries
-    into chunks (fp32 partial sums, then the reduce kernel), batch and varlen, with
+@pytest.mark.parametrize("chunk_rows", ["40", "7", "3"])
+def test_bwd_split(B, chunk_rows, mainloop, monkeypatch):
+    """NSA_DKV_CHUNK_ROWS small: the compressed and selected dk/dv split each key
+    tile's queries into chunks (fp32 partial sums, then the reduce kernel; the
+    selected branch's chunk counts from the device-side plan), batch and varlen,
+    duplicate block ids straddling chunk boundaries, block 0 chosen by every token,
     gradients to add."""
     monkeypatch.setenv("NSA_DKV_CHUNK_ROWS", chunk_rows)
     q, k, v = B.qkv(2, 150, 2, 2, *DIMS[0])
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
+    B.check_selected_bwd(q, k, v, B.random_block_indices(2, 150, 2, 5, 16, seed=7), 16)
     lengths = [1, 17, 150, 64, 33]
     cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
     q, k, v = B.qkv(1, total, 2, 3, *DIMS[0])
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
+    bi = B.random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
+    B.check_selected_bwd(q, k, v, bi, 32, cu=cu, max_seqlen=ms)
     args, kw = B.varlen_inputs(*DIMS[0], padding=7)
     B.check_added_grads(*args, 32, 16, **kw)
 
 
-def test_compressed_bwd_split_setting(B, emu, monkeypatch):
+def test_bwd_split_setting(B, emu, monkeypatch):
     q, k, v = B.qkv(1, 100, 1, 2, *DIMS[0])
     kc, vc = B.cmp_kv(k, v, 32, 16)
     o, lse = B._cmp_fwd(q, kc, vc, None, 100, (32, 16), 0.125)

@@ -181,15 +181,15 @@ void dispatch_attn_bwd(const AttnBwdParams& p, DType dt, cudaStream_t s, const c
     ws.delta = p.delta_in != nullptr ? static_cast<float*>(const_cast<void*>(p.delta_in))
                                      : delta.data_ptr<float>();
     ws.q_rows = p.lse_head_stride;  // lse is a contiguous [B, Hq, T]
-    // Scratch the launchers size (the dk/dv split's partial sums), freed when this
+    // Scratch the launchers size (the dk/dv split's plan and partial sums), freed when this
     // op returns: the caching allocator reuses it only for later work on this stream.
     std::vector<at::Tensor> scratch;
     ws.alloc_ctx = &scratch;
-    ws.alloc_floats = [](void* ctx, int64_t n) -> float* {
+    ws.alloc = [](void* ctx, int64_t bytes) -> void* {
       auto& keep = *static_cast<std::vector<at::Tensor>*>(ctx);
-      keep.push_back(at::empty({n}, at::TensorOptions().device(at::kCUDA, c10::cuda::current_device())
-                                        .dtype(at::kFloat)));
-      return keep.back().data_ptr<float>();
+      keep.push_back(at::empty({bytes}, at::TensorOptions().device(at::kCUDA, c10::cuda::current_device())
+                                            .dtype(at::kByte)));
+      return keep.back().data_ptr();
     };
     at::Tensor sorted_keys;
     if (p.branch == Branch::kSelected) {

@@ -7,9 +7,9 @@
 //      visits the query rows that see them (q_schedule.cuh); it computes the
 //      transposed tiles S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T are
 //      already A operands in registers: dv += P^T dO, dk += scale * dS^T Q.
-//      The compressed branch splits a key tile's queries over several CTAs
-//      (CompressedQuerySchedule): fp32 partial sums, added in chunk order by
-//      attn_bwd_dkdv_reduce_kernel.
+//      The compressed and selected branches split a key tile's queries over several
+//      CTAs where there are many (q_schedule.cuh): fp32 partial sums, added in chunk
+//      order by attn_bwd_dkdv_reduce_kernel.
 // Every gradient row is written once by one CTA: no atomics, bitwise repeatable.
 // Both kernels hold four tiles in smem: Q, dO (query rows) and K, V (keys); 64 rows
 // each, except the streamed ones for Dk >= 128 (kBlockS = 32). The streamed tiles
@@ -676,11 +676,10 @@ template <int kBlockN, int kDk, int kDv, class Element, class QSchedule>
 __global__ void __launch_bounds__(256) attn_bwd_dkdv_reduce_kernel(const AttnBwdParams p,
                                                                    const AttnBwdWorkspace ws) {
   const int64_t j = blockIdx.x, hkv = blockIdx.y;
-  const int64_t nch = QSchedule::chunks(p, ws.dkv_chunk_pos, j);
-  if (nch <= 1) return;
   const SeqInfo si = QSchedule::seq(p, blockIdx.z);
   QSchedule qs;
-  if (!qs.init(p, ws, si, -1, int(hkv), j)) return;
+  if (!qs.init(p, ws, si, -1, int(hkv), j) || qs.qchunks <= 1) return;
+  const int64_t nch = qs.qchunks;
   constexpr int kCols = kDk + kDv, kSlot = kBlockN * kCols;
   const float* part = ws.dkv_partial + ((int64_t(blockIdx.z) * p.num_heads_kv + hkv) * ws.dkv_slots + qs.slot) * kSlot;
   for (int idx = threadIdx.x; idx < kBlockN * kCols / 4; idx += blockDim.x) {
@@ -710,8 +709,8 @@ __global__ void __launch_bounds__(256) attn_bwd_dkdv_reduce_kernel(const AttnBwd
   }
 }
 
-// Query positions per chunk of the compressed dk/dv split: NSA_DKV_CHUNK_ROWS
-// (read per call; default 65536) flattened query rows, over the group's heads.
+// Query positions per chunk of the dk/dv split: NSA_DKV_CHUNK_ROWS (read per call;
+// default 65536) flattened query rows, over the group's heads.
 inline int64_t dkv_chunk_positions(const AttnBwdParams& p) {
   const char* env = std::getenv("NSA_DKV_CHUNK_ROWS");
   int64_t rows = 65536;
@@ -725,22 +724,23 @@ inline int64_t dkv_chunk_positions(const AttnBwdParams& p) {
 }
 
 // The dk/dv launch of QSchedule at kBlockN keys per CTA: its CTA count along grid x,
-// and for a splitting schedule the chunking and partial sums in `w` (allocated
-// here). With no key tile (no complete compressed block), varlen still has the
-// padding rows to zero: one CTA.
+// and for a splitting schedule the chunking, the device-side plan and the partial
+// sums in `w` (allocated here). With no key tile (no complete compressed block),
+// varlen still has the padding rows to zero: one CTA.
 template <class QSchedule, int kBlockN, int kDk, int kDv>
-int64_t plan_dkv_split(const AttnBwdParams& p, AttnBwdWorkspace& w) {
+int64_t plan_dkv_split(const AttnBwdParams& p, AttnBwdWorkspace& w, cudaStream_t stream) {
   int64_t n = QSchedule::key_tiles(p);
   if constexpr (QSchedule::kSplits) {
-    if (w.alloc_floats != nullptr && n > 0) {
+    if (w.alloc != nullptr && n > 0) {
       w.dkv_chunk_pos = dkv_chunk_positions(p);
-      int64_t j = 0, ctas = 0, slots = 0;
-      QSchedule::locate(p, w.dkv_chunk_pos, INT64_MAX, j, ctas, slots);
-      n = ctas;
+      int64_t slots = 0;
+      QSchedule::split_size(p, w.dkv_chunk_pos, n, slots);
       w.dkv_slots = slots;
+      QSchedule::plan_split(p, w, stream);
       if (slots > 0) {
         const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
-        w.dkv_partial = w.alloc_floats(w.alloc_ctx, z * p.num_heads_kv * slots * kBlockN * (kDk + kDv));
+        w.dkv_partial = static_cast<float*>(
+            w.alloc(w.alloc_ctx, z * p.num_heads_kv * slots * kBlockN * (kDk + kDv) * int64_t(sizeof(float))));
       }
     }
   }
@@ -796,7 +796,7 @@ void launch_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStr
 
   if (dkv_launcher != nullptr) return dkv_launcher(p, ws, stream);
   AttnBwdWorkspace w = ws;
-  const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w);
+  const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w, stream);
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
   const int smem_dkv = Traits::kSmemDkv;

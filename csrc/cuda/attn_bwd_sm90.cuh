@@ -458,7 +458,7 @@ void launch_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& w
                                const char* what) {
   const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
   AttnBwdWorkspace w = ws;
-  const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w);
+  const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w, stream);
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
   auto kernel = attn_bwd_dkdv_sm90_kernel<Traits, QSchedule>;

@@ -82,19 +82,22 @@ struct AttnBwdWorkspace {
   // kSelected: the inverse index, sorted ascending (see run_slc_inverse_keys).
   const int64_t* slc_keys = nullptr;
   int64_t slc_key_count = 0;
-  // Allocates n floats of scratch that live until the op returns (the caller's
-  // torch allocator on the current stream): the launchers size the dk/dv query
-  // split's partial sums with it. nullptr: no split.
-  float* (*alloc_floats)(void* ctx, int64_t n) = nullptr;
+  // Allocates `bytes` of scratch (256-byte aligned) that live until the op returns
+  // (the caller's torch allocator on the current stream): the launchers size the
+  // dk/dv query split's plan and partial sums with it. nullptr: no split.
+  void* (*alloc)(void* ctx, int64_t bytes) = nullptr;
   void* alloc_ctx = nullptr;
-  // Set by the launcher (attn_bwd.cuh, plan_dkv_split): the compressed dk/dv kernel
-  // splits each key tile's queries into chunks of dkv_chunk_pos positions (0: no
-  // split); the chunks of a tile with more than one write fp32 partial sums into
-  // dkv_partial ([z, Hkv, dkv_slots, kBlockN, Dk + Dv]), summed in chunk order by a
-  // reduce kernel.
+  // Set by the launcher (attn_bwd.cuh, plan_dkv_split): the compressed and selected
+  // dk/dv kernels split each key tile's query positions into chunks of
+  // dkv_chunk_pos (0: no split); the chunks of a tile with more than one write
+  // fp32 partial sums into dkv_partial ([z, Hkv, dkv_slots, kBlockN, Dk + Dv]),
+  // summed in chunk order by a reduce kernel. The selected branch's chunk counts
+  // depend on the data: dkv_plan ([z, Hkv, 2, key tiles + 1], run_slc_dkv_plan) holds
+  // each tile's first CTA and first slot.
   int64_t dkv_chunk_pos = 0;
   int64_t dkv_slots = 0;
   float* dkv_partial = nullptr;
+  const int64_t* dkv_plan = nullptr;
 };
 
 // Attention backward for one branch: delta, then dq (query-side, the forward's

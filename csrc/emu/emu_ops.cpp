@@ -96,11 +96,11 @@ struct EmuBackend {
       ws.q_rows = p.lse_head_stride;
       std::vector<at::Tensor> scratch;  // NaN-poisoned, like every workspace here
       ws.alloc_ctx = &scratch;
-      ws.alloc_floats = [](void* ctx, int64_t n) -> float* {
+      ws.alloc = [](void* ctx, int64_t bytes) -> void* {
         auto& keep = *static_cast<std::vector<at::Tensor>*>(ctx);
-        keep.push_back(workspace(n));
+        keep.push_back(workspace((bytes + 3) / 4));
         poison(keep.back());
-        return keep.back().data_ptr<float>();
+        return keep.back().data_ptr();
       };
       at::Tensor sorted_keys;
       if (p.branch == Branch::kSelected) {
