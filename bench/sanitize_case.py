@@ -9,7 +9,8 @@ several MMA passes in the score kernel; the fused compressed attention + selecti
 (compressed_select_decode); a one-split decode (no combine); the one-op decode step
 (sparse_attn_decode: unmerged splits and the gated sum); the prefill's gated sum
 (gate_combine) and its gradient; the backward ops adding the gradients of another
-branch (dq_in, dk_in, dv_in), and scaling one output gradient by the gate (dout_scale)."""
+branch (dq_in, dk_in, dv_in), scaling one output gradient by the gate (dout_scale),
+and the dk/dv query split (small chunks)."""
 import itertools
 import os
 
@@ -86,6 +87,15 @@ def run(dk, dv, G, dtype, lengths=None):
                                        dq, dk, dv, dout_scale=gates[1])
     OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale, dq,
                             delta=d_gates_and_dots[3], dout_scale=gates[0])
+    # The dk/dv query split (a few rows per chunk: several chunks per key tile, the
+    # selected branch's device-side plan, the reduce kernel adding dk_in / dv_in).
+    os.environ["NSA_DKV_CHUNK_ROWS"] = "24"
+    try:
+        dq, dk, dv = OPS.selected_attn_bwd(do, None, q, k, v, bi2, o_s, lse_s, cu, ms, lp, scale,
+                                           dq, dk, dv)
+        OPS.compressed_attn_bwd(do, dlse, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale, dq)
+    finally:
+        del os.environ["NSA_DKV_CHUNK_ROWS"]
 
 
 def run_long_selection(dk, dv, dtype):
