@@ -171,7 +171,7 @@ try:
     skip = sum(int(s.get("skipped", 0)) for s in suites)
     rec["tests"] = {"passed": tot - fail - skip, "failed": fail, "skipped": skip}
     # Which failed, and how many per kernel family (the mainloop fixture's sm90 / sm80
-    # ids: the wgmma and the mma.sync compressed and window kernels).
+    # ids: the wgmma and the mma.sync kernels where both exist).
     failed = [f"{c.get('classname', '')}::{c.get('name', '')}" for s in suites for c in s.iter("testcase")
               if c.find("failure") is not None or c.find("error") is not None]
     rec["tests"]["failed_sm90"] = sum("sm90" in n for n in failed)
