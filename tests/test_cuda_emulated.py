@@ -354,12 +354,7 @@ def test_bwd_split(B, chunk_rows, mainloop, monkeypatch):
     q, k, v = B.qkv(2, 150, 2, 2, *DIMS[0])
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16), 32, 16)
     B.check_selected_bwd(q, k, v, B.random_block_indices(2, 150, 2, 5, 16, seed=7), 16)
-    lengths = [1, 17, 150, 64, 33]
-    cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
-    q, k, v = B.qkv(1, total, 2, 3, *DIMS[0])
-    B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
-    bi = B.random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
-    B.check_selected_bwd(q, k, v, bi, 32, cu=cu, max_seqlen=ms)
+    _check_varlen_bwd(B, G=3)
     args, kw = B.varlen_inputs(*DIMS[0], padding=7)
     B.check_added_grads(*args, 32, 16, **kw)
 
@@ -390,14 +385,20 @@ def test_window_bwd(B, dims, T, G, w, mainloop):
     B.check_window_bwd(q, k, v, w)
 
 
-def test_bwd_varlen(B, mainloop):
+def _check_varlen_bwd(B, G, w=None):
+    """Five packed sequences: the compressed, selected and (with w) window backward."""
     lengths = [1, 17, 150, 64, 33]
     cu, total, ms = B.make_cu(lengths), sum(lengths), max(lengths)
-    q, k, v = B.qkv(1, total, 2, 2, *DIMS[0])
+    q, k, v = B.qkv(1, total, 2, G, *DIMS[0])
     B.check_compressed_bwd(q, *B.cmp_kv(k, v, 32, 16, cu), 32, 16, cu=cu, max_seqlen=ms)
     bi = B.random_block_indices(1, total, 2, 3, 32, lengths=lengths, seed=5)
     B.check_selected_bwd(q, k, v, bi, 32, cu=cu, max_seqlen=ms)
-    B.check_window_bwd(q, k, v, 40, cu=cu, max_seqlen=ms)
+    if w is not None:
+        B.check_window_bwd(q, k, v, w, cu=cu, max_seqlen=ms)
+
+
+def test_bwd_varlen(B, mainloop):
+    _check_varlen_bwd(B, G=2, w=40)
 
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)

@@ -540,6 +540,16 @@ __device__ __forceinline__ void store_dkdv_rows(const DkvQueries<QSchedule>& qr,
       added_row(dv, static_cast<const Element*>(p.dv_in)));
 }
 
+// The opening of both dk/dv kernels: the varlen padding slice does its rows and
+// stops; otherwise the CTA's sequence and query schedule (false: no key row here).
+template <int kDk, int kDv, class Element, class QSchedule>
+__device__ __forceinline__ bool dkv_cta(const AttnBwdParams& p, const AttnBwdWorkspace& ws, SeqInfo& si,
+                                        QSchedule& qs) {
+  if (dkv_padding_rows<kDk, kDv, Element, QSchedule>(p)) return false;
+  si = QSchedule::seq(p, blockIdx.z);
+  return qs.init(p, ws, si, blockIdx.x, blockIdx.y);
+}
+
 template <class Traits, class QSchedule>
 __global__ void __launch_bounds__(Traits::kThreads)
     attn_bwd_dkdv_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
@@ -553,12 +563,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   extern __shared__ __align__(128) char smem[];
   const int tid = threadIdx.x;
-  const int hkv = blockIdx.y;
-  if (dkv_padding_rows<kDk, kDv, Element, QSchedule>(p)) return;
-  const SeqInfo si = QSchedule::seq(p, blockIdx.z);
+  SeqInfo si;
   QSchedule qs;
-  if (!qs.init(p, ws, si, blockIdx.x, hkv)) return;
-  const DkvQueries<QSchedule> qr(p, ws, qs, si, hkv);
+  if (!dkv_cta<kDk, kDv, Element>(p, ws, si, qs)) return;
+  const DkvQueries<QSchedule> qr(p, ws, qs, si, blockIdx.y);
 
   // Key-side tiles in the A-operand roles, query-side tiles as B operands.
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});

@@ -279,12 +279,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
-  const int hkv = blockIdx.y;
-  if (dkv_padding_rows<kDk, kDv, Element, QSchedule>(p)) return;
-  const SeqInfo si = QSchedule::seq(p, blockIdx.z);
+  SeqInfo si;
   QSchedule qs;
-  if (!qs.init(p, ws, si, blockIdx.x, hkv)) return;
-  const DkvQueries<QSchedule> qr(p, ws, qs, si, hkv);
+  if (!dkv_cta<kDk, kDv, Element>(p, ws, si, qs)) return;
+  const DkvQueries<QSchedule> qr(p, ws, qs, si, blockIdx.y);
 
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
   Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemK)),
