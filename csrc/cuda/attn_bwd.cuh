@@ -744,8 +744,8 @@ int64_t plan_dkv_split(const AttnBwdParams& p, AttnBwdWorkspace& w, cudaStream_t
       int64_t slots = 0;
       QSchedule::split_size(p, w.dkv_chunk_pos, n, slots);
       w.dkv_slots = slots;
-      QSchedule::plan_split(p, w, stream);
-      if (slots > 0) {
+      if (slots > 0) {  // else no tile can have two chunks: nothing to plan
+        QSchedule::plan_split(p, w, stream);
         const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
         w.dkv_partial = static_cast<float*>(
             w.alloc(w.alloc_ctx, z * p.num_heads_kv * slots * kBlockN * (kDk + kDv) * int64_t(sizeof(float))));
