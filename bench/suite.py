@@ -396,18 +396,29 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     def combine(i):
         return nsa_cuda.gate_combine(pre[i]["o"], sets[i]["g"])
 
-    def on_mainloop(mode, fn):  # NSA_MAINLOOP for the call (read by each launch)
+    def with_env(name, value, fn):  # an env switch for the call (read by each launch)
         def call(i):
-            old = os.environ.get("NSA_MAINLOOP")
-            os.environ["NSA_MAINLOOP"] = mode
+            old = os.environ.get(name)
+            os.environ[name] = value
             try:
                 return fn(i)
             finally:
                 if old is None:
-                    os.environ.pop("NSA_MAINLOOP", None)
+                    os.environ.pop(name, None)
                 else:
-                    os.environ["NSA_MAINLOOP"] = old
+                    os.environ[name] = old
         return call
+
+    def on_mainloop(mode, fn):
+        return with_env("NSA_MAINLOOP", mode, fn)
+
+    def bwd_with_env(name, value):  # the backward of a branch's output under an env switch
+        def bwd(i, out):
+            def call(j):
+                _backward(out, sets[j]["do"])
+                _zero_grads(sets[j])
+            with_env(name, value, call)(i)
+        return bwd
 
     def combine_torch(i):  # the five elementwise ops it replaces, for comparison
         x, p = sets[i], pre[i]
@@ -452,15 +463,18 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
             run.add(base, f"{op_prefix}.branch.window_sm80", "fwd", on_mainloop("sm80", wnd),
                     nsets=len(sets), flops=fl["fwd"]["window"], note=snote)
 
-        def sm80_bwd(i, out):  # the backward of a branch's output, on the mma.sync kernels
-            def call(j):
-                _backward(out, sets[j]["do"])
-                _zero_grads(sets[j])
-            on_mainloop("sm80", call)(i)
         bnote80 = bnote + "; backward forced onto the mma.sync kernels (NSA_MAINLOOP=sm80)"
         for name, fn in (("compressed", cmp), ("selected", slc), ("window", wnd)):
-            run.add(base, f"{op_prefix}.branch.{name}_sm80", "bwd", sm80_bwd, setup=fn,
-                    nsets=len(sets), flops=fl["bwd"][name], note=bnote80)
+            run.add(base, f"{op_prefix}.branch.{name}_sm80", "bwd", bwd_with_env("NSA_MAINLOOP", "sm80"),
+                    setup=fn, nsets=len(sets), flops=fl["bwd"][name], note=bnote80)
+    if torch.cuda.is_available():
+        # The dk/dv query split (default on) against one CTA per key tile, which is what
+        # a chunk larger than any tile's query list gives.
+        nnote = bnote + "; dk/dv without the query split (NSA_DKV_CHUNK_ROWS=2**40)"
+        for name, fn in (("compressed", cmp), ("selected", slc)):
+            run.add(base, f"{op_prefix}.branch.{name}_nosplit", "bwd",
+                    bwd_with_env("NSA_DKV_CHUNK_ROWS", str(2 ** 40)), setup=fn, nsets=len(sets),
+                    flops=fl["bwd"][name], note=nnote)
     add_passes(run, base, f"{op_prefix}.branch.combine", combine, sets, lambda p: None,
                note=bnote + "; gate_combine: g_cmp*o_cmp + g_slc*o_slc + g_win*o_win")
     add_passes(run, base, f"{op_prefix}.branch.combine_torch", combine_torch, sets,
