@@ -179,6 +179,13 @@ try:
     rec["tests"]["failed_names"] = failed[:40]
 except Exception as e:
     rec["tests"]["error"] = f"no junit xml: {e}"
+# ptxas's wgmma serialization warnings (C75xx) in the build: any is a slow Hopper kernel.
+try:
+    text = open(os.path.join(out, "build.log")).read()
+    rec["build"] = {"wgmma_serialized": sorted(set(re.findall(r"\(C75\d\d\)[^\n]*?function '([^']+)'", text))),
+                    "spill_warnings": len(re.findall(r"Registers are spilled", text))}
+except Exception as e:
+    rec["build"] = {"error": str(e)}
 errs, seen = 0, False
 for tool in ("memcheck", "racecheck"):
     try:
@@ -205,6 +212,8 @@ print(f"  tests      { {k: v for k, v in rec['tests'].items() if k != 'failed_na
 for n in rec["tests"].get("failed_names", [])[:10]:
     print(f"    failed   {n}")
 print(f"  sanitizer  {rec['sanitizer']}")
+if rec.get("build", {}).get("wgmma_serialized"):
+    print(f"  build      wgmma SERIALIZED in {len(rec['build']['wgmma_serialized'])} kernel(s) (build.log, C75xx)")
 if rec["bench"]:
     print(f"  {'shape':6s} {'op':34s} {'T':>7s} {'pass':8s} {'ms':>9s} {'TF/s':>7s}")
     for r in rec["bench"]:

@@ -5,7 +5,10 @@ code runs once per CTA or once per KV tile. This compiles CUDA translation units
 to cubins for one arch, disassembles them (cuobjdump: the CUDA toolkit's, or the
 copy that ships with triton), and reports per kernel: registers, spill bytes, and
 the local-memory loads/stores (LDL/STL) inside the innermost loop that holds the
-tensor-core instructions (HMMA; HGMMA for wgmma), next to that loop's count of them.
+tensor-core instructions (HMMA; HGMMA for wgmma), next to that loop's count of them,
+and whether ptxas serialized the kernel's wgmmas (its C7510-C7520 "Potential
+Performance Loss" warnings: a wgmma group in flight where control flow joins, or its
+registers touched before the wait, makes ptxas wait after every wgmma of the kernel).
 
     python bench/sass_report.py                       # attn_fwd/attn_bwd/select, 192x128 bf16, sm_90a
     python bench/sass_report.py csrc/cuda/instantiations/attn_bwd_hdim64x64_fp16.cu --arch sm_80
@@ -69,6 +72,11 @@ def compile_unit(nvcc, unit, arch, out):
             info[name]["spill"] = (int(m.group(1)), int(m.group(2)))
         elif name and (m := re.search(r"Used (\d+) registers", line)):
             info[name]["regs"] = int(m.group(1))
+    # "(C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized
+    # due to ... in the function 'X'" and "(C7517) warpgroup.wait is injected ... in
+    # function 'X'": ptxas names the function at the end.
+    for m in re.finditer(r"\((C75\d\d)\)[^\n]*?function '([^']+)'", r.stderr):
+        info.setdefault(m.group(2), {}).setdefault("wgmma_warnings", []).append(m.group(1))
     return info
 
 
@@ -91,6 +99,7 @@ def loop_stats(sass):
         count = lambda xs, lp: sum(lp[0] <= x <= lp[1] for x in xs)  # noqa: E731
         best = max(loops, key=lambda lp: (count(hmma, lp), -(lp[1] - lp[0])), default=None)
         out[name] = {"all": (len(hmma), len(ldl), len(stl)),
+                     "hgmma": any(re.search(r"\bHGMMA", t) for _, t in ins),
                      "loop": None if best is None else (count(hmma, best), count(ldl, best), count(stl, best))}
 
     for line in sass.splitlines():
@@ -131,11 +140,20 @@ def main():
                                       check=True).stdout
                 for name, st in loop_stats(sass).items():
                     rows.append((os.path.basename(path), short(name), info.get(name, {}), st))
-    print(f"{'unit':34} {'kernel':48} {'regs':>4} {'spill st/ld':>12} {'loop HMMA':>9} {'loop LDL':>8} {'loop STL':>8}")
+    print(f"{'unit':34} {'kernel':48} {'regs':>4} {'spill st/ld':>12} {'loop HMMA':>9} {'loop LDL':>8} "
+          f"{'loop STL':>8}  wgmma")
+    serialized = 0
     for unit, name, info, st in rows:
         spill = "%d/%d" % info["spill"] if "spill" in info else "?"
         loop = st["loop"] or (0, 0, 0)
-        print(f"{unit:34} {name:48} {info.get('regs', '?'):>4} {spill:>12} {loop[0]:>9} {loop[1]:>8} {loop[2]:>8}")
+        warn = info.get("wgmma_warnings")
+        serialized += bool(warn)
+        wgmma = "SERIALIZED (" + ",".join(sorted(set(warn))) + ")" if warn else ("ok" if st["hgmma"] else "-")
+        print(f"{unit:34} {name:48} {info.get('regs', '?'):>4} {spill:>12} {loop[0]:>9} {loop[1]:>8} "
+              f"{loop[2]:>8}  {wgmma}")
+    if serialized:
+        print(f"\n{serialized} kernel(s) with serialized wgmma: see ptxas's C75xx warnings", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

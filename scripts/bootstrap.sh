@@ -25,7 +25,8 @@ echo "== installing dependencies (requirements-dev.txt)"
 echo "== building nsa_cuda in place (MAX_JOBS=${MAX_JOBS:=$(nproc)}); the CUDA kernels take a while on few cores"
 export MAX_JOBS
 start=$(date +%s)
-"$VENV/bin/pip" install --no-build-isolation --no-deps -e . 2>&1 | tee build.log | \
+# -v: the compiler output goes to build.log (CI checks it for serialized wgmma).
+"$VENV/bin/pip" install -v --no-build-isolation --no-deps -e . 2>&1 | tee build.log | \
   grep -E --line-buffered "^\[[0-9]+/[0-9]+\]|error|Successfully" | sed -E 's/ -.*//' || true
 if ! "$VENV/bin/python" -c "import nsa_cuda" 2>/dev/null; then
   echo "build failed: see build.log" >&2

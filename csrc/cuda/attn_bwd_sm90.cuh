@@ -132,11 +132,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Tile j in stage kStage: S_j and dP_j (two wgmma groups) and, with tile j-1
   // pending, its dQ GEMM from the previous stage (a third group), so that dS_j is
   // computed on the CUDA cores while the tensor cores finish dS_{j-1} K_{j-1}.
+  // As in the forward, the first tile (no dQ GEMM pending) is peeled off the loop so
+  // that no wgmma group is in flight where control flow joins (ptxas would serialize
+  // every wgmma of the kernel).
   KvTile tile;
   bool have = sched.next(tile);
-  bool pending = false;
-  auto run_tile = [&](auto stage) {
+  auto run_tile = [&](auto stage, auto first) {
     constexpr int kStage = decltype(stage)::value;
+    constexpr bool kFirst = decltype(first)::value;
     constexpr int kPrev = (kStage + Traits::kStages - 1) % Traits::kStages;
     constexpr int kNext = (kStage + 1) % Traits::kStages;
     KvTile next_tile;
@@ -152,7 +155,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
     gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrQ, get<0>(ops), acc_s);
     gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tdPrdO, get<1>(ops), acc_dp);
-    if (pending) {
+    if constexpr (!kFirst) {
       auto prev = k_operands(Int<kPrev>{});
       gemm_wgmma_issue</*kZeroInit=*/false>(mma_dq, tdQrdS, get<2>(prev), acc_dq);
       warpgroup_wait<1>();  // S_j and dP_j (the older groups)
@@ -165,30 +168,31 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
     dq_tile_dscores(acc_s, scores, dscores, tScS_rc, sched, tile, rows, scale_log2);
-    if (pending) {
+    if constexpr (!kFirst) {
       warpgroup_wait<0>();  // dS_{j-1} K_{j-1}: rdS is free
       warpgroup_fence_operand(acc_dq);
       warpgroup_fence_operand(rdS);
     }
     convert_fragment(acc_dp, rdS);
-    pending = true;
     tile = next_tile;
     have = have_next;
   };
   if (have) load_kv(_0{}, tile);
   cute::cp_async_fence();
-  int last_stage = 0;
-  while (have) {
-    run_tile(_0{});
-    last_stage = 0;
-    if (!have) break;
-    run_tile(_1{});
-    last_stage = 1;
-    if (!have) break;
-    run_tile(_2{});
-    last_stage = 2;
-  }
-  if (pending) {  // the last tile's dQ GEMM (its K landed at its step's barrier)
+  if (have) {
+    run_tile(_0{}, cute::true_type{});
+    int last_stage = 0;
+    while (have) {
+      run_tile(_1{}, cute::false_type{});
+      last_stage = 1;
+      if (!have) break;
+      run_tile(_2{}, cute::false_type{});
+      last_stage = 2;
+      if (!have) break;
+      run_tile(_0{}, cute::false_type{});
+      last_stage = 0;
+    }
+    // The last tile's dQ GEMM (its K landed at its step's barrier).
     auto last_dq = [&](auto stage) {
       auto ops = k_operands(stage);
       gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQrdS, get<2>(ops), acc_dq);
@@ -341,9 +345,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Step i in stage kStage: S^T_i and dP^T_i (two wgmma groups) and, with step i-1
   // pending, its dV and dK GEMMs from the previous stage (two more), so that P_i and
   // dS_i are computed on the CUDA cores while the tensor cores finish step i-1.
-  bool pending = false;
-  auto run_step = [&](int64_t step, auto stage) {
+  // The first step (nothing pending) is peeled off the loop, as in the forward.
+  auto run_step = [&](int64_t step, auto stage, auto first) {
     constexpr int kStage = decltype(stage)::value;
+    constexpr bool kFirst = decltype(first)::value;
     constexpr int kPrev = (kStage + kStages - 1) % kStages;
     constexpr int kNext = (kStage + 1) % kStages;
     cute::cp_async_wait<0>();
@@ -358,7 +363,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
     gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrK, get<0>(ops), acc_s);
     gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tdPrV, get<1>(ops), acc_dp);
-    if (pending) {
+    if constexpr (!kFirst) {
       auto prev = q_operands(Int<kPrev>{});
       gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(prev), acc_dv);
       gemm_wgmma_issue</*kZeroInit=*/false>(mma_dk, tdKrdS, get<2>(prev), acc_dk);
@@ -375,7 +380,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
       return rd.info(get<0>(tScS_rc(mi, ni)), get<1>(tScS_rc(mi, ni)));
     });
-    if (pending) {
+    if constexpr (!kFirst) {
       warpgroup_wait<0>();  // step i-1's dV and dK: rP and rdS are free
       warpgroup_fence_operand(acc_dv);
       warpgroup_fence_operand(acc_dk);
@@ -384,25 +389,26 @@ __global__ void __launch_bounds__(Traits::kThreads)
     }
     convert_fragment(acc_s, rP);
     convert_fragment(acc_dp, rdS);
-    pending = true;
   };
   if (steps > 0) {
     row_data(0).template fill<kBlockM>(qr, 0, tid);
     load_q_tiles(0, 0);
   }
   cute::cp_async_fence();
-  int last_stage = 0;
-  for (int64_t step = 0; step < steps; step += kStages) {
-    run_step(step, _0{});
-    last_stage = 0;
-    if (step + 1 >= steps) break;
-    run_step(step + 1, _1{});
-    last_stage = 1;
-    if (step + 2 >= steps) break;
-    run_step(step + 2, _2{});
-    last_stage = 2;
-  }
-  if (pending) {  // the last step's dV and dK (its Q and dO landed at its barrier)
+  if (steps > 0) {
+    run_step(0, _0{}, cute::true_type{});
+    int last_stage = 0;
+    for (int64_t step = 1; step < steps; step += kStages) {
+      run_step(step, _1{}, cute::false_type{});
+      last_stage = 1;
+      if (step + 1 >= steps) break;
+      run_step(step + 1, _2{}, cute::false_type{});
+      last_stage = 2;
+      if (step + 2 >= steps) break;
+      run_step(step + 2, _0{}, cute::false_type{});
+      last_stage = 0;
+    }
+    // The last step's dV and dK (its Q and dO landed at its barrier).
     auto last = [&](auto stage) {
       auto ops = q_operands(stage);
       gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(ops), acc_dv);

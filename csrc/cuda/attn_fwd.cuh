@@ -21,7 +21,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kDv = Traits::kDv;
   constexpr int kThreads = Traits::kThreads;
 
-  extern __shared__ __align__(128) char smem[];
+  // 1024, as the wgmma kernels (same TUs) declare it: one alignment per name.
+  extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
   const int hkv = blockIdx.y;
   QueryTile qt;

@@ -227,13 +227,18 @@ __global__ void __launch_bounds__(Traits::kThreads)
   if (have) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
   cute::cp_async_fence();
 
-  // One tile j (its V to buffer kStage): S_j = Q K_j^T and, with tile j-1 pending,
-  // its P V from the other buffer in a second wgmma group, so that tile j's mask
-  // and softmax run on the CUDA cores while the tensor cores finish P_{j-1} V_{j-1}.
-  // acc_o is rescaled for tile j only after that P V has retired.
-  bool pending = false;
-  auto step = [&](auto stage) {
+  // Every wgmma below is issued and waited for on a path that does not branch in
+  // between: ptxas serializes all of a kernel's wgmmas (C7518) when a group may still
+  // be in flight where control flow joins. So the first tile (no P V pending yet) is
+  // peeled off the loop, and every later step issues both groups unconditionally.
+  //
+  // Tile j (its V to buffer kStage): S_j = Q K_j^T and tile j-1's P V from the other
+  // buffer go out as two wgmma groups, so that tile j's mask and softmax run on the
+  // CUDA cores while the tensor cores finish P_{j-1} V_{j-1}. acc_o is rescaled for
+  // tile j only after that P V has retired.
+  auto step = [&](auto stage, auto first) {
     constexpr int kStage = decltype(stage)::value;
+    constexpr bool kFirst = decltype(first)::value;
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();  // K_j (and Q), V_{j-1} landed; every P_{j-2} V_{j-2} (buffer kStage) retired
@@ -244,7 +249,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cute::cp_async_fence();
 
     gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrQ, tSrK, acc_s);
-    if (pending) {
+    if constexpr (!kFirst) {
       auto tOrVt = v_operand(Int<1 - kStage>{});
       gemm_wgmma_issue</*kZeroInit=*/false>(mma_o, tOrP, tOrVt, acc_o);
       warpgroup_wait<1>();  // S_j (the older group)
@@ -262,26 +267,27 @@ __global__ void __launch_bounds__(Traits::kThreads)
     if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
     float rescale[kRows];
     softmax.update_scores(scores, scale_log2, rescale);
-    if (pending) {
+    if constexpr (!kFirst) {
       warpgroup_wait<0>();  // P_{j-1} V_{j-1}: acc_o is complete and rP is free
       warpgroup_fence_operand(acc_o);
       warpgroup_fence_operand(rP);
+      softmax.rescale_o(acc_o_rc, rescale);
     }
-    softmax.rescale_o(acc_o_rc, rescale);
     convert_fragment(acc_s, rP);
-    pending = true;
     tile = next_tile;
     have = have_next;
   };
-  int last_stage = 1;
-  while (have) {
-    step(_0{});
-    last_stage = 0;
-    if (!have) break;
-    step(_1{});
-    last_stage = 1;
-  }
-  if (pending) {  // the last tile's P V
+  if (have) {
+    step(_0{}, cute::true_type{});
+    int last_stage = 0;  // the buffer of the last tile's V
+    while (have) {
+      step(_1{}, cute::false_type{});
+      last_stage = 1;
+      if (!have) break;
+      step(_0{}, cute::false_type{});
+      last_stage = 0;
+    }
+    // The last tile's P V.
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();  // its V landed
