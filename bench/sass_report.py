@@ -10,7 +10,7 @@ and whether ptxas serialized the kernel's wgmmas (its C7510-C7520 "Potential
 Performance Loss" warnings: a wgmma group in flight where control flow joins, or its
 registers touched before the wait, makes ptxas wait after every wgmma of the kernel).
 
-    python bench/sass_report.py                       # attn_fwd/attn_bwd/select, 192x128 bf16, sm_90a
+    python bench/sass_report.py                       # attn_fwd/attn_bwd/attn_sm90/select, 192x128 bf16, sm_90a
     python bench/sass_report.py csrc/cuda/instantiations/attn_bwd_hdim64x64_fp16.cu --arch sm_80
 
 Needs nvcc (CUDA_HOME or /usr/local/cuda) and the CUTLASS headers (the
@@ -27,7 +27,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_UNITS = ["attn_fwd_hdim192x128_bf16.cu", "attn_bwd_hdim192x128_bf16.cu",
-                 "select_hdim192_bf16.cu"]
+                 "attn_sm90_hdim192x128_bf16.cu", "select_hdim192_bf16.cu"]
 INSTANCE_MACROS = ["-DNSA_HDIM_64", "-DNSA_HDIM_128", "-DNSA_HDIM_192", "-DNSA_DTYPE_BF16",
                    "-DNSA_DTYPE_FP16"]
 

@@ -503,42 +503,49 @@ __device__ __forceinline__ void store_acc_partial(const Acc& acc, float* out, co
   for (int i = 0; i < size(acc); ++i) tg(i) = acc(i);
 }
 
-// dk = scale * acc_dk (+ dk_in) and dv = acc_dv (+ dv_in) for the CTA's key rows,
-// staged through sK and sV (no longer read). Every owned key row is written, zeros
-// where no query saw it.
+// One gradient of the CTA's key rows: dk = scale * acc (+ dk_in) with kIsDk, else
+// dv = acc (+ dv_in), staged through `s` (sK or sV, no longer read). Every owned key
+// row is written, zeros where no query saw it; a split tile's chunk writes its fp32
+// partial sum instead. kThreads threads (tid among them) take part.
+template <bool kIsDk, int kBlockN, int kDk, int kDv, int kThreads, class Element, class QSchedule, class Acc,
+          class S, class Thr>
+__device__ __forceinline__ void store_dkv_rows(const DkvQueries<QSchedule>& qr, Acc& acc, S& s, const Thr& thr,
+                                               int tid) {
+  const AttnBwdParams& p = qr.p;
+  const QSchedule& qs = qr.qs;
+  constexpr int kD = kIsDk ? kDk : kDv;
+  if constexpr (kIsDk) {
+#pragma unroll
+    for (int i = 0; i < cute::size(acc); ++i) acc(i) *= float(p.scale);
+  }
+  if constexpr (QSchedule::kSplits) {
+    if (qs.slot >= 0) {  // one chunk of the tile's queries: fp32 partial sums [dk | dv]
+      float* part = qr.ws.dkv_partial +
+                    ((int64_t(blockIdx.z) * p.num_heads_kv + qr.hkv) * qr.ws.dkv_slots + qs.slot) *
+                        (kBlockN * (kDk + kDv));
+      store_acc_partial<kBlockN, kD>(acc, kIsDk ? part : part + kBlockN * kDk, thr);
+      return;
+    }
+  }
+  Element* out = static_cast<Element*>(kIsDk ? p.dk : p.dv);
+  const int64_t batch_stride = kIsDk ? p.dk_batch_stride : p.dv_batch_stride;
+  const int64_t row_stride = kIsDk ? p.dk_row_stride : p.dv_row_stride;
+  const int64_t head_stride = kIsDk ? p.dk_head_stride : p.dv_head_stride;
+  Element* b = out + qr.si.batch * batch_stride + qr.hkv * head_stride;
+  store_acc_rows<kBlockN, kD, kThreads, Element>(
+      acc, s, thr, tid,
+      [=, &qs](int r) -> Element* { return qs.kb + r < qs.ke ? b + (qs.key_row0 + qs.kb + r) * row_stride : nullptr; },
+      added_row(out, static_cast<const Element*>(kIsDk ? p.dk_in : p.dv_in)));
+}
+
+// Both gradients, by all kThreads threads: dk through sK, then dv through sV.
 template <int kBlockN, int kDk, int kDv, int kThreads, class Element, class QSchedule, class AccK,
           class AccV, class SK, class SV, class ThrK, class ThrV>
 __device__ __forceinline__ void store_dkdv_rows(const DkvQueries<QSchedule>& qr, AccK& acc_dk, AccV& acc_dv,
                                                 SK& sK, SV& sV, const ThrK& thr_dk, const ThrV& thr_dv,
                                                 int tid) {
-  const AttnBwdParams& p = qr.p;
-  const QSchedule& qs = qr.qs;
-#pragma unroll
-  for (int i = 0; i < cute::size(acc_dk); ++i) acc_dk(i) *= float(p.scale);
-  if constexpr (QSchedule::kSplits) {
-    if (qs.slot >= 0) {  // one chunk of the tile's queries: fp32 partial sums
-      float* part = qr.ws.dkv_partial +
-                    ((int64_t(blockIdx.z) * p.num_heads_kv + qr.hkv) * qr.ws.dkv_slots + qs.slot) *
-                        (kBlockN * (kDk + kDv));
-      store_acc_partial<kBlockN, kDk>(acc_dk, part, thr_dk);
-      store_acc_partial<kBlockN, kDv>(acc_dv, part + kBlockN * kDk, thr_dv);
-      return;
-    }
-  }
-  Element* dk = static_cast<Element*>(p.dk);
-  Element* dv = static_cast<Element*>(p.dv);
-  auto key_row = [&](Element* base, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    Element* b = base + qr.si.batch * batch_stride + qr.hkv * head_stride;
-    return [=](int r) -> Element* {
-      return qs.kb + r < qs.ke ? b + (qs.key_row0 + qs.kb + r) * row_stride : nullptr;
-    };
-  };
-  store_acc_rows<kBlockN, kDk, kThreads, Element>(
-      acc_dk, sK, thr_dk, tid, key_row(dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride),
-      added_row(dk, static_cast<const Element*>(p.dk_in)));
-  store_acc_rows<kBlockN, kDv, kThreads, Element>(
-      acc_dv, sV, thr_dv, tid, key_row(dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride),
-      added_row(dv, static_cast<const Element*>(p.dv_in)));
+  store_dkv_rows<true, kBlockN, kDk, kDv, kThreads, Element>(qr, acc_dk, sK, thr_dk, tid);
+  store_dkv_rows<false, kBlockN, kDk, kDv, kThreads, Element>(qr, acc_dv, sV, thr_dv, tid);
 }
 
 // The opening of both dk/dv kernels: the varlen padding slice does its rows and

@@ -206,6 +206,32 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
+// The dk/dv kernels' step loop over three pipeline stages: step(i, stage, first)
+// with the stage i % 3 a compile-time constant, the first step (nothing pending yet)
+// peeled off so that no wgmma group is in flight where control flow joins (ptxas
+// would serialize every wgmma of the kernel), then last(stage of the last step) for
+// the GEMMs the last step left pending.
+template <class Step, class Last>
+__device__ __forceinline__ void run_three_stage_steps(int64_t steps, Step&& step, Last&& last) {
+  using namespace cute;
+  if (steps <= 0) return;
+  step(int64_t(0), _0{}, true_type{});
+  int last_stage = 0;
+  for (int64_t i = 1; i < steps; i += 3) {
+    step(i, _1{}, false_type{});
+    last_stage = 1;
+    if (i + 1 >= steps) break;
+    step(i + 1, _2{}, false_type{});
+    last_stage = 2;
+    if (i + 2 >= steps) break;
+    step(i + 2, _0{}, false_type{});
+    last_stage = 0;
+  }
+  if (last_stage == 0) last(_0{});
+  else if (last_stage == 1) last(_1{});
+  else last(_2{});
+}
+
 // The dk/dv kernel's tiling: kWarpgroups warpgroups of 64 keys each (a CTA owns
 // kBlockN = 64 * kWarpgroups keys; two for the compressed and window branches, whose
 // CTAs visit long runs of queries, so that each Q / dO tile serves 128 keys; one for
@@ -216,8 +242,20 @@ __global__ void __launch_bounds__(Traits::kThreads)
 //   dP^T = V dO^T    wgmma SS (V, dO K-major), one more group
 //   dV  += P^T dO    wgmma RS (P^T from registers, dO^T MN-major), N = Dv
 //   dK  += dS^T Q    wgmma RS (dS^T from registers, Q^T MN-major), N = Dk
+// The dk/dv kernels' smem tiles: 64-element wide rows with the 128-byte swizzle
+// (K-major operands), and their transposes (the MN-major B operands of dV and dK).
+template <class Element>
+struct DkvTilesSm90 {
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  template <int kRows, int kCols>
+  using Tile = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
+  template <int kRows, int kCols>
+  using TileT = decltype(cute::composition(
+      Tile<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+};
+
 template <int kDk_, int kDv_, class Element_, int kWarpgroups_>
-struct AttnBwdDkvTraitsSm90 {
+struct AttnBwdDkvTraitsSm90 : DkvTilesSm90<Element_> {
   using Element = Element_;
   static constexpr int kDk = kDk_;
   static constexpr int kDv = kDv_;
@@ -239,13 +277,10 @@ struct AttnBwdDkvTraitsSm90 {
   using TiledMmaDk = TiledMmaAcc<kDk>;
   using TiledMmaDv = TiledMmaAcc<kDv>;
 
-  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
   template <int kRows, int kCols>
-  using Tile = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
-  // The transpose (kCols x kRows) of a Tile: the MN-major B operand of dV and dK.
+  using Tile = typename DkvTilesSm90<Element>::template Tile<kRows, kCols>;
   template <int kRows, int kCols>
-  using TileT = decltype(cute::composition(
-      Tile<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+  using TileT = typename DkvTilesSm90<Element>::template TileT<kRows, kCols>;
   using SmemLayoutK = Tile<kBlockN, kDk>;
   using SmemLayoutV = Tile<kBlockN, kDv>;
   using SmemLayoutQ = Tile<kBlockM, kDk>;
@@ -256,6 +291,7 @@ struct AttnBwdDkvTraitsSm90 {
   // Smem: K and V (kBlockN rows), then three stages of (Q, dO) tiles (step i's S^T
   // and dP^T GEMMs, step i-1's dV and dK GEMMs, still running, and step i+1's
   // copies), then three stages of row data (DkvRowData).
+  static constexpr bool kPaired = false;
   static constexpr int kStages = 3;
   static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
   static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
@@ -345,7 +381,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Step i in stage kStage: S^T_i and dP^T_i (two wgmma groups) and, with step i-1
   // pending, its dV and dK GEMMs from the previous stage (two more), so that P_i and
   // dS_i are computed on the CUDA cores while the tensor cores finish step i-1.
-  // The first step (nothing pending) is peeled off the loop, as in the forward.
   auto run_step = [&](int64_t step, auto stage, auto first) {
     constexpr int kStage = decltype(stage)::value;
     constexpr bool kFirst = decltype(first)::value;
@@ -395,33 +430,264 @@ __global__ void __launch_bounds__(Traits::kThreads)
     load_q_tiles(0, 0);
   }
   cute::cp_async_fence();
-  if (steps > 0) {
-    run_step(0, _0{}, cute::true_type{});
-    int last_stage = 0;
-    for (int64_t step = 1; step < steps; step += kStages) {
-      run_step(step, _1{}, cute::false_type{});
-      last_stage = 1;
-      if (step + 1 >= steps) break;
-      run_step(step + 1, _2{}, cute::false_type{});
-      last_stage = 2;
-      if (step + 2 >= steps) break;
-      run_step(step + 2, _0{}, cute::false_type{});
-      last_stage = 0;
-    }
-    // The last step's dV and dK (its Q and dO landed at its barrier).
-    auto last = [&](auto stage) {
-      auto ops = q_operands(stage);
-      gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(ops), acc_dv);
-      gemm_wgmma</*kZeroInit=*/false>(mma_dk, tdKrdS, get<2>(ops), acc_dk);
-      warpgroup_fence_operand(acc_dv);
-      warpgroup_fence_operand(rP);
-    };
-    if (last_stage == 0) last(_0{});
-    else if (last_stage == 1) last(_1{});
-    else last(_2{});
-  }
+  // The last step's dV and dK (its Q and dO landed at its barrier).
+  run_three_stage_steps(steps, run_step, [&](auto stage) {
+    auto ops = q_operands(stage);
+    gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(ops), acc_dv);
+    gemm_wgmma</*kZeroInit=*/false>(mma_dk, tdKrdS, get<2>(ops), acc_dk);
+    warpgroup_fence_operand(acc_dv);
+    warpgroup_fence_operand(rP);
+  });
 
   store_dkdv_rows<kBlockN, kDk, kDv, kThreads, Element>(qr, acc_dk, acc_dv, sK, sV, thr_dk, thr_dv, tid);
+#endif  // NSA_SM90_KERNEL_BODY
+}
+
+// dk/dv for Dk >= 128: two warpgroups share the CTA's 64 keys and split the work by
+// accumulator, so that each holds one of the 64 x Dk and 64 x Dv fp32 accumulators.
+// (One warpgroup holding both leaves room for only 16 query rows per step at Dk = 192,
+// whose m64n16 wgmmas read more smem than the tensor cores can use, and spills.)
+// With 64 query rows per step:
+//   P side  (warpgroup 0): S^T = K Q^T (SS); P = exp(scale S - lse) where visible, to
+//                          smem in fp32; dV += (g P)^T dO (RS, dO^T MN-major)
+//   dS side (warpgroup 1): dP^T = V dO^T (SS); dS = P (g dP - delta) with P from smem;
+//                          dK += dS^T Q (RS, Q^T MN-major)
+// Both sides do 64 * rows * (Dk + Dv) multiply-adds per step. Each defers its dV / dK
+// GEMM to the next step, under that step's S^T / dP^T; P crosses in the accumulator
+// order (thread t of one side hands value i to thread t of the other), so the math is
+// the single-warpgroup kernel's, bit for bit. Per step, two barriers: the stage
+// landed (and the last P read), and this step's P written.
+template <int kDk_, int kDv_, class Element_>
+struct AttnBwdDkvPairTraitsSm90 : DkvTilesSm90<Element_> {
+  using Element = Element_;
+  static constexpr int kDk = kDk_;
+  static constexpr int kDv = kDv_;
+  static constexpr bool kPaired = true;
+  static constexpr int kThreads = 256;  // the P side, then the dS side
+  static constexpr int kBlockN = 64;    // keys of the CTA, the M of every wgmma
+  static constexpr int kBlockM = 64;    // query rows per step
+
+  using OneWarpgroup = cute::Layout<cute::Shape<cute::_1, cute::_1, cute::_1>>;
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockM>, cute::Int<kDk>>>(),
+      OneWarpgroup{}));
+  template <int kN>
+  using TiledMmaAcc = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kN>, cute::Int<kBlockM>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      OneWarpgroup{}));
+  using TiledMmaDk = TiledMmaAcc<kDk>;
+  using TiledMmaDv = TiledMmaAcc<kDv>;
+
+  template <int kRows, int kCols>
+  using Tile = typename DkvTilesSm90<Element>::template Tile<kRows, kCols>;
+  template <int kRows, int kCols>
+  using TileT = typename DkvTilesSm90<Element>::template TileT<kRows, kCols>;
+  using SmemLayoutK = Tile<kBlockN, kDk>;
+  using SmemLayoutV = Tile<kBlockN, kDv>;
+  using SmemLayoutQ = Tile<kBlockM, kDk>;
+  using SmemLayoutDo = Tile<kBlockM, kDv>;
+  using SmemLayoutQt = TileT<kBlockM, kDk>;
+  using SmemLayoutDot = TileT<kBlockM, kDv>;
+
+  // Smem: K, V, three stages of (Q, dO) (step i's S^T / dP^T, step i-1's dV / dK,
+  // step i+1's copies), P (fp32), then three stages of row data. Dk = 192: 179 KB.
+  static constexpr int kStages = 3;
+  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
+  static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
+  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
+  static constexpr int kSmemStage = kSmemQ + kBlockM * kDv * int(sizeof(Element));
+  static constexpr int kSmemP = kBlockN * kBlockM * 4;
+  static_assert(kSmemK % 1024 == 0 && kSmemV % 1024 == 0 && kSmemQ % 1024 == 0 && kSmemStage % 1024 == 0,
+                "swizzle atoms stay 1024-byte aligned");
+  static constexpr int kOffP = kSmemK + kSmemV + kStages * kSmemStage;
+  static constexpr int kSmemTiles = kOffP + kSmemP;
+  static constexpr int kSmemRowData = DkvRowData::kWords * kBlockM * 4;
+  static constexpr int kSmem = kSmemTiles + kStages * kSmemRowData;
+};
+
+template <class Traits, class QSchedule>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attn_bwd_dkdv_pair_sm90_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
+#if NSA_SM90_KERNEL_BODY
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;  // query rows per step
+  constexpr int kBlockN = Traits::kBlockN;  // keys of the CTA
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kStages = Traits::kStages;
+
+  extern __shared__ __align__(1024) char smem[];
+  const int tid = threadIdx.x;
+  SeqInfo si;
+  QSchedule qs;
+  if (!dkv_cta<kDk, kDv, Element>(p, ws, si, qs)) return;
+  const DkvQueries<QSchedule> qr(p, ws, qs, si, blockIdx.y);
+
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemK)),
+                          typename Traits::SmemLayoutV{});
+  auto stage_q = [&](int s) {
+    return reinterpret_cast<Element*>(smem + Traits::kSmemK + Traits::kSmemV + s * Traits::kSmemStage);
+  };
+  auto stage_do = [&](int s) { return reinterpret_cast<Element*>(reinterpret_cast<char*>(stage_q(s)) + Traits::kSmemQ); };
+  auto row_data = [&](int s) { return DkvRowData(smem + Traits::kSmemTiles + s * Traits::kSmemRowData, kBlockM); };
+  auto load_q_tiles = [&](int64_t step, int s) {
+    qr.template load_tiles<kBlockM, kDk, kDv, kThreads, Element>(
+        step, make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQ{}),
+        make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDo{}), tid);
+  };
+
+  load_dkv_key_tiles<kBlockN, kDk, kDv, kThreads, Element>(qr, sK, sV, tid);
+  cute::cp_async_fence();
+  const int64_t steps = qr.steps(kBlockM);
+  if (steps > 0) {
+    row_data(0).template fill<kBlockM>(qr, 0, tid);
+    load_q_tiles(0, 0);
+  }
+  cute::cp_async_fence();
+
+  // The opening of step `step` (stage kStage), for every thread of both sides:
+  // barrier A (the stage and its row data landed; every read of the last P and
+  // every GEMM of step - 2 are done), then the copies of step + 1.
+  auto open_step = [&](int64_t step, auto stage) {
+    constexpr int kNext = (decltype(stage)::value + 1) % kStages;
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();
+    if (step + 1 < steps) load_q_tiles(step + 1, kNext);
+    cute::cp_async_fence();
+    if (step + 1 < steps) row_data(kNext).template fill<kBlockM>(qr, step + 1, tid);
+  };
+  auto prev_stage = [](auto stage) { return Int<(decltype(stage)::value + kStages - 1) % kStages>{}; };
+  auto q_tile = [&](auto stage) {
+    return make_tensor(make_smem_ptr(stage_q(decltype(stage)::value)), typename Traits::SmemLayoutQ{});
+  };
+  auto do_tile = [&](auto stage) {
+    return make_tensor(make_smem_ptr(stage_do(decltype(stage)::value)), typename Traits::SmemLayoutDo{});
+  };
+
+  const int wg_tid = tid % 128;
+  typename Traits::TiledMmaS mma_s;  // S^T and dP^T: kBlockN x kBlockM tiles, K-major operands
+  auto thr_s = mma_s.get_thread_slice(wg_tid);
+  // (key, query row) of each element of an S^T tile, in the accumulator's order.
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+  using AccLayout = decltype(partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{}).layout());
+  constexpr int kAcc = decltype(size(AccLayout{}))::value;
+  static_assert(kAcc % 2 == 0);
+  // P between the sides: value pair j of thread t at sP[j * 128 + t] (no bank conflict).
+  float2* sP = reinterpret_cast<float2*>(smem + Traits::kOffP);
+  const float scale_log2 = float(p.scale) * kLog2e;
+  auto info = [&](const DkvRowData& rd, int i) { return rd.info(get<0>(tScS(i)), get<1>(tScS(i))); };
+
+  // The side is the same for every thread of a warpgroup; the shuffle lets ptxas know
+  // the branch does not diverge within a warp.
+  if (__shfl_sync(0xffffffffu, tid / 128, 0) == 0) {
+    // --- P side: S^T, P, dV.
+    typename Traits::TiledMmaDv mma_dv;
+    auto thr_dv = mma_dv.get_thread_slice(wg_tid);
+    Tensor tSrK = thr_s.partition_fragment_A(sK);
+    auto dot_operand = [&](auto stage) {
+      return thr_dv.partition_fragment_B(
+          make_tensor(make_smem_ptr(stage_do(decltype(stage)::value)), typename Traits::SmemLayoutDot{}));
+    };
+    Tensor acc_dv = partition_fragment_C(mma_dv, Shape<Int<kBlockN>, Int<kDv>>{});
+    clear(acc_dv);
+    Tensor rP = make_tensor<Element>(AccLayout{});  // g P of the step whose dV GEMM is pending
+    Tensor tdVrP = make_tensor(rP.data(), gmma_acc_as_a_operand(rP.layout()));
+
+    auto step = [&](int64_t i, auto stage, auto first) __attribute__((always_inline)) {
+      open_step(i, stage);
+      Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      Tensor tSrQ = thr_s.partition_fragment_B(q_tile(stage));
+      gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrK, tSrQ, acc_s);
+      if constexpr (!decltype(first)::value) {
+        auto tdVrdOt = dot_operand(prev_stage(stage));
+        gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, tdVrdOt, acc_dv);
+        warpgroup_wait<1>();  // S^T (the older group)
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(acc_s);
+      const DkvRowData rd = row_data(decltype(stage)::value);
+#pragma unroll
+      for (int j = 0; j < kAcc / 2; ++j) {
+        float pr[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const ElemInfo in = info(rd, 2 * j + e);
+          pr[e] = in.visible ? exp2f(acc_s(2 * j + e) * scale_log2 - in.lse2) : 0.f;
+          acc_s(2 * j + e) = pr[e] * in.dout_scale;
+        }
+        sP[j * 128 + wg_tid] = float2{pr[0], pr[1]};
+      }
+      __syncthreads();  // barrier B: P is in smem for the dS side
+      if constexpr (!decltype(first)::value) {
+        warpgroup_wait<0>();  // the last step's dV: rP is free
+        warpgroup_fence_operand(acc_dv);
+        warpgroup_fence_operand(rP);
+      }
+      convert_fragment(acc_s, rP);
+    };
+    run_three_stage_steps(steps, step, [&](auto stage) {
+      auto tdVrdOt = dot_operand(stage);
+      gemm_wgmma</*kZeroInit=*/false>(mma_dv, tdVrP, tdVrdOt, acc_dv);
+    });
+    store_dkv_rows</*kIsDk=*/false, kBlockN, kDk, kDv, 128, Element>(qr, acc_dv, sV, thr_dv, wg_tid);
+  } else {
+    // --- dS side: dP^T, dS, dK.
+    typename Traits::TiledMmaDk mma_dk;
+    auto thr_dk = mma_dk.get_thread_slice(wg_tid);
+    Tensor tdPrV = thr_s.partition_fragment_A(sV);
+    auto qt_operand = [&](auto stage) {
+      return thr_dk.partition_fragment_B(
+          make_tensor(make_smem_ptr(stage_q(decltype(stage)::value)), typename Traits::SmemLayoutQt{}));
+    };
+    Tensor acc_dk = partition_fragment_C(mma_dk, Shape<Int<kBlockN>, Int<kDk>>{});
+    clear(acc_dk);
+    Tensor rdS = make_tensor<Element>(AccLayout{});  // dS of the step whose dK GEMM is pending
+    Tensor tdKrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
+
+    auto step = [&](int64_t i, auto stage, auto first) __attribute__((always_inline)) {
+      open_step(i, stage);
+      Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
+      Tensor tdPrdO = thr_s.partition_fragment_B(do_tile(stage));
+      gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tdPrV, tdPrdO, acc_dp);
+      if constexpr (!decltype(first)::value) {
+        auto tdKrQt = qt_operand(prev_stage(stage));
+        gemm_wgmma_issue</*kZeroInit=*/false>(mma_dk, tdKrdS, tdKrQt, acc_dk);
+        warpgroup_wait<1>();  // dP^T (the older group)
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(acc_dp);
+      __syncthreads();  // barrier B: this step's P is in smem
+      if constexpr (!decltype(first)::value) {
+        warpgroup_wait<0>();  // the last step's dK: rdS is free
+        warpgroup_fence_operand(acc_dk);
+        warpgroup_fence_operand(rdS);
+      }
+      const DkvRowData rd = row_data(decltype(stage)::value);
+#pragma unroll
+      for (int j = 0; j < kAcc / 2; ++j) {
+        const float2 pr = sP[j * 128 + wg_tid];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const ElemInfo in = info(rd, 2 * j + e);
+          acc_dp(2 * j + e) = (e == 0 ? pr.x : pr.y) * (in.dout_scale * acc_dp(2 * j + e) - in.delta);
+        }
+      }
+      convert_fragment(acc_dp, rdS);
+    };
+    run_three_stage_steps(steps, step, [&](auto stage) {
+      auto tdKrQt = qt_operand(stage);
+      gemm_wgmma</*kZeroInit=*/false>(mma_dk, tdKrdS, tdKrQt, acc_dk);
+    });
+    store_dkv_rows</*kIsDk=*/true, kBlockN, kDk, kDv, 128, Element>(qr, acc_dk, sK, thr_dk, wg_tid);
+  }
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
@@ -457,15 +723,14 @@ void run_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cu
   }
 }
 
-template <class Traits, class QSchedule>
+template <class Traits, class QSchedule, class Kernel>
 void launch_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
-                               const char* what) {
+                               const char* what, Kernel kernel) {
   const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
   AttnBwdWorkspace w = ws;
   const int64_t n_blocks = plan_dkv_split<QSchedule, Traits::kBlockN, Traits::kDk, Traits::kDv>(p, w, stream);
   if (n_blocks == 0) return;
   check_grid(n_blocks, p, z, what);
-  auto kernel = attn_bwd_dkdv_sm90_kernel<Traits, QSchedule>;
   set_smem_limit(kernel, Traits::kSmem, what);
   NSA_LAUNCH(dim3(unsigned(n_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads,
              Traits::kSmem, stream, kernel)(p, w);
@@ -474,23 +739,36 @@ void launch_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& w
                                                                                                   what);
 }
 
+// Dk = 64: one warpgroup per 64 keys (two per CTA for the compressed and window
+// branches). Dk >= 128: the paired warpgroups of attn_bwd_dkdv_pair_sm90_kernel.
 template <int kDk, int kDv, DType kDType>
 void run_attn_bwd_dkdv_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream) {
   using Element = typename ElementOf<kDType>::type;
-  using Wide = AttnBwdDkvTraitsSm90<kDk, kDv, Element, 2>;
-  using Narrow = AttnBwdDkvTraitsSm90<kDk, kDv, Element, 1>;
+  auto launch = [&](auto traits, auto q_schedule, const char* what) {
+    using Traits = typename decltype(traits)::type;
+    using QSchedule = typename decltype(q_schedule)::type;
+    if constexpr (Traits::kPaired)
+      launch_attn_bwd_dkdv_sm90<Traits, QSchedule>(p, ws, stream, what,
+                                                   attn_bwd_dkdv_pair_sm90_kernel<Traits, QSchedule>);
+    else
+      launch_attn_bwd_dkdv_sm90<Traits, QSchedule>(p, ws, stream, what, attn_bwd_dkdv_sm90_kernel<Traits, QSchedule>);
+  };
+  using Wide = std::conditional_t<(kDk >= 128), AttnBwdDkvPairTraitsSm90<kDk, kDv, Element>,
+                                  AttnBwdDkvTraitsSm90<kDk, kDv, Element, 2>>;
+  using Narrow = std::conditional_t<(kDk >= 128), AttnBwdDkvPairTraitsSm90<kDk, kDv, Element>,
+                                    AttnBwdDkvTraitsSm90<kDk, kDv, Element, 1>>;
   switch (p.branch) {
     case Branch::kCompressed:
-      launch_attn_bwd_dkdv_sm90<Wide, CompressedQuerySchedule<Wide::kBlockN>>(p, ws, stream,
-                                                                             "compressed_attn_bwd (sm90 dk/dv)");
+      launch(std::type_identity<Wide>{}, std::type_identity<CompressedQuerySchedule<Wide::kBlockN>>{},
+             "compressed_attn_bwd (sm90 dk/dv)");
       break;
     case Branch::kWindow:
-      launch_attn_bwd_dkdv_sm90<Wide, WindowQuerySchedule<Wide::kBlockN>>(p, ws, stream,
-                                                                         "window_attn_bwd (sm90 dk/dv)");
+      launch(std::type_identity<Wide>{}, std::type_identity<WindowQuerySchedule<Wide::kBlockN>>{},
+             "window_attn_bwd (sm90 dk/dv)");
       break;
     case Branch::kSelected:
-      launch_attn_bwd_dkdv_sm90<Narrow, SelectedQuerySchedule<Narrow::kBlockN>>(p, ws, stream,
-                                                                               "selected_attn_bwd (sm90 dk/dv)");
+      launch(std::type_identity<Narrow>{}, std::type_identity<SelectedQuerySchedule<Narrow::kBlockN>>{},
+             "selected_attn_bwd (sm90 dk/dv)");
       break;
   }
 }
