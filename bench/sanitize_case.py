@@ -45,7 +45,7 @@ def run(dk, dv, G, dtype, lengths=None):
     o_w, lse_w = OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
     if torch.cuda.get_device_capability() == (9, 0):
         # The calls above (and the backward below) run the wgmma kernels: the compressed
-        # and window forward, and for Dk <= 128 their dq and every branch's dk/dv.
+        # and window forward and dq, and every branch's dk/dv.
         # These, the mma.sync ones.
         os.environ["NSA_MAINLOOP"] = "sm80"
         try:

@@ -453,8 +453,7 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
                lambda p: fl[p]["window"], note=bnote)
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         # The rows above run the wgmma kernels here (NSA_MAINLOOP=auto) where there
-        # are some: the compressed and window forward, and for Dk <= 128 their dq and
-        # every branch's dk/dv. These rows force the mma.sync kernels (what the sm_80
+        # are some: the compressed and window forward and dq, and every branch's dk/dv. These rows force the mma.sync kernels (what the sm_80
         # build runs) on the same inputs.
         snote = bnote + "; forward forced onto the mma.sync kernel (NSA_MAINLOOP=sm80)"
         with torch.no_grad():

@@ -141,8 +141,7 @@ def test_emulator_catches_hazards(emu):
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
     """The wgmma kernels (the emulated device is an H100, so "auto" picks them: the
-    compressed and window forward and dq, and every branch's dk/dv for Dk <= 128)
-    and mma.sync."""
+    compressed and window forward and dq, and every branch's dk/dv) and mma.sync."""
     monkeypatch.setenv("NSA_MAINLOOP", request.param)
     return request.param
 

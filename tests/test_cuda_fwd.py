@@ -54,8 +54,7 @@ def _sm90_forward_unavailable():
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
     """The two kernel families: wgmma on an H100/H200 (what "auto" picks there: the
-    compressed and window forward, and for Dk <= 128 their dq and every branch's
-    dk/dv), and mma.sync (every GPU; forced on sm_90 with NSA_MAINLOOP)."""
+    compressed and window forward and dq, and every branch's dk/dv), and mma.sync (every GPU; forced on sm_90 with NSA_MAINLOOP)."""
     if request.param == "sm90" and _sm90_forward_unavailable():
         pytest.skip(_sm90_forward_unavailable())
     monkeypatch.setenv("NSA_MAINLOOP", request.param)

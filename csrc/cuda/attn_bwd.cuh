@@ -241,17 +241,26 @@ __device__ __forceinline__ void dq_tile_dscores(AccS& acc_s, Scores& scores, DSc
   probs_and_dscores(scores, dscores, 1.f, [&](int mi, int) { return rows.info(mi); });
 }
 
+// The dq rows staged in `s` (kBlockM x kDk, already scaled) to dq (+ dq_in), by
+// kThreads threads.
+template <int kBlockM, int kDk, int kThreads, class Element, class SmemTensor>
+__device__ __forceinline__ void store_staged_dq_rows(const AttnBwdParams& p, const QueryTile& qt,
+                                                     const SmemTensor& s, int tid) {
+  Element* dq = static_cast<Element*>(p.dq);
+  Element* dq_b = dq + qt.si.batch * p.dq_batch_stride;
+  store_staged_rows<kBlockM, kDk, kThreads, Element>(
+      s, tid, [&](int r) { return qt.row(dq_b, p.dq_row_stride, p.dq_head_stride, r); },
+      added_row(dq, static_cast<const Element*>(p.dq_in)));
+}
+
 // dq = scale * acc_dq (+ dq_in), written through the smem tile `s`.
 template <int kBlockM, int kDk, int kThreads, class Element, class Acc, class SmemTensor, class ThrMma>
 __device__ __forceinline__ void store_dq_rows(const AttnBwdParams& p, const QueryTile& qt, Acc& acc_dq,
                                               SmemTensor& s, const ThrMma& thr_mma, int tid) {
 #pragma unroll
   for (int i = 0; i < cute::size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
-  Element* dq = static_cast<Element*>(p.dq);
-  Element* dq_b = dq + qt.si.batch * p.dq_batch_stride;
-  store_acc_rows<kBlockM, kDk, kThreads, Element>(
-      acc_dq, s, thr_mma, tid, [&](int r) { return qt.row(dq_b, p.dq_row_stride, p.dq_head_stride, r); },
-      added_row(dq, static_cast<const Element*>(p.dq_in)));
+  stage_acc<Element>(acc_dq, s, thr_mma);
+  store_staged_dq_rows<kBlockM, kDk, kThreads, Element>(p, qt, s, tid);
 }
 
 template <class Traits, class Schedule>
@@ -834,11 +843,9 @@ void run_attn_bwd(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream
 #ifdef NSA_SM90A_BUILT
   if (use_sm90_kernels()) {
     dkv_sm90 = &run_attn_bwd_dkdv_sm90<kDk, kDv, kDType>;
-    // Not the selected branch's dq (its CTA visits the union of its tokens' blocks
-    // with a per-warp skip, as its forward does), nor the dq for Dk = 192 (its 64 x 192
-    // fp32 accumulator with the S / dP tiles spills: 255 registers, 0.25 KB).
-    if constexpr (kDk <= 128)
-      if (p.branch != Branch::kSelected) dq_sm90 = &run_attn_bwd_dq_sm90<kDk, kDv, kDType>;
+    // Not the selected branch's dq: its CTA visits the union of its tokens' blocks
+    // with a per-warp skip, as its forward does.
+    if (p.branch != Branch::kSelected) dq_sm90 = &run_attn_bwd_dq_sm90<kDk, kDv, kDType>;
   }
 #endif
   switch (p.branch) {

@@ -1,6 +1,6 @@
 // The Hopper (sm_90a) backward kernels, warpgroup MMAs in place of mma.sync
 // (attn_bwd.cuh's run_attn_bwd picks them):
-// 1. dq of the compressed and window branches, Dk <= 128: the query-side loop of
+// 1. dq of the compressed and window branches. Dk <= 128: the query-side loop of
 //    attn_bwd_dq_kernel on the forward's Hopper tiling (attn_fwd_sm90.cuh: two
 //    warpgroups, 128 rows; 64 keys per tile, 32 for Dk >= 128):
 //      S  = Q K^T     wgmma SS (Q, K K-major)
@@ -8,9 +8,12 @@
 //      dQ += dS K     wgmma RS (dS from registers, K^T MN-major), N = Dk
 //    K and V tiles have three stages: tile j+1's cp.async and tile j-1's dQ GEMM run
 //    under tile j's S and dP, and dS_j is computed while dS_{j-1} K_{j-1} finishes.
+//    Dk = 192: two warpgroups per 64 rows split dQ by columns (AttnBwdDqPairTraitsSm90).
 // 2. dk/dv of all three branches: the KV-side loop of attn_bwd_dkdv_kernel (the same
 //    query schedules, row data and epilogue), pipelined the same way over three
-//    stages of Q / dO tiles (AttnBwdDkvTraitsSm90).
+//    stages of Q / dO tiles. Dk = 64: one warpgroup per 64 keys (AttnBwdDkvTraitsSm90);
+//    Dk >= 128: two warpgroups per 64 keys, one per accumulator (AttnBwdDkvPairTraitsSm90).
+// Nothing is in flight where control flow joins, so ptxas keeps the wgmmas async.
 // The selected branch's dq stays on mma.sync: like its forward, a CTA visits the
 // union of its tokens' blocks with a per-warp skip.
 #pragma once
@@ -20,6 +23,18 @@
 
 namespace nsa::cuda {
 
+// The backward kernels' smem tiles: 64-element wide rows with the 128-byte swizzle
+// (K-major operands), and their transposes (the MN-major B operands of dV and dK).
+template <class Element>
+struct DkvTilesSm90 {
+  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
+  template <int kRows, int kCols>
+  using Tile = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
+  template <int kRows, int kCols>
+  using TileT = decltype(cute::composition(
+      Tile<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
+};
+
 // A warpgroup keeps a 64 x Dk fp32 dQ accumulator next to the S and dP tiles: for
 // Dk >= 128 the KV tiles have 32 keys (as the SM80 dq kernel's) so that the S and
 // dP accumulators halve and nothing spills (hdim 192 with 64 keys: 255 registers and
@@ -27,6 +42,7 @@ namespace nsa::cuda {
 template <int kDk_, int kDv_, class Element_>
 struct AttnBwdDqTraitsSm90 : AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 128 ? 32 : 64)> {
   using Base = AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 128 ? 32 : 64)>;
+  static constexpr bool kPaired = false;
   using typename Base::Element;
   using typename Base::WarpgroupLayout;
   using Base::kBlockM;
@@ -206,6 +222,304 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
+// dq for Dk = 192: two warpgroups share 64 query rows and each KV tile of 64 keys,
+// and split dQ by columns, so that neither holds the whole 64 x 192 fp32 accumulator
+// next to the S and dP tiles (one warpgroup doing all of it spills):
+//   P side  (warpgroup 0): S = Q K^T (SS); P = exp(scale S - lse), masked, to smem in
+//                          fp32; dQ[:, 128:] += dS K[:, 128:] (SS, dS from smem)
+//   dS side (warpgroup 1): dP = dO V^T (SS); dS = P (g dP - delta), P from smem; dS to
+//                          smem (bf16); dQ[:, :128] += dS K[:, :128] (RS)
+// Per tile each side does 64 * 64 * (Dk + Dv) / 2 multiply-adds (192 + 64 = 128 + 128
+// for (192, 128)). Each side defers its dQ GEMM to the next tile, under that tile's S
+// or dP, so the K/V tiles have three stages. Two barriers per tile: A (the tile
+// landed; the last dS written, made visible to the async proxy; the last P read) and
+// B (this tile's P written; the last dQ GEMM on the P side retired, so dS may be
+// overwritten). P and dS cross in accumulator order; the math is the one-warpgroup
+// kernel's.
+template <int kDk_, int kDv_, class Element_>
+struct AttnBwdDqPairTraitsSm90 : DkvTilesSm90<Element_> {
+  using Element = Element_;
+  static constexpr int kDk = kDk_;
+  static constexpr int kDv = kDv_;
+  static constexpr bool kPaired = true;
+  static constexpr int kThreads = 256;  // the P side, then the dS side
+  static constexpr int kBlockM = 64;    // query rows of the CTA
+  static constexpr int kBlockN = 64;    // keys per KV tile
+  static constexpr int kDqLo = 128;     // dQ columns of the dS side; the P side has the rest
+  static constexpr int kDqHi = kDk - kDqLo;
+  static_assert(kDqHi > 0 && kDqHi % 64 == 0, "the column split falls on 64-column smem atoms");
+
+  using OneWarpgroup = cute::Layout<cute::Shape<cute::_1, cute::_1, cute::_1>>;
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kDk>>>(),
+      OneWarpgroup{}));
+  using TiledMmaDqHi = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kDqHi>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      OneWarpgroup{}));
+  using TiledMmaDqLo = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kDqLo>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      OneWarpgroup{}));
+
+  template <int kRows, int kCols>
+  using Tile = typename DkvTilesSm90<Element>::template Tile<kRows, kCols>;
+  template <int kRows, int kCols>
+  using TileT = typename DkvTilesSm90<Element>::template TileT<kRows, kCols>;
+  // A Tile's 64-column atom blocks lie one after the other (tile_to_shape orders the
+  // 8 x 64 atoms down the rows first), so columns [128, Dk) of a K tile are a Tile of
+  // their own at element offset kBlockN * 128.
+  using SmemLayoutQ = Tile<kBlockM, kDk>;
+  using SmemLayoutDo = Tile<kBlockM, kDv>;
+  using SmemLayoutK = Tile<kBlockN, kDk>;
+  using SmemLayoutV = Tile<kBlockN, kDv>;
+  using SmemLayoutKtLo = TileT<kBlockN, kDqLo>;
+  using SmemLayoutKtHi = TileT<kBlockN, kDqHi>;
+  using SmemLayoutDs = Tile<kBlockM, kBlockN>;
+  using SmemLayoutDqLo = Tile<kBlockM, kDqLo>;  // the epilogue's staging, over sQ
+  using SmemLayoutDqHi = Tile<kBlockM, kDqHi>;
+
+  static constexpr int kStages = 3;
+  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
+  static constexpr int kSmemDo = kBlockM * kDv * int(sizeof(Element));
+  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
+  static constexpr int kSmemStage = kSmemK + kBlockN * kDv * int(sizeof(Element));
+  static constexpr int kSmemP = kBlockM * kBlockN * 4;
+  static constexpr int kSmemDs = kBlockM * kBlockN * int(sizeof(Element));
+  static_assert(kSmemQ % 1024 == 0 && kSmemDo % 1024 == 0 && kSmemStage % 1024 == 0 && kSmemDs % 1024 == 0,
+                "swizzle atoms stay 1024-byte aligned");
+  static constexpr int kOffStages = kSmemQ + kSmemDo;
+  static constexpr int kOffDs = kOffStages + kStages * kSmemStage;
+  static constexpr int kOffP = kOffDs + kSmemDs;
+  static constexpr int kSmemTiles = kOffP + kSmemP;  // (192, 128): 184 KB
+};
+
+template <class Traits, class Schedule>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    attn_bwd_dq_pair_sm90_kernel(const AttnBwdParams p, const AttnBwdWorkspace ws) {
+#if NSA_SM90_KERNEL_BODY
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kDk = Traits::kDk;
+  constexpr int kDv = Traits::kDv;
+  constexpr int kThreads = Traits::kThreads;
+  constexpr int kStages = Traits::kStages;
+
+  extern __shared__ __align__(1024) char smem[];
+  const int tid = threadIdx.x;
+  const int hkv = blockIdx.y;
+  if (dq_padding_rows<kDk, Element>(p, ws)) return;
+  QueryTile qt;
+  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
+  const SeqInfo& si = qt.si;
+
+  Element* smem_q = reinterpret_cast<Element*>(smem);
+  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemQ)),
+                           typename Traits::SmemLayoutDo{});
+  auto stage_k = [&](int s) { return reinterpret_cast<Element*>(smem + Traits::kOffStages + s * Traits::kSmemStage); };
+  auto stage_v = [&](int s) {
+    return reinterpret_cast<Element*>(smem + Traits::kOffStages + s * Traits::kSmemStage + Traits::kSmemK);
+  };
+  Tensor sdS = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kOffDs)),
+                           typename Traits::SmemLayoutDs{});
+  float2* sP = reinterpret_cast<float2*>(smem + Traits::kOffP);
+  char* smem_schedule = smem + Traits::kSmemTiles;
+
+  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+  load_dq_query_tiles<kBlockM, kDk, kDv, kThreads, Element>(p, qt, sQ, sdO, tid);
+  cute::cp_async_fence();
+
+  Schedule sched;
+  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
+  const int64_t key_row0 = sched.key_row0();
+  auto load_kv = [&](int s, const KvTile& tile) {
+    Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
+    load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
+    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
+  };
+
+  const int wg_tid = tid % 128;
+  typename Traits::TiledMmaS mma_s;  // S and dP: 64 x kBlockN tiles, K-major operands
+  auto thr_s = mma_s.get_thread_slice(wg_tid);
+  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), gmma_acc_rowcol(tScS.layout()));
+  const DqRows<decltype(size<0>(tScS_rc))::value> rows(p, ws, qt, tScS_rc);
+  using AccLayout = decltype(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
+  constexpr int kAcc = decltype(size(AccLayout{}))::value;
+  const float scale_log2 = float(p.scale) * kLog2e;
+
+  // Tile j in stage kStage, for every thread of both sides: barrier A, then tile
+  // j + 1's copies into the stage that tile j - 2 used.
+  KvTile tile;
+  bool have = sched.next(tile);
+  if (have) load_kv(0, tile);
+  cute::cp_async_fence();
+  auto open_tile = [&](auto stage) {
+    constexpr int kNext = (decltype(stage)::value + 1) % kStages;
+    KvTile next_tile;
+    const bool have_next = sched.next(next_tile);
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();
+    if (have_next) load_kv(kNext, next_tile);
+    cute::cp_async_fence();
+    return cute::make_tuple(next_tile, have_next);
+  };
+  auto prev_stage = [](auto stage) { return Int<(decltype(stage)::value + kStages - 1) % kStages>{}; };
+  // Tile j then the rest, the first peeled off (nothing pending yet), as in
+  // run_three_stage_steps; last(stage) issues the GEMM the last tile left pending.
+  auto run_tiles = [&](auto&& step, auto&& last) __attribute__((always_inline)) {
+    if (!have) return;
+    step(_0{}, true_type{});
+    int last_stage = 0;
+    while (have) {
+      step(_1{}, false_type{});
+      last_stage = 1;
+      if (!have) break;
+      step(_2{}, false_type{});
+      last_stage = 2;
+      if (!have) break;
+      step(_0{}, false_type{});
+      last_stage = 0;
+    }
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();  // the last tile's dS is in smem
+    if (last_stage == 0) last(_0{});
+    else if (last_stage == 1) last(_1{});
+    else last(_2{});
+  };
+
+  // The side is the same for every thread of a warpgroup; the shuffle lets ptxas know
+  // the branch does not diverge within a warp.
+  if (__shfl_sync(0xffffffffu, tid / 128, 0) == 0) {
+    // --- P side: S, P, dQ[:, 128:] from smem dS.
+    typename Traits::TiledMmaDqHi mma_dq;
+    auto thr_dq = mma_dq.get_thread_slice(wg_tid);
+    Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+    Tensor tdQsdS = thr_dq.partition_fragment_A(sdS);
+    auto kt_operand = [&](auto stage) {
+      return thr_dq.partition_fragment_B(make_tensor(
+          make_smem_ptr(stage_k(decltype(stage)::value) + kBlockN * Traits::kDqLo), typename Traits::SmemLayoutKtHi{}));
+    };
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<Traits::kDqHi>>{});
+    clear(acc_dq);
+    auto step = [&](auto stage, auto first) __attribute__((always_inline)) {
+      auto [next_tile, have_next] = open_tile(stage);
+      Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      Tensor tSrK = thr_s.partition_fragment_B(
+          make_tensor(make_smem_ptr(stage_k(decltype(stage)::value)), typename Traits::SmemLayoutK{}));
+      gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tSrQ, tSrK, acc_s);
+      if constexpr (!decltype(first)::value) {
+        auto tdQrKt = kt_operand(prev_stage(stage));
+        gemm_wgmma_issue</*kZeroInit=*/false>(mma_dq, tdQsdS, tdQrKt, acc_dq);
+        warpgroup_wait<1>();  // S (the older group)
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(acc_s);
+      // Scaled before the mask, as the forward does (see dq_tile_dscores).
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) acc_s(i) *= scale_log2;
+      Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
+      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, rows.ok, rows.t);
+#pragma unroll
+      for (int mi = 0; mi < size<0>(scores); ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < size<1>(scores); ++ni) scores(mi, ni) = exp2f(scores(mi, ni) - rows.lse2[mi]);
+      }
+#pragma unroll
+      for (int j = 0; j < kAcc / 2; ++j) sP[j * 128 + wg_tid] = float2{acc_s(2 * j), acc_s(2 * j + 1)};
+      if constexpr (!decltype(first)::value) {
+        warpgroup_wait<0>();  // the last dQ GEMM: sdS may be overwritten
+        warpgroup_fence_operand(acc_dq);
+      }
+      __syncthreads();  // barrier B
+      tile = next_tile;
+      have = have_next;
+    };
+    run_tiles(step, [&](auto stage) {
+      auto tdQrKt = kt_operand(stage);
+      gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQsdS, tdQrKt, acc_dq);
+    });
+#pragma unroll
+    for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
+    stage_acc<Element>(acc_dq,
+                       make_tensor(make_smem_ptr(smem_q + kBlockM * Traits::kDqLo), typename Traits::SmemLayoutDqHi{}),
+                       thr_dq);
+  } else {
+    // --- dS side: dP, dS, dQ[:, :128] from registers.
+    typename Traits::TiledMmaDqLo mma_dq;
+    auto thr_dq = mma_dq.get_thread_slice(wg_tid);
+    Tensor tdPrdO = thr_s.partition_fragment_A(sdO);
+    Tensor tsdS = thr_s.partition_C(sdS);
+    auto kt_operand = [&](auto stage) {
+      return thr_dq.partition_fragment_B(
+          make_tensor(make_smem_ptr(stage_k(decltype(stage)::value)), typename Traits::SmemLayoutKtLo{}));
+    };
+    Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<Traits::kDqLo>>{});
+    clear(acc_dq);
+    Tensor rdS = make_tensor<Element>(AccLayout{});  // dS of the tile whose dQ GEMM is pending
+    Tensor tdQrdS = make_tensor(rdS.data(), gmma_acc_as_a_operand(rdS.layout()));
+    auto step = [&](auto stage, auto first) __attribute__((always_inline)) {
+      auto [next_tile, have_next] = open_tile(stage);
+      Tensor acc_dp = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      Tensor tdPrV = thr_s.partition_fragment_B(
+          make_tensor(make_smem_ptr(stage_v(decltype(stage)::value)), typename Traits::SmemLayoutV{}));
+      gemm_wgmma_issue</*kZeroInit=*/true>(mma_s, tdPrdO, tdPrV, acc_dp);
+      if constexpr (!decltype(first)::value) {
+        auto tdQrKt = kt_operand(prev_stage(stage));
+        gemm_wgmma_issue</*kZeroInit=*/false>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+        warpgroup_wait<1>();  // dP (the older group)
+      } else {
+        warpgroup_wait<0>();
+      }
+      warpgroup_fence_operand(acc_dp);
+      __syncthreads();  // barrier B: this tile's P is in smem, the last dS read
+      if constexpr (!decltype(first)::value) {
+        warpgroup_wait<0>();  // the last dQ GEMM: rdS is free
+        warpgroup_fence_operand(acc_dq);
+        warpgroup_fence_operand(rdS);
+      }
+      Tensor prob = make_tensor<float>(AccLayout{});
+#pragma unroll
+      for (int j = 0; j < kAcc / 2; ++j) {
+        const float2 pr = sP[j * 128 + wg_tid];
+        prob(2 * j) = pr.x;
+        prob(2 * j + 1) = pr.y;
+      }
+      Tensor prob_rc = make_tensor(prob.data(), gmma_acc_rowcol(prob.layout()));
+      Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
+#pragma unroll
+      for (int mi = 0; mi < size<0>(dscores); ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < size<1>(dscores); ++ni)
+          dscores(mi, ni) = prob_rc(mi, ni) * (rows.scale[mi] * dscores(mi, ni) - rows.delta[mi]);
+      }
+      convert_fragment(acc_dp, rdS);
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) tsdS(i) = rdS(i);
+      tile = next_tile;
+      have = have_next;
+    };
+    run_tiles(step, [&](auto stage) {
+      auto tdQrKt = kt_operand(stage);
+      gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+    });
+#pragma unroll
+    for (int i = 0; i < size(acc_dq); ++i) acc_dq(i) *= float(p.scale);
+    stage_acc<Element>(acc_dq, make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutDqLo{}), thr_dq);
+  }
+  store_staged_dq_rows<kBlockM, kDk, kThreads, Element>(p, qt, sQ, tid);
+#endif  // NSA_SM90_KERNEL_BODY
+}
+
 // The dk/dv kernels' step loop over three pipeline stages: step(i, stage, first)
 // with the stage i % 3 a compile-time constant, the first step (nothing pending yet)
 // peeled off so that no wgmma group is in flight where control flow joins (ptxas
@@ -242,18 +556,6 @@ __device__ __forceinline__ void run_three_stage_steps(int64_t steps, Step&& step
 //   dP^T = V dO^T    wgmma SS (V, dO K-major), one more group
 //   dV  += P^T dO    wgmma RS (P^T from registers, dO^T MN-major), N = Dv
 //   dK  += dS^T Q    wgmma RS (dS^T from registers, Q^T MN-major), N = Dk
-// The dk/dv kernels' smem tiles: 64-element wide rows with the 128-byte swizzle
-// (K-major operands), and their transposes (the MN-major B operands of dV and dK).
-template <class Element>
-struct DkvTilesSm90 {
-  using SmemAtom = cute::GMMA::Layout_K_SW128_Atom<Element>;
-  template <int kRows, int kCols>
-  using Tile = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kCols>>{}));
-  template <int kRows, int kCols>
-  using TileT = decltype(cute::composition(
-      Tile<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
-};
-
 template <int kDk_, int kDv_, class Element_, int kWarpgroups_>
 struct AttnBwdDkvTraitsSm90 : DkvTilesSm90<Element_> {
   using Element = Element_;
@@ -691,32 +993,40 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
-template <class Traits, class Schedule>
+template <class Traits, class Schedule, class Kernel>
 void launch_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream,
-                             const char* what) {
+                             const char* what, Kernel kernel) {
   if (p.num_heads_kv == 0 || p.num_seqs == 0 || p.seqlen == 0) return;
   const int64_t z = p.num_seqs + (p.cu_seqlens != nullptr ? 1 : 0);
   const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
   check_grid(m_blocks, p, z, what);
   const int smem = Traits::kSmemTiles + Schedule::smem_bytes(p);
-  auto kernel = attn_bwd_dq_sm90_kernel<Traits, Schedule>;
   set_smem_limit(kernel, smem, what);
   NSA_LAUNCH(dim3(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(z)), Traits::kThreads, smem,
              stream, kernel)(p, ws);
   check_launch(what);
 }
 
+// Dk <= 128: one warpgroup per 64 query rows; Dk = 192: the paired warpgroups of
+// attn_bwd_dq_pair_sm90_kernel.
 template <int kDk, int kDv, DType kDType>
 void run_attn_bwd_dq_sm90(const AttnBwdParams& p, const AttnBwdWorkspace& ws, cudaStream_t stream) {
-  using Traits = AttnBwdDqTraitsSm90<kDk, kDv, typename ElementOf<kDType>::type>;
+  using Element = typename ElementOf<kDType>::type;
+  using Traits = std::conditional_t<(kDk > 128), AttnBwdDqPairTraitsSm90<kDk, kDv, Element>,
+                                    AttnBwdDqTraitsSm90<kDk, kDv, Element>>;
+  auto launch = [&](auto schedule, const char* what) {
+    using Schedule = typename decltype(schedule)::type;
+    if constexpr (Traits::kPaired)
+      launch_attn_bwd_dq_sm90<Traits, Schedule>(p, ws, stream, what, attn_bwd_dq_pair_sm90_kernel<Traits, Schedule>);
+    else
+      launch_attn_bwd_dq_sm90<Traits, Schedule>(p, ws, stream, what, attn_bwd_dq_sm90_kernel<Traits, Schedule>);
+  };
   switch (p.branch) {
     case Branch::kCompressed:
-      launch_attn_bwd_dq_sm90<Traits, CompressedSchedule<Traits::kBlockN>>(p, ws, stream,
-                                                                           "compressed_attn_bwd (sm90 dq)");
+      launch(std::type_identity<CompressedSchedule<Traits::kBlockN>>{}, "compressed_attn_bwd (sm90 dq)");
       break;
     case Branch::kWindow:
-      launch_attn_bwd_dq_sm90<Traits, WindowSchedule<Traits::kBlockN>>(p, ws, stream,
-                                                                       "window_attn_bwd (sm90 dq)");
+      launch(std::type_identity<WindowSchedule<Traits::kBlockN>>{}, "window_attn_bwd (sm90 dq)");
       break;
     case Branch::kSelected:
       throw std::runtime_error("nsa_cuda: selected_attn_bwd has no sm90 (wgmma) dq kernel");

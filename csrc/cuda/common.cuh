@@ -255,17 +255,16 @@ struct NoRowAdd {
   __device__ const T* operator()(int, const T*) const { return nullptr; }
 };
 
-// Epilogue of the attention kernels: converts the fp32 accumulator `acc` (a
-// kRows x kCols C fragment of `thr_mma`) to Element, stages it in the smem tile
-// `s` (free for reuse: waits for every cp.async and every thread first) and
-// writes each row r to row_dst(r) (nullptr: skip) in 16-byte stores. The
-// backward's accumulating form adds the row row_add(r, dst) (nullptr: none) of a
-// gradient that earlier branches left (AttnBwdParams::dq_in and the like).
-template <int kRows, int kCols, int kThreads, class Element, class Acc, class SmemTensor,
-          class ThrMma, class RowDst, class RowAdd = NoRowAdd>
-__device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, const ThrMma& thr_mma,
-                                               int tid, const RowDst& row_dst,
-                                               const RowAdd& row_add = {}) {
+// Epilogue of the attention kernels, in two halves. stage_acc: converts the fp32
+// accumulator `acc` (a C fragment of `thr_mma`) to Element into the smem tile `s`
+// (free for reuse: waits for every cp.async and every thread first; every thread of
+// the CTA calls it, through two barriers). store_staged_rows: writes each row r of
+// the kRows x kCols staged tile to row_dst(r) (nullptr: skip) in 16-byte stores, by
+// kThreads threads. The backward's accumulating form adds the row row_add(r, dst)
+// (nullptr: none) of a gradient that earlier branches left (AttnBwdParams::dq_in and
+// the like).
+template <class Element, class Acc, class SmemTensor, class ThrMma>
+__device__ __forceinline__ void stage_acc(const Acc& acc, SmemTensor&& s, const ThrMma& thr_mma) {
   using namespace cute;
   Tensor r = make_tensor<Element>(acc.layout());
   convert_fragment(acc, r);
@@ -275,6 +274,12 @@ __device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, co
 #pragma unroll
   for (int i = 0; i < size(r); ++i) ts(i) = r(i);
   __syncthreads();
+}
+
+template <int kRows, int kCols, int kThreads, class Element, class SmemTensor, class RowDst,
+          class RowAdd = NoRowAdd>
+__device__ __forceinline__ void store_staged_rows(const SmemTensor& s, int tid, const RowDst& row_dst,
+                                                  const RowAdd& row_add = {}) {
   constexpr int kChunks = kCols / 8;
 #pragma unroll
   for (int it = 0; it < (kRows * kChunks + kThreads - 1) / kThreads; ++it) {
@@ -288,6 +293,15 @@ __device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, co
       }
     }
   }
+}
+
+template <int kRows, int kCols, int kThreads, class Element, class Acc, class SmemTensor,
+          class ThrMma, class RowDst, class RowAdd = NoRowAdd>
+__device__ __forceinline__ void store_acc_rows(const Acc& acc, SmemTensor& s, const ThrMma& thr_mma,
+                                               int tid, const RowDst& row_dst,
+                                               const RowAdd& row_add = {}) {
+  stage_acc<Element>(acc, s, thr_mma);
+  store_staged_rows<kRows, kCols, kThreads, Element>(s, tid, row_dst, row_add);
 }
 
 // The token rows of one sequence (selected and window branches: no compressed rows).

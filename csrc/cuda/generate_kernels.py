@@ -27,8 +27,8 @@ namespace nsa::cuda {{
 template void run_attn_fwd_sm90<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, cudaStream_t);
 {dq}}}  // namespace nsa::cuda
 """
-# The Hopper dq kernel serves Dk <= 128, the dk/dv kernel every head dim
-# (attn_bwd.cuh: run_attn_bwd).
+# The Hopper dq kernels serve the compressed and window branches, the dk/dv kernels
+# all three (attn_bwd.cuh: run_attn_bwd).
 ATTN_SM90_DQ = """template void run_attn_bwd_dq_sm90<{dk}, {dv}, DType::{dt}>(const AttnBwdParams&,
                                                          const AttnBwdWorkspace&, cudaStream_t);
 """
@@ -69,7 +69,7 @@ def files():
         for name, dt in DTYPES.items():
             out[f"attn_fwd_hdim{dk}x{dv}_{name}.cu"] = ATTN.format(dk=dk, dv=dv, dt=dt)
             out[f"attn_sm90_hdim{dk}x{dv}_{name}.cu"] = ATTN_SM90.format(
-                dk=dk, dv=dv, dt=dt, dq=(ATTN_SM90_DQ.format(dk=dk, dv=dv, dt=dt) if dk <= 128 else "")
+                dk=dk, dv=dv, dt=dt, dq=ATTN_SM90_DQ.format(dk=dk, dv=dv, dt=dt)
                 + ATTN_SM90_DKDV.format(dk=dk, dv=dv, dt=dt))
             out[f"attn_bwd_hdim{dk}x{dv}_{name}.cu"] = ATTN_BWD.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)

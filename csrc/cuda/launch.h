@@ -28,12 +28,12 @@ void run_attn_fwd_sm90(const AttnFwdParams& params, cudaStream_t stream);
 // code. NSA_MAINLOOP (read at each call) overrides: "sm80" keeps the mma.sync
 // kernels everywhere, "sm90" asks for wgmma and throws where it cannot run; "auto"
 // or unset is the rule above. The wgmma kernels: the compressed and window forward,
-// their dq for Dk <= 128, and the dk/dv of all three branches. The selected forward
-// and dq, the dq for Dk = 192, the selection scores and the decode run mma.sync.
+// their dq, and the dk/dv of all three branches. The selected forward and dq, the
+// selection scores and the decode run mma.sync.
 bool use_sm90_kernels();
 
 // The Hopper backward kernels (attn_bwd_sm90.cuh), instantiated next to
-// run_attn_fwd_sm90: dq of the compressed and window branches (Dk <= 128), dk/dv of
+// run_attn_fwd_sm90: dq of the compressed and window branches, dk/dv of
 // all three.
 struct AttnBwdWorkspace;
 template <int kDk, int kDv, DType kDType>

@@ -3,6 +3,8 @@
 
 namespace nsa::cuda {
 template void run_attn_fwd_sm90<192, 128, DType::kFp16>(const AttnFwdParams&, cudaStream_t);
+template void run_attn_bwd_dq_sm90<192, 128, DType::kFp16>(const AttnBwdParams&,
+                                                         const AttnBwdWorkspace&, cudaStream_t);
 template void run_attn_bwd_dkdv_sm90<192, 128, DType::kFp16>(const AttnBwdParams&,
                                                            const AttnBwdWorkspace&, cudaStream_t);
 }  // namespace nsa::cuda
