@@ -27,7 +27,7 @@ export MAX_JOBS
 start=$(date +%s)
 # -v: the compiler output goes to build.log (CI checks it for serialized wgmma).
 "$VENV/bin/pip" install -v --no-build-isolation --no-deps -e . 2>&1 | tee build.log | \
-  grep -E --line-buffered "^\[[0-9]+/[0-9]+\]|error|Successfully" | sed -E 's/ -.*//' || true
+  grep -E --line-buffered "^ *\[[0-9]+/[0-9]+\]|error|Successfully" | sed -E 's/ -.*//' || true
 if ! "$VENV/bin/python" -c "import nsa_cuda" 2>/dev/null; then
   echo "build failed: see build.log" >&2
   exit 1

@@ -35,6 +35,38 @@ struct DkvTilesSm90 {
       Tile<kRows, kCols>{}, cute::make_layout(cute::Shape<cute::Int<kCols>, cute::Int<kRows>>{}, cute::GenRowMajor{})));
 };
 
+// The backward kernels' step loop over three pipeline stages: step(i, stage, first)
+// with the stage i % 3 a compile-time constant, the first step (nothing pending yet)
+// peeled off so that no wgmma group is in flight where control flow joins (ptxas
+// would serialize every wgmma of the kernel). Returns the stage of the last step
+// (-1: none), for the GEMMs it left pending (with_stage).
+template <class Step>
+__device__ __forceinline__ int run_three_stage_steps(int64_t steps, Step&& step) {
+  using namespace cute;
+  if (steps <= 0) return -1;
+  step(int64_t(0), _0{}, true_type{});
+  int last_stage = 0;
+  for (int64_t i = 1; i < steps; i += 3) {
+    step(i, _1{}, false_type{});
+    last_stage = 1;
+    if (i + 1 >= steps) break;
+    step(i + 1, _2{}, false_type{});
+    last_stage = 2;
+    if (i + 2 >= steps) break;
+    step(i + 2, _0{}, false_type{});
+    last_stage = 0;
+  }
+  return last_stage;
+}
+
+// f(stage) with stage 0, 1 or 2 as a compile-time constant (nothing for -1).
+template <class F>
+__device__ __forceinline__ void with_stage(int stage, F&& f) {
+  if (stage == 0) f(cute::_0{});
+  else if (stage == 1) f(cute::_1{});
+  else if (stage == 2) f(cute::_2{});
+}
+
 // A warpgroup keeps a 64 x Dk fp32 dQ accumulator next to the S and dP tiles: for
 // Dk >= 128 the KV tiles have 32 keys (as the SM80 dq kernel's) so that the S and
 // dP accumulators halve and nothing spills (hdim 192 with 64 keys: 255 registers and
@@ -372,10 +404,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     return cute::make_tuple(next_tile, have_next);
   };
   auto prev_stage = [](auto stage) { return Int<(decltype(stage)::value + kStages - 1) % kStages>{}; };
-  // Tile j then the rest, the first peeled off (nothing pending yet), as in
-  // run_three_stage_steps; last(stage) issues the GEMM the last tile left pending.
-  auto run_tiles = [&](auto&& step, auto&& last) __attribute__((always_inline)) {
-    if (!have) return;
+  // The tiles, the first peeled off (nothing pending yet), as in
+  // run_three_stage_steps; returns the stage of the last tile (-1: none), whose dQ
+  // GEMMs are still to issue, after one more barrier (the last tile's dS in smem).
+  auto run_tiles = [&](auto&& step) __attribute__((always_inline)) {
+    if (!have) return -1;
     step(_0{}, true_type{});
     int last_stage = 0;
     while (have) {
@@ -390,10 +423,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
-    __syncthreads();  // the last tile's dS is in smem
-    if (last_stage == 0) last(_0{});
-    else if (last_stage == 1) last(_1{});
-    else last(_2{});
+    __syncthreads();
+    return last_stage;
   };
 
   // The side is the same for every thread of a warpgroup; the shuffle lets ptxas know
@@ -444,7 +475,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tile = next_tile;
       have = have_next;
     };
-    run_tiles(step, [&](auto stage) {
+    with_stage(run_tiles(step), [&](auto stage) {
       auto tdQrKt = kt_operand(stage);
       gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQsdS, tdQrKt, acc_dq);
     });
@@ -508,7 +539,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       tile = next_tile;
       have = have_next;
     };
-    run_tiles(step, [&](auto stage) {
+    with_stage(run_tiles(step), [&](auto stage) {
       auto tdQrKt = kt_operand(stage);
       gemm_wgmma</*kZeroInit=*/false>(mma_dq, tdQrdS, tdQrKt, acc_dq);
     });
@@ -520,42 +551,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
-// The dk/dv kernels' step loop over three pipeline stages: step(i, stage, first)
-// with the stage i % 3 a compile-time constant, the first step (nothing pending yet)
-// peeled off so that no wgmma group is in flight where control flow joins (ptxas
-// would serialize every wgmma of the kernel), then last(stage of the last step) for
-// the GEMMs the last step left pending.
-template <class Step, class Last>
-__device__ __forceinline__ void run_three_stage_steps(int64_t steps, Step&& step, Last&& last) {
-  using namespace cute;
-  if (steps <= 0) return;
-  step(int64_t(0), _0{}, true_type{});
-  int last_stage = 0;
-  for (int64_t i = 1; i < steps; i += 3) {
-    step(i, _1{}, false_type{});
-    last_stage = 1;
-    if (i + 1 >= steps) break;
-    step(i + 1, _2{}, false_type{});
-    last_stage = 2;
-    if (i + 2 >= steps) break;
-    step(i + 2, _0{}, false_type{});
-    last_stage = 0;
-  }
-  if (last_stage == 0) last(_0{});
-  else if (last_stage == 1) last(_1{});
-  else last(_2{});
-}
-
-// The dk/dv kernel's tiling: kWarpgroups warpgroups of 64 keys each (a CTA owns
-// kBlockN = 64 * kWarpgroups keys; two for the compressed and window branches, whose
-// CTAs visit long runs of queries, so that each Q / dO tile serves 128 keys; one for
-// the selected branch, whose blocks are l' = 64 keys). Per step, kBlockM query rows
-// (64; 32 for Dk = 128 as the SM80 kernel's, 16 for Dk = 192, so that the 64 x Dk
-// and 64 x Dv fp32 accumulators of dK and dV leave room for the S^T and dP^T tiles):
-//   S^T  = K Q^T     wgmma SS (K, Q K-major), M = keys, N = query rows
-//   dP^T = V dO^T    wgmma SS (V, dO K-major), one more group
-//   dV  += P^T dO    wgmma RS (P^T from registers, dO^T MN-major), N = Dv
-//   dK  += dS^T Q    wgmma RS (dS^T from registers, Q^T MN-major), N = Dk
 template <int kDk_, int kDv_, class Element_, int kWarpgroups_>
 struct AttnBwdDkvTraitsSm90 : DkvTilesSm90<Element_> {
   using Element = Element_;
@@ -683,7 +678,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // Step i in stage kStage: S^T_i and dP^T_i (two wgmma groups) and, with step i-1
   // pending, its dV and dK GEMMs from the previous stage (two more), so that P_i and
   // dS_i are computed on the CUDA cores while the tensor cores finish step i-1.
-  auto run_step = [&](int64_t step, auto stage, auto first) {
+  auto run_step = [&](int64_t step, auto stage, auto first) __attribute__((always_inline)) {
     constexpr int kStage = decltype(stage)::value;
     constexpr bool kFirst = decltype(first)::value;
     constexpr int kPrev = (kStage + kStages - 1) % kStages;
@@ -733,7 +728,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
   }
   cute::cp_async_fence();
   // The last step's dV and dK (its Q and dO landed at its barrier).
-  run_three_stage_steps(steps, run_step, [&](auto stage) {
+  const int last_stage = run_three_stage_steps(steps, run_step);
+  with_stage(last_stage, [&](auto stage) {  // the last step's dV and dK
     auto ops = q_operands(stage);
     gemm_wgmma_issue</*kZeroInit=*/false>(mma_dv, tdVrP, get<3>(ops), acc_dv);
     gemm_wgmma</*kZeroInit=*/false>(mma_dk, tdKrdS, get<2>(ops), acc_dk);
@@ -934,7 +930,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       convert_fragment(acc_s, rP);
     };
-    run_three_stage_steps(steps, step, [&](auto stage) {
+    with_stage(run_three_stage_steps(steps, step), [&](auto stage) {  // the last step's dV
       auto tdVrdOt = dot_operand(stage);
       gemm_wgmma</*kZeroInit=*/false>(mma_dv, tdVrP, tdVrdOt, acc_dv);
     });
@@ -984,7 +980,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       convert_fragment(acc_dp, rdS);
     };
-    run_three_stage_steps(steps, step, [&](auto stage) {
+    with_stage(run_three_stage_steps(steps, step), [&](auto stage) {  // the last step's dK
       auto tdKrQt = qt_operand(stage);
       gemm_wgmma</*kZeroInit=*/false>(mma_dk, tdKrdS, tdKrQt, acc_dk);
     });
