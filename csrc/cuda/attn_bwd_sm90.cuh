@@ -551,8 +551,94 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
+// The dk/dv kernels' smem: K and V (kBlockN keys), three stages of (Q, dO) tiles of
+// kBlockM query rows (step i's S^T / dP^T, step i-1's dV / dK, step i+1's copies),
+// kExtra bytes at kOffExtra, then three stages of row data (DkvRowData).
+template <class Element, int kDk, int kDv, int kBlockN, int kBlockM, int kExtra = 0>
+struct DkvSmemSm90 : DkvTilesSm90<Element> {
+  template <int kRows, int kCols>
+  using Tile = typename DkvTilesSm90<Element>::template Tile<kRows, kCols>;
+  template <int kRows, int kCols>
+  using TileT = typename DkvTilesSm90<Element>::template TileT<kRows, kCols>;
+  using SmemLayoutK = Tile<kBlockN, kDk>;
+  using SmemLayoutV = Tile<kBlockN, kDv>;
+  using SmemLayoutQ = Tile<kBlockM, kDk>;
+  using SmemLayoutDo = Tile<kBlockM, kDv>;
+  using SmemLayoutQt = TileT<kBlockM, kDk>;
+  using SmemLayoutDot = TileT<kBlockM, kDv>;
+
+  static constexpr int kStages = 3;
+  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
+  static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
+  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
+  static constexpr int kSmemStage = kSmemQ + kBlockM * kDv * int(sizeof(Element));
+  static_assert(kSmemK % 1024 == 0 && kSmemV % 1024 == 0 && kSmemQ % 1024 == 0 && kSmemStage % 1024 == 0,
+                "swizzle atoms stay 1024-byte aligned");
+  static constexpr int kOffExtra = kSmemK + kSmemV + kStages * kSmemStage;
+  static constexpr int kSmemTiles = kOffExtra + kExtra;
+  static constexpr int kSmemRowData = DkvRowData::kWords * kBlockM * 4;
+  static constexpr int kSmem = kSmemTiles + kStages * kSmemRowData;
+};
+
+// The stages of a dk/dv CTA (Traits: a DkvSmemSm90) and the copies into them, shared
+// by every thread.
+template <class Traits, class QSchedule>
+struct DkvStagesSm90 {
+  using Element = typename Traits::Element;
+  char* smem;
+  const DkvQueries<QSchedule>& qr;
+  int64_t steps;
+  int tid;
+
+  __device__ __forceinline__ Element* q(int s) const {
+    return reinterpret_cast<Element*>(smem + Traits::kSmemK + Traits::kSmemV + s * Traits::kSmemStage);
+  }
+  __device__ __forceinline__ Element* dout(int s) const {
+    return reinterpret_cast<Element*>(smem + Traits::kSmemK + Traits::kSmemV + s * Traits::kSmemStage +
+                                      Traits::kSmemQ);
+  }
+  __device__ __forceinline__ DkvRowData row_data(int s) const {
+    return DkvRowData(smem + Traits::kSmemTiles + s * Traits::kSmemRowData, Traits::kBlockM);
+  }
+  __device__ __forceinline__ auto k_tile() const {
+    return cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
+  }
+  __device__ __forceinline__ auto v_tile() const {
+    return cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemK)),
+                             typename Traits::SmemLayoutV{});
+  }
+  // Step `step`'s Q, dO and row data into stage s.
+  __device__ __forceinline__ void load(int64_t step, int s) const {
+    qr.template load_tiles<Traits::kBlockM, Traits::kDk, Traits::kDv, Traits::kThreads, Element>(
+        step, cute::make_tensor(cute::make_smem_ptr(q(s)), typename Traits::SmemLayoutQ{}),
+        cute::make_tensor(cute::make_smem_ptr(dout(s)), typename Traits::SmemLayoutDo{}), tid);
+    cute::cp_async_fence();
+    row_data(s).template fill<Traits::kBlockM>(qr, step, tid);
+  }
+  // The CTA's K and V, then step 0 into stage 0.
+  __device__ __forceinline__ void load_first() const {
+    auto sK = k_tile();
+    auto sV = v_tile();
+    load_dkv_key_tiles<Traits::kBlockN, Traits::kDk, Traits::kDv, Traits::kThreads, Element>(qr, sK, sV, tid);
+    cute::cp_async_fence();
+    if (steps > 0) load(0, 0);
+    else cute::cp_async_fence();
+  }
+  // The opening of step `step`: the barrier after which its stage, its row data (and
+  // K, V) have landed and every GEMM of step - 2 has retired, then step + 1 into
+  // stage `next`.
+  __device__ __forceinline__ void open(int64_t step, int next) const {
+    cute::cp_async_wait<0>();
+    fence_smem_for_wgmma();
+    __syncthreads();
+    if (step + 1 < steps) load(step + 1, next);
+    else cute::cp_async_fence();
+  }
+};
+
 template <int kDk_, int kDv_, class Element_, int kWarpgroups_>
-struct AttnBwdDkvTraitsSm90 : DkvTilesSm90<Element_> {
+struct AttnBwdDkvTraitsSm90
+    : DkvSmemSm90<Element_, kDk_, kDv_, 64 * kWarpgroups_, (kDk_ >= 192 ? 16 : kDk_ >= 128 ? 32 : 64)> {
   using Element = Element_;
   static constexpr int kDk = kDk_;
   static constexpr int kDv = kDv_;
@@ -573,32 +659,7 @@ struct AttnBwdDkvTraitsSm90 : DkvTilesSm90<Element_> {
       WarpgroupLayout{}));
   using TiledMmaDk = TiledMmaAcc<kDk>;
   using TiledMmaDv = TiledMmaAcc<kDv>;
-
-  template <int kRows, int kCols>
-  using Tile = typename DkvTilesSm90<Element>::template Tile<kRows, kCols>;
-  template <int kRows, int kCols>
-  using TileT = typename DkvTilesSm90<Element>::template TileT<kRows, kCols>;
-  using SmemLayoutK = Tile<kBlockN, kDk>;
-  using SmemLayoutV = Tile<kBlockN, kDv>;
-  using SmemLayoutQ = Tile<kBlockM, kDk>;
-  using SmemLayoutDo = Tile<kBlockM, kDv>;
-  using SmemLayoutQt = TileT<kBlockM, kDk>;
-  using SmemLayoutDot = TileT<kBlockM, kDv>;
-
-  // Smem: K and V (kBlockN rows), then three stages of (Q, dO) tiles (step i's S^T
-  // and dP^T GEMMs, step i-1's dV and dK GEMMs, still running, and step i+1's
-  // copies), then three stages of row data (DkvRowData).
   static constexpr bool kPaired = false;
-  static constexpr int kStages = 3;
-  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
-  static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
-  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
-  static constexpr int kSmemStage = kSmemQ + kBlockM * kDv * int(sizeof(Element));
-  static_assert(kSmemK % 1024 == 0 && kSmemV % 1024 == 0 && kSmemQ % 1024 == 0 && kSmemStage % 1024 == 0,
-                "swizzle atoms stay 1024-byte aligned");
-  static constexpr int kSmemTiles = kSmemK + kSmemV + kStages * kSmemStage;
-  static constexpr int kSmemRowData = DkvRowData::kWords * kBlockM * 4;
-  static constexpr int kSmem = kSmemTiles + kStages * kSmemRowData;
 };
 
 template <class Traits, class QSchedule>
@@ -620,18 +681,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   QSchedule qs;
   if (!dkv_cta<kDk, kDv, Element>(p, ws, si, qs)) return;
   const DkvQueries<QSchedule> qr(p, ws, qs, si, blockIdx.y);
-
-  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
-  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemK)),
-                          typename Traits::SmemLayoutV{});
-  auto stage_q = [&](int s) {
-    return reinterpret_cast<Element*>(smem + Traits::kSmemK + Traits::kSmemV + s * Traits::kSmemStage);
-  };
-  auto stage_do = [&](int s) { return reinterpret_cast<Element*>(reinterpret_cast<char*>(stage_q(s)) + Traits::kSmemQ); };
-  auto row_data = [&](int s) { return DkvRowData(smem + Traits::kSmemTiles + s * Traits::kSmemRowData, kBlockM); };
-
-  load_dkv_key_tiles<kBlockN, kDk, kDv, kThreads, Element>(qr, sK, sV, tid);
-  cute::cp_async_fence();
+  const DkvStagesSm90<Traits, QSchedule> st{smem, qr, qr.steps(kBlockM), tid};
+  const int64_t steps = st.steps;
+  Tensor sK = st.k_tile();
+  Tensor sV = st.v_tile();
+  st.load_first();
 
   typename Traits::TiledMmaS mma_s;  // S^T and dP^T: kBlockN x kBlockM tiles, K-major operands
   typename Traits::TiledMmaDk mma_dk;
@@ -644,17 +698,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The operand descriptors of a stage's Q and dO (the stage a compile-time constant).
   auto q_operands = [&](auto stage) {
     constexpr int s = decltype(stage)::value;
-    Tensor sQ = make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQ{});
-    Tensor sdO = make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDo{});
-    Tensor sQt = make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQt{});
-    Tensor sdOt = make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDot{});
+    Tensor sQ = make_tensor(make_smem_ptr(st.q(s)), typename Traits::SmemLayoutQ{});
+    Tensor sdO = make_tensor(make_smem_ptr(st.dout(s)), typename Traits::SmemLayoutDo{});
+    Tensor sQt = make_tensor(make_smem_ptr(st.q(s)), typename Traits::SmemLayoutQt{});
+    Tensor sdOt = make_tensor(make_smem_ptr(st.dout(s)), typename Traits::SmemLayoutDot{});
     return cute::make_tuple(thr_s.partition_fragment_B(sQ), thr_s.partition_fragment_B(sdO),
                             thr_dk.partition_fragment_B(sQt), thr_dv.partition_fragment_B(sdOt));
-  };
-  auto load_q_tiles = [&](int64_t step, int s) {
-    qr.template load_tiles<kBlockM, kDk, kDv, kThreads, Element>(
-        step, make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQ{}),
-        make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDo{}), tid);
   };
   Tensor acc_dk = partition_fragment_C(mma_dk, Shape<Int<kBlockN>, Int<kDk>>{});
   Tensor acc_dv = partition_fragment_C(mma_dv, Shape<Int<kBlockN>, Int<kDv>>{});
@@ -666,7 +715,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor tScS = thr_s.partition_C(cS);
   Tensor tScS_rc = make_tensor(tScS.data(), gmma_acc_rowcol(tScS.layout()));
   const float scale_log2 = float(p.scale) * kLog2e;
-  const int64_t steps = qr.steps(kBlockM);
 
   // g P^T and dS^T of the step whose dV and dK GEMMs are still to issue (their A operands).
   using AccLayout = decltype(partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{}).layout());
@@ -683,12 +731,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     constexpr bool kFirst = decltype(first)::value;
     constexpr int kPrev = (kStage + kStages - 1) % kStages;
     constexpr int kNext = (kStage + 1) % kStages;
-    cute::cp_async_wait<0>();
-    fence_smem_for_wgmma();
-    __syncthreads();  // step i's Q, dO, row data (and K, V) landed; every GEMM of step i-2 retired
-    if (step + 1 < steps) load_q_tiles(step + 1, kNext);
-    cute::cp_async_fence();
-    if (step + 1 < steps) row_data(kNext).template fill<kBlockM>(qr, step + 1, tid);
+    st.open(step, kNext);  // step i's tiles landed; step i+1's copies go out
 
     auto ops = q_operands(stage);
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
@@ -706,7 +749,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_dp);
 
-    const DkvRowData rd = row_data(kStage);
+    const DkvRowData rd = st.row_data(kStage);
     Tensor scores = make_tensor(acc_s.data(), gmma_acc_rowcol(acc_s.layout()));
     Tensor dscores = make_tensor(acc_dp.data(), gmma_acc_rowcol(acc_dp.layout()));
     probs_and_dscores(scores, dscores, scale_log2, [&](int mi, int ni) {
@@ -722,12 +765,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
     convert_fragment(acc_s, rP);
     convert_fragment(acc_dp, rdS);
   };
-  if (steps > 0) {
-    row_data(0).template fill<kBlockM>(qr, 0, tid);
-    load_q_tiles(0, 0);
-  }
-  cute::cp_async_fence();
-  // The last step's dV and dK (its Q and dO landed at its barrier).
   const int last_stage = run_three_stage_steps(steps, run_step);
   with_stage(last_stage, [&](auto stage) {  // the last step's dV and dK
     auto ops = q_operands(stage);
@@ -756,7 +793,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // the single-warpgroup kernel's, bit for bit. Per step, two barriers: the stage
 // landed (and the last P read), and this step's P written.
 template <int kDk_, int kDv_, class Element_>
-struct AttnBwdDkvPairTraitsSm90 : DkvTilesSm90<Element_> {
+struct AttnBwdDkvPairTraitsSm90 : DkvSmemSm90<Element_, kDk_, kDv_, 64, 64, 64 * 64 * 4> {
   using Element = Element_;
   static constexpr int kDk = kDk_;
   static constexpr int kDv = kDv_;
@@ -778,31 +815,8 @@ struct AttnBwdDkvPairTraitsSm90 : DkvTilesSm90<Element_> {
   using TiledMmaDk = TiledMmaAcc<kDk>;
   using TiledMmaDv = TiledMmaAcc<kDv>;
 
-  template <int kRows, int kCols>
-  using Tile = typename DkvTilesSm90<Element>::template Tile<kRows, kCols>;
-  template <int kRows, int kCols>
-  using TileT = typename DkvTilesSm90<Element>::template TileT<kRows, kCols>;
-  using SmemLayoutK = Tile<kBlockN, kDk>;
-  using SmemLayoutV = Tile<kBlockN, kDv>;
-  using SmemLayoutQ = Tile<kBlockM, kDk>;
-  using SmemLayoutDo = Tile<kBlockM, kDv>;
-  using SmemLayoutQt = TileT<kBlockM, kDk>;
-  using SmemLayoutDot = TileT<kBlockM, kDv>;
-
-  // Smem: K, V, three stages of (Q, dO) (step i's S^T / dP^T, step i-1's dV / dK,
-  // step i+1's copies), P (fp32), then three stages of row data. Dk = 192: 179 KB.
-  static constexpr int kStages = 3;
-  static constexpr int kSmemK = kBlockN * kDk * int(sizeof(Element));
-  static constexpr int kSmemV = kBlockN * kDv * int(sizeof(Element));
-  static constexpr int kSmemQ = kBlockM * kDk * int(sizeof(Element));
-  static constexpr int kSmemStage = kSmemQ + kBlockM * kDv * int(sizeof(Element));
-  static constexpr int kSmemP = kBlockN * kBlockM * 4;
-  static_assert(kSmemK % 1024 == 0 && kSmemV % 1024 == 0 && kSmemQ % 1024 == 0 && kSmemStage % 1024 == 0,
-                "swizzle atoms stay 1024-byte aligned");
-  static constexpr int kOffP = kSmemK + kSmemV + kStages * kSmemStage;
-  static constexpr int kSmemTiles = kOffP + kSmemP;
-  static constexpr int kSmemRowData = DkvRowData::kWords * kBlockM * 4;
-  static constexpr int kSmem = kSmemTiles + kStages * kSmemRowData;
+  // After the stages, P (fp32, kBlockN x kBlockM). Dk = 192: 179 KB in all.
+  static constexpr int kOffP = DkvSmemSm90<Element_, kDk_, kDv_, 64, 64, 64 * 64 * 4>::kOffExtra;
 };
 
 template <class Traits, class QSchedule>
@@ -824,48 +838,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   QSchedule qs;
   if (!dkv_cta<kDk, kDv, Element>(p, ws, si, qs)) return;
   const DkvQueries<QSchedule> qr(p, ws, qs, si, blockIdx.y);
-
-  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem)), typename Traits::SmemLayoutK{});
-  Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemK)),
-                          typename Traits::SmemLayoutV{});
-  auto stage_q = [&](int s) {
-    return reinterpret_cast<Element*>(smem + Traits::kSmemK + Traits::kSmemV + s * Traits::kSmemStage);
-  };
-  auto stage_do = [&](int s) { return reinterpret_cast<Element*>(reinterpret_cast<char*>(stage_q(s)) + Traits::kSmemQ); };
-  auto row_data = [&](int s) { return DkvRowData(smem + Traits::kSmemTiles + s * Traits::kSmemRowData, kBlockM); };
-  auto load_q_tiles = [&](int64_t step, int s) {
-    qr.template load_tiles<kBlockM, kDk, kDv, kThreads, Element>(
-        step, make_tensor(make_smem_ptr(stage_q(s)), typename Traits::SmemLayoutQ{}),
-        make_tensor(make_smem_ptr(stage_do(s)), typename Traits::SmemLayoutDo{}), tid);
-  };
-
-  load_dkv_key_tiles<kBlockN, kDk, kDv, kThreads, Element>(qr, sK, sV, tid);
-  cute::cp_async_fence();
-  const int64_t steps = qr.steps(kBlockM);
-  if (steps > 0) {
-    row_data(0).template fill<kBlockM>(qr, 0, tid);
-    load_q_tiles(0, 0);
-  }
-  cute::cp_async_fence();
+  const DkvStagesSm90<Traits, QSchedule> st{smem, qr, qr.steps(kBlockM), tid};
+  const int64_t steps = st.steps;
+  Tensor sK = st.k_tile();
+  Tensor sV = st.v_tile();
+  st.load_first();
 
   // The opening of step `step` (stage kStage), for every thread of both sides:
   // barrier A (the stage and its row data landed; every read of the last P and
   // every GEMM of step - 2 are done), then the copies of step + 1.
-  auto open_step = [&](int64_t step, auto stage) {
-    constexpr int kNext = (decltype(stage)::value + 1) % kStages;
-    cute::cp_async_wait<0>();
-    fence_smem_for_wgmma();
-    __syncthreads();
-    if (step + 1 < steps) load_q_tiles(step + 1, kNext);
-    cute::cp_async_fence();
-    if (step + 1 < steps) row_data(kNext).template fill<kBlockM>(qr, step + 1, tid);
-  };
+  auto open_step = [&](int64_t step, auto stage) { st.open(step, (decltype(stage)::value + 1) % kStages); };
   auto prev_stage = [](auto stage) { return Int<(decltype(stage)::value + kStages - 1) % kStages>{}; };
   auto q_tile = [&](auto stage) {
-    return make_tensor(make_smem_ptr(stage_q(decltype(stage)::value)), typename Traits::SmemLayoutQ{});
+    return make_tensor(make_smem_ptr(st.q(decltype(stage)::value)), typename Traits::SmemLayoutQ{});
   };
   auto do_tile = [&](auto stage) {
-    return make_tensor(make_smem_ptr(stage_do(decltype(stage)::value)), typename Traits::SmemLayoutDo{});
+    return make_tensor(make_smem_ptr(st.dout(decltype(stage)::value)), typename Traits::SmemLayoutDo{});
   };
 
   const int wg_tid = tid % 128;
@@ -890,7 +878,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Tensor tSrK = thr_s.partition_fragment_A(sK);
     auto dot_operand = [&](auto stage) {
       return thr_dv.partition_fragment_B(
-          make_tensor(make_smem_ptr(stage_do(decltype(stage)::value)), typename Traits::SmemLayoutDot{}));
+          make_tensor(make_smem_ptr(st.dout(decltype(stage)::value)), typename Traits::SmemLayoutDot{}));
     };
     Tensor acc_dv = partition_fragment_C(mma_dv, Shape<Int<kBlockN>, Int<kDv>>{});
     clear(acc_dv);
@@ -910,7 +898,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         warpgroup_wait<0>();
       }
       warpgroup_fence_operand(acc_s);
-      const DkvRowData rd = row_data(decltype(stage)::value);
+      const DkvRowData rd = st.row_data(decltype(stage)::value);
 #pragma unroll
       for (int j = 0; j < kAcc / 2; ++j) {
         float pr[2];
@@ -942,7 +930,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Tensor tdPrV = thr_s.partition_fragment_A(sV);
     auto qt_operand = [&](auto stage) {
       return thr_dk.partition_fragment_B(
-          make_tensor(make_smem_ptr(stage_q(decltype(stage)::value)), typename Traits::SmemLayoutQt{}));
+          make_tensor(make_smem_ptr(st.q(decltype(stage)::value)), typename Traits::SmemLayoutQt{}));
     };
     Tensor acc_dk = partition_fragment_C(mma_dk, Shape<Int<kBlockN>, Int<kDk>>{});
     clear(acc_dk);
@@ -968,7 +956,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         warpgroup_fence_operand(acc_dk);
         warpgroup_fence_operand(rdS);
       }
-      const DkvRowData rd = row_data(decltype(stage)::value);
+      const DkvRowData rd = st.row_data(decltype(stage)::value);
 #pragma unroll
       for (int j = 0; j < kAcc / 2; ++j) {
         const float2 pr = sP[j * 128 + wg_tid];
