@@ -625,13 +625,16 @@ struct DkvStagesSm90 {
     else cute::cp_async_fence();
   }
   // The opening of step `step`: the barrier after which its stage, its row data (and
-  // K, V) have landed and every GEMM of step - 2 has retired, then step + 1 into
-  // stage `next`.
-  __device__ __forceinline__ void open(int64_t step, int next) const {
+  // K, V) have landed and every GEMM of step - 2 has retired, then step + 1 into its
+  // stage. That stage is computed at run time, although the callers know it: then
+  // ptxas keeps one set of swizzled smem offsets plus a base rather than three folded
+  // sets of copy addresses (hdim 192 pair kernel: half the in-loop spill reloads;
+  // hdim 128: no spill).
+  __device__ __forceinline__ void open(int64_t step) const {
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();
-    if (step + 1 < steps) load(step + 1, next);
+    if (step + 1 < steps) load(step + 1, int((step + 1) % Traits::kStages));
     else cute::cp_async_fence();
   }
 };
@@ -730,8 +733,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     constexpr int kStage = decltype(stage)::value;
     constexpr bool kFirst = decltype(first)::value;
     constexpr int kPrev = (kStage + kStages - 1) % kStages;
-    constexpr int kNext = (kStage + 1) % kStages;
-    st.open(step, kNext);  // step i's tiles landed; step i+1's copies go out
+    st.open(step);  // step i's tiles landed; step i+1's copies go out
 
     auto ops = q_operands(stage);
     Tensor acc_s = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
@@ -829,7 +831,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kBlockN = Traits::kBlockN;  // keys of the CTA
   constexpr int kDk = Traits::kDk;
   constexpr int kDv = Traits::kDv;
-  constexpr int kThreads = Traits::kThreads;
   constexpr int kStages = Traits::kStages;
 
   extern __shared__ __align__(1024) char smem[];
@@ -847,7 +848,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // The opening of step `step` (stage kStage), for every thread of both sides:
   // barrier A (the stage and its row data landed; every read of the last P and
   // every GEMM of step - 2 are done), then the copies of step + 1.
-  auto open_step = [&](int64_t step, auto stage) { st.open(step, (decltype(stage)::value + 1) % kStages); };
+  auto open_step = [&](int64_t step, auto) { st.open(step); };
   auto prev_stage = [](auto stage) { return Int<(decltype(stage)::value + kStages - 1) % kStages>{}; };
   auto q_tile = [&](auto stage) {
     return make_tensor(make_smem_ptr(st.q(decltype(stage)::value)), typename Traits::SmemLayoutQ{});
