@@ -27,7 +27,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_UNITS = ["attn_fwd_hdim192x128_bf16.cu", "attn_bwd_hdim192x128_bf16.cu",
-                 "attn_sm90_hdim192x128_bf16.cu", "select_hdim192_bf16.cu"]
+                 "attn_sm90_hdim192x128_bf16.cu", "select_hdim192_bf16.cu", "select_sm90_hdim192_bf16.cu"]
 INSTANCE_MACROS = ["-DNSA_HDIM_64", "-DNSA_HDIM_128", "-DNSA_HDIM_192", "-DNSA_DTYPE_BF16",
                    "-DNSA_DTYPE_FP16"]
 

@@ -453,12 +453,15 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
                lambda p: fl[p]["window"], note=bnote)
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         # The rows above run the wgmma kernels here (NSA_MAINLOOP=auto) where there
-        # are some: the compressed and window forward and dq, and every branch's dk/dv. These rows force the mma.sync kernels (what the sm_80
-        # build runs) on the same inputs.
+        # are some: the compressed and window forward and dq, every branch's dk/dv,
+        # and the selection (G a power of two). These rows force the mma.sync kernels
+        # (what the sm_80 build runs) on the same inputs.
         snote = bnote + "; forward forced onto the mma.sync kernel (NSA_MAINLOOP=sm80)"
         with torch.no_grad():
             run.add(base, f"{op_prefix}.branch.compressed_sm80", "fwd", on_mainloop("sm80", cmp),
                     nsets=len(sets), flops=fl["fwd"]["compressed"], note=snote)
+            run.add(base, f"{op_prefix}.branch.selection_sm80", "fwd", on_mainloop("sm80", select),
+                    nsets=len(sets), flops=fl["fwd"]["selection"], note=snote)
             run.add(base, f"{op_prefix}.branch.window_sm80", "fwd", on_mainloop("sm80", wnd),
                     nsets=len(sets), flops=fl["fwd"]["window"], note=snote)
 

@@ -67,6 +67,7 @@ def build(verbose=False):
                     f"cuda/instantiations/attn_sm90_hdim{h}x{DV[h]}_{t}.cu",
                     f"cuda/instantiations/attn_bwd_hdim{h}x{DV[h]}_{t}.cu",
                     f"cuda/instantiations/select_hdim{h}_{t}.cu",
+                    f"cuda/instantiations/select_sm90_hdim{h}_{t}.cu",
                     f"cuda/instantiations/decode_hdim{h}x{DV[h]}_{t}.cu"]
     sources = [os.path.join(ROOT, "csrc", "emu", f) for f in
                ("emu_ops.cpp", "emu_runtime.cpp", "selftest.cpp")]

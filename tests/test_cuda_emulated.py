@@ -141,7 +141,8 @@ def test_emulator_catches_hazards(emu):
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
     """The wgmma kernels (the emulated device is an H100, so "auto" picks them: the
-    compressed and window forward and dq, and every branch's dk/dv) and mma.sync."""
+    compressed and window forward and dq, every branch's dk/dv, and the selection for
+    G a power of two) and mma.sync."""
     monkeypatch.setenv("NSA_MAINLOOP", request.param)
     return request.param
 
@@ -248,16 +249,20 @@ def test_window_fwd_non_contiguous(F, mainloop):
 # --------------------------------------------------------------------------- selection
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
-@pytest.mark.parametrize("T,G,n", [(1, 4, 4), (70, 16, 3), (200, 2, 4), (130, 1, 16)])
-def test_select_blocks(F, dims, T, G, n):
+@pytest.mark.parametrize("T,G,n", [(1, 4, 4), (70, 16, 3), (130, 1, 16), (260, 1, 5), (260, 2, 5),
+                                   (260, 4, 5), (260, 8, 5), (260, 16, 5), (260, 32, 5)])
+def test_select_blocks(F, dims, T, G, n, mainloop):
+    """l' = 32: up to 9 candidates at T = 260, so that with n = 5 (3 forced) the
+    scores decide two blocks of a row (and, for the wgmma kernel, its head sums at every
+    segment size: G = 1, 2, 4, 8, 16 and two segments per token at 32)."""
     dk, dv, dtype = dims
     q, kc, _ = F.compressed_case(2, T, 2, G, dk, dv, dtype, 32, 16)
-    bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 64, n, 1, 2)
-    F.check_selection(bi, rbi, rsc, n, 64, 1, 2)
+    bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 32, n, 1, 2)
+    F.check_selection(bi, rbi, rsc, n, 32, 1, 2)
 
 
-@pytest.mark.parametrize("G", [1, 3, 16])
-def test_select_blocks_many_tiles(F, G):
+@pytest.mark.parametrize("G", [1, 3, 4, 16])
+def test_select_blocks_many_tiles(F, G, mainloop):
     """More than one 64-row tile of compressed keys per row chunk (Tc = 67, then
     133 with l = 16, d = 8): the double-buffered K tiles and the scores summed
     across tiles."""
@@ -268,7 +273,7 @@ def test_select_blocks_many_tiles(F, G):
         F.check_selection(bi, rbi, rsc, 6, 64, 1, 2)
 
 
-def test_select_blocks_repeatable(F, monkeypatch):
+def test_select_blocks_repeatable(F, monkeypatch, mainloop):
     """The same selection, bitwise, under different fiber schedules: the block
     scores are summed in a fixed order. Every k_cmp row is equal, so many blocks
     tie in exact arithmetic and the rounding of the sums decides; shared-memory
@@ -287,7 +292,7 @@ def test_select_blocks_repeatable(F, monkeypatch):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
-def test_select_blocks_small_lp(F):
+def test_select_blocks_small_lp(F, mainloop):
     """l' = 32 < 64 (several selection blocks per score tile), l = d = 32."""
     dk, dv, dtype = DIMS[0]
     q, kc, _ = F.compressed_case(1, 180, 2, 4, dk, dv, dtype, 32, 32)
@@ -295,7 +300,7 @@ def test_select_blocks_small_lp(F):
     F.check_selection(bi, rbi, rsc, 3, 32, 1, 1)
 
 
-def test_select_blocks_varlen(F):
+def test_select_blocks_varlen(F, mainloop):
     lengths = [1, 17, 200, 64, 90]
     cu = F.make_cu(lengths)
     dk, dv, dtype = DIMS[0]

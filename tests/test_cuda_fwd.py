@@ -54,7 +54,9 @@ def _sm90_forward_unavailable():
 @pytest.fixture(params=["sm90", "sm80"])
 def mainloop(request, monkeypatch):
     """The two kernel families: wgmma on an H100/H200 (what "auto" picks there: the
-    compressed and window forward and dq, and every branch's dk/dv), and mma.sync (every GPU; forced on sm_90 with NSA_MAINLOOP)."""
+    compressed and window forward and dq, every branch's dk/dv, and the block
+    selection for G a power of two), and mma.sync (every GPU; forced on sm_90 with
+    NSA_MAINLOOP)."""
     if request.param == "sm90" and _sm90_forward_unavailable():
         pytest.skip(_sm90_forward_unavailable())
     monkeypatch.setenv("NSA_MAINLOOP", request.param)
@@ -333,14 +335,23 @@ def run_selection(q, k_cmp, l, d, lp, n, n_init, n_local, cu=None, max_seqlen=No
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_select_blocks(dims, dtype, G):
+def test_select_blocks(dims, dtype, G, mainloop):
     dk, dv = dims
     q, kc, _ = compressed_case(2, 700, 2, G, dk, dv, dtype, 32, 16)
     bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 4, 1, 2)
     check_selection(bi, rbi, rsc, 4, 64, 1, 2)
 
 
-def test_select_blocks_repeatable():
+@pytest.mark.parametrize("G", [3, 32, 128])
+def test_select_blocks_group_sizes(G, mainloop):
+    """Groups beyond GROUPS: not a power of two (the wgmma selection declines it and
+    the mma.sync kernel runs), two and eight warps' segments per token."""
+    q, kc, _ = compressed_case(1, 300, 1, G, 64, 64, torch.bfloat16, 32, 16)
+    bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 4, 1, 2)
+    check_selection(bi, rbi, rsc, 4, 64, 1, 2)
+
+
+def test_select_blocks_repeatable(mainloop):
     """The block scores are summed in a fixed order (no atomics): with every k_cmp
     row equal, many blocks tie in exact arithmetic, and repeated runs still select
     bitwise the same blocks."""
@@ -355,19 +366,19 @@ def test_select_blocks_repeatable():
 
 
 @pytest.mark.parametrize("T", [1, 20, 64, 65, 200, 1000])
-def test_select_blocks_lengths(T):
+def test_select_blocks_lengths(T, mainloop):
     q, kc, _ = compressed_case(1, T, 1, 4, 128, 128, torch.float16, 32, 16)
     bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 16, 1, 2)
     check_selection(bi, rbi, rsc, 16, 64, 1, 2)
 
 
-def test_select_blocks_fla_setting():
+def test_select_blocks_fla_setting(mainloop):
     q, kc, _ = compressed_case(2, 900, 1, 16, 64, 64, torch.bfloat16, 64, 64)
     bi, rbi, rsc = run_selection(q, kc, 64, 64, 64, 4, 1, 1)
     check_selection(bi, rbi, rsc, 4, 64, 1, 1)
 
 
-def test_select_blocks_varlen():
+def test_select_blocks_varlen(mainloop):
     lengths = [1, 17, 700, 64, 333]
     cu = make_cu(lengths)
     q, kc, _ = compressed_case(1, sum(lengths), 2, 4, 192, 128, torch.bfloat16, 32, 16, cu=cu)
@@ -608,7 +619,7 @@ def check_selection_rows(q, k_cmp, bi, picks, l, d, lp, n, n_init, n_local, scal
 
 
 @pytest.mark.slow
-def test_select_blocks_128k():
+def test_select_blocks_128k(mainloop):
     """The issue's length: T = 128k, 2048 selection blocks, paper settings, G = 16."""
     P = PAPER
     T, G, dk = 131072, 16, 192

@@ -51,6 +51,13 @@ template void run_select_blocks<{dk}, DType::{dt}>(const SelectParams&, cudaStre
 }}  // namespace nsa::cuda
 """
 
+SELECT_SM90 = HEADER + """#include "cuda/select_blocks_sm90.cuh"
+
+namespace nsa::cuda {{
+template bool run_select_blocks_sm90<{dk}, DType::{dt}>(const SelectParams&, cudaStream_t);
+}}  // namespace nsa::cuda
+"""
+
 DECODE = HEADER + """#include "cuda/decode.cuh"
 
 namespace nsa::cuda {{
@@ -73,6 +80,7 @@ def files():
                 + ATTN_SM90_DKDV.format(dk=dk, dv=dv, dt=dt))
             out[f"attn_bwd_hdim{dk}x{dv}_{name}.cu"] = ATTN_BWD.format(dk=dk, dv=dv, dt=dt)
             out[f"select_hdim{dk}_{name}.cu"] = SELECT.format(dk=dk, dt=dt)
+            out[f"select_sm90_hdim{dk}_{name}.cu"] = SELECT_SM90.format(dk=dk, dt=dt)
             out[f"decode_hdim{dk}x{dv}_{name}.cu"] = DECODE.format(dk=dk, dv=dv, dt=dt)
     return out
 

@@ -28,8 +28,8 @@ void run_attn_fwd_sm90(const AttnFwdParams& params, cudaStream_t stream);
 // code. NSA_MAINLOOP (read at each call) overrides: "sm80" keeps the mma.sync
 // kernels everywhere, "sm90" asks for wgmma and throws where it cannot run; "auto"
 // or unset is the rule above. The wgmma kernels: the compressed and window forward,
-// their dq, and the dk/dv of all three branches. The selected forward and dq, the
-// selection scores and the decode run mma.sync.
+// their dq, the dk/dv of all three branches, and the block selection (for G a power
+// of two). The selected forward and dq and the decode run mma.sync.
 bool use_sm90_kernels();
 
 // The Hopper backward kernels (attn_bwd_sm90.cuh), instantiated next to
@@ -45,6 +45,14 @@ void run_attn_bwd_dkdv_sm90(const AttnBwdParams& params, const AttnBwdWorkspace&
 // Instantiations in csrc/cuda/instantiations/select_hdim*.cu.
 template <int kDk, DType kDType>
 void run_select_blocks(const SelectParams& params, cudaStream_t stream);
+
+// The Hopper selection (select_blocks_sm90.cuh, wgmma), which run_select_blocks
+// takes when use_sm90_kernels says so and the group suits it (G a power of two up
+// to 128, the scores of 128 / G tokens within the device's shared memory); returns
+// false, having launched nothing, otherwise. Instantiations in
+// csrc/cuda/instantiations/select_sm90_hdim*.cu (sm_90a builds).
+template <int kDk, DType kDType>
+bool run_select_blocks_sm90(const SelectParams& params, cudaStream_t stream);
 
 // Decode (KV cache), csrc/cuda/decode*.cuh; instantiations in
 // csrc/cuda/instantiations/decode_hdim*.cu. The caller (cuda_ops.cpp) allocates the

@@ -22,6 +22,90 @@
 
 namespace nsa::cuda {
 
+// Phase B2 of a K tile (compressed rows [n0, n_hi)): for each of the chunk's
+// `tokens` tokens a and each selection block j overlapped by the tile,
+//   scores[a][j] += sum over the tile's rows i overlapping j of w(i, j) * colsum(a, i - n0),
+// i ascending. One thread per (token, j): no atomics, a fixed order, so the scores
+// are bitwise repeatable. colsum(a, c) is the sum over token a's heads of p at
+// column c (the kernels keep it in shared memory).
+template <int kThreads, class ColSum>
+__device__ __forceinline__ void add_tile_block_scores(float* scores, int score_stride, int tokens, int64_t n0,
+                                                      int64_t n_hi, int64_t l, int64_t d, int64_t lp,
+                                                      int64_t j_cap, int tid, const ColSum& colsum) {
+  const int64_t j_lo = first_overlapped_slc_block(n0, d, lp);
+  const int64_t j_hi = min(last_overlapped_slc_block(n_hi - 1, l, d, lp), j_cap);
+  const int n_j = int(max(j_hi - j_lo + 1, int64_t(0)));
+  for (int task = tid; task < tokens * n_j; task += kThreads) {
+    const int a = task / n_j;
+    const int64_t j = j_lo + task % n_j;
+    const int64_t i_lo = max(first_overlapping_cmp_row(j, l, d, lp), n0);
+    const int64_t i_hi = min(last_overlapping_cmp_row(j, d, lp), n_hi - 1);
+    float acc = 0.f;
+    for (int64_t i = i_lo; i <= i_hi; ++i) acc += cmp_slc_overlap_weight(i, j, l, d, lp) * colsum(a, int(i - n0));
+    scores[int64_t(a) * score_stride + j] += acc;
+  }
+}
+
+// Step 3, after the last tile (scores complete and visible to the CTA): one warp
+// per token of the CTA (tokens t_begin .. t_begin + ntok - 1): forced blocks, then
+// top-n by repeated warp argmax (ties to the smaller j), the selected set written
+// ascending by a ballot compaction, -1 padded. `taken` holds score_stride / 32
+// words per token.
+__device__ __forceinline__ void select_top_n(const SelectParams& p, const SeqInfo& si, int hkv, int64_t t_begin,
+                                             int ntok, const float* scores, uint32_t* taken, int score_stride,
+                                             int64_t j_cap, int warp, int lane, int num_warps) {
+  const int64_t n = p.slc_num_blocks, lp = p.slc_block_size;
+  const int words = score_stride / 32;
+  for (int tok = warp; tok < ntok; tok += num_warps) {
+    const int64_t t = t_begin + tok;
+    const int64_t J = min(last_candidate_slc_block(t, lp), j_cap);
+    const float* sc = scores + tok * score_stride;
+    uint32_t* tk = taken + tok * words;
+    const int nwords = int(J / 32) + 1;
+    const bool take_all = J + 1 <= n;
+    int64_t count = 0;
+    for (int w = 0; w < nwords; ++w) {
+      const int64_t j = int64_t(w) * 32 + lane;
+      const bool forced = j <= J && (take_all || is_forced_slc_block(j, J, p.slc_init_blocks, p.slc_local_blocks));
+      const uint32_t bits = __ballot_sync(0xffffffffu, forced);
+      if (lane == 0) tk[w] = bits;
+      count += __popc(bits);
+    }
+    __syncwarp();
+    const int64_t remaining = min(n, J + 1) - count;
+    for (int64_t it = 0; it < remaining; ++it) {
+      float best_s = 0.f;
+      int best_j = INT_MAX;
+      for (int j = lane; j <= J; j += 32) {
+        if ((tk[j / 32] >> (j % 32)) & 1u) continue;
+        const float s = sc[j];
+        if (best_j == INT_MAX ? s == s : slc_ranks_before(s, j, best_s, best_j)) best_s = s, best_j = j;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) {
+        const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
+        const int oj = __shfl_xor_sync(0xffffffffu, best_j, off);
+        if (oj != INT_MAX && (best_j == INT_MAX || slc_ranks_before(os, oj, best_s, best_j)))
+          best_s = os, best_j = oj;
+      }
+      if (best_j == INT_MAX) break;  // only NaN scores left
+      if (lane == 0) tk[best_j / 32] |= 1u << (best_j % 32);
+      __syncwarp();
+    }
+    __syncwarp();
+    int32_t* out = p.block_indices + si.batch * p.bi_batch_stride + (si.row0 + t) * p.bi_row_stride +
+                   hkv * p.bi_head_stride;
+    int64_t pos = 0;
+    for (int w = 0; w < nwords; ++w) {
+      const uint32_t bits = tk[w];
+      const int64_t slot = pos + __popc(bits & ((1u << lane) - 1u));
+      if (((bits >> lane) & 1u) && slot < n) out[slot] = int32_t(w * 32 + lane);
+      pos += __popc(bits);
+    }
+    for (int64_t s = pos + lane; s < n; s += 32) out[s] = -1;
+  }
+}
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     select_blocks_kernel(const SelectParams p, int tokens, int score_stride) {
@@ -32,7 +116,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   constexpr int kDk = Traits::kDk;
   constexpr int kThreads = Traits::kThreads;
 
-  extern __shared__ __align__(128) char smem[];
+  extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int hkv = blockIdx.y;
   const int64_t G = p.group;
@@ -164,23 +248,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
         sP[r_lo * kBlockN + col] = sum;
       }
       __syncthreads();
-      // Phase B2: scores[tok][j] += sum over the tile's rows i overlapping block j
-      // of w(i, j) * colsum[tok][i], i ascending; one thread per (token, j).
-      const int64_t j_lo = first_overlapped_slc_block(n0, d, lp);
-      const int64_t j_hi = min(last_overlapped_slc_block(n_hi - 1, l, d, lp), j_cap);
-      const int n_j = int(max(j_hi - j_lo + 1, int64_t(0)));
-      for (int task = tid; task < chunk_tokens * n_j; task += kThreads) {
-        const int a = task / n_j;
-        const int64_t j = j_lo + task % n_j;
-        const int64_t tok = tok0 + a;
-        const float* colsum = sP + (max(tok * G, m0) - m0) * kBlockN;
-        const int64_t i_lo = max(first_overlapping_cmp_row(j, l, d, lp), n0);
-        const int64_t i_hi = min(last_overlapping_cmp_row(j, d, lp), n_hi - 1);
-        float acc = 0.f;
-        for (int64_t i = i_lo; i <= i_hi; ++i)
-          acc += cmp_slc_overlap_weight(i, j, l, d, lp) * colsum[i - n0];
-        scores[tok * score_stride + j] += acc;
-      }
+      // Phase B2: the token sums spread over the selection blocks.
+      add_tile_block_scores<kThreads>(
+          scores + tok0 * score_stride, score_stride, chunk_tokens, n0, n_hi, l, d, lp, j_cap, tid,
+          [&](int a, int col) { return sP[(max((tok0 + a) * G, m0) - m0) * kBlockN + col]; });
       // The next tile's barrier orders this tile's sP and score accesses before the
       // next Phase A, and this stage's K reads before the copies into it.
     }
@@ -188,57 +259,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cute::cp_async_wait<0>();
   __syncthreads();
 
-  // Top-n, one warp per token.
-  const int64_t n = p.slc_num_blocks;
-  const int words = score_stride / 32;
-  for (int tok = warp; tok < ntok; tok += kThreads / 32) {
-    const int64_t t = t_begin + tok;
-    const int64_t J = min(last_candidate_slc_block(t, lp), j_cap);
-    const float* sc = scores + tok * score_stride;
-    uint32_t* tk = taken + tok * words;
-    const int nwords = int(J / 32) + 1;
-    const bool take_all = J + 1 <= n;
-    int64_t count = 0;
-    for (int w = 0; w < nwords; ++w) {
-      const int64_t j = int64_t(w) * 32 + lane;
-      const bool forced = j <= J && (take_all || is_forced_slc_block(j, J, p.slc_init_blocks, p.slc_local_blocks));
-      const uint32_t bits = __ballot_sync(0xffffffffu, forced);
-      if (lane == 0) tk[w] = bits;
-      count += __popc(bits);
-    }
-    __syncwarp();
-    const int64_t remaining = min(n, J + 1) - count;
-    for (int64_t it = 0; it < remaining; ++it) {
-      float best_s = 0.f;
-      int best_j = INT_MAX;
-      for (int j = lane; j <= J; j += 32) {
-        if ((tk[j / 32] >> (j % 32)) & 1u) continue;
-        const float s = sc[j];
-        if (best_j == INT_MAX ? s == s : slc_ranks_before(s, j, best_s, best_j)) best_s = s, best_j = j;
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) {
-        const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
-        const int oj = __shfl_xor_sync(0xffffffffu, best_j, off);
-        if (oj != INT_MAX && (best_j == INT_MAX || slc_ranks_before(os, oj, best_s, best_j)))
-          best_s = os, best_j = oj;
-      }
-      if (best_j == INT_MAX) break;  // only NaN scores left
-      if (lane == 0) tk[best_j / 32] |= 1u << (best_j % 32);
-      __syncwarp();
-    }
-    __syncwarp();
-    int32_t* out = p.block_indices + si.batch * p.bi_batch_stride + (si.row0 + t) * p.bi_row_stride +
-                   hkv * p.bi_head_stride;
-    int64_t pos = 0;
-    for (int w = 0; w < nwords; ++w) {
-      const uint32_t bits = tk[w];
-      const int64_t slot = pos + __popc(bits & ((1u << lane) - 1u));
-      if (((bits >> lane) & 1u) && slot < n) out[slot] = int32_t(w * 32 + lane);
-      pos += __popc(bits);
-    }
-    for (int64_t s = pos + lane; s < n; s += 32) out[s] = -1;
-  }
+  select_top_n(p, si, hkv, t_begin, ntok, scores, taken, score_stride, j_cap, warp, lane, kThreads / 32);
 }
 
 // Shared memory of one CTA for `tokens` tokens.
@@ -253,6 +274,9 @@ void run_select_blocks(const SelectParams& p, cudaStream_t stream) {
   using Traits = AttnTraits<kDk, kDk, typename ElementOf<kDType>::type>;
   const char* what = "select_blocks";
   if (p.seqlen == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
+#ifdef NSA_SM90A_BUILT
+  if (use_sm90_kernels() && run_select_blocks_sm90<kDk, kDType>(p, stream)) return;
+#endif
   const int64_t score_stride = (num_slc_blocks(p.seqlen, p.slc_block_size) + 31) / 32 * 32;
   int device = 0, optin = 0;
   cudaGetDevice(&device);
