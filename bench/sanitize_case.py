@@ -1,7 +1,7 @@
 """A small case of every CUDA kernel, for compute-sanitizer (memcheck, racecheck):
 the forward and backward of each branch and of mean compression (batch and varlen,
 on sm_90 both the wgmma and the mma.sync kernels: the compressed and window forward
-and dq, and every branch's dk/dv,
+and dq, every branch's dk/dv and the selection (also at G = 4, 16 and 32),
 each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
 the three branches, selection and update_cmp_cache, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
@@ -45,11 +45,12 @@ def run(dk, dv, G, dtype, lengths=None):
     o_w, lse_w = OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
     if torch.cuda.get_device_capability() == (9, 0):
         # The calls above (and the backward below) run the wgmma kernels: the compressed
-        # and window forward and dq, and every branch's dk/dv.
+        # and window forward and dq, every branch's dk/dv, and the selection at G = 1.
         # These, the mma.sync ones.
         os.environ["NSA_MAINLOOP"] = "sm80"
         try:
             OPS.compressed_attn_fwd(q, kc, vc, cu, ms, l, d, scale)
+            OPS.select_blocks(q, kc, lse, cu, ms, l, d, lp, n, 1, 1, scale)
             OPS.window_attn_fwd(q, k, v, cu, ms, 40, scale)
             do_ = torch.randn_like(o_w)
             OPS.compressed_attn_bwd(do_, None, q, kc, vc, o_c, lse_c, cu, ms, l, d, scale)
@@ -114,6 +115,27 @@ def run_long_selection(dk, dv, dtype):
     bi = OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 1, scale)
     o, lse_s = OPS.selected_attn_fwd(q, k, v, bi, None, T, lp, scale)
     OPS.selected_attn_bwd(torch.randn_like(o), None, q, k, v, bi, o, lse_s, None, T, lp, scale)
+
+
+def run_selection_groups(dk, dtype):
+    """The selection's head sums at several segment sizes (on sm_90 the wgmma kernel:
+    its shuffle butterfly at G = 4 and 16, two segments per token at G = 32), at
+    G = 16 over four K tiles (Tc = 198: a smem stage refilled after its first use),
+    and the mma.sync kernel on that case."""
+    dev = "cuda"
+    l, d, lp, n = 32, 16, 64, 5
+    for G, T in ((16, 3200), (4, 400), (32, 400)):
+        q = torch.randn(1, T, G, dk, device=dev).to(dtype)
+        kc = OPS.mean_compress(torch.randn(1, T, 1, dk, device=dev).to(dtype), None, l, d)
+        scale = dk ** -0.5
+        _, lse = OPS.compressed_attn_fwd(q, kc, kc[..., :128].contiguous(), None, T, l, d, scale)
+        OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 2, scale)
+        if G == 16:
+            os.environ["NSA_MAINLOOP"] = "sm80"
+            try:
+                OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 2, scale)
+            finally:
+                del os.environ["NSA_MAINLOOP"]
 
 
 def run_decode(dk, dv, G, dtype, S):
@@ -199,6 +221,7 @@ def main():
                     run_decode(dk, dv, G, torch.bfloat16 if S == 1 else torch.float16, S)
                 if (dk, dv) == (192, 128) and G == 1:
                     run_long_selection(dk, dv, torch.bfloat16)
+                    run_selection_groups(dk, torch.bfloat16)
                     run_long_decode_selection(dk, dv, torch.bfloat16)
             except RuntimeError as e:
                 if "compiled without" in str(e):
