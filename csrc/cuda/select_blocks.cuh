@@ -109,6 +109,62 @@ __device__ __forceinline__ void select_top_n(const SelectParams& p, const SeqInf
   }
 }
 
+// The CTA's tokens (t_begin .. t_begin + ntok - 1 of its sequence) and the operand
+// rows of both selection kernels; f is a flattened (token, head of the group) row of
+// the CTA, f / G its token and f % G its head.
+template <class Element>
+struct SelectCta {
+  SeqInfo si;
+  int64_t t_begin = 0;
+  int ntok = 0;
+  int64_t avail = 0;  // k_cmp rows of the sequence that exist
+  const Element* q = nullptr;
+  const Element* k = nullptr;
+  const float* lse = nullptr;
+
+  // false: no token of the sequence falls in this CTA.
+  __device__ __forceinline__ bool init(const SelectParams& p, int tokens) {
+    si = nsa::seq_info(p.cu_seqlens, blockIdx.z, p.seqlen, p.cmp_block_size, p.cmp_stride);
+    t_begin = int64_t(blockIdx.x) * tokens;
+    if (t_begin >= si.len) return false;
+    ntok = int(min(int64_t(tokens), si.len - t_begin));
+    q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
+    k = static_cast<const Element*>(p.k_cmp) + si.batch * p.k_batch_stride + blockIdx.y * p.k_head_stride;
+    lse = static_cast<const float*>(p.lse_cmp) + si.batch * p.lse_batch_stride;
+    avail = p.k_rows - si.cmp_row0;
+    avail = avail > 0 ? avail : 0;
+    return true;
+  }
+  // Compressed rows visible to token t of the CTA's sequence, clamped to those that exist.
+  __device__ __forceinline__ int64_t visible(const SelectParams& p, int64_t t) const {
+    return min(num_visible_cmp_blocks(t, p.cmp_block_size, p.cmp_stride), avail);
+  }
+  __device__ __forceinline__ const Element* q_row(const SelectParams& p, int64_t f) const {
+    return q + (si.row0 + t_begin + f / p.group) * p.q_row_stride +
+           (blockIdx.y * p.group + f % p.group) * p.q_head_stride;
+  }
+  // Row f's visible compressed rows (0 where its lse is -inf) and lse in log2 units.
+  __device__ __forceinline__ void row_bounds(const SelectParams& p, int64_t f, int64_t& hi, float& lse2) const {
+    const int64_t t = t_begin + f / p.group;
+    const float lse_v = lse[(blockIdx.y * p.group + f % p.group) * p.lse_head_stride + si.row0 + t];
+    hi = lse_v == -INFINITY ? 0 : visible(p, t);
+    lse2 = lse_v * kLog2e;
+  }
+  // Loads compressed rows [n0, min(n0 + kRows, n_end)) into sK (zeros past them).
+  template <int kRows, int kDk, int kThreads, class SmemTensor>
+  __device__ __forceinline__ void load_k_rows(const SelectParams& p, SmemTensor& sK, int64_t n0, int64_t n_end,
+                                              int tid) const {
+    const int64_t n_hi = min(n0 + kRows, n_end);
+    load_rows_async<kRows, kDk, kThreads>(
+        sK,
+        [&](int r) -> const Element* {
+          const int64_t i = n0 + r;
+          return i < n_hi ? k + (si.cmp_row0 + i) * p.k_row_stride : nullptr;
+        },
+        k, tid);
+  }
+};
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     select_blocks_kernel(const SelectParams p, int tokens, int score_stride) {
@@ -125,10 +181,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t G = p.group;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
 
-  const SeqInfo si = nsa::seq_info(p.cu_seqlens, blockIdx.z, p.seqlen, l, d);
-  const int64_t t_begin = int64_t(blockIdx.x) * tokens;
-  if (t_begin >= si.len) return;
-  const int ntok = int(min(int64_t(tokens), si.len - t_begin));
+  SelectCta<Element> cta;
+  if (!cta.init(p, tokens)) return;
+  const SeqInfo& si = cta.si;
+  const int64_t t_begin = cta.t_begin;
+  const int ntok = cta.ntok;
   // Score rows: j < score_stride = ceil(seqlen / l') rounded up to 32 (the launcher's bound).
   const int64_t j_cap = score_stride - 1;
 
@@ -141,12 +198,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
 
   for (int i = tid; i < ntok * score_stride; i += kThreads) scores[i] = 0.f;
-
-  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
-  const Element* k = static_cast<const Element*>(p.k_cmp) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
-  const float* lse = static_cast<const float*>(p.lse_cmp) + si.batch * p.lse_batch_stride;
-  int64_t avail = p.k_rows - si.cmp_row0;
-  avail = avail > 0 ? avail : 0;
 
   typename Traits::TiledMma mma;
   auto thr_mma = mma.get_thread_slice(tid);
@@ -173,11 +224,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     __syncthreads();
     load_rows_async<kBlockM, kDk, kThreads>(
         sQ,
-        [&](int r) -> const Element* {
-          const int64_t f = m0 + r;
-          if (f > f_last) return nullptr;
-          return q + (si.row0 + t_begin + f / G) * p.q_row_stride + (hkv * G + f % G) * p.q_head_stride;
-        },
+        [&](int r) -> const Element* { return m0 + r > f_last ? nullptr : cta.q_row(p, m0 + r); },
         static_cast<const Element*>(p.q), tid);
     cute::cp_async_fence();
 
@@ -189,28 +236,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
       const int64_t f = m0 + get<0>(tScS_rc(mi, 0));
       row_hi[mi] = 0;
       row_lse2[mi] = 0.f;
-      if (f <= f_last) {
-        const int64_t t = t_begin + f / G;
-        const float lse_v = lse[(hkv * G + f % G) * p.lse_head_stride + si.row0 + t];
-        row_hi[mi] = lse_v == -INFINITY ? 0 : min(num_visible_cmp_blocks(t, l, d), avail);
-        row_lse2[mi] = lse_v * kLog2e;
-      }
+      if (f <= f_last) cta.row_bounds(p, f, row_hi[mi], row_lse2[mi]);
     }
-    const int64_t n_end = min(num_visible_cmp_blocks(t_begin + f_last / G, l, d), avail);
+    const int64_t n_end = cta.visible(p, t_begin + f_last / G);
     // The chunk's tokens (CTA-relative): tok0 .. tok0 + chunk_tokens - 1.
     const int64_t tok0 = m0 / G;
     const int chunk_tokens = int(f_last / G - tok0 + 1);
 
     auto load_k_tile = [&](int64_t n0, int stage) {
-      const int64_t n_hi = min(n0 + kBlockN, n_end);
       auto sK_st = shifted(sK, stage * kBlockN * kDk);
-      load_rows_async<kBlockN, kDk, kThreads>(
-          sK_st,
-          [&](int r) -> const Element* {
-            const int64_t i = n0 + r;
-            return i < n_hi ? k + (si.cmp_row0 + i) * p.k_row_stride : nullptr;
-          },
-          k, tid);
+      cta.template load_k_rows<kBlockN, kDk, kThreads>(p, sK_st, n0, n_end, tid);
     };
     if (n_end > 0) load_k_tile(0, 0);
     cute::cp_async_fence();

@@ -133,10 +133,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int tokens = int(kBlockM / G);
   const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
 
-  const SeqInfo si = nsa::seq_info(p.cu_seqlens, blockIdx.z, p.seqlen, l, d);
-  const int64_t t_begin = int64_t(blockIdx.x) * tokens;
-  if (t_begin >= si.len) return;
-  const int ntok = int(min(int64_t(tokens), si.len - t_begin));
+  SelectCta<Element> cta;
+  if (!cta.init(p, tokens)) return;
+  const int ntok = cta.ntok;
   const int rows = ntok * int(G);  // rows [rows, kBlockM) are padding (zero Q, no visible column)
   const int64_t j_cap = score_stride - 1;
 
@@ -149,31 +148,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   for (int i = tid; i < ntok * score_stride; i += kThreads) scores[i] = 0.f;
 
-  const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
-  const Element* k = static_cast<const Element*>(p.k_cmp) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
-  const float* lse = static_cast<const float*>(p.lse_cmp) + si.batch * p.lse_batch_stride;
-  int64_t avail = p.k_rows - si.cmp_row0;
-  avail = avail > 0 ? avail : 0;
-  const int64_t n_end = min(num_visible_cmp_blocks(t_begin + ntok - 1, l, d), avail);
+  const int64_t n_end = cta.visible(p, cta.t_begin + ntok - 1);
   const int num_tiles = int((n_end + kBlockN - 1) / kBlockN);
 
   load_rows_async<kBlockM, kDk, kThreads>(
-      sQ,
-      [&](int r) -> const Element* {
-        if (r >= rows) return nullptr;
-        return q + (si.row0 + t_begin + r / G) * p.q_row_stride + (hkv * G + r % G) * p.q_head_stride;
-      },
+      sQ, [&](int r) -> const Element* { return r < rows ? cta.q_row(p, r) : nullptr; },
       static_cast<const Element*>(p.q), tid);
   auto load_k_tile = [&](int j) {
-    const int64_t n0 = int64_t(j) * kBlockN, n_hi = min(n0 + kBlockN, n_end);
     auto sK_st = shifted(sK, (j % kStages) * kBlockN * kDk);
-    load_rows_async<kBlockN, kDk, kThreads>(
-        sK_st,
-        [&](int r) -> const Element* {
-          const int64_t i = n0 + r;
-          return i < n_hi ? k + (si.cmp_row0 + i) * p.k_row_stride : nullptr;
-        },
-        k, tid);
+    cta.template load_k_rows<kBlockN, kDk, kThreads>(p, sK_st, int64_t(j) * kBlockN, n_end, tid);
   };
   if (num_tiles > 0) load_k_tile(0);
   cute::cp_async_fence();  // group 0: Q and K_0
@@ -198,12 +181,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     const int r = 16 * warp + lane / 4 + 8 * mi;
     row_hi[mi] = 0;
     row_lse2[mi] = 0.f;
-    if (r < rows) {
-      const int64_t t = t_begin + r / G;
-      const float lse_v = lse[(hkv * G + r % G) * p.lse_head_stride + si.row0 + t];
-      row_hi[mi] = lse_v == -INFINITY ? 0 : min(num_visible_cmp_blocks(t, l, d), avail);
-      row_lse2[mi] = lse_v * kLog2e;
-    }
+    if (r < rows) cta.row_bounds(p, r, row_hi[mi], row_lse2[mi]);
   }
   const float scale_log2 = float(p.scale) * kLog2e;
   auto k_operand = [&](int j) {  // the descriptors of K_j's stage (built from its address)
@@ -270,7 +248,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   cute::cp_async_wait<0>();
   __syncthreads();  // the last tile's scores (and, with no tile, the zeroed scores)
 
-  select_top_n(p, si, hkv, t_begin, ntok, scores, taken, score_stride, j_cap, warp, lane, kThreads / 32);
+  select_top_n(p, cta.si, hkv, cta.t_begin, ntok, scores, taken, score_stride, j_cap, warp, lane, kThreads / 32);
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
