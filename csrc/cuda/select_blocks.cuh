@@ -31,21 +31,67 @@ namespace nsa::cuda {
 // i ascending. One thread per (token, j): no atomics, a fixed order, so the scores
 // are bitwise repeatable. colsum(a, c) is the sum over token a's heads of p at
 // column c (the kernels keep it in shared memory).
+//
+// The index rules (which blocks a tile overlaps, which rows a block takes, their
+// weights) do not depend on the token: SpreadTable evaluates them once per (tile,
+// block, row) into shared memory before the barrier that precedes B2, so that a task
+// is a few loads and FMAs (two int64 divisions per task before, 8 tasks per thread
+// per tile at G = 1).
+struct SpreadTable {
+  int2* span;  // [n_j_max]: the block's first and last tile column (inclusive; empty if last < first)
+  float* w;    // [n_j_max][r_max]: w(i, j) of the block's rows, i ascending from its first column
+  int r_max = 0;
+  int64_t j_lo = 0;
+  int n_j = 0;
+
+  // Upper bounds for a tile of kBlockN rows: the blocks it overlaps, and the rows
+  // overlapping one block (i d + l > j lp and i d < (j + 1) lp).
+  static NSA_HOST_DEVICE int64_t blocks_max(int64_t block_n, int64_t l, int64_t d, int64_t lp) {
+    return ((block_n - 1) * d + l - 1) / lp + 2;
+  }
+  static NSA_HOST_DEVICE int64_t rows_max(int64_t l, int64_t d, int64_t lp) { return (lp + l) / d + 1; }
+  static NSA_HOST_DEVICE int64_t bytes(int64_t block_n, int64_t l, int64_t d, int64_t lp) {
+    return blocks_max(block_n, l, d, lp) * (int64_t(sizeof(int2)) + rows_max(l, d, lp) * 4);
+  }
+
+  // Carves the table from smem (16-byte aligned) for a tile of kBlockN rows.
+  template <int kBlockN>
+  __device__ __forceinline__ void carve(char* smem, int64_t l, int64_t d, int64_t lp) {
+    span = reinterpret_cast<int2*>(smem);
+    w = reinterpret_cast<float*>(span + blocks_max(kBlockN, l, d, lp));
+    r_max = int(rows_max(l, d, lp));
+  }
+
+  // Fills the table for the tile [n0, n_hi), blocks clipped to j <= j_cap. Every
+  // thread computes n_j; the table is read after the next barrier.
+  template <int kThreads>
+  __device__ __forceinline__ void fill(int64_t n0, int64_t n_hi, int64_t l, int64_t d, int64_t lp, int64_t j_cap,
+                                       int tid) {
+    j_lo = first_overlapped_slc_block(n0, d, lp);
+    const int64_t j_hi = min(last_overlapped_slc_block(n_hi - 1, l, d, lp), j_cap);
+    n_j = int(max(j_hi - j_lo + 1, int64_t(0)));
+    for (int e = tid; e < n_j * r_max; e += kThreads) {
+      const int jj = e / r_max, r = e % r_max;
+      const int64_t j = j_lo + jj;
+      const int64_t i_lo = max(first_overlapping_cmp_row(j, l, d, lp), n0);
+      const int64_t i_hi = min(last_overlapping_cmp_row(j, d, lp), n_hi - 1);
+      if (r == 0) span[jj] = int2{int(i_lo - n0), int(i_hi - n0)};
+      if (i_lo + r <= i_hi) w[jj * r_max + r] = cmp_slc_overlap_weight(i_lo + r, j, l, d, lp);
+    }
+  }
+};
+
 template <int kThreads, class ColSum>
-__device__ __forceinline__ void add_tile_block_scores(float* scores, int score_stride, int tokens, int64_t n0,
-                                                      int64_t n_hi, int64_t l, int64_t d, int64_t lp,
-                                                      int64_t j_cap, int tid, const ColSum& colsum) {
-  const int64_t j_lo = first_overlapped_slc_block(n0, d, lp);
-  const int64_t j_hi = min(last_overlapped_slc_block(n_hi - 1, l, d, lp), j_cap);
-  const int n_j = int(max(j_hi - j_lo + 1, int64_t(0)));
+__device__ __forceinline__ void add_tile_block_scores(float* scores, int score_stride, int tokens,
+                                                      const SpreadTable& table, int tid, const ColSum& colsum) {
+  const int n_j = table.n_j;
   for (int task = tid; task < tokens * n_j; task += kThreads) {
-    const int a = task / n_j;
-    const int64_t j = j_lo + task % n_j;
-    const int64_t i_lo = max(first_overlapping_cmp_row(j, l, d, lp), n0);
-    const int64_t i_hi = min(last_overlapping_cmp_row(j, d, lp), n_hi - 1);
+    const int a = task / n_j, jj = task % n_j;
+    const int2 cols = table.span[jj];
+    const float* w = table.w + jj * table.r_max;
     float acc = 0.f;
-    for (int64_t i = i_lo; i <= i_hi; ++i) acc += cmp_slc_overlap_weight(i, j, l, d, lp) * colsum(a, int(i - n0));
-    scores[int64_t(a) * score_stride + j] += acc;
+    for (int c = cols.x; c <= cols.y; ++c) acc += w[c - cols.x] * colsum(a, c);
+    scores[int64_t(a) * score_stride + table.j_lo + jj] += acc;
   }
 }
 
@@ -194,7 +240,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // sK has two stages (the next K tile's copies run under this tile's work);
   // stage 1 is sK moved by kBlockN * kDk elements.
   float* sP = reinterpret_cast<float*>(smem + Traits::kSmemQ + 2 * Traits::kSmemK);  // [kBlockM][kBlockN]
-  float* scores = sP + kBlockM * kBlockN;                                        // [tokens][stride]
+  SpreadTable table;
+  table.carve<kBlockN>(reinterpret_cast<char*>(sP + kBlockM * kBlockN), l, d, lp);
+  float* scores = reinterpret_cast<float*>(
+      reinterpret_cast<char*>(sP + kBlockM * kBlockN) + SpreadTable::bytes(kBlockN, l, d, lp));  // [tokens][stride]
   uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
 
   for (int i = tid; i < ntok * score_stride; i += kThreads) scores[i] = 0.f;
@@ -274,6 +323,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
               col < col_hi ? exp2f(s_rc(mi, ni) * scale_log2 - row_lse2[mi]) : 0.f;
         }
       }
+      table.fill<kThreads>(n0, n_hi, l, d, lp, j_cap, tid);
       __syncthreads();
       // Phase B1: per token of the chunk, the sum over its heads' rows (in row
       // order) of each column, written over the token's first row of sP.
@@ -288,7 +338,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       __syncthreads();
       // Phase B2: the token sums spread over the selection blocks.
       add_tile_block_scores<kThreads>(
-          scores + tok0 * score_stride, score_stride, chunk_tokens, n0, n_hi, l, d, lp, j_cap, tid,
+          scores + tok0 * score_stride, score_stride, chunk_tokens, table, tid,
           [&](int a, int col) { return sP[(max((tok0 + a) * G, m0) - m0) * kBlockN + col]; });
       // The next tile's barrier orders this tile's sP and score accesses before the
       // next Phase A, and this stage's K reads before the copies into it.
@@ -302,9 +352,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
 // Shared memory of one CTA for `tokens` tokens.
 template <class Traits>
-inline int64_t select_smem_bytes(int64_t tokens, int64_t score_stride) {
-  return Traits::kSmemQ + 2 * Traits::kSmemK + Traits::kBlockM * Traits::kBlockN * 4 + tokens * score_stride * 4 +
-         tokens * (score_stride / 32) * 4;
+inline int64_t select_smem_bytes(const SelectParams& p, int64_t tokens, int64_t score_stride) {
+  return Traits::kSmemQ + 2 * Traits::kSmemK + Traits::kBlockM * Traits::kBlockN * 4 +
+         SpreadTable::bytes(Traits::kBlockN, p.cmp_block_size, p.cmp_stride, p.slc_block_size) +
+         tokens * score_stride * 4 + tokens * (score_stride / 32) * 4;
 }
 
 template <int kDk, DType kDType>
@@ -324,8 +375,8 @@ void run_select_blocks(const SelectParams& p, cudaStream_t stream) {
   const int64_t want = std::max<int64_t>(1, Traits::kBlockM / p.group);
   const int64_t budget = std::min<int64_t>(optin, 100 * 1024);
   int64_t tokens = want;
-  while (tokens > 1 && select_smem_bytes<Traits>(tokens, score_stride) > budget) --tokens;
-  const int64_t smem = select_smem_bytes<Traits>(tokens, score_stride);
+  while (tokens > 1 && select_smem_bytes<Traits>(p, tokens, score_stride) > budget) --tokens;
+  const int64_t smem = select_smem_bytes<Traits>(p, tokens, score_stride);
   if (smem > optin)
     throw std::runtime_error(std::string("nsa_cuda: select_blocks: sequences of ") +
                              std::to_string(p.seqlen) + " tokens need " + std::to_string(smem) +

@@ -17,9 +17,10 @@
 //      thread at G = 16, where a plain all-reduce needs 48), and written to smem
 //      as part[segment][column]. Rows r and r + 8 of a warp are one thread's, so
 //      at G = 16 they are added before any shuffle.
-//   3. A barrier, then phase B2 of the SM80 kernel (add_tile_block_scores): a
-//      token's column sums (one segment, or G / 16 of them added in order) spread
-//      over the selection blocks with weight w(i, j), one thread per (token, j).
+//   3. The tile's SpreadTable (block spans and weights), a barrier, then phase B2 of
+//      the SM80 kernel (add_tile_block_scores): a token's column sums (one segment,
+//      or G / 16 of them added in order) spread over the selection blocks with
+//      weight w(i, j), one thread per (token, j).
 // The sums run in a fixed order: the scores, and the selection, are bitwise
 // repeatable. The top-n is the SM80 kernel's (select_top_n).
 #pragma once
@@ -56,10 +57,11 @@ struct SelectTraitsSm90 {
 // Shared memory of one CTA: Q (read into registers once), the K stages, the
 // segment sums, the token scores and the top-n bit sets.
 template <class Traits>
-inline int64_t select_sm90_smem_bytes(int64_t group, int64_t score_stride) {
-  const int64_t tokens = Traits::kBlockM / group;
-  const int64_t segments = Traits::kBlockM / (group < 16 ? group : 16);
+inline int64_t select_sm90_smem_bytes(const SelectParams& p, int64_t score_stride) {
+  const int64_t tokens = Traits::kBlockM / p.group;
+  const int64_t segments = Traits::kBlockM / (p.group < 16 ? p.group : 16);
   return Traits::kSmemQ + Traits::kStages * Traits::kSmemK + segments * Traits::kPartStride * 4 +
+         SpreadTable::bytes(Traits::kBlockN, p.cmp_block_size, p.cmp_stride, p.slc_block_size) +
          tokens * score_stride * 4 + tokens * (score_stride / 32) * 4;
 }
 
@@ -143,7 +145,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemQ)),
                           typename Traits::SmemLayoutK{});
   float* part = reinterpret_cast<float*>(smem + Traits::kSmemQ + kStages * Traits::kSmemK);
-  float* scores = part + (kBlockM / kSegRows) * kPartStride;                     // [tokens][stride]
+  SpreadTable table;
+  char* table_smem = reinterpret_cast<char*>(part + (kBlockM / kSegRows) * kPartStride);
+  table.carve<kBlockN>(table_smem, l, d, lp);
+  float* scores = reinterpret_cast<float*>(table_smem + SpreadTable::bytes(kBlockN, l, d, lp));  // [tokens][stride]
   uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
 
   for (int i = tid; i < ntok * score_stride; i += kThreads) scores[i] = 0.f;
@@ -225,8 +230,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
         }
       }
       store_segment_sums<kSegRows, kBlockN, kPartStride>(pv, part, warp, lane);
-      __syncthreads();  // part complete
-      add_tile_block_scores<kThreads>(scores, score_stride, ntok, n0, n_hi, l, d, lp, j_cap, tid,
+      table.fill<kThreads>(n0, n_hi, l, d, lp, j_cap, tid);
+      __syncthreads();  // part and table complete
+      add_tile_block_scores<kThreads>(scores, score_stride, ntok, table, tid,
                                       [&](int a, int col) {
                                         // token a's segments: one, or G / 16 added in order
                                         const int per_token = int(G) / kSegRows;
@@ -265,7 +271,7 @@ bool run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   int device = 0, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t smem = select_sm90_smem_bytes<Traits>(G, score_stride);
+  const int64_t smem = select_sm90_smem_bytes<Traits>(p, score_stride);
   if (smem > optin) return false;
   const int64_t tokens = Traits::kBlockM / G;
   const int64_t t_blocks = (p.seqlen + tokens - 1) / tokens;
