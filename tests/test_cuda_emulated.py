@@ -292,6 +292,16 @@ def test_select_blocks_repeatable(F, monkeypatch, mainloop):
     assert all(torch.equal(runs[0], r) for r in runs[1:])
 
 
+def test_select_blocks_one_lane(F, mainloop):
+    """A lane of the top-n warp wins more rounds than it caches candidates (it
+    rescans): test_cuda_fwd.one_lane_selection_case."""
+    dk, dv, dtype = DIMS[0]
+    q, kc = F.one_lane_selection_case(dk, dtype)
+    bi, rbi, rsc = F.run_selection(q, kc, 16, 8, 16, 10, 1, 1)
+    F.check_selection(bi, rbi, rsc, 10, 16, 1, 1)
+    assert (bi[0, -1, 0] % 32 == 0).sum().item() >= 6, "the case no longer takes five blocks from one lane"
+
+
 def test_select_blocks_small_lp(F, mainloop):
     """l' = 32 < 64 (several selection blocks per score tile), l = d = 32."""
     dk, dv, dtype = DIMS[0]

@@ -342,6 +342,30 @@ def test_select_blocks(dims, dtype, G, mainloop):
     check_selection(bi, rbi, rsc, 4, 64, 1, 2)
 
 
+def one_lane_selection_case(dk, dtype):
+    """k_cmp rows that make the blocks j = 32, 64, ..., 160 (all one warp lane's in the
+    top-n: j % 32 == 0) score highest, then j = 33, 65, 97, with small random rows
+    elsewhere: with n = 10 (two forced) a late token takes five blocks from lane 0,
+    more than the four a lane caches, so that lane rescans its candidates. l = 16,
+    d = 8, l' = 16: compressed row 2j lies inside block j alone."""
+    T, l, d = 3000, 16, 8
+    tc = (T - l) // d + 1
+    g = torch.Generator().manual_seed(11)
+    kc = torch.randn(1, tc, 1, dk, generator=g) * 0.1
+    for j in range(32, 188, 32):
+        kc[0, 2 * j] = 1.0 + 0.01 * j / 32
+        kc[0, 2 * j + 2] = 0.6 + 0.01 * j / 32
+    q = torch.full((1, T, 1, dk), 0.5) + torch.randn(1, T, 1, dk, generator=g) * 0.01
+    return q.to(DEV, dtype), kc.to(DEV, dtype)
+
+
+def test_select_blocks_one_lane(mainloop):
+    q, kc = one_lane_selection_case(64, torch.bfloat16)
+    bi, rbi, rsc = run_selection(q, kc, 16, 8, 16, 10, 1, 1)
+    check_selection(bi, rbi, rsc, 10, 16, 1, 1)
+    assert (bi[0, -1, 0] % 32 == 0).sum().item() >= 6, "the case no longer takes five blocks from one lane"
+
+
 @pytest.mark.parametrize("G", [3, 32, 128])
 def test_select_blocks_group_sizes(G, mainloop):
     """Groups beyond GROUPS: not a power of two (the wgmma selection declines it and

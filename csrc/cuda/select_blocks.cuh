@@ -11,9 +11,9 @@
 //      floats per token; the launcher sizes `tokens` to fit). One thread owns
 //      each (token, j) of a tile and sums its rows i in ascending order: no
 //      atomics, so the scores, and the selection, are bitwise repeatable.
-//   3. One warp per token: forced blocks, then top-n by repeated warp argmax
-//      (ties to the smaller j), then the selected set written ascending by a
-//      ballot compaction, -1 padded.
+//   3. One warp per token: forced blocks, then top-n by repeated warp argmax over
+//      the lanes' cached best candidates (ties to the smaller j), then the selected
+//      set written ascending by a ballot compaction, -1 padded.
 // Steps 2 (the spread, add_tile_block_scores) and 3 (select_top_n) are shared with
 // the Hopper kernel (select_blocks_sm90.cuh), which run_select_blocks takes on an
 // H100/H200 for G a power of two; it differs in step 1 and in the head sum.
@@ -97,7 +97,7 @@ __device__ __forceinline__ void add_tile_block_scores(float* scores, int score_s
 
 // Step 3, after the last tile (scores complete and visible to the CTA): one warp
 // per token of the CTA (tokens t_begin .. t_begin + ntok - 1): forced blocks, then
-// top-n by repeated warp argmax (ties to the smaller j), the selected set written
+// top-n by rounds of warp argmax (ties to the smaller j), the selected set written
 // ascending by a ballot compaction, -1 padded. `taken` holds score_stride / 32
 // words per token.
 __device__ __forceinline__ void select_top_n(const SelectParams& p, const SeqInfo& si, int hkv, int64_t t_begin,
@@ -122,14 +122,40 @@ __device__ __forceinline__ void select_top_n(const SelectParams& p, const SeqInf
     }
     __syncwarp();
     const int64_t remaining = min(n, J + 1) - count;
-    for (int64_t it = 0; it < remaining; ++it) {
-      float best_s = 0.f;
-      int best_j = INT_MAX;
+    // Lane l owns the candidates j = l + 32 w. It keeps its kCache best free ones
+    // (not forced, not yet chosen, not NaN), best first; each round the warp takes
+    // the best of the lanes' heads, and only the winning lane moves on, rescanning
+    // its candidates when its cache runs dry. A round is five shuffle steps instead of
+    // a scan of all J + 1 scores (13 rounds over 1024 scores at 64k, the paper's n).
+    constexpr int kCache = 4;
+    float cache_s[kCache];
+    int cache_j[kCache];  // INT_MAX: empty
+    auto refill = [&]() {
+#pragma unroll
+      for (int c = 0; c < kCache; ++c) cache_s[c] = 0.f, cache_j[c] = INT_MAX;
       for (int j = lane; j <= J; j += 32) {
-        if ((tk[j / 32] >> (j % 32)) & 1u) continue;
+        if ((tk[j / 32] >> lane) & 1u) continue;
         const float s = sc[j];
-        if (best_j == INT_MAX ? s == s : slc_ranks_before(s, j, best_s, best_j)) best_s = s, best_j = j;
+        if (!(s == s)) continue;
+        // j ascends, so a tie with the last entry keeps the entry.
+        if (cache_j[kCache - 1] != INT_MAX && !slc_ranks_before(s, j, cache_s[kCache - 1], cache_j[kCache - 1]))
+          continue;
+        cache_s[kCache - 1] = s, cache_j[kCache - 1] = j;
+#pragma unroll
+        for (int c = kCache - 1; c > 0; --c) {
+          if (cache_j[c - 1] != INT_MAX && !slc_ranks_before(cache_s[c], cache_j[c], cache_s[c - 1], cache_j[c - 1]))
+            break;
+          const float ts = cache_s[c];
+          const int tj = cache_j[c];
+          cache_s[c] = cache_s[c - 1], cache_j[c] = cache_j[c - 1];
+          cache_s[c - 1] = ts, cache_j[c - 1] = tj;
+        }
       }
+    };
+    refill();
+    for (int64_t it = 0; it < remaining; ++it) {
+      float best_s = cache_s[0];
+      int best_j = cache_j[0];
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) {
         const float os = __shfl_xor_sync(0xffffffffu, best_s, off);
@@ -138,7 +164,13 @@ __device__ __forceinline__ void select_top_n(const SelectParams& p, const SeqInf
           best_s = os, best_j = oj;
       }
       if (best_j == INT_MAX) break;  // only NaN scores left
-      if (lane == 0) tk[best_j / 32] |= 1u << (best_j % 32);
+      if (best_j % 32 == lane) {     // this lane's head won: mark it, move on
+        tk[best_j / 32] |= 1u << lane;
+#pragma unroll
+        for (int c = 0; c + 1 < kCache; ++c) cache_s[c] = cache_s[c + 1], cache_j[c] = cache_j[c + 1];
+        cache_s[kCache - 1] = 0.f, cache_j[kCache - 1] = INT_MAX;
+        if (cache_j[0] == INT_MAX) refill();
+      }
       __syncwarp();
     }
     __syncwarp();
