@@ -2,7 +2,8 @@
 // the mainloop of attn_fwd.cuh with warpgroup MMAs (wgmma.mma_async) in place of
 // mma.sync. A CTA is two warpgroups (8 warps) owning kBlockM = 128 flattened
 // (token, head of the group) rows, 64 per warpgroup (the M of one wgmma):
-//   S = Q K^T   wgmma m64n64k16, both operands from smem (K-major, 128-byte swizzle)
+//   S = Q K^T   wgmma m64n64k16, Q from registers (copied from smem once), K from
+//               smem (K-major, 128-byte swizzle)
 //   O += P V    wgmma m64n{Dv}k16, P from registers, V^T from smem (MN-major)
 // The KV schedules, the masks, the online softmax and the epilogue are the SM80
 // kernel's. The selected branch stays on mma.sync: its CTA visits the union of its
@@ -53,8 +54,19 @@ struct AttnTraitsSm90 {
   static constexpr int kBlockN = kBlockN_;  // keys per KV tile
 
   using WarpgroupLayout = cute::Layout<cute::Shape<cute::Int<kWarpgroups>, cute::_1, cute::_1>>;
+  // S = Q K^T with both operands in smem (the dq kernel's S and dP, whose registers
+  // hold dQ; the emulator's wgmma self-test).
   using TiledMmaS = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kDk>>>(),
+      WarpgroupLayout{}));
+  // S = Q K^T with Q in registers (read once from smem): only K then streams from
+  // smem. With both operands in smem an m64n64k16 wgmma reads 4 KB per 32 tensor-core
+  // cycles, all of the SM's shared-memory bandwidth; the forward's per-tile smem
+  // traffic at Dk = 192 (S and P V of both warpgroups plus the K/V copies) came to
+  // about 1320 cycles against 1280 of tensor-core work, about 960 with Q in registers.
+  using TiledMmaSrs = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float,
                                  cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kDk>>>(),
       WarpgroupLayout{}));
   using TiledMmaO = decltype(cute::make_tiled_mma(
@@ -191,11 +203,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
   const int64_t key_row0 = sched.key_row0();
 
-  typename Traits::TiledMmaS mma_s;
+  typename Traits::TiledMmaSrs mma_s;
   typename Traits::TiledMmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // smem descriptors
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // registers, filled once Q has landed
+  Tensor tSsQ = thr_s.partition_A(sQ);
   Tensor tSrK = thr_s.partition_fragment_B(sK);
   auto v_operand = [&](auto stage) {  // V^T of a stage, the B operand of P V
     Tensor sVt = make_tensor(make_smem_ptr(smem_v(decltype(stage)::value)), typename Traits::SmemLayoutVt{});
@@ -242,6 +255,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();  // K_j (and Q), V_{j-1} landed; every P_{j-2} V_{j-2} (buffer kStage) retired
+    if constexpr (kFirst) cute::copy(tSsQ, tSrQ);
     {
       Tensor sV = make_tensor(make_smem_ptr(smem_v(kStage)), typename Traits::SmemLayoutV{});
       load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);

@@ -41,10 +41,7 @@ struct SelectTraitsSm90 {
   static constexpr int kBlockM = Base::kBlockM;    // 128 rows
   static constexpr int kBlockN = Base::kBlockN;    // 64 compressed rows per K tile
   static constexpr int kStages = 3;                // K tile j + 2 lands while j and j + 1 are used
-  using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kDk>>>(),
-      typename Base::WarpgroupLayout{}));
+  using TiledMmaS = typename Base::TiledMmaSrs;  // Q from registers, K from smem
   using SmemLayoutQ = typename Base::SmemLayoutQ;
   using SmemLayoutK = typename Base::SmemLayoutK;
   static constexpr int kSmemQ = Base::kSmemQ;
