@@ -454,7 +454,7 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         # The rows above run the wgmma kernels here (NSA_MAINLOOP=auto) where there
         # are some: the compressed and window forward and dq, every branch's dk/dv,
-        # and the selection (G a power of two). These rows force the mma.sync kernels
+        # and the selection (G <= 128). These rows force the mma.sync kernels
         # (what the sm_80 build runs) on the same inputs.
         snote = bnote + "; forward forced onto the mma.sync kernel (NSA_MAINLOOP=sm80)"
         with torch.no_grad():

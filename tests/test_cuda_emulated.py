@@ -142,7 +142,7 @@ def test_emulator_catches_hazards(emu):
 def mainloop(request, monkeypatch):
     """The wgmma kernels (the emulated device is an H100, so "auto" picks them: the
     compressed and window forward and dq, every branch's dk/dv, and the selection for
-    G a power of two) and mma.sync."""
+    G <= 128) and mma.sync."""
     monkeypatch.setenv("NSA_MAINLOOP", request.param)
     return request.param
 
@@ -250,11 +250,13 @@ def test_window_fwd_non_contiguous(F, mainloop):
 
 @pytest.mark.parametrize("dims", DIMS, ids=_id)
 @pytest.mark.parametrize("T,G,n", [(1, 4, 4), (70, 16, 3), (130, 1, 16), (260, 1, 5), (260, 2, 5),
-                                   (260, 4, 5), (260, 8, 5), (260, 16, 5), (260, 32, 5)])
+                                   (260, 4, 5), (260, 8, 5), (260, 16, 5), (260, 32, 5), (260, 3, 5),
+                                   (260, 12, 5), (260, 24, 5)])
 def test_select_blocks(F, dims, T, G, n, mainloop):
     """l' = 32: up to 9 candidates at T = 260, so that with n = 5 (3 forced) the
     scores decide two blocks of a row (and, for the wgmma kernel, its head sums at every
-    segment size: G = 1, 2, 4, 8, 16 and two segments per token at 32)."""
+    segment size: G = 1, 2, 4, 8, 16, two segments per token at 32, three of 1, 4
+    and 8 rows at G = 3, 12, 24)."""
     dk, dv, dtype = dims
     q, kc, _ = F.compressed_case(2, T, 2, G, dk, dv, dtype, 32, 16)
     bi, rbi, rsc = F.run_selection(q, kc, 32, 16, 32, n, 1, 2)

@@ -55,7 +55,7 @@ def _sm90_forward_unavailable():
 def mainloop(request, monkeypatch):
     """The two kernel families: wgmma on an H100/H200 (what "auto" picks there: the
     compressed and window forward and dq, every branch's dk/dv, and the block
-    selection for G a power of two), and mma.sync (every GPU; forced on sm_90 with
+    selection for G <= 128), and mma.sync (every GPU; forced on sm_90 with
     NSA_MAINLOOP)."""
     if request.param == "sm90" and _sm90_forward_unavailable():
         pytest.skip(_sm90_forward_unavailable())
@@ -366,10 +366,11 @@ def test_select_blocks_one_lane(mainloop):
     assert (bi[0, -1, 0] % 32 == 0).sum().item() >= 6, "the case no longer takes five blocks from one lane"
 
 
-@pytest.mark.parametrize("G", [3, 32, 128])
+@pytest.mark.parametrize("G", [3, 12, 32, 128, 160])
 def test_select_blocks_group_sizes(G, mainloop):
-    """Groups beyond GROUPS: not a power of two (the wgmma selection declines it and
-    the mma.sync kernel runs), two and eight warps' segments per token."""
+    """Groups beyond GROUPS: three segments of one or four rows per token (G = 3, 12),
+    two and eight warps per token (32, 128), and past the wgmma kernel's 128 rows
+    (160: the mma.sync kernel runs)."""
     q, kc, _ = compressed_case(1, 300, 1, G, 64, 64, torch.bfloat16, 32, 16)
     bi, rbi, rsc = run_selection(q, kc, 32, 16, 64, 4, 1, 2)
     check_selection(bi, rbi, rsc, 4, 64, 1, 2)

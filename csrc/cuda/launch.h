@@ -47,8 +47,8 @@ template <int kDk, DType kDType>
 void run_select_blocks(const SelectParams& params, cudaStream_t stream);
 
 // The Hopper selection (select_blocks_sm90.cuh, wgmma), which run_select_blocks
-// takes when use_sm90_kernels says so and the group suits it (G a power of two up
-// to 128, the scores of 128 / G tokens within the device's shared memory); returns
+// takes when use_sm90_kernels says so and the group suits it (G up to 128, the
+// scores of 128 / G tokens within the device's shared memory); returns
 // false, having launched nothing, otherwise. Instantiations in
 // csrc/cuda/instantiations/select_sm90_hdim*.cu (sm_90a builds).
 template <int kDk, DType kDType>

@@ -16,7 +16,7 @@
 //      set written ascending by a ballot compaction, -1 padded.
 // Steps 2 (the spread, add_tile_block_scores) and 3 (select_top_n) are shared with
 // the Hopper kernel (select_blocks_sm90.cuh), which run_select_blocks takes on an
-// H100/H200 for G a power of two; it differs in step 1 and in the head sum.
+// H100/H200 for G <= 128; it differs in step 1 and in the head sum.
 #pragma once
 
 #include <climits>

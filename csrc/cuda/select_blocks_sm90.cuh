@@ -1,8 +1,9 @@
 // Block selection on Hopper (sm_90a): the selection scores of select_blocks.cuh
 // with warpgroup MMAs and the sum over the group's heads done in registers.
 //
-// A CTA is two warpgroups owning kBlockM = 128 rows: the 128 / G tokens of the CTA
-// times the G heads of the group (G a power of two, at most 128). Q stays in
+// A CTA is two warpgroups owning kBlockM = 128 rows: the floor(128 / G) tokens of the
+// CTA times the G heads of the group (G at most 128; rows past them are padding). Q
+// stays in
 // registers for the whole kernel (the A operand of an RS wgmma), so the m64n64
 // S = Q K^T of a tile reads only K from shared memory: with both operands in smem an
 // m64n64k16 wgmma needs the full shared-memory bandwidth of the SM.
@@ -12,7 +13,9 @@
 //      for at the end of the step, so nothing is in flight across the loop's back
 //      edge (ptxas serializes wgmmas that may be in flight where control flow joins).
 //   2. p = exp2(s * scale * log2e - lse * log2e) on the visible columns, then summed
-//      over each segment of min(G, 16) rows of a warp by a butterfly that halves
+//      over each segment of kSegRows rows of a warp (the largest power of two that
+//      divides G, at most 16: a token is G / kSegRows whole segments, and a
+//      segment never straddles two warps) by a butterfly that halves
 //      the values each thread carries at every shuffle stage (14 shuffles per
 //      thread at G = 16, where a plain all-reduce needs 48), and written to smem
 //      as part[segment][column]. Rows r and r + 8 of a warp are one thread's, so
@@ -51,12 +54,18 @@ struct SelectTraitsSm90 {
   static constexpr int kPartStride = kBlockN + 8;
 };
 
+// Rows per head-sum segment: the largest power of two dividing G, at most 16.
+inline int64_t select_segment_rows(int64_t group) {
+  const int64_t low = group & -group;
+  return low < 16 ? low : 16;
+}
+
 // Shared memory of one CTA: Q (read into registers once), the K stages, the
 // segment sums, the token scores and the top-n bit sets.
 template <class Traits>
 inline int64_t select_sm90_smem_bytes(const SelectParams& p, int64_t score_stride) {
   const int64_t tokens = Traits::kBlockM / p.group;
-  const int64_t segments = Traits::kBlockM / (p.group < 16 ? p.group : 16);
+  const int64_t segments = Traits::kBlockM / select_segment_rows(p.group);
   return Traits::kSmemQ + Traits::kStages * Traits::kSmemK + segments * Traits::kPartStride * 4 +
          SpreadTable::bytes(Traits::kBlockN, p.cmp_block_size, p.cmp_stride, p.slc_block_size) +
          tokens * score_stride * 4 + tokens * (score_stride / 32) * 4;
@@ -128,7 +137,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int hkv = blockIdx.y;
-  const int64_t G = p.group;  // a power of two, kSegRows = min(G, 16)
+  const int64_t G = p.group;  // kSegRows divides G
   const int tokens = int(kBlockM / G);
   const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
 
@@ -255,15 +264,15 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
-// Takes the selection when the group size suits the kernel (a power of two, at most
-// 128) and the 128 / G tokens' scores fit in shared memory; returns false (nothing
-// launched) otherwise, and run_select_blocks runs the SM80 kernel.
+// Takes the selection when G <= 128 and the floor(128 / G) tokens' scores fit in
+// shared memory; returns false (nothing launched) otherwise, and run_select_blocks
+// runs the SM80 kernel.
 template <int kDk, DType kDType>
 bool run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   using Traits = SelectTraitsSm90<kDk, typename ElementOf<kDType>::type>;
   const char* what = "select_blocks (sm90)";
   const int64_t G = p.group;
-  if (G < 1 || G > Traits::kBlockM || (G & (G - 1)) != 0) return false;
+  if (G < 1 || G > Traits::kBlockM) return false;
   const int64_t score_stride = (num_slc_blocks(p.seqlen, p.slc_block_size) + 31) / 32 * 32;
   int device = 0, optin = 0;
   cudaGetDevice(&device);
@@ -280,12 +289,12 @@ bool run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
     NSA_LAUNCH(grid, Traits::kThreads, int(smem), stream, kernel)(p, int(score_stride));
     check_launch(what);
   };
-  switch (G) {
+  switch (select_segment_rows(G)) {  // a token is G / kSegRows segments
     case 1: launch(select_blocks_sm90_kernel<Traits, 1>); break;
     case 2: launch(select_blocks_sm90_kernel<Traits, 2>); break;
     case 4: launch(select_blocks_sm90_kernel<Traits, 4>); break;
     case 8: launch(select_blocks_sm90_kernel<Traits, 8>); break;
-    default: launch(select_blocks_sm90_kernel<Traits, 16>); break;  // 16 .. 128: G / 16 segments per token
+    default: launch(select_blocks_sm90_kernel<Traits, 16>); break;
   }
   return true;
 }
