@@ -304,6 +304,16 @@ def test_select_blocks_one_lane(F, mainloop):
     assert (bi[0, -1, 0] % 32 == 0).sum().item() >= 6, "the case no longer takes five blocks from one lane"
 
 
+def test_select_blocks_fewer_tokens(F, mainloop):
+    """l' = 16 at T = 6000: 375 score columns per token, so 128 tokens of G = 1 do not
+    fit in the 227 KB of shared memory and the wgmma kernel takes fewer tokens per CTA
+    (its last rows padding; the launcher's fit loop), over 12 K tiles."""
+    dk, dv, dtype = DIMS[0]
+    q, kc, _ = F.compressed_case(1, 6000, 1, 1, dk, dv, dtype, 16, 8)
+    bi, rbi, rsc = F.run_selection(q, kc, 16, 8, 16, 6, 1, 1)
+    F.check_selection(bi, rbi, rsc, 6, 16, 1, 1)
+
+
 def test_select_blocks_small_lp(F, mainloop):
     """l' = 32 < 64 (several selection blocks per score tile), l = d = 32."""
     dk, dv, dtype = DIMS[0]

@@ -2,8 +2,8 @@
 // with warpgroup MMAs and the sum over the group's heads done in registers.
 //
 // A CTA is two warpgroups owning kBlockM = 128 rows: the floor(128 / G) tokens of the
-// CTA times the G heads of the group (G at most 128; rows past them are padding). Q
-// stays in
+// CTA (fewer where their score rows would not fit in smem) times the G heads of the
+// group (G at most 128; rows past them are padding). Q stays in
 // registers for the whole kernel (the A operand of an RS wgmma), so the m64n64
 // S = Q K^T of a tile reads only K from shared memory: with both operands in smem an
 // m64n64k16 wgmma needs the full shared-memory bandwidth of the SM.
@@ -60,12 +60,12 @@ inline int64_t select_segment_rows(int64_t group) {
   return low < 16 ? low : 16;
 }
 
-// Shared memory of one CTA: Q (read into registers once), the K stages, the
-// segment sums, the token scores and the top-n bit sets.
+// Shared memory of a CTA of `tokens` tokens: Q (read into registers once), the K
+// stages, the segment sums of the tokens' rows, the token scores and the top-n bit
+// sets.
 template <class Traits>
-inline int64_t select_sm90_smem_bytes(const SelectParams& p, int64_t score_stride) {
-  const int64_t tokens = Traits::kBlockM / p.group;
-  const int64_t segments = Traits::kBlockM / select_segment_rows(p.group);
+inline int64_t select_sm90_smem_bytes(const SelectParams& p, int64_t tokens, int64_t score_stride) {
+  const int64_t segments = tokens * p.group / select_segment_rows(p.group);
   return Traits::kSmemQ + Traits::kStages * Traits::kSmemK + segments * Traits::kPartStride * 4 +
          SpreadTable::bytes(Traits::kBlockN, p.cmp_block_size, p.cmp_stride, p.slc_block_size) +
          tokens * score_stride * 4 + tokens * (score_stride / 32) * 4;
@@ -81,8 +81,10 @@ inline int64_t select_sm90_smem_bytes(const SelectParams& p, int64_t score_strid
 // its values, sends the other half and adds what its partner sent, so the values
 // per thread halve at every stage and a pair (e = 0, 1) of adjacent columns stays
 // together to the end (one float2 store).
+// Segments from `segments` on (padding rows) are not stored.
 template <int kSegRows, int kN, int kPartStride, int kVals>
-__device__ __forceinline__ void store_segment_sums(const float (&v)[kVals], float* part, int warp, int lane) {
+__device__ __forceinline__ void store_segment_sums(const float (&v)[kVals], float* part, int segments, int warp,
+                                                   int lane) {
   static_assert(kSegRows == 1 || kSegRows == 2 || kSegRows == 4 || kSegRows == 8 || kSegRows == 16);
   static_assert(kVals == kN / 2, "two rows of N / 4 values");
   constexpr int kR = kSegRows == 1 ? 0 : kSegRows == 2 ? 1 : kSegRows == 4 ? 2 : kSegRows == 8 ? 3 : 4;
@@ -117,13 +119,14 @@ __device__ __forceinline__ void store_segment_sums(const float (&v)[kVals], floa
     const int row_in_warp = lane / 4 + 8 * mi;
     const int segment = warp * (16 / kSegRows) + row_in_warp / kSegRows;
     const int col = 8 * (ni / 2) + 2 * (lane % 4);
-    *reinterpret_cast<float2*>(part + segment * kPartStride + col) = float2{x[i], x[i + 1]};
+    if (segment < segments)
+      *reinterpret_cast<float2*>(part + segment * kPartStride + col) = float2{x[i], x[i + 1]};
   }
 }
 
 template <class Traits, int kSegRows>
 __global__ void __launch_bounds__(Traits::kThreads)
-    select_blocks_sm90_kernel(const SelectParams p, int score_stride) {
+    select_blocks_sm90_kernel(const SelectParams p, int tokens, int score_stride) {
 #if NSA_SM90_KERNEL_BODY
   using namespace cute;
   using Element = typename Traits::Element;
@@ -138,7 +141,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int hkv = blockIdx.y;
   const int64_t G = p.group;  // kSegRows divides G
-  const int tokens = int(kBlockM / G);
   const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
 
   SelectCta<Element> cta;
@@ -152,7 +154,8 @@ __global__ void __launch_bounds__(Traits::kThreads)
                           typename Traits::SmemLayoutK{});
   float* part = reinterpret_cast<float*>(smem + Traits::kSmemQ + kStages * Traits::kSmemK);
   SpreadTable table;
-  char* table_smem = reinterpret_cast<char*>(part + (kBlockM / kSegRows) * kPartStride);
+  const int segments = tokens * int(G) / kSegRows;  // those of the CTA's token rows
+  char* table_smem = reinterpret_cast<char*>(part + segments * kPartStride);
   table.carve<kBlockN>(table_smem, l, d, lp);
   float* scores = reinterpret_cast<float*>(table_smem + SpreadTable::bytes(kBlockN, l, d, lp));  // [tokens][stride]
   uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
@@ -235,7 +238,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
           pv[ni + (kBlockN / 4) * mi] = col < col_hi ? exp2f(acc_rc(mi, ni) * scale_log2 - row_lse2[mi]) : 0.f;
         }
       }
-      store_segment_sums<kSegRows, kBlockN, kPartStride>(pv, part, warp, lane);
+      store_segment_sums<kSegRows, kBlockN, kPartStride>(pv, part, segments, warp, lane);
       table.fill<kThreads>(n0, n_hi, l, d, lp, j_cap, tid);
       __syncthreads();  // part and table complete
       add_tile_block_scores<kThreads>(scores, score_stride, ntok, table, tid,
@@ -264,9 +267,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 #endif  // NSA_SM90_KERNEL_BODY
 }
 
-// Takes the selection when G <= 128 and the floor(128 / G) tokens' scores fit in
-// shared memory; returns false (nothing launched) otherwise, and run_select_blocks
-// runs the SM80 kernel.
+// Takes the selection when G <= 128 and at least one token's scores fit in shared
+// memory; returns false (nothing launched) otherwise, and run_select_blocks runs the
+// SM80 kernel. A CTA takes floor(128 / G) tokens, or as many as fit (long sequences
+// at small G: the score rows, 4 bytes per selection block per token, fill the smem;
+// the rows past the tokens are padding, which still beats the SM80 kernel's 100 KB
+// budget of a few tokens).
 template <int kDk, DType kDType>
 bool run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   using Traits = SelectTraitsSm90<kDk, typename ElementOf<kDType>::type>;
@@ -277,16 +283,17 @@ bool run_select_blocks_sm90(const SelectParams& p, cudaStream_t stream) {
   int device = 0, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t smem = select_sm90_smem_bytes<Traits>(p, score_stride);
+  int64_t tokens = Traits::kBlockM / G;
+  while (tokens > 1 && select_sm90_smem_bytes<Traits>(p, tokens, score_stride) > optin) --tokens;
+  const int64_t smem = select_sm90_smem_bytes<Traits>(p, tokens, score_stride);
   if (smem > optin) return false;
-  const int64_t tokens = Traits::kBlockM / G;
   const int64_t t_blocks = (p.seqlen + tokens - 1) / tokens;
   if (t_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
     throw std::runtime_error("nsa_cuda: select_blocks: problem too large for the grid");
   auto launch = [&](auto kernel) {
     set_smem_limit(kernel, int(smem), what);
     dim3 grid(unsigned(t_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
-    NSA_LAUNCH(grid, Traits::kThreads, int(smem), stream, kernel)(p, int(score_stride));
+    NSA_LAUNCH(grid, Traits::kThreads, int(smem), stream, kernel)(p, int(tokens), int(score_stride));
     check_launch(what);
   };
   switch (select_segment_rows(G)) {  // a token is G / kSegRows segments
