@@ -248,14 +248,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     select_blocks_kernel(const SelectParams p, int tokens, int score_stride) {
   using namespace cute;
   using Element = typename Traits::Element;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kDk = Traits::kDk;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kDk = Traits::kDk;
   constexpr int kThreads = Traits::kThreads;
-
   extern __shared__ __align__(1024) char smem[];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int hkv = blockIdx.y;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, hkv = blockIdx.y;
   const int64_t G = p.group;
   const int64_t l = p.cmp_block_size, d = p.cmp_stride, lp = p.slc_block_size;
 
