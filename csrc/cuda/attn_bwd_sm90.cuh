@@ -639,6 +639,24 @@ struct DkvStagesSm90 {
   }
 };
 
+// The dk/dv kernels' MMAs, per warpgroup layout: S^T = K Q^T and dP^T = V dO^T
+// (both operands in smem, K-major) over kBlockM query rows, and the accumulating
+// dK += dS^T Q, dV += P^T dO (the left operand from registers, the right MN-major).
+template <class Element, int kDk, int kDv, int kBlockM, class WarpgroupLayout>
+struct DkvMmasSm90 {
+  using TiledMmaS = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<Element, Element, float,
+                                 cute::Shape<cute::_64, cute::Int<kBlockM>, cute::Int<kDk>>>(),
+      WarpgroupLayout{}));
+  template <int kN>
+  using TiledMmaAcc = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kN>, cute::Int<kBlockM>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
+      WarpgroupLayout{}));
+  using TiledMmaDk = TiledMmaAcc<kDk>;
+  using TiledMmaDv = TiledMmaAcc<kDv>;
+};
+
 template <int kDk_, int kDv_, class Element_, int kWarpgroups_>
 struct AttnBwdDkvTraitsSm90
     : DkvSmemSm90<Element_, kDk_, kDv_, 64 * kWarpgroups_, (kDk_ >= 192 ? 16 : kDk_ >= 128 ? 32 : 64)> {
@@ -651,17 +669,10 @@ struct AttnBwdDkvTraitsSm90
   static constexpr int kBlockM = kDk >= 192 ? 16 : kDk >= 128 ? 32 : 64;  // query rows per step
 
   using WarpgroupLayout = cute::Layout<cute::Shape<cute::Int<kWarpgroups>, cute::_1, cute::_1>>;
-  using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kBlockM>, cute::Int<kDk>>>(),
-      WarpgroupLayout{}));
-  template <int kN>
-  using TiledMmaAcc = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kN>, cute::Int<kBlockM>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
-      WarpgroupLayout{}));
-  using TiledMmaDk = TiledMmaAcc<kDk>;
-  using TiledMmaDv = TiledMmaAcc<kDv>;
+  using Mmas = DkvMmasSm90<Element, kDk, kDv, kBlockM, WarpgroupLayout>;
+  using TiledMmaS = typename Mmas::TiledMmaS;
+  using TiledMmaDk = typename Mmas::TiledMmaDk;
+  using TiledMmaDv = typename Mmas::TiledMmaDv;
   static constexpr bool kPaired = false;
 };
 
@@ -804,18 +815,11 @@ struct AttnBwdDkvPairTraitsSm90 : DkvSmemSm90<Element_, kDk_, kDv_, 64, 64, 64 *
   static constexpr int kBlockN = 64;    // keys of the CTA, the M of every wgmma
   static constexpr int kBlockM = 64;    // query rows per step
 
-  using OneWarpgroup = cute::Layout<cute::Shape<cute::_1, cute::_1, cute::_1>>;
-  using TiledMmaS = decltype(cute::make_tiled_mma(
-      cute::GMMA::ss_op_selector<Element, Element, float,
-                                 cute::Shape<cute::_64, cute::Int<kBlockM>, cute::Int<kDk>>>(),
-      OneWarpgroup{}));
-  template <int kN>
-  using TiledMmaAcc = decltype(cute::make_tiled_mma(
-      cute::GMMA::rs_op_selector<Element, Element, float, cute::Shape<cute::_64, cute::Int<kN>, cute::Int<kBlockM>>,
-                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>(),
-      OneWarpgroup{}));
-  using TiledMmaDk = TiledMmaAcc<kDk>;
-  using TiledMmaDv = TiledMmaAcc<kDv>;
+  // Each side is one warpgroup (its own TiledMma thread slice: tid % 128).
+  using Mmas = DkvMmasSm90<Element, kDk, kDv, kBlockM, cute::Layout<cute::Shape<cute::_1, cute::_1, cute::_1>>>;
+  using TiledMmaS = typename Mmas::TiledMmaS;
+  using TiledMmaDk = typename Mmas::TiledMmaDk;
+  using TiledMmaDv = typename Mmas::TiledMmaDv;
 
   // After the stages, P (fp32, kBlockN x kBlockM). Dk = 192: 179 KB in all.
   static constexpr int kOffP = DkvSmemSm90<Element_, kDk_, kDv_, 64, 64, 64 * 64 * 4>::kOffExtra;
