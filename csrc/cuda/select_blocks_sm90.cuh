@@ -3,10 +3,10 @@
 //
 // A CTA is two warpgroups owning kBlockM = 128 rows: the floor(128 / G) tokens of the
 // CTA (fewer where their score rows would not fit in smem) times the G heads of the
-// group (G at most 128; rows past them are padding). Q stays in
-// registers for the whole kernel (the A operand of an RS wgmma), so the m64n64
-// S = Q K^T of a tile reads only K from shared memory: with both operands in smem an
-// m64n64k16 wgmma needs the full shared-memory bandwidth of the SM.
+// group (G at most 128; rows past them are padding). Q stays in registers for the
+// whole kernel (the A operand of an RS wgmma), so the m64n64 S = Q K^T of a tile
+// reads only K from shared memory: with both operands in smem an m64n64k16 wgmma
+// needs the full shared-memory bandwidth of the SM.
 //
 // Per compressed K tile j (64 rows, three smem stages):
 //   1. S_{j+1} is issued to the tensor cores before tile j is processed, and waited
@@ -14,16 +14,16 @@
 //      edge (ptxas serializes wgmmas that may be in flight where control flow joins).
 //   2. p = exp2(s * scale * log2e - lse * log2e) on the visible columns, then summed
 //      over each segment of kSegRows rows of a warp (the largest power of two that
-//      divides G, at most 16: a token is G / kSegRows whole segments, and a
-//      segment never straddles two warps) by a butterfly that halves
-//      the values each thread carries at every shuffle stage (14 shuffles per
-//      thread at G = 16, where a plain all-reduce needs 48), and written to smem
-//      as part[segment][column]. Rows r and r + 8 of a warp are one thread's, so
-//      at G = 16 they are added before any shuffle.
+//      divides G, at most 16: a token is G / kSegRows whole segments, and a segment
+//      never straddles two warps) by a butterfly that halves the values each thread
+//      carries at every shuffle stage (14 shuffles per thread at G = 16, where a
+//      plain all-reduce needs 48), and written to smem as part[segment][column].
+//      Rows r and r + 8 of a warp are one thread's, so at G = 16 they are added
+//      before any shuffle.
 //   3. The tile's SpreadTable (block spans and weights), a barrier, then phase B2 of
-//      the SM80 kernel (add_tile_block_scores): a token's column sums (one segment,
-//      or G / 16 of them added in order) spread over the selection blocks with
-//      weight w(i, j), one thread per (token, j).
+//      the SM80 kernel (add_tile_block_scores): a token's column sums (its segments
+//      added in order) spread over the selection blocks with weight w(i, j), one
+//      thread per (token, j).
 // The sums run in a fixed order: the scores, and the selection, are bitwise
 // repeatable. The top-n is the SM80 kernel's (select_top_n).
 #pragma once
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
       __syncthreads();  // part and table complete
       add_tile_block_scores<kThreads>(scores, score_stride, ntok, table, tid,
                                       [&](int a, int col) {
-                                        // token a's segments: one, or G / 16 added in order
+                                        // token a's G / kSegRows segments, added in order
                                         const int per_token = int(G) / kSegRows;
                                         const float* seg = part + a * per_token * kPartStride + col;
                                         float sum = seg[0];
