@@ -243,6 +243,12 @@ struct SelectCta {
   }
 };
 
+// Row stride (floats) of the probability / segment-sum tiles in smem: 8 floats of
+// padding so that the float2 stores of a half-warp (4 rows x 4 column pairs) fall in
+// distinct banks.
+template <int kBlockN>
+constexpr int kSelectPStride = kBlockN + 8;
+
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
     select_blocks_kernel(const SelectParams p, int tokens, int score_stride) {
@@ -267,11 +273,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutK{});
   // sK has two stages (the next K tile's copies run under this tile's work);
   // stage 1 is sK moved by kBlockN * kDk elements.
-  float* sP = reinterpret_cast<float*>(smem + Traits::kSmemQ + 2 * Traits::kSmemK);  // [kBlockM][kBlockN]
+  constexpr int kPStride = kSelectPStride<kBlockN>;
+  float* sP = reinterpret_cast<float*>(smem + Traits::kSmemQ + 2 * Traits::kSmemK);  // [kBlockM][kPStride]
   SpreadTable table;
-  table.carve<kBlockN>(reinterpret_cast<char*>(sP + kBlockM * kBlockN), l, d, lp);
+  table.carve<kBlockN>(reinterpret_cast<char*>(sP + kBlockM * kPStride), l, d, lp);
   float* scores = reinterpret_cast<float*>(
-      reinterpret_cast<char*>(sP + kBlockM * kBlockN) + SpreadTable::bytes(kBlockN, l, d, lp));  // [tokens][stride]
+      reinterpret_cast<char*>(sP + kBlockM * kPStride) + SpreadTable::bytes(kBlockN, l, d, lp));  // [tokens][stride]
   uint32_t* taken = reinterpret_cast<uint32_t*>(scores + tokens * score_stride);  // [tokens][stride/32]
 
   for (int i = tid; i < ntok * score_stride; i += kThreads) scores[i] = 0.f;
@@ -339,16 +346,19 @@ __global__ void __launch_bounds__(Traits::kThreads)
       gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, stage * kBlockN * kDk), mma, copy_q, copy_k,
               thr_copy_q, thr_copy_k);
       Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-      // Phase A (registers, fixed shape): probabilities of the visible entries to sP.
+      // Phase A (registers, fixed shape): probabilities of the visible entries to sP,
+      // a column pair (values ni, ni + 1 of the accumulator) per float2 store.
 #pragma unroll
       for (int mi = 0; mi < kRows; ++mi) {
         const int col_hi = int(min(row_hi[mi], n_hi) - n0);  // visible columns [0, col_hi)
         const int row = get<0>(tScS_rc(mi, 0));
 #pragma unroll
-        for (int ni = 0; ni < size<1>(s_rc); ++ni) {
+        for (int ni = 0; ni < size<1>(s_rc); ni += 2) {
           const int col = get<1>(tScS_rc(mi, ni));
-          sP[row * kBlockN + col] =
-              col < col_hi ? exp2f(s_rc(mi, ni) * scale_log2 - row_lse2[mi]) : 0.f;
+          auto prob = [&](int c, int i) {
+            return c < col_hi ? exp2f(s_rc(mi, i) * scale_log2 - row_lse2[mi]) : 0.f;
+          };
+          *reinterpret_cast<float2*>(&sP[row * kPStride + col]) = float2{prob(col, ni), prob(col + 1, ni + 1)};
         }
       }
       table.fill<kThreads>(n0, n_hi, l, d, lp, j_cap, tid);
@@ -360,14 +370,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
         const int64_t tok = tok0 + a;
         const int r_lo = int(max(tok * G, m0) - m0), r_hi = int(min((tok + 1) * G - 1, f_last) - m0);
         float sum = 0.f;
-        for (int r = r_lo; r <= r_hi; ++r) sum += sP[r * kBlockN + col];
-        sP[r_lo * kBlockN + col] = sum;
+        for (int r = r_lo; r <= r_hi; ++r) sum += sP[r * kPStride + col];
+        sP[r_lo * kPStride + col] = sum;
       }
       __syncthreads();
       // Phase B2: the token sums spread over the selection blocks.
       add_tile_block_scores<kThreads>(
           scores + tok0 * score_stride, score_stride, chunk_tokens, table, tid,
-          [&](int a, int col) { return sP[(max((tok0 + a) * G, m0) - m0) * kBlockN + col]; });
+          [&](int a, int col) { return sP[(max((tok0 + a) * G, m0) - m0) * kPStride + col]; });
       // The next tile's barrier orders this tile's sP and score accesses before the
       // next Phase A, and this stage's K reads before the copies into it.
     }
@@ -381,7 +391,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
 // Shared memory of one CTA for `tokens` tokens.
 template <class Traits>
 inline int64_t select_smem_bytes(const SelectParams& p, int64_t tokens, int64_t score_stride) {
-  return Traits::kSmemQ + 2 * Traits::kSmemK + Traits::kBlockM * Traits::kBlockN * 4 +
+  return Traits::kSmemQ + 2 * Traits::kSmemK + Traits::kBlockM * kSelectPStride<Traits::kBlockN> * 4 +
          SpreadTable::bytes(Traits::kBlockN, p.cmp_block_size, p.cmp_stride, p.slc_block_size) +
          tokens * score_stride * 4 + tokens * (score_stride / 32) * 4;
 }

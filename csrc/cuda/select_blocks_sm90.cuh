@@ -49,9 +49,7 @@ struct SelectTraitsSm90 {
   using SmemLayoutK = typename Base::SmemLayoutK;
   static constexpr int kSmemQ = Base::kSmemQ;
   static constexpr int kSmemK = Base::kSmemK;
-  // part[segment][column]: 8 floats of padding per row, so that the float2 stores of
-  // a half-warp (4 rows x 4 column pairs at G = 1) fall in distinct banks.
-  static constexpr int kPartStride = kBlockN + 8;
+  static constexpr int kPartStride = kSelectPStride<kBlockN>;  // part[segment][column]
 };
 
 // Rows per head-sum segment: the largest power of two dividing G, at most 16.
