@@ -81,6 +81,12 @@ struct AttnBwdDqTraitsSm90 : AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 12
   using Base::kBlockN;
   using Base::kDk;
   using Base::kDv;
+  // S = Q K^T and dP = dO V^T. At Dk = 64 Q and dO fit in registers next to dQ (245
+  // registers, no spill; at 128 they spill in the loop): RS, so that the two GEMMs
+  // stream only K and V from smem (an SS m64n64k16 reads 4 KB per 32 tensor-core
+  // cycles, all of the SM's shared-memory bandwidth). Otherwise both from smem.
+  static constexpr bool kQdOInRegisters = kDk == 64;
+  using TiledMmaQdO = std::conditional_t<kQdOInRegisters, typename Base::TiledMmaSrs, typename Base::TiledMmaS>;
   // dQ += dS K: N = Dk (up to 192), K^T through a transposed view of sK.
   using TiledMmaDq = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<Element, Element, float,
@@ -141,11 +147,11 @@ __global__ void __launch_bounds__(Traits::kThreads)
   sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
   const int64_t key_row0 = sched.key_row0();
 
-  typename Traits::TiledMmaS mma_s;  // S and dP: both 64 x kBlockN tiles, K-major operands
+  typename Traits::TiledMmaQdO mma_s;  // S and dP: both 64 x kBlockN tiles, K-major operands
   typename Traits::TiledMmaDq mma_dq;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_dq = mma_dq.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);  // registers (kQdOInRegisters) or smem descriptors
   Tensor tdPrdO = thr_s.partition_fragment_A(sdO);
   // The stages' operand descriptors (the stage is a compile-time constant below).
   auto k_operands = [&](auto stage) {
@@ -195,6 +201,10 @@ __global__ void __launch_bounds__(Traits::kThreads)
     cute::cp_async_wait<0>();
     fence_smem_for_wgmma();
     __syncthreads();  // tile j (and Q, dO) landed; every GEMM on stage kNext (tile j-2) retired
+    if constexpr (kFirst && Traits::kQdOInRegisters) {
+      cute::copy(thr_s.partition_A(sQ), tSrQ);
+      cute::copy(thr_s.partition_A(sdO), tdPrdO);
+    }
     if (have_next) load_kv(Int<kNext>{}, next_tile);
     cute::cp_async_fence();
 
