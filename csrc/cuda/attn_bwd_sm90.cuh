@@ -104,7 +104,63 @@ struct AttnBwdDqTraitsSm90 : AttnTraitsSm90<kDk_, kDv_, Element_, 2, (kDk_ >= 12
   static constexpr int kSmemDo = kBlockM * kDv * int(sizeof(Element));
   static constexpr int kSmemStage = Base::kSmemK + Base::kSmemV;
   static_assert(kSmemDo % 1024 == 0 && kSmemStage % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
-  static constexpr int kSmemTiles = Base::kSmemQ + kSmemDo + kStages * kSmemStage;
+  static constexpr int kOffStages = Base::kSmemQ + kSmemDo;
+  static constexpr int kSmemTiles = kOffStages + kStages * kSmemStage;
+};
+
+// The opening of both Hopper dq kernels: the varlen padding rows, the CTA's query
+// tile, its Q and dO rows into smem (cp.async, committed), the KV schedule; then the
+// smem of Q, dO and the K/V stages (Traits: kSmemQ, kOffStages, kSmemStage, kSmemK,
+// kSmemTiles, the layouts).
+template <class Traits, class Schedule>
+struct DqCtaSm90 {
+  using Element = typename Traits::Element;
+  char* smem = nullptr;
+  QueryTile qt;
+  Schedule sched;
+  const Element* k = nullptr;
+  const Element* v = nullptr;
+  int64_t key_row0 = 0;
+
+  // false: nothing more for this CTA (it wrote padding rows, or has no query tile).
+  __device__ __forceinline__ bool open(const AttnBwdParams& p, const AttnBwdWorkspace& ws, char* smem_, int tid) {
+    smem = smem_;
+    if (dq_padding_rows<Traits::kDk, Element>(p, ws)) return false;
+    if (!query_tile<Schedule>(p, Traits::kBlockM, qt)) return false;
+    const SeqInfo& si = qt.si;
+    const int hkv = blockIdx.y;
+    k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
+    v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
+    auto sQ = q_tile();
+    auto sdO = do_tile();
+    load_dq_query_tiles<Traits::kBlockM, Traits::kDk, Traits::kDv, Traits::kThreads, Element>(p, qt, sQ, sdO,
+                                                                                               tid);
+    cute::cp_async_fence();
+    sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem + Traits::kSmemTiles, tid);
+    key_row0 = sched.key_row0();
+    return true;
+  }
+  __device__ __forceinline__ Element* q() const { return reinterpret_cast<Element*>(smem); }
+  __device__ __forceinline__ auto q_tile() const {
+    return cute::make_tensor(cute::make_smem_ptr(q()), typename Traits::SmemLayoutQ{});
+  }
+  __device__ __forceinline__ auto do_tile() const {
+    return cute::make_tensor(cute::make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemQ)),
+                             typename Traits::SmemLayoutDo{});
+  }
+  __device__ __forceinline__ Element* stage_k(int s) const {
+    return reinterpret_cast<Element*>(smem + Traits::kOffStages + s * Traits::kSmemStage);
+  }
+  __device__ __forceinline__ Element* stage_v(int s) const {
+    return stage_k(s) + Traits::kSmemK / int(sizeof(Element));
+  }
+  // The K and V rows of `tile` into stage s.
+  __device__ __forceinline__ void load_kv(const AttnBwdParams& p, int s, const KvTile& tile, int tid) const {
+    auto sK = cute::make_tensor(cute::make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
+    auto sV = cute::make_tensor(cute::make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
+    load_kv_tile<Traits::kBlockN, Traits::kDk, Traits::kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
+    load_kv_tile<Traits::kBlockN, Traits::kDv, Traits::kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
+  }
 };
 
 template <class Traits, class Schedule>
@@ -121,31 +177,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
-  const int hkv = blockIdx.y;
-  if (dq_padding_rows<kDk, Element>(p, ws)) return;
-  QueryTile qt;
-  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
-  const SeqInfo& si = qt.si;
-
-  Element* smem_q = reinterpret_cast<Element*>(smem);
-  Element* smem_do = reinterpret_cast<Element*>(smem + Traits::kSmemQ);
-  char* smem_stage0 = smem + Traits::kSmemQ + Traits::kSmemDo;
-  auto stage_k = [&](int s) { return reinterpret_cast<Element*>(smem_stage0 + s * Traits::kSmemStage); };
-  auto stage_v = [&](int s) {
-    return reinterpret_cast<Element*>(smem_stage0 + s * Traits::kSmemStage + Traits::kSmemK);
-  };
-  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(make_smem_ptr(smem_do), typename Traits::SmemLayoutDo{});
-  char* smem_schedule = smem + Traits::kSmemTiles;
-
-  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
-  load_dq_query_tiles<kBlockM, kDk, kDv, kThreads, Element>(p, qt, sQ, sdO, tid);
-  cute::cp_async_fence();
-
-  Schedule sched;
-  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
-  const int64_t key_row0 = sched.key_row0();
+  DqCtaSm90<Traits, Schedule> cta;
+  if (!cta.open(p, ws, smem, tid)) return;
+  const QueryTile& qt = cta.qt;
+  Schedule& sched = cta.sched;
+  Tensor sQ = cta.q_tile();
+  Tensor sdO = cta.do_tile();
 
   typename Traits::TiledMmaQdO mma_s;  // S and dP: both 64 x kBlockN tiles, K-major operands
   typename Traits::TiledMmaDq mma_dq;
@@ -156,9 +193,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   // The stages' operand descriptors (the stage is a compile-time constant below).
   auto k_operands = [&](auto stage) {
     constexpr int s = decltype(stage)::value;
-    Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
-    Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
-    Tensor sKt = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutKt{});
+    Tensor sK = make_tensor(make_smem_ptr(cta.stage_k(s)), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(cta.stage_v(s)), typename Traits::SmemLayoutV{});
+    Tensor sKt = make_tensor(make_smem_ptr(cta.stage_k(s)), typename Traits::SmemLayoutKt{});
     return cute::make_tuple(thr_s.partition_fragment_B(sK), thr_s.partition_fragment_B(sV),
                             thr_dq.partition_fragment_B(sKt));
   };
@@ -171,13 +208,7 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const DqRows<decltype(size<0>(tScS_rc))::value> rows(p, ws, qt, tScS_rc);
   const float scale_log2 = float(p.scale) * kLog2e;
 
-  auto load_kv = [&](auto stage, const KvTile& tile) {
-    constexpr int s = decltype(stage)::value;
-    Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
-    Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
-    load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
-    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
-  };
+  auto load_kv = [&](auto stage, const KvTile& tile) { cta.load_kv(p, decltype(stage)::value, tile, tid); };
 
   // dS of the tile whose dQ GEMM is still to issue (its A operand).
   Tensor rdS = make_tensor<Element>(partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout());
@@ -352,39 +383,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
-  const int hkv = blockIdx.y;
-  if (dq_padding_rows<kDk, Element>(p, ws)) return;
-  QueryTile qt;
-  if (!query_tile<Schedule>(p, kBlockM, qt)) return;
-  const SeqInfo& si = qt.si;
-
-  Element* smem_q = reinterpret_cast<Element*>(smem);
-  Tensor sQ = make_tensor(make_smem_ptr(smem_q), typename Traits::SmemLayoutQ{});
-  Tensor sdO = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kSmemQ)),
-                           typename Traits::SmemLayoutDo{});
-  auto stage_k = [&](int s) { return reinterpret_cast<Element*>(smem + Traits::kOffStages + s * Traits::kSmemStage); };
-  auto stage_v = [&](int s) {
-    return reinterpret_cast<Element*>(smem + Traits::kOffStages + s * Traits::kSmemStage + Traits::kSmemK);
-  };
+  DqCtaSm90<Traits, Schedule> cta;
+  if (!cta.open(p, ws, smem, tid)) return;
+  const QueryTile& qt = cta.qt;
+  Schedule& sched = cta.sched;
+  Element* smem_q = cta.q();
+  Tensor sQ = cta.q_tile();
+  Tensor sdO = cta.do_tile();
+  auto stage_k = [&](int s) { return cta.stage_k(s); };
+  auto stage_v = [&](int s) { return cta.stage_v(s); };
   Tensor sdS = make_tensor(make_smem_ptr(reinterpret_cast<Element*>(smem + Traits::kOffDs)),
                            typename Traits::SmemLayoutDs{});
   float2* sP = reinterpret_cast<float2*>(smem + Traits::kOffP);
-  char* smem_schedule = smem + Traits::kSmemTiles;
-
-  const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + si.batch * p.v_batch_stride + hkv * p.v_head_stride;
-  load_dq_query_tiles<kBlockM, kDk, kDv, kThreads, Element>(p, qt, sQ, sdO, tid);
-  cute::cp_async_fence();
-
-  Schedule sched;
-  sched.init(p, si, qt.t_lo, qt.t_hi, hkv, smem_schedule, tid);
-  const int64_t key_row0 = sched.key_row0();
-  auto load_kv = [&](int s, const KvTile& tile) {
-    Tensor sK = make_tensor(make_smem_ptr(stage_k(s)), typename Traits::SmemLayoutK{});
-    Tensor sV = make_tensor(make_smem_ptr(stage_v(s)), typename Traits::SmemLayoutV{});
-    load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
-    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
-  };
+  auto load_kv = [&](int s, const KvTile& tile) { cta.load_kv(p, s, tile, tid); };
 
   const int wg_tid = tid % 128;
   typename Traits::TiledMmaS mma_s;  // S and dP: 64 x kBlockN tiles, K-major operands
