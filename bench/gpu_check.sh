@@ -58,7 +58,7 @@ step() {  # step NAME LOGFILE CAP_SECONDS CMD...
     return 0
   fi
   echo "=== $name (at most ${cap}s): $*" | tee -a "$LOGS/gpu_check.log"
-  timeout -k 5 "$cap" "$@" > "$LOGS/$log" 2>&1
+  NSA_STEP_CAP=$cap timeout -k 5 "$cap" "$@" > "$LOGS/$log" 2>&1
   local rc=$?
   [ $rc -eq 124 ] && rc="124(timeout)"
   echo "$name rc=$rc secs=$(( $(date +%s) - t0 ))" | tee -a "$STATUS" "$LOGS/gpu_check.log"
@@ -101,32 +101,43 @@ echo "arch=$ARCH" >> "$STATUS"
 want build && step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_CUDA=1 NSA_CUDA_ARCHS="$ARCH" \
   "$PY" setup.py build_ext --inplace
 
-# 3. Tests (slow ones included unless NSA_TEST_ARGS says otherwise): every test file
-# with CUDA cases (the decode and layer files also run their fast CPU cases).
+# 3. Tests: every test file with CUDA cases (the decode and layer files also run their
+# fast CPU cases), through bench/run_tests.py: pytest in rounds, so that a kernel which
+# faults (the CUDA context is lost for the rest of the process), hangs (killed after
+# NSA_TEST_STALL_S seconds in one test) or crashes is named, and the tests after it
+# still run in a fresh process. Its junit XML and summary (faults, not run) feed the record.
 CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_decode.py tests/test_layer.py"}
-want tests && step tests tests.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m 'not slow' --junitxml=\"$LOGS/junit.xml\" ${NSA_TEST_ARGS:-}"
+run_tests_cmd() {  # run_tests_cmd NAME PYTEST_MARK STALL_S: the command line, for sh -c
+  echo "\"$PY\" bench/run_tests.py --state \"$LOGS/state_$1\" --junit \"$LOGS/junit_$1.xml\" \
+    --summary \"$LOGS/summary_$1.json\" --stall-s ${NSA_TEST_STALL_S:-$3} --max-faults ${NSA_TEST_MAX_FAULTS:-8} \
+    -- $CUDA_TESTS -q -rf -p no:cacheprovider -m '$2' ${NSA_TEST_ARGS:-}"
+}
+want tests && step tests tests.log 240 sh -c "$(run_tests_cmd tests 'not slow' 90)"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if ! want sanitizer; then
   echo "sanitizer rc=not-requested" >> "$STATUS"
 elif command -v compute-sanitizer > /dev/null 2>&1; then
-  step memcheck memcheck.log 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" bench/sanitize_case.py
-  step racecheck racecheck.log 90 compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" bench/sanitize_case.py
+  # In rounds: a case whose kernel has an error loses the context, and the cases after
+  # it go on under a fresh compute-sanitizer (their ERROR SUMMARY lines add up).
+  step memcheck memcheck.log 90 "$PY" bench/sanitize_case.py --tool memcheck
+  step racecheck racecheck.log 90 "$PY" bench/sanitize_case.py --tool racecheck
 else
   echo "sanitizer rc=skipped (no compute-sanitizer)" >> "$STATUS"
 fi
 
 # 5. The long cases (8k and 32k tokens, paper shapes).
-want slow && step slow slow.log 240 sh -c "\"$PY\" -m pytest $CUDA_TESTS -q -rf -p no:cacheprovider -m slow --junitxml=\"$LOGS/junit_slow.xml\" ${NSA_TEST_ARGS:-}"
+want slow && step slow slow.log 240 sh -c "$(run_tests_cmd slow slow 220)"
 
 # 6. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
 # FlexAttention, fla). It rewrites bench.json after every row, so a timeout still
-# leaves the rows measured so far. Plots go to $OUT/plots.
+# leaves the rows measured so far. A row whose kernel faults is recorded as such, and
+# the suite goes on in a fresh process (--fault-rounds). Plots go to $OUT/plots.
 BENCH_CAP=$(left); [ "$BENCH_CAP" -gt "$T_STEP" ] && BENCH_CAP=$T_STEP
 BENCH_BUDGET=${NSA_BENCH_BUDGET:-$(( BENCH_CAP - 30 ))}
 want bench && step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
   --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"$BENCH_BUDGET\" \
-  --json \"$LOGS/bench.json\" --plots \"$OUT/plots\" ${NSA_BENCH_ARGS:-}"
+  --json \"$LOGS/bench.json\" --plots \"$OUT/plots\" --fault-rounds 4 ${NSA_BENCH_ARGS:-}"
 
 # 7. The record and the summary.
 "$PY" - "$OUT" "$LOGS" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt.tmp"
@@ -179,6 +190,20 @@ try:
     rec["tests"]["failed_names"] = failed[:40]
 except Exception as e:
     rec["tests"]["error"] = f"no junit xml: {e}"
+# bench/run_tests.py's summaries: the tests that lost the CUDA context, hung or crashed
+# (each also an error in the junit XML), and the tests never reached.
+rec["tests"]["faults"], rec["tests"]["not_run"] = [], 0
+for name in ("tests", "slow"):
+    try:
+        s = json.load(open(os.path.join(out, f"summary_{name}.json")))
+        rec["tests"]["faults"] += s["faults"]
+        rec["tests"]["not_run"] += s["not_run"]
+        if s.get("stop"):
+            rec["tests"].setdefault("stopped", {})[name] = s["stop"]
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        rec["tests"].setdefault("summary_errors", []).append(f"{name}: {e}")
 # ptxas's wgmma serialization warnings (C75xx) in the build: any is a slow Hopper kernel.
 try:
     text = open(os.path.join(out, "build.log")).read()
@@ -194,7 +219,7 @@ for tool in ("memcheck", "racecheck"):
         if m:
             seen = True
             errs += sum(int(x) for x in m)
-        rec["sanitizer"][tool] = int(m[-1]) if m else "no summary"
+        rec["sanitizer"][tool] = sum(int(x) for x in m) if m else "no summary"  # summed over rounds
     except Exception:
         rec["sanitizer"][tool] = "not run"
 rec["sanitizer"]["errors"] = errs if seen else None
@@ -208,7 +233,9 @@ print("\n==== summary ====")
 print(f"device {rec['device']}  torch {rec['torch']}  commit {rec['commit']}")
 for k, v in rec["steps"].items():
     print(f"  step {k:10s} {v}")
-print(f"  tests      { {k: v for k, v in rec['tests'].items() if k != 'failed_names'} }")
+print(f"  tests      { {k: v for k, v in rec['tests'].items() if k not in ('failed_names', 'faults')} }")
+for f in rec["tests"].get("faults", [])[:10]:
+    print(f"    {f['kind'].upper():8s} {f['nodeid']}")
 for n in rec["tests"].get("failed_names", [])[:10]:
     print(f"    failed   {n}")
 print(f"  sanitizer  {rec['sanitizer']}")

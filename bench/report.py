@@ -175,7 +175,9 @@ def render(record: dict, rows_list: List[dict]) -> str:
         tests = record.get("tests", {})
         lines += [f"Measured on **{record.get('device')}**, torch {record.get('torch')}, "
                   f"commit `{(record.get('commit') or '?')[:10]}`, {record.get('date')}; CUDA "
-                  f"tests: {tests.get('passed')} passed, {tests.get('failed')} failed; "
+                  f"tests: {tests.get('passed')} passed, {tests.get('failed')} failed"
+                  + (f" ({len(tests['faults'])} of them faulted, hung or crashed)" if tests.get("faults") else "")
+                  + (f", {tests['not_run']} not run" if tests.get("not_run") else "") + "; "
                   f"compute-sanitizer errors: {record.get('sanitizer', {}).get('errors')}.", ""]
     for shape in rows.shapes():
         if rows.lengths(shape, prefill=True):

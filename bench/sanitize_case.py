@@ -10,13 +10,28 @@ several MMA passes in the score kernel; the fused compressed attention + selecti
 (sparse_attn_decode: unmerged splits and the gated sum); the prefill's gated sum
 (gate_combine) and its gradient; the backward ops adding the gradients of another
 branch (dq_in, dk_in, dv_in), scaling one output gradient by the gate (dout_scale),
-and the dk/dv query split (small chunks)."""
+and the dk/dv query split (small chunks).
+
+    python bench/sanitize_case.py                    # every case, in this process
+    python bench/sanitize_case.py --tool memcheck    # under compute-sanitizer, in rounds
+
+Under compute-sanitizer a kernel with an error is killed and the CUDA context
+destroyed, so every case after it would fail: with --tool, each case that loses the
+context ends its process, and the next round goes on from the case after it. Each
+round prints its own "ERROR SUMMARY"; gpu_check.sh adds them up."""
+import argparse
 import itertools
 import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 
 import nsa_cuda  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_health import LOST_CONTEXT_RC, cuda_context_lost  # noqa: E402
 
 OPS = torch.ops.nsa_cuda
 
@@ -211,26 +226,82 @@ def run_long_decode_selection(dk, dv, dtype):
         del os.environ["NSA_DECODE_SPLITS"]
 
 
-def main():
+def cases():
+    """(name, call) for each case, in a fixed order (--start counts in it)."""
+    out = []
     for dk, dv in [(64, 64), (128, 128), (192, 128)]:
         for G in (1, 5):
-            try:
-                run(dk, dv, G, torch.bfloat16)
-                run(dk, dv, G, torch.float16, lengths=[1, 17, 100, 33])
-                for S in (1, 3):
-                    run_decode(dk, dv, G, torch.bfloat16 if S == 1 else torch.float16, S)
-                if (dk, dv) == (192, 128) and G == 1:
-                    run_long_selection(dk, dv, torch.bfloat16)
-                    run_selection_groups(dk, torch.bfloat16)
-                    run_long_decode_selection(dk, dv, torch.bfloat16)
-            except RuntimeError as e:
-                if "compiled without" in str(e):
-                    print(f"skip ({dk},{dv}): {e}")
-                    continue
-                raise
-    torch.cuda.synchronize()
-    print("sanitize_case: done")
+            out.append((f"prefill ({dk},{dv}) G={G} bf16", lambda dk=dk, dv=dv, G=G: run(dk, dv, G, torch.bfloat16)))
+            out.append((f"prefill varlen ({dk},{dv}) G={G} fp16",
+                        lambda dk=dk, dv=dv, G=G: run(dk, dv, G, torch.float16, lengths=[1, 17, 100, 33])))
+            for S in (1, 3):
+                out.append((f"decode ({dk},{dv}) G={G} S={S}",
+                            lambda dk=dk, dv=dv, G=G, S=S: run_decode(
+                                dk, dv, G, torch.bfloat16 if S == 1 else torch.float16, S)))
+            if (dk, dv) == (192, 128) and G == 1:
+                out.append(("long selection (192,128)", lambda: run_long_selection(192, 128, torch.bfloat16)))
+                out.append(("selection groups 192", lambda: run_selection_groups(192, torch.bfloat16)))
+                out.append(("long decode selection (192,128)",
+                            lambda: run_long_decode_selection(192, 128, torch.bfloat16)))
+    return out
+
+
+def run_cases(start, resume_file):
+    """Runs the cases from `start`. A case that loses the CUDA context (under
+    compute-sanitizer, a kernel with an error is killed and the context destroyed)
+    ends the process with LOST_CONTEXT_RC after writing the next case's index to
+    `resume_file`; other failures are reported and the run goes on."""
+    failed = 0
+    for i, (name, call) in enumerate(cases()):
+        if i < start:
+            continue
+        print(f"sanitize_case: [{i}] {name}", flush=True)
+        try:
+            call()
+            torch.cuda.synchronize()  # an asynchronous error surfaces in its own case
+        except Exception as e:  # noqa: BLE001  reported, counted, and the next case runs
+            if "compiled without" in str(e):
+                print(f"sanitize_case: skip [{i}] {name}: {e}", flush=True)
+                continue
+            failed += 1
+            print(f"sanitize_case: FAILED [{i}] {name}: {type(e).__name__}: {e}", flush=True)
+            if cuda_context_lost():
+                if resume_file:
+                    with open(resume_file, "w") as f:
+                        f.write(str(i + 1))
+                print(f"sanitize_case: the CUDA context was lost in [{i}]; the cases after it go on in "
+                      f"a fresh process", flush=True)
+                return LOST_CONTEXT_RC
+    print(f"sanitize_case: done ({failed} failed)", flush=True)
+    return 1 if failed else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--start", type=int, default=0, help="the first case to run (an index in cases())")
+    ap.add_argument("--resume-file", default=None, help="where a lost context leaves the next case's index")
+    ap.add_argument("--tool", default=None,
+                    help="memcheck or racecheck: run the cases under compute-sanitizer in rounds, a "
+                         "fresh process after each case that loses the CUDA context")
+    ap.add_argument("--rounds", type=int, default=4, help="with --tool: at most this many processes")
+    args = ap.parse_args()
+    if not args.tool:
+        return run_cases(args.start, args.resume_file)
+    resume = os.path.join(tempfile.mkdtemp(prefix="nsa_sanitize_"), "next")
+    start, worst = args.start, 0
+    for rnd in range(1, args.rounds + 1):
+        print(f"== compute-sanitizer --tool {args.tool}, round {rnd}, from case {start}", flush=True)
+        rc = subprocess.call(["compute-sanitizer", "--tool", args.tool, "--error-exitcode", "1", sys.executable,
+                              os.path.abspath(__file__), "--start", str(start), "--resume-file", resume])
+        if not os.path.exists(resume):
+            return rc or worst
+        worst = 1
+        with open(resume) as f:
+            start = int(f.read())
+        os.remove(resume)
+    print(f"sanitize_case: stopped after {args.rounds} rounds; cases from {start} on not run", flush=True)
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -44,6 +45,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import nsa_cuda  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_health import LOST_CONTEXT_RC, cuda_context_lost  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 BWD_FACTOR = 2.5  # FlashAttention convention: backward = 2.5 x forward FLOPs
@@ -202,13 +206,25 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".replace("\n", " ")[:400]
 
 
-class Runner:
-    """Collects rows; every measurement is guarded so one failure never stops the run."""
+def row_key(row: dict) -> tuple:
+    return tuple(str(row.get(k)) for k in ("shape", "T", "B", "S", "op", "pass"))
 
-    def __init__(self, timing: Timing, json_path: Optional[str]):
+
+class Runner:
+    """Collects rows; every measurement is guarded so one failure never stops the run.
+
+    A kernel that faults leaves the CUDA context unusable for the rest of the process.
+    The row that faulted keeps the error (``fault``: true); the rows after it are not
+    run in this process (``lost``: true, and ``lost`` is set to that row's name), and a
+    later round (``--fault-rounds``) started with ``earlier_rows`` reuses every row
+    measured so far and runs the rest."""
+
+    def __init__(self, timing: Timing, json_path: Optional[str], earlier_rows: Optional[List[dict]] = None):
         self.timing = timing
         self.rows: List[dict] = []
         self.json_path = json_path
+        self.earlier = {row_key(r): r for r in earlier_rows or [] if not r.get("lost")}
+        self.lost: Optional[str] = None
 
     def flush(self):
         if self.json_path:
@@ -224,6 +240,14 @@ class Runner:
         row["pass"] = row.pop("pass_")
         if note:
             row["note"] = note
+        if row_key(row) in self.earlier:  # measured by an earlier round
+            row = self.earlier[row_key(row)]
+            self.rows.append(row)
+            self.flush()
+            return row
+        if self.lost:
+            row["error"], row["lost"], skipped = f"not run: the CUDA context was lost in {self.lost}", True, True
+            fn = None
         if error is None and fn is not None:
             if self.timing.deadline is not None and time.time() > self.timing.deadline:
                 row["error"], skipped = "skipped: --budget-s time budget spent", True
@@ -247,8 +271,12 @@ class Runner:
                     row["error"], skipped = "skipped: out of memory: " + _err(e), True
                 except Exception as e:  # noqa: BLE001  keep going
                     row["error"] = _err(e)
+                    lost = cuda_context_lost()
+                    if lost:
+                        row["error"], row["fault"] = "FAULT (the CUDA context was lost): " + _err(e), True
+                        self.lost = f"{row['shape']} T={row['T']} {op} {row['pass']}"
                 finally:
-                    if cuda:
+                    if cuda and not self.lost:
                         try:
                             torch.cuda.synchronize()
                         except Exception:  # noqa: BLE001
@@ -1007,13 +1035,54 @@ def parse_args(argv=None):
                     help="shapes of the decode rows (--quick: the tiny shape)")
     ap.add_argument("--flex-eager", action="store_true",
                     help="FlexAttention without torch.compile (default on CPU --quick)")
+    ap.add_argument("--fault-rounds", type=int, default=1,
+                    help="with --json: when a kernel faults (the CUDA context is lost), record it "
+                         "and go on in a fresh process, at most this many processes in all "
+                         "(default 1: the rows after a fault are recorded as not run)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --json and measure only the others")
     args = ap.parse_args(argv)
     args.skip = {x for x in args.skip.split(",") if x}
     return args
 
 
+def lost_context_exit(run: Runner) -> int:
+    run.flush()
+    print(f"bench: the CUDA context was lost in {run.lost}; the rows after it were not run "
+          f"in this process", flush=True)
+    return LOST_CONTEXT_RC
+
+
+def run_rounds(args, argv) -> int:
+    """--fault-rounds: this suite in fresh processes, each resuming from --json, until
+    one ends without a lost CUDA context (or the rounds or --budget-s run out)."""
+    if not args.json:
+        print("--fault-rounds needs --json (the rounds share their rows through it)", file=sys.stderr)
+        return 2
+    if os.path.exists(args.json) and not args.resume:
+        os.remove(args.json)
+    deadline = time.time() + args.budget_s if args.budget_s else None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for rnd in range(1, args.fault_rounds + 1):
+        extra = ["--fault-rounds", "1", "--resume"]
+        if deadline is not None:
+            left = deadline - time.time()
+            if left < 5:
+                break
+            extra += ["--budget-s", f"{left:.0f}"]
+        print(f"== bench round {rnd} of at most {args.fault_rounds}", flush=True)
+        rc = subprocess.call([sys.executable, os.path.abspath(__file__), *argv, *extra])
+        if rc != LOST_CONTEXT_RC:
+            return rc
+    print(f"bench: stopped with a lost CUDA context after {rnd} round(s); the rows not measured "
+          f"are missing from {args.json}", flush=True)
+    return LOST_CONTEXT_RC
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.fault_rounds > 1:
+        return run_rounds(args, argv)
     t0 = time.time()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -1042,7 +1111,11 @@ def main(argv=None) -> int:
         deadline=(t0 + args.budget_s) if args.budget_s else None)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    run = Runner(timing, args.json)
+    earlier = []
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            earlier = json.load(f)
+    run = Runner(timing, args.json, earlier)
     print(f"nsa_cuda bench suite: device={device}"
           f"{' (' + torch.cuda.get_device_name(0) + ')' if cuda else ''} torch={torch.__version__} "
           f"dtype={dtype} shapes={[s.name for s in shapes]} lengths={lengths} nsa={cfg}",
@@ -1050,7 +1123,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     for s in shapes:
         for T in lengths:
-            bench_point(run, s, T, cfg, device, dtype, args)
+            try:
+                bench_point(run, s, T, cfg, device, dtype, args)
+            except Exception:  # noqa: BLE001  after a lost context, torch calls between rows raise too
+                if not run.lost:
+                    raise
+    if run.lost:
+        return lost_context_exit(run)
     if "decode" not in args.skip:
         batches = [int(x) for x in (args.decode_batches or ("1,2" if args.quick else "1,32"))
                    .split(",") if x]
@@ -1065,6 +1144,8 @@ def main(argv=None) -> int:
                         traceback.print_exc()
                         run.add(dict(shape=s.name, T=T, B=B), "decode", "decode",
                                 error="suite error: " + _err(e))
+    if run.lost:
+        return lost_context_exit(run)
     print_table(run.rows)
     run.flush()
     if args.plots:

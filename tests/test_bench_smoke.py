@@ -2,10 +2,13 @@
 writes its JSON rows and PNG plots. It checks that the suite runs, not how fast."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "bench", "suite.py")
@@ -85,3 +88,59 @@ def test_bench_suite_cpu_quick(tmp_path):
         path = plots / name
         assert path.exists() and path.stat().st_size > 1000, path
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def suite(monkeypatch):
+    """bench/suite.py as a module (its dataclasses need it in sys.modules)."""
+    spec = importlib.util.spec_from_file_location("nsa_bench_suite", SUITE)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_after_a_lost_context(suite, tmp_path, monkeypatch):
+    """A row whose kernel faults keeps the error; the rows after it in that process are
+    recorded as not run, and the next round reuses the measured ones and runs the rest."""
+    timing = suite.Timing(device="cpu", warmup=0, min_reps=1, max_reps=1, target_ms=0.0)
+    out = str(tmp_path / "bench.json")
+    base = dict(shape="tiny", T=64, B=1)
+
+    def fault(i):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def must_not_run(i):
+        raise AssertionError("an earlier round measured this row")
+
+    run = suite.Runner(timing, out)
+    assert run.add(base, "first", "fwd", fn=lambda i: None)["ms"] is not None
+    with monkeypatch.context() as m:
+        m.setattr(suite, "cuda_context_lost", lambda *a: "RuntimeError: illegal memory access")
+        bad = run.add(base, "faulting", "fwd", fn=fault)
+    assert bad["fault"] and bad["error"].startswith("FAULT") and run.lost == "tiny T=64 faulting fwd"
+    after = run.add(base, "after", "fwd", fn=must_not_run)
+    assert after["lost"] and after["ms"] is None and "faulting" in after["error"]
+
+    earlier = json.loads(open(out).read())
+    assert [r["op"] for r in earlier] == ["first", "faulting", "after"]
+    run2 = suite.Runner(timing, out, earlier)
+    assert run2.add(base, "first", "fwd", fn=must_not_run)["ms"] == earlier[0]["ms"]
+    assert run2.add(base, "faulting", "fwd", fn=must_not_run)["fault"]  # not retried
+    again = run2.add(base, "after", "fwd", fn=lambda i: None)
+    assert again["ms"] is not None and not again.get("lost") and run2.lost is None
+
+
+def test_fault_rounds_resume_until_no_fault(suite, tmp_path, monkeypatch):
+    calls = []
+    codes = iter([suite.LOST_CONTEXT_RC, suite.LOST_CONTEXT_RC, 0])
+    monkeypatch.setattr(suite.subprocess, "call", lambda cmd: calls.append(cmd) or next(codes))
+    out = tmp_path / "bench.json"
+    out.write_text("[]")  # a previous run's rows: removed, not resumed
+    argv = ["--device", "cuda", "--json", str(out), "--fault-rounds", "5"]
+    assert suite.main(argv) == 0
+    assert len(calls) == 3 and not out.exists()
+    for cmd in calls:
+        assert cmd[2:2 + len(argv)] == argv and cmd[-3:] == ["--fault-rounds", "1", "--resume"]
+    codes = iter([suite.LOST_CONTEXT_RC] * 2)
+    assert suite.main(argv[:-1] + ["2"]) == suite.LOST_CONTEXT_RC
