@@ -105,11 +105,13 @@ want build && step build build.log 300 env MAX_JOBS=16 NVCC_THREADS=1 NSA_BUILD_
 # fast CPU cases), through bench/run_tests.py: pytest in rounds, so that a kernel which
 # faults (the CUDA context is lost for the rest of the process), hangs (killed after
 # NSA_TEST_STALL_S seconds in one test) or crashes is named, and the tests after it
-# still run in a fresh process. Its junit XML and summary (faults, not run) feed the record.
+# still run in a fresh process. Breadth first (every test function's first case, then
+# the second of each, ...), so a step that runs out of time has tried every kernel.
+# Its junit XML and summary (faults, not run) feed the record.
 CUDA_TESTS=${NSA_CUDA_TESTS:-"tests/test_cuda_fwd.py tests/test_cuda_bwd.py tests/test_decode.py tests/test_layer.py"}
 run_tests_cmd() {  # run_tests_cmd NAME PYTEST_MARK STALL_S: the command line, for sh -c
   echo "\"$PY\" bench/run_tests.py --state \"$LOGS/state_$1\" --junit \"$LOGS/junit_$1.xml\" \
-    --summary \"$LOGS/summary_$1.json\" --stall-s ${NSA_TEST_STALL_S:-$3} --max-faults ${NSA_TEST_MAX_FAULTS:-8} \
+    --summary \"$LOGS/summary_$1.json\" --stall-s ${NSA_TEST_STALL_S:-$3} --max-faults ${NSA_TEST_MAX_FAULTS:-8} --breadth-first \
     -- $CUDA_TESTS -q -rf -p no:cacheprovider -m '$2' ${NSA_TEST_ARGS:-}"
 }
 want tests && step tests tests.log 240 sh -c "$(run_tests_cmd tests 'not slow' 90)"

@@ -23,7 +23,8 @@ faults [{nodeid, kind, message}], not_run, rounds, stop (why it stopped early, o
 null).
 
     python bench/run_tests.py --state DIR --junit OUT.xml --summary OUT.json \\
-        [--stall-s 90] [--budget-s 240] [--max-faults 8] -- tests/test_cuda_fwd.py -m "not slow"
+        [--stall-s 90] [--budget-s 240] [--max-faults 8] [--breadth-first] \\
+        -- tests/test_cuda_fwd.py -m "not slow"
 
 --budget-s defaults to what the caller's step allows (NSA_STEP_CAP, set by
 gpu_check.sh, minus 10 s for the XML), else unlimited.
@@ -44,6 +45,7 @@ import pytest
 from cuda_health import LOST_CONTEXT_RC, cuda_context_lost, simulate_lost_context  # noqa: F401
 
 STATE_ENV = "NSA_TEST_ROUNDS_STATE"
+BREADTH_ENV = "NSA_TEST_ROUNDS_BREADTH_FIRST"
 RESULTS, CURRENT, COLLECTED = "results.jsonl", "current.txt", "collected.txt"
 _MESSAGE_CHARS = 4000
 
@@ -85,6 +87,8 @@ def pytest_collection_modifyitems(session, config, items):
     if not state:
         return
     done = {r["nodeid"] for r in _read_results(state)}
+    if os.environ.get(BREADTH_ENV) == "1":
+        items[:] = breadth_first(items)
     keep = [it for it in items if it.nodeid not in done]
     dropped = [it for it in items if it.nodeid in done]
     if dropped:
@@ -94,6 +98,18 @@ def pytest_collection_modifyitems(session, config, items):
     if not os.path.exists(collected):  # the first round: every test there is
         with open(collected, "w") as f:
             f.write("".join(it.nodeid + "\n" for it in keep))
+
+
+def breadth_first(items):
+    """The first case of every test function, then the second of each, and so on: a
+    step that runs out of time has still tried every kernel's tests once."""
+    groups = {}
+    for it in items:
+        groups.setdefault(it.nodeid.split("[", 1)[0], []).append(it)
+    out = []
+    for k in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[k] for g in groups.values() if k < len(g)]
+    return out
 
 
 def pytest_runtest_logstart(nodeid, location):
@@ -209,14 +225,14 @@ def write_junit(results, path):
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
-def run(pytest_args, state, stall_s=90.0, budget_s=None, max_faults=8, log=print):
+def run(pytest_args, state, stall_s=90.0, budget_s=None, max_faults=8, breadth_first=False, log=print):
     os.makedirs(state, exist_ok=True)
     for name in (RESULTS, CURRENT, COLLECTED):
         if os.path.exists(os.path.join(state, name)):
             os.remove(os.path.join(state, name))
     deadline = time.time() + budget_s if budget_s is not None else None
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, **{STATE_ENV: state})
+    env = dict(os.environ, **{STATE_ENV: state, BREADTH_ENV: "1" if breadth_first else "0"})
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pytest", "-p", "run_tests", *pytest_args]
     rounds, stop = 0, None
@@ -289,13 +305,15 @@ def main(argv=None):
                     help="seconds for all rounds (default: NSA_STEP_CAP - 10, else unlimited)")
     ap.add_argument("--max-faults", type=int, default=8,
                     help="stop after this many faults, hangs and crashes (default 8)")
+    ap.add_argument("--breadth-first", action="store_true",
+                    help="run the first case of every test function, then the second of each, ...")
     ap.add_argument("pytest_args", nargs=argparse.REMAINDER, help="-- then pytest's arguments")
     args = ap.parse_args(argv)
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     budget = args.budget_s
     if budget is None and os.environ.get("NSA_STEP_CAP"):
         budget = max(float(os.environ["NSA_STEP_CAP"]) - 10.0, 5.0)
-    results, summary = run(pytest_args, args.state, args.stall_s, budget, args.max_faults)
+    results, summary = run(pytest_args, args.state, args.stall_s, budget, args.max_faults, args.breadth_first)
     write_junit(results, args.junit)
     with open(args.summary, "w") as f:
         json.dump(summary, f, indent=1)

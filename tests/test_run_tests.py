@@ -130,3 +130,20 @@ def test_sanitize_case_goes_on_after_a_lost_context(sanitize_case, tmp_path, mon
     assert sanitize_case.main() == 1  # the first round found an error
     assert [c[:3] for c in calls] == [["compute-sanitizer", "--tool", "memcheck"]] * 2
     assert [c[c.index("--start") + 1] for c in calls] == ["0", "2"]
+
+
+def test_breadth_first_order(tmp_path):
+    (tmp_path / "test_order.py").write_text(textwrap.dedent("""
+        import pytest
+        @pytest.mark.parametrize("x", [1, 2, 3])
+        def test_one(x): pass
+        def test_two(): pass
+        @pytest.mark.parametrize("x", [1, 2])
+        def test_three(x): pass
+    """))
+    state = tmp_path / "state"
+    subprocess.run([sys.executable, DRIVER, "--state", str(state), "--junit", str(tmp_path / "j.xml"),
+                    "--summary", str(tmp_path / "s.json"), "--breadth-first", "--", "test_order.py", "-q",
+                    "-p", "no:cacheprovider"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    order = [json.loads(line)["nodeid"].split("::")[1] for line in (state / "results.jsonl").open()]
+    assert order == ["test_one[1]", "test_two", "test_three[1]", "test_one[2]", "test_three[2]", "test_one[3]"]
