@@ -75,14 +75,19 @@ def check_cache_room(cache_seqlens: Tensor, num_new: int, capacity: int,
 
 
 def append_to_cache(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
-                    cache_seqlens: Tensor) -> None:
+                    cache_seqlens: Tensor, k_cmp_cache: Optional[Tensor] = None,
+                    v_cmp_cache: Optional[Tensor] = None, cmp_block_size: int = 0,
+                    cmp_stride: int = 0) -> None:
     """Writes ``k_new``/``v_new [B, S, Hkv, D]`` into ``k_cache``/``v_cache
     [B, capacity, Hkv, D]`` at rows ``cache_seqlens[b] + i``, in place: one kernel for
     both on CUDA, no host sync (CUDA-graph capturable). Rows past the capacity are
     dropped; only graph capture and torch.compile can get there, since eager calls
-    check the room first."""
+    check the room first. With ``k_cmp_cache``/``v_cmp_cache``, the same kernel also
+    writes the mean of every compressed block the new tokens complete (what
+    ``update_cmp_cache`` on each cache would write after the append)."""
     ops.append_kv_to_cache(k_cache, v_cache, cache_seqlens, k_new.to(k_cache.dtype),
-                           v_new.to(v_cache.dtype))
+                           v_new.to(v_cache.dtype), k_cmp_cache, v_cmp_cache, cmp_block_size,
+                           cmp_stride)
 
 
 def _decode_settings(cmp_block_size, cmp_stride, slc_block_size, slc_num_blocks,
@@ -235,10 +240,11 @@ def sparse_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k_cmp_
             check.dtype(name, new, q)
             check.same_device(q=q, **{name: new})
         check_cache_room(cache_seqlens, S, capacity, max_cache_seqlen)
-        append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens)
-        if update_cmp_cache:
-            for x, x_cmp in ((k_cache, k_cmp_cache), (v_cache, v_cmp_cache)):
-                ops.update_cmp_cache(x, x_cmp, cache_seqlens, S, cmp_block_size, cmp_stride)
+        if update_cmp_cache:  # one launch: the append and the blocks it completes
+            append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens, k_cmp_cache,
+                            v_cmp_cache, cmp_block_size, cmp_stride)
+        else:
+            append_to_cache(k_cache, v_cache, k_new, v_new, cache_seqlens)
         seqlens_k = cache_seqlens + S
     else:
         check_cache_room(cache_seqlens, 0, capacity, max_cache_seqlen)

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import api, decode
-from .ops import ops
 
 __all__ = ["NativeSparseAttention", "NSAInputs", "NSACache"]
 
@@ -460,17 +459,14 @@ class NativeSparseAttention(nn.Module):
         return ([k[:, :, i].to(dtype).contiguous() for i in range(n_kv)],
                 [v[:, :, i].to(dtype).contiguous() for i in range(n_kv)])
 
-    def _compress_new_blocks(self, cache: NSACache, old_lens: Tensor, num_new: int) -> None:
-        """Writes phi of the blocks the new tokens complete into the compressed cache.
+    def _compress_new_blocks(self, cache: NSACache, old_lens: Tensor) -> None:
+        """Writes the learned phi of the blocks the new tokens complete into the
+        compressed cache (mean compression is done by the append's kernel).
 
         A fixed number of candidate blocks per sequence (no host sync): candidates
         that are not complete yet are written to rows no query reads before a later
         step overwrites them with the complete block."""
         l, d = self.cmp_block_size, self.cmp_stride
-        if self.compression == "mean":
-            for x, x_cmp in ((cache.k[0], cache.k_cmp), (cache.v[0], cache.v_cmp)):
-                ops.update_cmp_cache(x, x_cmp, old_lens, num_new, l, d)
-            return
         B, dev = old_lens.shape[0], old_lens.device
         lens = old_lens.to(torch.long)
         first = torch.where(lens >= l, (lens - l) // d + 1, torch.zeros_like(lens))
@@ -494,9 +490,15 @@ class NativeSparseAttention(nn.Module):
         pos = old_lens.to(torch.long)[:, None] + torch.arange(S, device=hidden_states.device)
         q = self._rope(self.q_proj(hidden_states).view(B, S, self.num_heads, self.head_dim), pos)
         ks, vs = self._kv_sets(hidden_states, pos, cache.k_cmp.dtype)
+        mean = self.compression == "mean"
         for i in range(len(ks)):
-            decode.append_to_cache(cache.k[i], cache.v[i], ks[i], vs[i], old_lens)
-        self._compress_new_blocks(cache, old_lens, S)
+            if i == 0 and mean:  # the compression source: its new blocks in the same launch
+                decode.append_to_cache(cache.k[0], cache.v[0], ks[0], vs[0], old_lens, cache.k_cmp,
+                                       cache.v_cmp, self.cmp_block_size, self.cmp_stride)
+            else:
+                decode.append_to_cache(cache.k[i], cache.v[i], ks[i], vs[i], old_lens)
+        if not mean:
+            self._compress_new_blocks(cache, old_lens)
         new_lens = (old_lens + S).to(torch.int32)
         gates = torch.sigmoid(self.g_proj(hidden_states)).view(B, S, 3, self.num_heads)
         gates = gates.to(cache.k_cmp.dtype)

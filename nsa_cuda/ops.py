@@ -122,7 +122,8 @@ def _(q, k_slc, v_slc, k_win, v_win, k_cmp, v_cmp, seqlens_k, g_cmp, g_slc, g_wi
 
 
 @torch.library.register_fake("nsa_cuda::append_kv_to_cache")
-def _(k_cache, v_cache, cache_seqlens, k_new, v_new):
+def _(k_cache, v_cache, cache_seqlens, k_new, v_new, k_cmp_cache=None, v_cmp_cache=None,
+      cmp_block_size=0, cmp_stride=0):
     return None
 
 

@@ -74,6 +74,8 @@ def _op_args(varlen, requires_grad):
         step = (qd, k, v, k, v, kc, vc, lens)
         sizes = (L, D, LP, N, NI, NL, W, SCALE)
         decode["sparse_attn_decode"] = (*step, *gates, None, *sizes)
+        decode["append_kv_to_cache/cmp caches"] = (k.clone(), v.clone(), lens - 2, k[:, :2].clone(),
+                                                   v[:, :2].clone(), kc.clone(), vc.clone(), L, D)
         # No compressed output and given blocks: no selection; separate window caches.
         decode["sparse_attn_decode/given blocks"] = (
             qd, k, v, k.flip(1).contiguous(), v.flip(1).contiguous(), kc, vc, lens, None,
@@ -136,7 +138,8 @@ OP_NAMES = ["mean_compress", "mean_compress_bwd", "compressed_attn_fwd", "compre
             "selected_attn_bwd/dout scale", "compressed_attn_bwd/dout scale, delta"]
 DECODE_OPS = ["compressed_attn_decode", "select_blocks_decode", "compressed_select_decode",
               "selected_attn_decode", "window_attn_decode", "update_cmp_cache",
-              "append_kv_to_cache", "sparse_attn_decode", "sparse_attn_decode/given blocks"]
+              "append_kv_to_cache", "append_kv_to_cache/cmp caches", "sparse_attn_decode",
+              "sparse_attn_decode/given blocks"]
 FWD_OPS = {"mean_compress", "compressed_attn_fwd", "select_blocks", "selected_attn_fwd",
            "window_attn_fwd", "gate_combine", "gate_combine/strided gate"}
 

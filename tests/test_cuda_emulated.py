@@ -697,6 +697,48 @@ def test_append_kv_to_cache(F, emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
+@pytest.mark.parametrize("num_new", [1, 5, 8])
+def test_append_kv_to_cache_with_cmp_caches(F, emu, dtype, num_new):
+    """The fused append + compressed-cache update (one launch; the blocks that complete
+    read the new rows from k_new / v_new, not from the cache other CTAs are writing)
+    is bitwise the append kernel followed by update_cmp_cache on each side, and close
+    to the CPU op in fp64; rows it must not write stay poisoned."""
+    cpu = _cpu_ops()
+    Bsz, cap, l, d = 5, 64, 16, 8
+    rows = (cap - l) // d + 1
+    lens = torch.tensor([0, 10, 15, 23, cap - num_new], dtype=torch.int32)  # blocks complete or not
+    token = [F.rand(Bsz, cap, 2, D, dtype=dtype) for D in (192, 128)]
+    cmp = []
+    for x in token:  # valid blocks of the old lengths, NaN past them
+        c = torch.full((Bsz, rows, 2, x.shape[3]), float("nan"), dtype=dtype)
+        for b, n in enumerate(lens.tolist()):
+            nb = max(0, (n - l) // d + 1) if n >= l else 0
+            c[b, :nb] = F.ref.mean_compress(x[b:b + 1, :n], l, d)[0, :nb].to(dtype)
+        cmp.append(c)
+    k_new = F.rand(Bsz, num_new, 4, 192, dtype=dtype)[:, :, ::2]  # strided heads
+    v_new = F.rand(Bsz, num_new, 2, 128, dtype=dtype)
+
+    fused = [t.clone() for t in token + cmp]
+    emu.append_kv_to_cache(fused[0], fused[1], lens, k_new, v_new, fused[2], fused[3], l, d)
+    separate = [t.clone() for t in token + cmp]
+    emu.append_kv_to_cache(separate[0], separate[1], lens, k_new, v_new)
+    for x, x_cmp in ((separate[0], separate[2]), (separate[1], separate[3])):
+        emu.update_cmp_cache(x, x_cmp, lens, num_new, l, d)
+    for a, b in zip(fused, separate):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    want64 = [t.double() for t in token + cmp]
+    cpu.append_kv_to_cache(want64[0], want64[1], lens, k_new.double(), v_new.double(), want64[2],
+                           want64[3], l, d)
+    want_lp = [t.clone() for t in token + cmp]
+    cpu.append_kv_to_cache(want_lp[0], want_lp[1], lens, k_new, v_new, want_lp[2], want_lp[3], l, d)
+    for i, (g, w64, wlp) in enumerate(zip(fused, want64, want_lp)):
+        assert torch.equal(g.isnan(), w64.isnan()), f"cache {i}: written rows differ"
+        F.assert_close(g.nan_to_num(), w64.nan_to_num(), wlp.nan_to_num(), f"cache {i}")
+    written = ~fused[2].isnan().all(-1).all(-1)
+    assert written.sum() > (~cmp[0].isnan().all(-1).all(-1)).sum()  # some block completed
+
+
+@pytest.mark.parametrize("dtype", sorted({d for _, _, d in DIMS}, key=str), ids=_id)
 @pytest.mark.parametrize("num_new", [1, 5, 40])
 def test_update_cmp_cache(F, emu, dtype, num_new):
     cpu = _cpu_ops()

@@ -210,6 +210,39 @@ def test_append_to_cache():
         ops.append_kv_to_cache(k_cache, v_cache, lens, k_new, v_new[..., :2])
 
 
+def test_append_with_cmp_caches():
+    """append_kv_to_cache with the compressed caches: the tokens land as without them,
+    and exactly the blocks the new tokens complete hold the mean of their tokens."""
+    from nsa_cuda.decode import append_to_cache
+    l, d, cap, S = 8, 4, 40, 5
+    rows = (cap - l) // d + 1
+    lens = torch.tensor([0, 4, 7, cap - S], dtype=torch.int32)
+    k_cache, v_cache = torch.randn(4, cap, 2, 6, dtype=torch.float64), torch.randn(4, cap, 2, 3, dtype=torch.float64)
+    k_cmp = torch.full((4, rows, 2, 6), 7.0, dtype=torch.float64)
+    v_cmp = torch.full((4, rows, 2, 3), 7.0, dtype=torch.float64)
+    k_new = torch.randn(4, S, 4, 6, dtype=torch.float64)[:, :, ::2]
+    v_new = torch.randn(4, S, 2, 3, dtype=torch.float64)
+    plain = [k_cache.clone(), v_cache.clone()]
+    append_to_cache(*plain, k_new, v_new, lens)
+    append_to_cache(k_cache, v_cache, k_new, v_new, lens, k_cmp, v_cmp, l, d)
+    assert torch.equal(k_cache, plain[0]) and torch.equal(v_cache, plain[1])
+    for cache, cmp in ((k_cache, k_cmp), (v_cache, v_cmp)):
+        for b, n in enumerate(lens.tolist()):
+            done_before = (n - l) // d + 1 if n >= l else 0
+            done_after = (n + S - l) // d + 1 if n + S >= l else 0
+            for i in range(rows):
+                if done_before <= i < done_after:
+                    torch.testing.assert_close(cmp[b, i], cache[b, i * d:i * d + l].mean(0), rtol=0, atol=1e-12)
+                else:
+                    assert (cmp[b, i] == 7.0).all(), (b, i)
+    with pytest.raises(RuntimeError, match="pass both k_cmp_cache and v_cmp_cache"):
+        ops.append_kv_to_cache(k_cache, v_cache, lens * 0, k_new, v_new, k_cmp, None, l, d)
+    with pytest.raises(RuntimeError, match="compressed cache v_cmp_cache .* does not match the token cache"):
+        ops.append_kv_to_cache(k_cache, v_cache, lens * 0, k_new, v_new, k_cmp, k_cmp, l, d)
+    with pytest.raises(RuntimeError, match="cmp_stride dividing cmp_block_size"):
+        ops.append_kv_to_cache(k_cache, v_cache, lens * 0, k_new, v_new, k_cmp, v_cmp, l, 3)
+
+
 def test_argument_errors():
     cfg = SMALL
     inp = make_inputs(cfg, T=MAX_DECODE_TOKENS + 1, seed=13)

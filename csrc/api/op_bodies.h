@@ -622,35 +622,51 @@ at::Tensor mean_compress_bwd(const at::Tensor& grad_cmp, const at::Tensor& x,
 }
 
 // The compressed cache grows with the token cache: x [B, capacity, H, D] holds
-// the tokens, x_cmp [B, rows, H, D] their compressed blocks.
+// the tokens, x_cmp [B, rows, H, D] their compressed blocks. The checks and
+// parameters of update_cmp_cache, also those of append_kv_to_cache's fused update
+// (`what` names the op and the caches in the messages).
+inline CompressParams cmp_cache_update_params(const at::Tensor& x, const at::Tensor& x_cmp,
+                                              const at::Tensor& cache_seqlens, int64_t num_new,
+                                              int64_t cmp_block_size, int64_t cmp_stride,
+                                              const char* what, const char* x_name,
+                                              const char* x_cmp_name) {
+  check_compress_args(x, std::nullopt, cmp_block_size, cmp_stride);
+  check_last_dim_contiguous(x_cmp, x_cmp_name);
+  TORCH_CHECK(x_cmp.dim() == 4 && x_cmp.device() == x.device() &&
+                  x_cmp.scalar_type() == x.scalar_type() && x_cmp.size(0) == x.size(0) &&
+                  x_cmp.size(2) == x.size(2) && x_cmp.size(3) == x.size(3),
+              "nsa_cuda: ", what, ": the compressed cache ", x_cmp_name, " ", x_cmp.sizes(), " ",
+              x_cmp.scalar_type(), " does not match the token cache ", x_name, " ", x.sizes(), " ",
+              x.scalar_type(), " (both [B, rows, Hkv, D] of one B, Hkv, D, dtype and device)");
+  TORCH_CHECK(num_new >= 0, "nsa_cuda: ", what, ": num_new must be >= 0, got ", num_new);
+  CompressParams p = make_compress_params(x, x_cmp, std::nullopt, cmp_block_size, cmp_stride);
+  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
+  p.num_new = num_new;
+  return p;
+}
+
 template <class Backend>
 void update_cmp_cache(const at::Tensor& x, const at::Tensor& x_cmp,
                       const at::Tensor& cache_seqlens, int64_t num_new, int64_t cmp_block_size,
                       int64_t cmp_stride) {
-  check_compress_args(x, std::nullopt, cmp_block_size, cmp_stride);
-  check_last_dim_contiguous(x_cmp, "x_cmp");
   Backend::check_support(x, -1, -1, "update_cmp_cache");
-  TORCH_CHECK(x_cmp.device() == x.device() && x_cmp.scalar_type() == x.scalar_type() &&
-                  x_cmp.size(0) == x.size(0) && x_cmp.size(2) == x.size(2) &&
-                  x_cmp.size(3) == x.size(3),
-              "nsa_cuda: update_cmp_cache: the compressed cache ", x_cmp.sizes(), " ",
-              x_cmp.scalar_type(), " does not match the token cache ", x.sizes(), " ",
-              x.scalar_type());
   TORCH_CHECK(num_new >= 0, "nsa_cuda: update_cmp_cache: num_new must be >= 0, got ", num_new);
   check_seqlens_k(cache_seqlens, x, x.size(1) - num_new, false, 1, 1, "update_cmp_cache");
+  const CompressParams p = cmp_cache_update_params(x, x_cmp, cache_seqlens, num_new, cmp_block_size,
+                                                   cmp_stride, "update_cmp_cache", "x", "x_cmp");
   [[maybe_unused]] auto guard = Backend::prepare(x);
-  CompressParams p = make_compress_params(x, x_cmp, std::nullopt, cmp_block_size, cmp_stride);
-  p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
-  p.num_new = num_new;
   if (x_cmp.numel() > 0 && num_new > 0) Backend::update_cmp_cache(p, x.scalar_type());
 }
 
 // k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D] at rows
 // cache_seqlens[b] + i.
+// With k_cmp_cache / v_cmp_cache, also the compressed blocks that complete, as
+// update_cmp_cache on each side after the append would write them, in the same launch.
 template <class Backend>
 void append_kv_to_cache(const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& cache_seqlens, const at::Tensor& k_new,
-                        const at::Tensor& v_new) {
+                        const at::Tensor& v_new, const OptTensor& k_cmp_cache,
+                        const OptTensor& v_cmp_cache, int64_t cmp_block_size, int64_t cmp_stride) {
   Backend::check_support(k_cache, -1, -1, "append_kv_to_cache");
   CacheAppendParams p{};
   const at::Tensor* pairs[2][2] = {{&k_cache, &k_new}, {&v_cache, &v_new}};
@@ -680,6 +696,17 @@ void append_kv_to_cache(const at::Tensor& k_cache, const at::Tensor& v_cache,
   }
   check_seqlens_k(cache_seqlens, k_cache, k_cache.size(1) - k_new.size(1), false, 1, 1,
                   "append_kv_to_cache");
+  TORCH_CHECK(k_cmp_cache.has_value() == v_cmp_cache.has_value(),
+              "nsa_cuda: append_kv_to_cache: pass both k_cmp_cache and v_cmp_cache, or neither");
+  if (k_cmp_cache.has_value()) {
+    p.cmp[0] = cmp_cache_update_params(k_cache, *k_cmp_cache, cache_seqlens, k_new.size(1),
+                                       cmp_block_size, cmp_stride, "append_kv_to_cache", "k_cache",
+                                       "k_cmp_cache");
+    p.cmp[1] = cmp_cache_update_params(v_cache, *v_cmp_cache, cache_seqlens, k_new.size(1),
+                                       cmp_block_size, cmp_stride, "append_kv_to_cache", "v_cache",
+                                       "v_cmp_cache");
+    if (k_cmp_cache->numel() == 0 || v_cmp_cache->numel() == 0) p.cmp[0].out = p.cmp[1].out = nullptr;
+  }
   [[maybe_unused]] auto guard = Backend::prepare(k_cache);
   p.cache_seqlens = cache_seqlens.data_ptr<int32_t>();
   p.batch = k_cache.size(0), p.num_new = k_new.size(1), p.capacity = k_cache.size(1);

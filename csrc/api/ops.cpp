@@ -92,10 +92,12 @@ TORCH_LIBRARY(nsa_cuda, m) {
   m.def("gate_combine_bwd(Tensor grad, Tensor[] outputs, Tensor[] gates, bool row_dots=False, "
         "bool output_grads=True) -> Tensor[]");
   // Writes k_new / v_new [B, S, Hkv, D] into k_cache / v_cache [B, capacity, Hkv, D]
-  // at rows cache_seqlens[b] + i, in one kernel on CUDA.
+  // at rows cache_seqlens[b] + i, in one kernel on CUDA. With the compressed caches,
+  // also the blocks that complete (as update_cmp_cache after it), in the same kernel.
   m.def(
       "append_kv_to_cache(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
-      "Tensor k_new, Tensor v_new) -> ()");
+      "Tensor k_new, Tensor v_new, Tensor(c!)? k_cmp_cache=None, Tensor(d!)? v_cmp_cache=None, "
+      "int cmp_block_size=0, int cmp_stride=0) -> ()");
   // Writes the mean of every compressed block that completes as batch entry b
   // grows from cache_seqlens[b] to cache_seqlens[b] + num_new tokens.
   m.def(

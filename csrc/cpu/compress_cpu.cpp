@@ -125,6 +125,10 @@ void append_kv_to_cache(const CacheAppendParams& p) {
       }
     }
   });
+  // The CUDA kernel does this in the same launch; here the appended rows are in the
+  // token caches already, so the update reads them there.
+  if (p.cmp[0].out != nullptr)
+    for (const CompressParams& cmp : p.cmp) update_cmp_cache<scalar_t>(cmp);
 }
 
 #define NSA_INSTANTIATE_COMPRESS(T)                          \

@@ -122,22 +122,6 @@ struct SelectParams {
       slc_local_blocks;
 };
 
-// KV-cache append, k and v in one launch: side s's new [B, S, H, D] goes to rows
-// cache_seqlens[b] + i of its cache [B, capacity, H, D]; rows outside
-// [0, capacity) are dropped (the eager API raises before that; under graph capture
-// the step's output is then unspecified).
-struct CacheAppendParams {
-  struct Side {  // the k cache, then the v cache
-    const void* src;
-    void* dst;
-    int64_t src_batch_stride, src_row_stride, src_head_stride;
-    int64_t dst_batch_stride, dst_row_stride, dst_head_stride;
-    int64_t head_dim;
-  } sides[2];
-  const int32_t* cache_seqlens;
-  int64_t batch, num_new, capacity, num_heads;
-};
-
 // The gated sum that ends sparse_attn, o = sum over the branches that are on of
 // g_b * o_b, and its gradient, d o_b = g_b * d o and d g_b = sum_c d o[c] * o_b[c],
 // each in one pass over memory. Rows (b, t, h) of [B, T, Hq, Dv] tensors whose
@@ -215,6 +199,27 @@ struct CompressParams {
   // complete on the way are written. nullptr outside the update.
   const int32_t* cache_seqlens;
   int64_t num_new;
+};
+
+// KV-cache append, k and v in one launch: side s's new [B, S, H, D] goes to rows
+// cache_seqlens[b] + i of its cache [B, capacity, H, D]; rows outside
+// [0, capacity) are dropped (the eager API raises before that; under graph capture
+// the step's output is then unspecified).
+struct CacheAppendParams {
+  struct Side {  // the k cache, then the v cache
+    const void* src;
+    void* dst;
+    int64_t src_batch_stride, src_row_stride, src_head_stride;
+    int64_t dst_batch_stride, dst_row_stride, dst_head_stride;
+    int64_t head_dim;
+  } sides[2];
+  const int32_t* cache_seqlens;
+  int64_t batch, num_new, capacity, num_heads;
+  // Optional (cmp[s].out non-null for both sides, or for neither): the compressed
+  // caches, written as update_cmp_cache would write them after the append, in the
+  // same launch. cmp[s].x is side s's token cache; the kernel reads the rows this
+  // call appends from sides[s].src, since other CTAs are writing them to the cache.
+  CompressParams cmp[2];
 };
 
 // The rows of one sequence: where it starts in the packed (or batched) tensors
