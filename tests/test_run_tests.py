@@ -147,3 +147,44 @@ def test_breadth_first_order(tmp_path):
                     "-p", "no:cacheprovider"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
     order = [json.loads(line)["nodeid"].split("::")[1] for line in (state / "results.jsonl").open()]
     assert order == ["test_one[1]", "test_two", "test_three[1]", "test_one[2]", "test_three[2]", "test_one[3]"]
+
+
+@pytest.fixture
+def prebuilt(monkeypatch, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nsa_prebuilt", os.path.join(ROOT, "bench", "prebuilt.py"))
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "OUT_DIR", str(tmp_path / "prebuilt"))
+    return mod
+
+
+def test_prebuilt_source_hash_covers_csrc_and_setup(prebuilt, tmp_path):
+    root = tmp_path / "tree"
+    (root / "csrc" / "cuda").mkdir(parents=True)
+    (root / "setup.py").write_text("setup()")
+    (root / "csrc" / "cuda" / "a.cu").write_text("kernel")
+    first = prebuilt.source_hash(str(root))
+    assert prebuilt.source_hash(str(root)) == first
+    (root / "csrc" / "cuda" / "a.cu").write_text("kernel 2")
+    second = prebuilt.source_hash(str(root))
+    (root / "setup.py").write_text("setup(x)")
+    assert len({first, second, prebuilt.source_hash(str(root))}) == 3
+    (root / "csrc" / "b.h").write_text("")  # a new file counts too
+    assert prebuilt.source_hash(str(root)) != first
+
+
+def test_prebuilt_install_refuses_a_mismatch(prebuilt, capsys):
+    """Without a stamp, or with one for another tree (or no Hopper GPU), install puts
+    nothing in place and says why: gpu_check.sh then builds from source."""
+    assert prebuilt.install() == 1 and "none carried" in capsys.readouterr().out
+    os.makedirs(prebuilt.OUT_DIR)
+    with open(os.path.join(prebuilt.OUT_DIR, "stamp.json"), "w") as f:
+        json.dump({"source_hash": "0" * 64, "torch": "2.11.0", "torch_cuda": "13.0",
+                   "ext_suffix": ".cpython-312-x86_64-linux-gnu.so", "arch": "90a", "commit": "x"}, f)
+    before = set(os.listdir(os.path.join(ROOT, "nsa_cuda")))
+    assert prebuilt.install() == 1
+    out = capsys.readouterr().out
+    assert "not used" in out and "source_hash" in out
+    assert set(os.listdir(os.path.join(ROOT, "nsa_cuda"))) == before
