@@ -164,6 +164,17 @@ def detach_clone(d: Dict[str, torch.Tensor], dtype=None, requires_grad=None):
 # --------------------------------------------------------------------------------------
 
 
+def load_bench_script(name: str, monkeypatch):
+    """bench/<name>.py as a module, in sys.modules for the test's duration (its
+    dataclasses look their module up there)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"nsa_bench_{name}", os.path.join(_ROOT, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _split_inf(x: torch.Tensor, ref: torch.Tensor, what: str):
     """Check NaN-freeness and that infinite entries agree; return the finite parts (fp64)."""
     assert x.shape == ref.shape, f"{what}: shape {tuple(x.shape)} != reference {tuple(ref.shape)}"

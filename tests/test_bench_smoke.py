@@ -2,13 +2,13 @@
 writes its JSON rows and PNG plots. It checks that the suite runs, not how fast."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import load_bench_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE = os.path.join(ROOT, "bench", "suite.py")
@@ -92,12 +92,7 @@ def test_bench_suite_cpu_quick(tmp_path):
 
 @pytest.fixture
 def suite(monkeypatch):
-    """bench/suite.py as a module (its dataclasses need it in sys.modules)."""
-    spec = importlib.util.spec_from_file_location("nsa_bench_suite", SUITE)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("suite", monkeypatch)
 
 
 def test_rows_after_a_lost_context(suite, tmp_path, monkeypatch):

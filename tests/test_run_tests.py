@@ -9,6 +9,7 @@ import textwrap
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import load_bench_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "bench", "run_tests.py")
@@ -86,13 +87,7 @@ def test_no_fault_is_one_round(tmp_path, selected):
 
 @pytest.fixture
 def sanitize_case(monkeypatch):
-    import importlib.util
-    path = os.path.join(ROOT, "bench", "sanitize_case.py")
-    spec = importlib.util.spec_from_file_location("nsa_sanitize_case", path)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("sanitize_case", monkeypatch)
 
 
 def test_sanitize_case_goes_on_after_a_lost_context(sanitize_case, tmp_path, monkeypatch):
@@ -151,11 +146,7 @@ def test_breadth_first_order(tmp_path):
 
 @pytest.fixture
 def prebuilt(monkeypatch, tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("nsa_prebuilt", os.path.join(ROOT, "bench", "prebuilt.py"))
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("prebuilt", monkeypatch)
     monkeypatch.setattr(mod, "OUT_DIR", str(tmp_path / "prebuilt"))
     return mod
 
