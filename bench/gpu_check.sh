@@ -123,7 +123,7 @@ run_tests_cmd() {  # run_tests_cmd NAME PYTEST_MARK STALL_S: the command line, f
     --summary \"$LOGS/summary_$1.json\" --stall-s ${NSA_TEST_STALL_S:-$3} --max-faults ${NSA_TEST_MAX_FAULTS:-8} --breadth-first \
     -- $CUDA_TESTS -q -rf -p no:cacheprovider -m '$2' ${NSA_TEST_ARGS:-}"
 }
-want tests && step tests tests.log 240 sh -c "$(run_tests_cmd tests 'not slow' 90)"
+want tests && step tests tests.log 300 sh -c "$(run_tests_cmd tests 'not slow' 90)"
 
 # 4. compute-sanitizer on a small case of each kernel.
 if ! want sanitizer; then
