@@ -6,7 +6,9 @@ and a torch extension only loads into the torch it was built against. So `make`
 builds in a scratch virtual environment with that Python and torch, for sm_90a alone,
 from the files that travel to the device (tracked and untracked, not ignored), and
 writes bench/prebuilt/ (gitignored; carried next to bench/wheels):
-  _C.<python tag>.so   the extension, debug info stripped
+  _C.<python tag>.so.xz  the extension, host debug info stripped, xz-compressed (its
+                       cubins keep -lineinfo for compute-sanitizer: 62 MB raw, 4 MB
+                       compressed, against a carry limit of 64 MB)
   stamp.json           source hash, torch, CUDA, Python tag, arch, commit, build time
 
 On the device, `install` puts it in place only when everything in the stamp matches
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -38,12 +41,16 @@ DEVICE_TORCH = "2.11.0"
 ARCH = "90a"
 
 
+SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".cc", ".h", ".hpp", ".inl", ".py")
+
+
 def source_hash(root: str = ROOT) -> str:
-    """sha256 over the paths and bytes of what the extension is built from."""
+    """sha256 over the paths and bytes of what the extension is built from: setup.py
+    and the sources under csrc/ (not its notes)."""
     files = [os.path.join(root, "setup.py")]
     for base, dirs, names in os.walk(os.path.join(root, "csrc")):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        files += [os.path.join(base, n) for n in sorted(names)]
+        files += [os.path.join(base, n) for n in sorted(names) if n.endswith(SOURCE_SUFFIXES)]
     h = hashlib.sha256()
     for path in sorted(files):
         h.update(os.path.relpath(path, root).encode() + b"\0")
@@ -111,17 +118,21 @@ def make(venv: str, jobs: int) -> None:
     os.makedirs(OUT_DIR, exist_ok=True)
     for old in os.listdir(OUT_DIR):
         os.remove(os.path.join(OUT_DIR, old))
-    dest = os.path.join(OUT_DIR, "_C" + suffix)
-    shutil.copy2(built, dest)
-    subprocess.run(["strip", "--strip-debug", dest], check=False)
+    raw = os.path.join(work, "_C" + suffix)
+    shutil.copy2(built, raw)
+    subprocess.run(["strip", "--strip-debug", raw], check=False)
+    dest = os.path.join(OUT_DIR, "_C" + suffix + ".xz")
+    with open(raw, "rb") as f, lzma.open(dest, "wb", preset=6) as g:
+        shutil.copyfileobj(f, g)
     stamp = {"source_hash": source_hash(work), "torch": torch_version.split("+")[0], "torch_cuda": torch_cuda,
              "ext_suffix": suffix, "arch": ARCH, "commit": commit, "dirty": bool(dirty),
-             "build_s": round(time.time() - t0), "size_mb": round(os.path.getsize(dest) / 2 ** 20, 1),
+             "build_s": round(time.time() - t0), "size_mb": round(os.path.getsize(raw) / 2 ** 20, 1),
+             "xz_mb": round(os.path.getsize(dest) / 2 ** 20, 1),
              "spill_warnings": text.count("Registers are spilled")}
     with open(os.path.join(OUT_DIR, "stamp.json"), "w") as f:
         json.dump(stamp, f, indent=1)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"prebuilt: {dest} ({stamp['size_mb']} MB, {stamp['build_s']} s)" +
+    print(f"prebuilt: {dest} ({stamp['size_mb']} MB, {stamp['xz_mb']} MB compressed, {stamp['build_s']} s)" +
           ("; csrc/ or setup.py has uncommitted changes: the stamp's hash covers them" if dirty else ""))
 
 
@@ -153,7 +164,8 @@ def install() -> int:
         print(f"prebuilt: not used, it was built for another setting: { {k: f'{a} != {b}' for k, (a, b) in diff.items()} }")
         return 1
     dest = os.path.join(ROOT, "nsa_cuda", "_C" + here["ext_suffix"])
-    shutil.copy2(os.path.join(OUT_DIR, "_C" + here["ext_suffix"]), dest)
+    with lzma.open(os.path.join(OUT_DIR, "_C" + here["ext_suffix"] + ".xz"), "rb") as f, open(dest, "wb") as g:
+        shutil.copyfileobj(f, g)
     r = subprocess.run([sys.executable, "-c", SMOKE], cwd=ROOT, capture_output=True, text=True, timeout=300)
     print(r.stdout + r.stderr[-3000:])
     if r.returncode != 0:

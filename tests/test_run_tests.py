@@ -162,8 +162,11 @@ def test_prebuilt_source_hash_covers_csrc_and_setup(prebuilt, tmp_path):
     second = prebuilt.source_hash(str(root))
     (root / "setup.py").write_text("setup(x)")
     assert len({first, second, prebuilt.source_hash(str(root))}) == 3
-    (root / "csrc" / "b.h").write_text("")  # a new file counts too
-    assert prebuilt.source_hash(str(root)) != first
+    third = prebuilt.source_hash(str(root))
+    (root / "csrc" / "NOTES.md").write_text("notes")  # not a source
+    assert prebuilt.source_hash(str(root)) == third
+    (root / "csrc" / "b.h").write_text("")  # a new source counts
+    assert prebuilt.source_hash(str(root)) != third
 
 
 def test_prebuilt_install_refuses_a_mismatch(prebuilt, capsys):
