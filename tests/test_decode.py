@@ -493,6 +493,31 @@ def test_cuda_append_past_capacity_stays_in_bounds():
 
 
 @cuda
+@pytest.mark.parametrize("num_new", [1, 4, 8])
+def test_cuda_append_with_cmp_caches(num_new):
+    """The fused append (the blocks it completes pooled in the same launch, from k_new
+    / v_new) is bitwise the append followed by update_cmp_cache on each cache, also at
+    a full cache, where the rows past the capacity are dropped."""
+    from nsa_cuda.decode import append_to_cache
+    l, d, cap, dtype = 32, 16, 96, torch.bfloat16
+    rows = nsa_cuda.cmp_cache_rows(cap, l, d)
+    lens = torch.tensor([0, 20, 31, 47, cap - num_new, cap - 2], dtype=torch.int32, device="cuda")
+    tokens = [torch.randn(6, cap, 2, D, device="cuda").to(dtype) for D in (192, 128)]
+    cmps = [torch.full((6, rows, 2, D), float("nan"), device="cuda", dtype=dtype) for D in (192, 128)]
+    news = [torch.randn(6, num_new, 2, D, device="cuda").to(dtype) for D in (192, 128)]
+    fused = [t.clone() for t in tokens + cmps]
+    append_to_cache(fused[0], fused[1], *news, lens, fused[2], fused[3], l, d)
+    separate = [t.clone() for t in tokens + cmps]
+    append_to_cache(separate[0], separate[1], *news, lens)
+    for x, x_cmp in ((separate[0], separate[2]), (separate[1], separate[3])):
+        ops.update_cmp_cache(x, x_cmp, lens, num_new, l, d)
+    torch.cuda.synchronize()
+    for a, b in zip(fused, separate):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert (~fused[2].isnan()).any()  # some block completed
+
+
+@cuda
 def test_cuda_graph_capture_and_replay():
     """A decode step (append, compression, the three branches) captured in a CUDA graph
     replays to the same output as the eager step, with no host sync inside."""
