@@ -25,7 +25,8 @@
 # so call it as `NSA_COMMIT=<hash> bash bench/gpu_check.sh` from a clean tree), NSA_TEST_ARGS (extra pytest args for both test steps),
 # NSA_BUDGET_S (total seconds, default 540), NSA_STEP_TIMEOUT (cap per step, default 300),
 # NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
-# NSA_BENCH_LENGTHS (--lengths, default 8192,32768,65536),
+# NSA_BENCH_LENGTHS (--lengths, in the order measured; default 65536,8192,32768: the
+# targets' length first),
 # NSA_BENCH_BUDGET (--budget-s: seconds of measuring before later rows are recorded as
 # skipped; default: what is left of the budget, at most the step cap, minus 30), NSA_BENCH_ARGS (extra suite args, e.g. "--skip flex").
 set -u
@@ -147,7 +148,7 @@ want slow && step slow slow.log 240 sh -c "$(run_tests_cmd slow slow 220)"
 BENCH_CAP=$(left); [ "$BENCH_CAP" -gt "$T_STEP" ] && BENCH_CAP=$T_STEP
 BENCH_BUDGET=${NSA_BENCH_BUDGET:-$(( BENCH_CAP - 30 ))}
 want bench && step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
-  --lengths \"${NSA_BENCH_LENGTHS:-8192,32768,65536}\" --budget-s \"$BENCH_BUDGET\" \
+  --lengths \"${NSA_BENCH_LENGTHS:-65536,8192,32768}\" --budget-s \"$BENCH_BUDGET\" \
   --json \"$LOGS/bench.json\" --plots \"$OUT/plots\" --fault-rounds 4 ${NSA_BENCH_ARGS:-}"
 
 # 7. The record and the summary.

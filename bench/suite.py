@@ -1121,31 +1121,30 @@ def main(argv=None) -> int:
           f"dtype={dtype} shapes={[s.name for s in shapes]} lengths={lengths} nsa={cfg}",
           flush=True)
     torch.manual_seed(0)
-    for s in shapes:
-        for T in lengths:
+    batches = [int(x) for x in (args.decode_batches or ("1,2" if args.quick else "1,32")).split(",") if x]
+    dshapes = [] if "decode" in args.skip else [QUICK_SHAPE] if args.quick else [
+        SHAPES[x] for x in args.decode_shapes.split(",") if x]
+    # Length by length, in the order given (gpu_check.sh puts the targets' 64k first):
+    # a budget that runs out leaves whole lengths, prefill and decode, not half of each.
+    for T in lengths:
+        for s in shapes:
             try:
                 bench_point(run, s, T, cfg, device, dtype, args)
             except Exception:  # noqa: BLE001  after a lost context, torch calls between rows raise too
                 if not run.lost:
                     raise
-    if run.lost:
-        return lost_context_exit(run)
-    if "decode" not in args.skip:
-        batches = [int(x) for x in (args.decode_batches or ("1,2" if args.quick else "1,32"))
-                   .split(",") if x]
-        dshapes = [QUICK_SHAPE] if args.quick else [
-            SHAPES[x] for x in args.decode_shapes.split(",") if x]
         for s in dshapes:
-            for T in lengths:
-                for B in batches:
-                    try:
-                        bench_decode(run, s, T, B, cfg, device, dtype)
-                    except Exception as e:  # noqa: BLE001
-                        traceback.print_exc()
-                        run.add(dict(shape=s.name, T=T, B=B), "decode", "decode",
-                                error="suite error: " + _err(e))
-    if run.lost:
-        return lost_context_exit(run)
+            for B in batches:
+                if run.lost:
+                    break
+                try:
+                    bench_decode(run, s, T, B, cfg, device, dtype)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    run.add(dict(shape=s.name, T=T, B=B), "decode", "decode",
+                            error="suite error: " + _err(e))
+        if run.lost:
+            return lost_context_exit(run)
     print_table(run.rows)
     run.flush()
     if args.plots:
