@@ -897,11 +897,13 @@ def bench_point(run: Runner, s: Shape, T: int, cfg: NSA, device, dtype, args):
                 skipped=True)
         torch.cuda.empty_cache()
         return
+    # The targets' rows first (NSA, dense SDPA, fla); FlexAttention, whose compile takes
+    # the longest, last.
     steps = [("nsa", lambda: bench_nsa(run, base, s, T, cfg, sets)),
              ("sdpa", lambda: bench_sdpa(run, base, s, T, sets, device)),
+             ("fla", lambda: bench_fla(run, base, s, T, cfg, sets)),
              ("flex", lambda: bench_flex(run, base, s, T, cfg, sets, device,
-                                         compiled=not args.flex_eager)),
-             ("fla", lambda: bench_fla(run, base, s, T, cfg, sets))]
+                                         compiled=not args.flex_eager))]
     for name, f in steps:
         if name in args.skip:
             continue
