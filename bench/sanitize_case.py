@@ -3,7 +3,8 @@ the forward and backward of each branch and of mean compression (batch and varle
 on sm_90 both the wgmma and the mma.sync kernels: the compressed and window forward
 and dq, every branch's dk/dv and the selection (also at G = 4, 16 and 32),
 each head-dim pair that is built, G = 1 and 5), and the decode (KV-cache) kernels:
-the three branches, selection and update_cmp_cache, with lengths that leave rows
+the three branches, selection, update_cmp_cache and the append that pools the blocks
+it completes, with lengths that leave rows
 before position 0, a full cache and an empty entry; a selection long enough for
 several MMA passes in the score kernel; the fused compressed attention + selection
 (compressed_select_decode); a one-split decode (no combine); the one-op decode step
@@ -174,6 +175,10 @@ def run_decode(dk, dv, G, dtype, S):
             OPS.update_cmp_cache(k, kc, old, num_new, l, d)
             OPS.update_cmp_cache(v, vc, old, num_new, l, d)
         old = torch.minimum(lens, old + num_new)
+    # The append with the compressed blocks it completes, in one launch (the last entry's
+    # cache is full: its rows are dropped), on copies of the caches.
+    OPS.append_kv_to_cache(k.clone(), v.clone(), lens, torch.randn_like(k[:, :S]), torch.randn_like(v[:, :S]),
+                           kc.clone(), vc.clone(), l, d)
     scale = dk ** -0.5
     _, lse = OPS.compressed_attn_decode(q, kc, vc, lens, l, d, scale)
     bi = OPS.select_blocks_decode(q, kc, lse, lens, l, d, lp, n, 1, 1, scale)
