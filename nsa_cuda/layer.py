@@ -499,7 +499,8 @@ class NativeSparseAttention(nn.Module):
                 decode.append_to_cache(cache.k[i], cache.v[i], ks[i], vs[i], old_lens)
         if not mean:
             self._compress_new_blocks(cache, old_lens)
-        new_lens = (old_lens + S).to(torch.int32)
+        # The lengths advance in place (one launch): everything above read the old ones.
+        new_lens = cache.seqlens.add_(S)
         gates = torch.sigmoid(self.g_proj(hidden_states)).view(B, S, 3, self.num_heads)
         gates = gates.to(cache.k_cmp.dtype)
         g = [gates[:, :, i] if name in self.branches else None
@@ -512,6 +513,5 @@ class NativeSparseAttention(nn.Module):
             slc_block_size=self.slc_block_size, slc_num_blocks=self.slc_num_blocks,
             slc_init_blocks=self.slc_init_blocks, slc_local_blocks=self.slc_local_blocks,
             window_size=self.window_size, scale=self.scale, return_aux=False)
-        cache.seqlens.copy_(new_lens)
         cache.max_len += S
         return self._output(o, hidden_states)
