@@ -124,23 +124,42 @@ at::Tensor workspace(int64_t numel) {
 }
 
 // Decode attention of one branch: split-KV kernel + combine over the splits.
-// With `keep` the splits stay unmerged in the workspace, which `keep` then holds
-// for decode_gate_combine (sparse_attn_decode).
-void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op,
-                          DecodePartials* keep = nullptr) {
+void dispatch_attn_decode(const AttnFwdParams& p, DType dt, cudaStream_t s, const char* op) {
   check_built(p.head_dim_qk, dt, op);
   const int splits = nsa::cuda::decode_num_splits(p, num_sms());
-  const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, keep != nullptr);
+  const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, /*gated=*/false);
   at::Tensor o_part = workspace(rows * p.head_dim_v);
   at::Tensor lse_part = workspace(rows);
   float* op_ = o_part.data_ptr<float>();
   float* lp_ = lse_part.data_ptr<float>();
   run_kernel(op, [&] {
     with_instance(p.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
-      nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, op_, lp_, keep == nullptr, s);
+      nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, op_, lp_, /*combine=*/true, s);
     });
   });
-  if (keep != nullptr) *keep = DecodePartials{o_part, lse_part, splits};
+}
+
+// The unmerged decode attention of a step's branches (sparse_attn_decode) in one
+// launch: each branch keeps the split count it would have alone.
+void dispatch_attn_decode_partials(std::vector<PendingDecode>& jobs, DType dt, cudaStream_t s) {
+  const AttnFwdParams& first = jobs.front().params;
+  check_built(first.head_dim_qk, dt, "sparse_attn_decode");
+  TORCH_CHECK(jobs.size() <= size_t(nsa::cuda::kMaxDecodeJobs), "nsa_cuda: sparse_attn_decode: ",
+              jobs.size(), " branches in one decode launch");
+  nsa::cuda::DecodeAttnJob launch[nsa::cuda::kMaxDecodeJobs];
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const AttnFwdParams& p = jobs[j].params;
+    const int splits = nsa::cuda::decode_num_splits(p, num_sms());
+    const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, /*gated=*/true);
+    *jobs[j].partials = DecodePartials{workspace(rows * p.head_dim_v), workspace(rows), splits};
+    launch[j] = nsa::cuda::DecodeAttnJob{p, splits, jobs[j].partials->o_part.data_ptr<float>(),
+                                         jobs[j].partials->lse_part.data_ptr<float>()};
+  }
+  run_kernel("sparse_attn_decode (attention)", [&] {
+    with_instance(first.head_dim_qk, dt, [&]<int kDk, int kDv, DType kDT>() {
+      nsa::cuda::run_attn_decode_partials<kDk, kDv, kDT>(launch, int(jobs.size()), s);
+    });
+  });
 }
 
 void dispatch_decode_gate_combine(const DecodeGateParams& p, int64_t dk, DType dt, cudaStream_t s) {
@@ -249,8 +268,8 @@ struct CudaBackend {
   static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
     dispatch_attn_decode(p, dtype_of(t), current_stream(), "attn_decode");
   }
-  static void attn_decode_partials(const AttnFwdParams& p, at::ScalarType t, DecodePartials& keep) {
-    dispatch_attn_decode(p, dtype_of(t), current_stream(), "attn_decode", &keep);
+  static void attn_decode_partials(std::vector<PendingDecode>& jobs, at::ScalarType t) {
+    dispatch_attn_decode_partials(jobs, dtype_of(t), current_stream());
   }
   static void decode_gate_combine(const DecodeGateParams& p, at::ScalarType t) {
     dispatch_decode_gate_combine(p, p.head_dim_qk, dtype_of(t), current_stream());

@@ -21,7 +21,8 @@
 //                                      the gradients are not zero-filled first
 //   kFusesDecodeGates                  sparse_attn_decode sums the gated branches in
 //                                      one kernel; such a backend also has
-//   attn_decode_partials(AttnFwdParams, dtype, DecodePartials&) and
+//   attn_decode_partials(std::vector<PendingDecode>&, dtype)  (the branches' unmerged
+//                                      decode attention, in one launch) and
 //   decode_gate_combine(DecodeGateParams, dtype)
 #pragma once
 
@@ -77,6 +78,15 @@ struct DecodePartials {
   int num_splits = 0;
 };
 
+// A decode branch of sparse_attn_decode whose unmerged splits are launched together
+// with the step's other branches (Backend::attn_decode_partials): its params, where
+// its partials go, and the tensors the params point into, kept alive until then.
+struct PendingDecode {
+  AttnFwdParams params;
+  DecodePartials* partials;
+  std::vector<at::Tensor> alive;
+};
+
 // What one attention call needs besides q, k, v: the branch and its sizes.
 struct AttnSpec {
   Branch branch;
@@ -108,7 +118,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
                                             double scale,
                                             const OptTensor& seqlens_k = std::nullopt,
                                             float* cmp_scores = nullptr,
-                                            DecodePartials* partials = nullptr) {
+                                            DecodePartials* partials = nullptr,
+                                            std::vector<PendingDecode>* pending = nullptr) {
   const bool cmp = spec.branch == Branch::kCompressed;
   const bool decode = seqlens_k.has_value();
   check_attn_inputs(q_in, k_in, v_in, cmp ? "k_cmp" : "k", cmp ? "v_cmp" : "v",
@@ -128,11 +139,12 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
   if (decode) p.seqlens_k = seqlens_k->data_ptr<int32_t>();
   p.cmp_scores = cmp_scores;
   if (q.numel() > 0) {
-    if (partials != nullptr) {
-      if constexpr (Backend::kFusesDecodeGates)
-        Backend::attn_decode_partials(p, q.scalar_type(), *partials);
-      else
-        TORCH_CHECK(false, "nsa_cuda: ", spec.op, ": this backend keeps no decode partials");
+    if (partials != nullptr) {  // launched later, with the step's other branches
+      TORCH_CHECK(Backend::kFusesDecodeGates && pending != nullptr, "nsa_cuda: ", spec.op,
+                  ": decode partials need a fusing backend and a pending list");
+      std::vector<at::Tensor> alive{q, k, v, o, lse};
+      if (bi.has_value()) alive.push_back(*bi);
+      pending->push_back(PendingDecode{p, partials, std::move(alive)});
     } else if (decode)
       Backend::attn_decode(p, q.scalar_type());
     else
@@ -495,12 +507,14 @@ at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
     DecodePartials parts;
   };
   std::vector<Term> terms;
+  terms.reserve(3);  // the pending launches point at their terms' partials
+  std::vector<PendingDecode> pending;
   auto branch = [&](const OptTensor& gate, const AttnSpec& spec, const at::Tensor& kb,
                     const at::Tensor& vb, const OptTensor& bi) {
-    Term t{*gate, {}, {}};
+    Term& t = terms.emplace_back(Term{*gate, {}, {}});
     t.o = std::get<0>(attn_fwd<Backend>(spec, q, kb, vb, bi, std::nullopt, 0, scale, seqlens_k,
-                                        nullptr, kFused ? &t.parts : nullptr));
-    terms.push_back(std::move(t));
+                                        nullptr, kFused ? &t.parts : nullptr,
+                                        kFused ? &pending : nullptr));
   };
   const AttnSpec cmp_spec{Branch::kCompressed, l, d, 1, 1, "sparse_attn_decode (compressed)"};
   OptTensor bi = block_indices;
@@ -521,6 +535,11 @@ at::Tensor sparse_attn_decode(const at::Tensor& q, const at::Tensor& k_slc,
     branch(gw, AttnSpec{Branch::kWindow, 1, 1, 1, w, "sparse_attn_decode (window)"}, k_win,
            v_win, std::nullopt);
 
+  if constexpr (kFused) {
+    // The selected and window branches (and the compressed one when no selection
+    // needed its final lse) in one launch.
+    if (!pending.empty() && q.numel() > 0) Backend::attn_decode_partials(pending, q.scalar_type());
+  }
   if constexpr (!kFused) {
     if (terms.empty()) return at::zeros({q.size(0), q.size(1), q.size(2), dv}, q.options());
     std::vector<at::Tensor> outputs, gates;

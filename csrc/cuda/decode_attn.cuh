@@ -9,7 +9,8 @@
 //   selected    chunks of the union of the blocks the tile's tokens selected (-1,
 //               out-of-range and duplicate entries dropped); row mask: block in
 //               that token's set and key <= t
-// The chunks are split evenly over gridDim.z CTAs; each writes its rows' partial
+// The chunks are split evenly over the branch's ws.num_splits CTAs (grid z; one
+// launch may hold several branches, DecodeAttnBatch); each writes its rows' partial
 // result (normalised o in fp32 and lse, -inf when it saw no key) to the workspace
 // and decode_combine.cuh merges the splits (with one split the CTA writes the
 // final o and lse, and no combine runs). K/V chunks are double-buffered: the
@@ -39,9 +40,11 @@ __device__ __forceinline__ int64_t decode_len(const AttnFwdParams& p, int64_t b)
   return len;
 }
 
+// One CTA's work: KV split `split` of branch p, row tile blockIdx.y, (batch entry,
+// KV head) blockIdx.x.
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kThreads)
-    decode_attn_kernel(const AttnFwdParams p, const DecodeWorkspace ws) {
+__device__ __forceinline__ void decode_attn_tile(const AttnFwdParams& p, const DecodeWorkspace& ws,
+                                                 const int split) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kDk = Traits::kDk, kDv = Traits::kDv;
@@ -53,7 +56,6 @@ __global__ void __launch_bounds__(Traits::kThreads)
   const int64_t b = int64_t(blockIdx.x) / p.num_heads_kv;
   const int64_t kvh = int64_t(blockIdx.x) % p.num_heads_kv;
   const int64_t r0 = int64_t(blockIdx.y) * kRows;  // first row of the tile
-  const int split = blockIdx.z;
   const int64_t G = p.group, S = p.seqlen;
   const int64_t rows_total = S * G;
   const int rows_here = int(min(int64_t(kRows), rows_total - r0));  // >= 1 (grid)
@@ -383,6 +385,16 @@ __global__ void __launch_bounds__(Traits::kThreads)
     else
       ws.lse_part[decode_part_row(p, split, b, i, h)] = lse;
   }
+}
+
+// __grid_constant__: the CTA picks its branch at run time, and reads that branch's
+// params where they lie (no copy of the batch to local memory).
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+    decode_attn_kernel(const __grid_constant__ DecodeAttnBatch batch) {
+  int j = 0, split = int(blockIdx.z);
+  while (j + 1 < batch.count && split >= batch.ws[j].num_splits) split -= batch.ws[j++].num_splits;
+  decode_attn_tile<Traits>(batch.p[j], batch.ws[j], split);
 }
 
 }  // namespace nsa::cuda

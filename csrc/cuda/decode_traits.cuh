@@ -76,4 +76,14 @@ struct DecodeWorkspace {
   bool final_out;
 };
 
+// The decode attention of up to kMaxDecodeJobs branches in one launch: with their
+// splits left unmerged (sparse_attn_decode) the branches' CTAs are independent, and
+// the branches of one step share q, hence the grid's x (batch entry x KV head) and y
+// (row tiles). Branch j owns the next ws[j].num_splits values of blockIdx.z.
+struct DecodeAttnBatch {
+  AttnFwdParams p[kMaxDecodeJobs];
+  DecodeWorkspace ws[kMaxDecodeJobs];
+  int count;
+};
+
 }  // namespace nsa::cuda

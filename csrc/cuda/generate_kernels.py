@@ -63,6 +63,7 @@ DECODE = HEADER + """#include "cuda/decode.cuh"
 namespace nsa::cuda {{
 template void run_attn_decode<{dk}, {dv}, DType::{dt}>(const AttnFwdParams&, int, float*, float*,
                                                         bool, cudaStream_t);
+template void run_attn_decode_partials<{dk}, {dv}, DType::{dt}>(const DecodeAttnJob*, int, cudaStream_t);
 template void run_decode_gate_combine<{dk}, {dv}, DType::{dt}>(const DecodeGateParams&,
                                                                 cudaStream_t);
 template void run_select_blocks_decode<{dk}, DType::{dt}>(const SelectParams&, float*, cudaStream_t);

@@ -64,6 +64,18 @@ bool run_select_blocks_sm90(const SelectParams& params, cudaStream_t stream);
 template <int kDk, int kDv, DType kDType>
 void run_attn_decode(const AttnFwdParams& params, int num_splits, float* o_part,
                      float* lse_part, bool combine, cudaStream_t stream);
+// One branch of a decode step whose splits stay unmerged: its params, split count and
+// workspaces (shaped as above).
+struct DecodeAttnJob {
+  AttnFwdParams params;
+  int num_splits;
+  float* o_part;
+  float* lse_part;
+};
+// Up to kMaxDecodeJobs such branches of one step (same q) in one launch of decode_attn.
+constexpr int kMaxDecodeJobs = 3;
+template <int kDk, int kDv, DType kDType>
+void run_attn_decode_partials(const DecodeAttnJob* jobs, int count, cudaStream_t stream);
 template <int kDk, int kDv, DType kDType>
 void run_decode_gate_combine(const DecodeGateParams& params, cudaStream_t stream);
 template <int kDk, DType kDType>

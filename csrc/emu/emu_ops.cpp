@@ -116,23 +116,38 @@ struct EmuBackend {
       });
     });
   }
-  static void attn_decode(const AttnFwdParams& p, at::ScalarType t, DecodePartials* keep = nullptr) {
+  static void attn_decode(const AttnFwdParams& p, at::ScalarType t) {
     run_kernel("attn_decode", [&] {
       const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::num_sms());
-      const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, keep != nullptr);
+      const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, /*gated=*/false);
       at::Tensor o_part = workspace(rows * p.head_dim_v);
       at::Tensor lse_part = workspace(rows);
       poison(o_part), poison(lse_part);
       with_instance(p.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
         nsa::cuda::run_attn_decode<kDk, kDv, kDT>(p, splits, o_part.data_ptr<float>(),
-                                                  lse_part.data_ptr<float>(), keep == nullptr,
+                                                  lse_part.data_ptr<float>(), /*combine=*/true,
                                                   kStream);
       });
-      if (keep != nullptr) *keep = DecodePartials{o_part, lse_part, splits};
     });
   }
-  static void attn_decode_partials(const AttnFwdParams& p, at::ScalarType t, DecodePartials& keep) {
-    attn_decode(p, t, &keep);
+  // As cuda_ops.cpp: the branches' unmerged splits in one launch.
+  static void attn_decode_partials(std::vector<PendingDecode>& jobs, at::ScalarType t) {
+    run_kernel("sparse_attn_decode (attention)", [&] {
+      TORCH_CHECK(jobs.size() <= size_t(nsa::cuda::kMaxDecodeJobs), "too many decode branches");
+      nsa::cuda::DecodeAttnJob launch[nsa::cuda::kMaxDecodeJobs];
+      for (size_t j = 0; j < jobs.size(); ++j) {
+        const AttnFwdParams& p = jobs[j].params;
+        const int splits = nsa::cuda::decode_num_splits(p, nsa_emu::num_sms());
+        const int64_t rows = nsa::cuda::decode_partial_rows(p, splits, /*gated=*/true);
+        *jobs[j].partials = DecodePartials{workspace(rows * p.head_dim_v), workspace(rows), splits};
+        poison(jobs[j].partials->o_part), poison(jobs[j].partials->lse_part);
+        launch[j] = nsa::cuda::DecodeAttnJob{p, splits, jobs[j].partials->o_part.data_ptr<float>(),
+                                             jobs[j].partials->lse_part.data_ptr<float>()};
+      }
+      with_instance(jobs.front().params.head_dim_qk, dtype_of(t), [&]<int kDk, int kDv, DType kDT>() {
+        nsa::cuda::run_attn_decode_partials<kDk, kDv, kDT>(launch, int(jobs.size()), kStream);
+      });
+    });
   }
   static void decode_gate_combine(const DecodeGateParams& p, at::ScalarType t) {
     run_kernel("decode_gate_combine", [&] {

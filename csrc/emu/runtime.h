@@ -56,6 +56,7 @@
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 // Dynamic smem (`extern __shared__ T name[]`) is a per-OS-thread buffer: the

@@ -4,6 +4,7 @@
 namespace nsa::cuda {
 template void run_attn_decode<192, 128, DType::kBf16>(const AttnFwdParams&, int, float*, float*,
                                                         bool, cudaStream_t);
+template void run_attn_decode_partials<192, 128, DType::kBf16>(const DecodeAttnJob*, int, cudaStream_t);
 template void run_decode_gate_combine<192, 128, DType::kBf16>(const DecodeGateParams&,
                                                                 cudaStream_t);
 template void run_select_blocks_decode<192, DType::kBf16>(const SelectParams&, float*, cudaStream_t);
