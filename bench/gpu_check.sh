@@ -132,8 +132,8 @@ if ! want sanitizer; then
 elif command -v compute-sanitizer > /dev/null 2>&1; then
   # In rounds: a case whose kernel has an error loses the context, and the cases after
   # it go on under a fresh compute-sanitizer (their ERROR SUMMARY lines add up).
-  step memcheck memcheck.log 90 "$PY" bench/sanitize_case.py --tool memcheck
-  step racecheck racecheck.log 90 "$PY" bench/sanitize_case.py --tool racecheck
+  step memcheck memcheck.log 150 "$PY" bench/sanitize_case.py --tool memcheck
+  step racecheck racecheck.log 150 "$PY" bench/sanitize_case.py --tool racecheck
 else
   echo "sanitizer rc=skipped (no compute-sanitizer)" >> "$STATUS"
 fi

@@ -29,9 +29,11 @@ import tempfile
 
 import torch
 
-import nsa_cuda  # noqa: F401
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script from the repo root, sys.path[0] is bench/: the in-place extension
+# lives one level up.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(_HERE), _HERE]
+import nsa_cuda  # noqa: E402,F401
 from cuda_health import LOST_CONTEXT_RC, cuda_context_lost  # noqa: E402
 
 OPS = torch.ops.nsa_cuda
