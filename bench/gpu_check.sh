@@ -234,7 +234,9 @@ errs, seen = 0, False
 for tool in ("memcheck", "racecheck"):
     try:
         text = open(os.path.join(out, f"{tool}.log")).read()
-        m = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+        # memcheck: "ERROR SUMMARY: N errors"; racecheck: "RACECHECK SUMMARY: H hazards
+        # displayed (N errors, W warnings)". One line per round.
+        m = re.findall(r"(?:ERROR SUMMARY: |RACECHECK SUMMARY: \d+ hazards? displayed \()(\d+) error", text)
         if m:
             seen = True
             errs += sum(int(x) for x in m)
