@@ -70,15 +70,23 @@ def dtype(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but q has {like.dtype}: they must match")
 
 
-def head_dims(q: torch.Tensor, dk: int, dv: int) -> None:
+def head_dims(q: torch.Tensor, dk: int, dv: int | None) -> None:
+    """dv None: only Dk matters (the block selection reads no values)."""
+    if dv is None:
+        if q.device.type == "cuda" and dk not in {p[0] for p in CUDA_HEAD_DIMS}:
+            dks = ", ".join(str(d) for d in sorted({p[0] for p in CUDA_HEAD_DIMS}))
+            raise ValueError(f"head dim Dk={dk} is not supported on CUDA; supported Dk: {dks}. "
+                             "The CPU path takes any head dims.")
+        return
     if q.device.type == "cuda" and (dk, dv) not in CUDA_HEAD_DIMS:
         pairs = ", ".join(str(p) for p in CUDA_HEAD_DIMS)
         raise ValueError(f"head dims (Dk={dk}, Dv={dv}) are not supported on CUDA; "
                          f"supported (Dk, Dv): {pairs}. The CPU path takes any head dims.")
 
 
-def qkv(q, k, v, k_name: str = "k", v_name: str = "v"):
-    """q [B, T, Hq, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; returns (G, Dk, Dv)."""
+def qkv(q, k, v, k_name: str = "k", v_name: str = "v", values: bool = True):
+    """q [B, T, Hq, Dk], k [B, Tk, Hkv, Dk], v [B, Tk, Hkv, Dv]; returns (G, Dk, Dv).
+    values=False: v is k again (the selection), so only Dk must be a supported one."""
     tensor("q", q, 4), tensor(k_name, k, 4), tensor(v_name, v, 4)
     same_device(q=q, **{k_name: k, v_name: v})
     dtype("q", q)
@@ -101,7 +109,7 @@ def qkv(q, k, v, k_name: str = "k", v_name: str = "v"):
         raise ValueError(f"{k_name} head dim {k.shape[3]} != q head dim {q.shape[3]}")
     if q.shape[3] == 0:  # the default scale Dk ** -0.5 would raise ZeroDivisionError
         raise ValueError("q head dim Dk must be >= 1, got 0")
-    head_dims(q, q.shape[3], v.shape[3])
+    head_dims(q, q.shape[3], v.shape[3] if values else None)
     return hq // hkv, q.shape[3], v.shape[3]
 
 
@@ -194,7 +202,11 @@ def nsa_sizes(cmp_block_size=None, cmp_stride=None, slc_block_size=None, slc_num
 
 
 def compressed_kv(q, k_cmp, v_cmp, cmp_block_size, cmp_stride, varlen: bool) -> None:
-    qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
+    """v_cmp None: the selection's check (k_cmp only)."""
+    if v_cmp is None:
+        qkv(q, k_cmp, k_cmp, "k_cmp", "k_cmp", values=False)
+    else:
+        qkv(q, k_cmp, v_cmp, "k_cmp", "v_cmp")
     if not varlen:
         t = q.shape[1]
         needed = 0 if t < cmp_block_size else (t - cmp_block_size) // cmp_stride + 1

@@ -64,7 +64,7 @@ def select_blocks(q: Tensor, k_cmp: Tensor, lse_cmp: Tensor, *, cmp_block_size: 
     check.nsa_sizes(cmp_block_size=cmp_block_size, cmp_stride=cmp_stride,
                     slc_block_size=slc_block_size, slc_num_blocks=slc_num_blocks,
                     slc_init_blocks=slc_init_blocks, slc_local_blocks=slc_local_blocks)
-    check.compressed_kv(q, k_cmp, k_cmp, cmp_block_size, cmp_stride, cu_seqlens is not None)
+    check.compressed_kv(q, k_cmp, None, cmp_block_size, cmp_stride, cu_seqlens is not None)
     check.tensor("lse_cmp", lse_cmp, 3)
     expected = (q.shape[0], q.shape[2], q.shape[1])
     if tuple(lse_cmp.shape) != expected:

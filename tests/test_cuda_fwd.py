@@ -684,3 +684,17 @@ def test_long_paper_settings(T, fwd_mainloop, monkeypatch):
     del ref_scores
     check_selected(q, k, v, bi, P["lp"])
     check_window(q, k, v, P["w"])
+
+
+@pytest.mark.parametrize("dk", [64, 128, 192])
+def test_select_blocks_public_api(dk):
+    """nsa_cuda.select_blocks (the Python API, not the op) at every built Dk: the first
+    device run found it refusing Dk = 192, its k_cmp checked as a (192, 192) K/V pair."""
+    q = rand(1, 300, 4, dk, dtype=torch.bfloat16)
+    k_cmp = nsa_cuda.mean_compress(rand(1, 300, 1, dk, dtype=torch.bfloat16), 32, 16)
+    v_cmp = k_cmp[..., :128].contiguous() if dk != 64 else k_cmp
+    _, lse = nsa_cuda.compressed_attn(q, k_cmp, v_cmp, cmp_block_size=32, cmp_stride=16)
+    got = nsa_cuda.select_blocks(q, k_cmp, lse, cmp_block_size=32, cmp_stride=16, slc_block_size=64,
+                                 slc_num_blocks=4)
+    want = OPS.select_blocks(q, k_cmp, lse, None, 300, 32, 16, 64, 4, 1, 2, dk ** -0.5)
+    assert torch.equal(got, want)

@@ -385,3 +385,18 @@ def test_out_of_range_block_index_varlen_not_read_from_next_sequence():
     ro, rlse = R.selected_attn(inp["q"], inp["k"], inp["v"], bi, cfg.lp, None, cu)
     assert_close_exact(o, ro, "o")
     assert_close_exact(lse, rlse, "lse")
+
+
+def test_cuda_head_dims_of_the_selection_are_dk_only():
+    """select_blocks reads no values: on CUDA only Dk must be a built head dim (the first
+    device run found nsa_cuda.select_blocks refusing Dk = 192, checked as (192, 192))."""
+    from types import SimpleNamespace
+
+    from nsa_cuda import _validate as check
+    on_cuda = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    for dk in (64, 128, 192):
+        check.head_dims(on_cuda, dk, None)
+    with pytest.raises(ValueError, match="Dk=96 is not supported on CUDA"):
+        check.head_dims(on_cuda, 96, None)
+    with pytest.raises(ValueError, match=r"\(Dk=192, Dv=192\) are not supported"):
+        check.head_dims(on_cuda, 192, 192)
