@@ -9,10 +9,10 @@
 //      in a fixed order, and writes
 //      score[j] = sum_i w(i, j) * p(i) for j <= J = t // l' into the workspace
 //      [B, Hkv, S, W] (W = select_score_width). Entries j > J are not written.
-//   2. decode_select_topn: one warp per (b, kv head, token): forced blocks first,
-//      then the top scores (slc_ranks_before: ties to the smaller j) by n rounds of
-//      warp argmax, then the chosen set written ascending by ballot compaction,
-//      -1 padded; a token before position 0 selects nothing.
+//   2. decode_select_topn: one warp per (b, kv head, token), the prefill kernels'
+//      select_top_n_row (select_topn.cuh): forced blocks first, then the top scores
+//      (ties to the smaller j), written ascending, -1 padded; a token before
+//      position 0 selects nothing.
 // Positions: query row i of entry b is at t = len - S + i with len = seqlens_k[b]
 // clamped to [0, select_max_tokens(k_rows)] (decode_plan.h).
 #pragma once
@@ -20,6 +20,7 @@
 #include "cuda/common.cuh"
 #include "cuda/decode_plan.h"
 #include "cuda/decode_traits.cuh"
+#include "cuda/select_topn.cuh"
 
 namespace nsa::cuda {
 
@@ -158,17 +159,14 @@ __global__ void __launch_bounds__(kSelectThreads)
       }
     }
     __syncthreads();
-    // score[j] = sum over the rows overlapping j of w(i, j) * p(i), j <= J.
+    // score[j] = sum over the rows overlapping j of w(i, j) * p(i), j <= J, the rows
+    // ascending; rows past nc(t) add nothing (their p is 0), so they are clipped off.
     float* out = scores + ((b * p.num_heads_kv + kvh) * S + i) * width;
     for (int64_t j = j0 + tid; j < j1 && j <= J; j += kThreads) {
+      const int64_t r_lo = max(first_overlapping_cmp_row(j, l, d, lp), i_lo);
+      const int64_t r_hi = min(min(last_overlapping_cmp_row(j, d, lp), i_hi), nc - 1);
       float s = 0.f;
-      for (int r = 0; r < num_rows; ++r) {
-        const int64_t blk = i_lo + r;
-        if (blk >= nc) break;
-        if (j < first_overlapped_slc_block(blk, d, lp) || j > last_overlapped_slc_block(blk, l, d, lp))
-          continue;
-        s += cmp_slc_overlap_weight(blk, j, l, d, lp) * sPsum[r];
-      }
+      for (int64_t blk = r_lo; blk <= r_hi; ++blk) s += cmp_slc_overlap_weight(blk, j, l, d, lp) * sPsum[blk - i_lo];
       out[j] = s;
     }
     __syncthreads();  // sPsum is reset for the next token
@@ -176,9 +174,10 @@ __global__ void __launch_bounds__(kSelectThreads)
   cute::cp_async_wait<0>();  // the K rows' copies when no token needed them
 }
 
-// One warp per (b, kv head, token): blockIdx.x = (b * Hkv + kvh) * S + i, 32 threads.
-// Dynamic smem: the `taken` bitmask of ceil(width / 32) words. A template (on the
-// element type, unused) so that every decode TU can hold its own copy.
+// One warp per (b, kv head, token): blockIdx.x = (b * Hkv + kvh) * S + i, 32 threads,
+// through the prefill kernels' select_top_n_row. Dynamic smem: the `taken` bitmask
+// of ceil(width / 32) words. A template (on the element type, unused) so that every
+// decode TU can hold its own copy.
 template <class Element>
 __global__ void __launch_bounds__(32)
     decode_select_topn_kernel(const SelectParams p, const float* scores, int64_t width) {
@@ -187,58 +186,17 @@ __global__ void __launch_bounds__(32)
   const int64_t i = int64_t(blockIdx.x) % S;
   const int64_t kvh = (int64_t(blockIdx.x) / S) % p.num_heads_kv;
   const int64_t b = int64_t(blockIdx.x) / (S * p.num_heads_kv);
-  const int64_t lp = p.slc_block_size, n = p.slc_num_blocks;
   int32_t* out = p.block_indices + b * p.bi_batch_stride + i * p.bi_row_stride +
                  kvh * p.bi_head_stride;
   const int64_t t = select_decode_len(p, b) - S + i;
   if (t < 0) {
-    for (int64_t a = lane; a < n; a += 32) out[a] = -1;
+    for (int64_t a = lane; a < p.slc_num_blocks; a += 32) out[a] = -1;
     return;
   }
-  const int64_t J = last_candidate_slc_block(t, lp);  // candidates 0..J, J < width
-  const float* score = scores + ((b * p.num_heads_kv + kvh) * S + i) * width;
   extern __shared__ uint32_t taken[];
-  const int64_t words = (J + 1 + 31) / 32;
-  for (int64_t w = lane; w < words; w += 32) taken[w] = 0u;
-  __syncwarp();
-
-  const int64_t take = n < J + 1 ? n : J + 1;
-  for (int64_t round = 0; round < take; ++round) {
-    // This lane's best untaken candidate, then the warp's.
-    int64_t best = -1;
-    bool best_forced = false;
-    float best_score = 0.f;
-    for (int64_t j = lane; j <= J; j += 32) {
-      if ((taken[j / 32] >> (j % 32)) & 1u) continue;
-      const bool f = is_forced_slc_block(j, J, p.slc_init_blocks, p.slc_local_blocks);
-      const float s = score[j];
-      const bool better = best < 0 || (f != best_forced ? f : slc_ranks_before(s, j, best_score, best));
-      if (better) best = j, best_forced = f, best_score = s;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      const int64_t oj = __shfl_xor_sync(0xffffffffu, best, off);
-      const bool of = __shfl_xor_sync(0xffffffffu, best_forced, off);
-      const float os = __shfl_xor_sync(0xffffffffu, best_score, off);
-      const bool better =
-          oj >= 0 && (best < 0 || (of != best_forced ? of : slc_ranks_before(os, oj, best_score, best)));
-      if (better) best = oj, best_forced = of, best_score = os;
-    }
-    // Every lane holds the same winner (take <= J + 1 keeps one available).
-    if (lane == 0) taken[best / 32] |= 1u << (best % 32);
-    __syncwarp();
-  }
-
-  // Ascending compaction of the taken set, then -1 padding.
-  int64_t base = 0;
-  for (int64_t j0 = 0; j0 <= J; j0 += 32) {
-    const int64_t j = j0 + lane;
-    const bool on = j <= J && ((taken[j / 32] >> (j % 32)) & 1u);
-    const unsigned bal = __ballot_sync(0xffffffffu, on);
-    if (on) out[base + __popc(bal & ((1u << lane) - 1u))] = int32_t(j);
-    base += __popc(bal);
-  }
-  for (int64_t a = base + lane; a < n; a += 32) out[a] = -1;
+  // J = t // l' < width: t < select_max_tokens (select_decode_len).
+  select_top_n_row(p, last_candidate_slc_block(t, p.slc_block_size),
+                   scores + ((b * p.num_heads_kv + kvh) * S + i) * width, taken, out, lane);
 }
 
 }  // namespace nsa::cuda
