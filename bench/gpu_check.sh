@@ -17,14 +17,15 @@
 # is left of the budget minus a reserve for the record; a step with no time left is
 # recorded as skipped.
 # Order: wheels, build (or the prebuilt extension: bench/prebuilt.py), tests (fast),
-# memcheck, racecheck, slow tests (8k/32k), bench:
+# memcheck, racecheck, slow tests (8k/32k), kernel profile, bench:
 # what the issues need first. NSA_STEPS picks steps (default
-# "wheels,build,tests,sanitizer,slow,bench"), so a second call on the same warm
+# "wheels,build,tests,sanitizer,slow,profile,bench"), so a second call on the same warm
 # machine can run what the first had no time for (the build is then a no-op).
 # Environment: NSA_COMMIT (the commit the record names: the device's copy has no .git,
 # so call it as `NSA_COMMIT=<hash> bash bench/gpu_check.sh` from a clean tree), NSA_TEST_ARGS (extra pytest args for both test steps),
 # NSA_BUDGET_S (total seconds, default 540), NSA_STEP_TIMEOUT (cap per step, default 300),
-# NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
+# NSA_PROFILE_SHAPES / NSA_PROFILE_LENGTHS / NSA_PROFILE_DECODE_LENGTHS (bench/kernel_profile.py;
+# default paper, 8192,65536, 65536), NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
 # NSA_BENCH_LENGTHS (--lengths, in the order measured; default 65536,8192,32768: the
 # targets' length first),
 # NSA_BENCH_BUDGET (--budget-s: seconds of measuring before later rows are recorded as
@@ -41,7 +42,7 @@ T_STEP=${NSA_STEP_TIMEOUT:-300}
 START=$(date +%s)
 DEADLINE=$(( START + ${NSA_BUDGET_S:-540} ))
 RESERVE=15  # seconds kept for the record and the summary
-STEPS=",${NSA_STEPS:-wheels,build,tests,sanitizer,slow,bench},"
+STEPS=",${NSA_STEPS:-wheels,build,tests,sanitizer,slow,profile,bench},"
 want() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 export PYTHONUNBUFFERED=1
 STATUS="$LOGS/steps.txt"
@@ -141,7 +142,13 @@ fi
 # 5. The long cases (8k and 32k tokens, paper shapes).
 want slow && step slow slow.log 240 sh -c "$(run_tests_cmd slow slow 220)"
 
-# 6. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
+# 6. Where the time goes inside a call: bench/kernel_profile.py (torch.profiler) on
+# sparse_attn forward and forward+backward and a decode step, per kernel and per op.
+want profile && step profile profile.log 120 "$PY" bench/kernel_profile.py \
+  --shapes "${NSA_PROFILE_SHAPES:-paper}" --lengths "${NSA_PROFILE_LENGTHS:-8192,65536}" \
+  --decode-lengths "${NSA_PROFILE_DECODE_LENGTHS:-65536}" --json "$LOGS/profile.json"
+
+# 7. Timings: the benchmark suite (NSA fwd/bwd and per branch, dense SDPA backends,
 # FlexAttention, fla). It rewrites bench.json after every row, so a timeout still
 # leaves the rows measured so far. A row whose kernel faults is recorded as such, and
 # the suite goes on in a fresh process (--fault-rounds). Plots go to $OUT/plots.
@@ -151,7 +158,7 @@ want bench && step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cu
   --lengths \"${NSA_BENCH_LENGTHS:-65536,8192,32768}\" --budget-s \"$BENCH_BUDGET\" \
   --json \"$LOGS/bench.json\" --plots \"$OUT/plots\" --fault-rounds 4 ${NSA_BENCH_ARGS:-}"
 
-# 7. The record and the summary.
+# 8. The record and the summary.
 "$PY" - "$OUT" "$LOGS" <<'PYEOF' 2>&1 | tee "$OUT/summary.txt.tmp"
 import datetime, json, os, re, subprocess, sys
 dest, out = sys.argv[1], sys.argv[2]
@@ -245,6 +252,12 @@ for tool in ("memcheck", "racecheck"):
         rec["sanitizer"][tool] = "not run"
 rec["sanitizer"]["errors"] = errs if seen else None
 try:
+    rec["profile"] = json.load(open(os.path.join(out, "profile.json")))
+except FileNotFoundError:
+    pass
+except Exception as e:
+    rec["profile_error"] = str(e)
+try:
     rec["bench"] = json.load(open(os.path.join(out, "bench.json")))
 except Exception as e:
     rec["bench"] = []
@@ -262,6 +275,13 @@ for n in rec["tests"].get("failed_names", [])[:10]:
 print(f"  sanitizer  {rec['sanitizer']}")
 if rec.get("build", {}).get("wgmma_serialized"):
     print(f"  build      wgmma SERIALIZED in {len(rec['build']['wgmma_serialized'])} kernel(s) (build.log, C75xx)")
+for p in rec.get("profile", []):
+    if "ops" not in p:
+        print(f"  profile {p.get('shape')} T={p.get('T')} B={p.get('B')} {p.get('pass')}: {p.get('error')}")
+        continue
+    top = ", ".join(f"{o['name'].replace('nsa_cuda::', '')} {o['ms']:.2f}" for o in p["ops"][:5])
+    print(f"  profile {p['shape']} T={p['T']} B={p['B']} {p['pass']:7s} wall {p['wall_ms']:.2f} ms"
+          f" busy {p['busy'] or 0:.2f}: {top}")
 if rec["bench"]:
     print(f"  {'shape':6s} {'op':34s} {'T':>7s} {'pass':8s} {'ms':>9s} {'TF/s':>7s}")
     for r in rec["bench"]:

@@ -734,6 +734,26 @@ def cuda_kernel_count(fn) -> str:
         return "unknown (" + _err(e)[:60] + ")"
 
 
+def make_decode_set(s: Shape, T: int, B: int, cfg: NSA, device, dtype) -> dict:
+    """Caches of capacity T holding T - 1 random tokens (and their compressed blocks), the
+    new token's q, k, v (k/v equal to the caches' row T - 1) and its gates."""
+    k = torch.randn(B, T, s.Hkv, s.Dk, device=device, dtype=dtype)
+    v = torch.randn(B, T, s.Hkv, s.Dv, device=device, dtype=dtype)
+    return dict(q=torch.randn(B, 1, s.Hq, s.Dk, device=device, dtype=dtype), k=k, v=v,
+                kc=nsa_cuda.mean_compress(k, cfg.l, cfg.d),
+                vc=nsa_cuda.mean_compress(v, cfg.l, cfg.d),
+                k_new=k[:, T - 1:].clone(), v_new=v[:, T - 1:].clone(),
+                g=torch.rand(B, 1, s.Hq, device=device, dtype=dtype),
+                lens=torch.full((B,), T - 1, dtype=torch.int32, device=device))
+
+
+def decode_step(x: dict, T: int, cfg: NSA):
+    """One decode step on a make_decode_set: append the new token at row T - 1, attend."""
+    return nsa_cuda.sparse_attn_with_kvcache(
+        x["q"], x["k"], x["v"], x["kc"], x["vc"], x["lens"], x["k_new"], x["v_new"],
+        g_cmp=x["g"], g_slc=x["g"], g_win=x["g"], max_cache_seqlen=T - 1, **cfg.kwargs())
+
+
 def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype):
     """Latency of one decode step (S = 1) at context length T, batch B: the new token is
     appended at row T - 1 of caches of capacity T (its compressed block, if it completes
@@ -768,15 +788,7 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
     sets = []
     try:
         for _ in range(nsets):
-            k = torch.randn(B, T, s.Hkv, s.Dk, device=device, dtype=dtype)
-            v = torch.randn(B, T, s.Hkv, s.Dv, device=device, dtype=dtype)
-            sets.append(dict(
-                q=torch.randn(B, 1, s.Hq, s.Dk, device=device, dtype=dtype), k=k, v=v,
-                kc=nsa_cuda.mean_compress(k, cfg.l, cfg.d),
-                vc=nsa_cuda.mean_compress(v, cfg.l, cfg.d),
-                k_new=k[:, T - 1:].clone(), v_new=v[:, T - 1:].clone(),
-                g=torch.rand(B, 1, s.Hq, device=device, dtype=dtype),
-                lens=torch.full((B,), T - 1, dtype=torch.int32, device=device)))
+            sets.append(make_decode_set(s, T, B, cfg, device, dtype))
     except torch.cuda.OutOfMemoryError as e:
         for op in ops:
             run.add(base, op, "decode", skipped=True,
@@ -784,13 +796,9 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
         del sets
         torch.cuda.empty_cache()
         return
-    kw = cfg.kwargs()
 
     def nsa_step(i):
-        x = sets[i]
-        return nsa_cuda.sparse_attn_with_kvcache(
-            x["q"], x["k"], x["v"], x["kc"], x["vc"], x["lens"], x["k_new"], x["v_new"],
-            g_cmp=x["g"], g_slc=x["g"], g_win=x["g"], max_cache_seqlen=T - 1, **kw)
+        return decode_step(sets[i], T, cfg)
 
     # Bytes each decode kernel must read from the caches at t = T - 1 (K and V rows
     # of every KV head): the floor of a memory-bound step, for the GB/s columns.

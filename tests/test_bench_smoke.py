@@ -139,3 +139,25 @@ def test_fault_rounds_resume_until_no_fault(suite, tmp_path, monkeypatch):
         assert cmd[2:2 + len(argv)] == argv and cmd[-3:] == ["--fault-rounds", "1", "--resume"]
     codes = iter([suite.LOST_CONTEXT_RC] * 2)
     assert suite.main(argv[:-1] + ["2"]) == suite.LOST_CONTEXT_RC
+
+
+def test_kernel_profile_cpu(tmp_path, monkeypatch):
+    """bench/kernel_profile.py end to end on the CPU: every case profiled, and each op
+    table names the ops the call runs (attributed to the outermost nsa_cuda op), within
+    the call's wall time."""
+    prof = load_bench_script("kernel_profile", monkeypatch)
+    out = tmp_path / "profile.json"
+    assert prof.main(["--device", "cpu", "--json", str(out)]) == 0
+    records = {(r["pass"], r["B"]): r for r in json.loads(out.read_text())}
+    assert set(records) == {("fwd", 1), ("fwd+bwd", 1), ("decode", 1), ("decode", 32)}
+    fwd_ops = {"nsa_cuda::compressed_attn_fwd", "nsa_cuda::select_blocks", "nsa_cuda::selected_attn_fwd",
+               "nsa_cuda::window_attn_fwd", "nsa_cuda::gate_combine", "nsa_cuda::mean_compress"}
+    bwd_ops = {"nsa_cuda::compressed_attn_bwd", "nsa_cuda::selected_attn_bwd", "nsa_cuda::window_attn_bwd",
+               "nsa_cuda::gate_combine_bwd", "nsa_cuda::mean_compress_bwd"}
+    names = {p: {o["name"] for o in r["ops"]} for p, r in records.items()}
+    assert names[("fwd", 1)] == fwd_ops
+    assert names[("fwd+bwd", 1)] == fwd_ops | bwd_ops
+    assert "nsa_cuda::sparse_attn_decode" in names[("decode", 32)]
+    for r in records.values():
+        assert all(o["ms"] > 0 and o["calls"] >= 1 for o in r["ops"])
+        assert 0 < r["kernel_ms"] <= r["wall_ms"] * 1.001
