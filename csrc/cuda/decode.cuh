@@ -112,11 +112,10 @@ void run_select_blocks_decode(const SelectParams& p, float* scores, cudaStream_t
   const dim3 grid{unsigned(score_ctas), unsigned(p.num_heads_kv), unsigned(p.num_seqs)};
   NSA_LAUNCH(grid, kSelectThreads, smem, stream, scores_kernel)(p, scores, width);
   check_launch("select_blocks_decode (scores)");
-  const int64_t topn_smem = ceil_div64(width, 32) * 4;
-  if (topn_smem > 48 * 1024)
-    throw std::runtime_error("select_blocks_decode: cache too long for the top-n kernel");
-  NSA_LAUNCH(unsigned(tokens), 32, topn_smem, stream, decode_select_topn_kernel<Element>)(
-      p, scores, width);
+  const int64_t topn_smem = (width + ceil_div64(width, 32)) * 4;
+  auto topn_kernel = decode_select_topn_kernel<Element>;
+  set_smem_limit(topn_kernel, int(topn_smem), "select_blocks_decode (top-n)");
+  NSA_LAUNCH(unsigned(tokens), 32, topn_smem, stream, topn_kernel)(p, scores, width);
   check_launch("select_blocks_decode (top-n)");
 }
 

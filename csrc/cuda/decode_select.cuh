@@ -175,8 +175,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 }
 
 // One warp per (b, kv head, token): blockIdx.x = (b * Hkv + kvh) * S + i, 32 threads,
-// through the prefill kernels' select_top_n_row. Dynamic smem: the `taken` bitmask
-// of ceil(width / 32) words. A template (on the element type, unused) so that every
+// through the prefill kernels' select_top_n_row. Dynamic smem: the score row (width
+// floats), then the `taken` bitmask of ceil(width / 32) words. A template (on the element type, unused) so that every
 // decode TU can hold its own copy.
 template <class Element>
 __global__ void __launch_bounds__(32)
@@ -193,10 +193,18 @@ __global__ void __launch_bounds__(32)
     for (int64_t a = lane; a < p.slc_num_blocks; a += 32) out[a] = -1;
     return;
   }
-  extern __shared__ uint32_t taken[];
   // J = t // l' < width: t < select_max_tokens (select_decode_len).
-  select_top_n_row(p, last_candidate_slc_block(t, p.slc_block_size),
-                   scores + ((b * p.num_heads_kv + kvh) * S + i) * width, taken, out, lane);
+  const int64_t J = last_candidate_slc_block(t, p.slc_block_size);
+  // The row is staged in shared memory first: the top-n rescans a lane's candidates,
+  // and from global memory each rescan would be a chain of dependent L2 round trips.
+  extern __shared__ __align__(16) char smem[];
+  float* row = reinterpret_cast<float*>(smem);
+  uint32_t* taken = reinterpret_cast<uint32_t*>(row + width);
+  const float* score = scores + ((b * p.num_heads_kv + kvh) * S + i) * width;
+#pragma unroll 8
+  for (int64_t j = lane; j <= J; j += 32) row[j] = score[j];
+  __syncwarp();
+  select_top_n_row(p, J, row, taken, out, lane);
 }
 
 }  // namespace nsa::cuda
