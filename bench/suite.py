@@ -54,6 +54,13 @@ BWD_FACTOR = 2.5  # FlashAttention convention: backward = 2.5 x forward FLOPs
 BRANCHES = ("mean_compress", "compressed", "selection", "selected", "window", "combine")
 DIFFERENTIABLE_BRANCHES = ("mean_compress", "compressed", "selected", "window", "combine")
 L2_BYTES = 50 * 2 ** 20  # H100 L2; used to decide how many input sets to rotate
+_START = time.time()
+
+
+def stamp() -> str:
+    """Seconds since the suite started, to prefix progress lines (where a run's time goes:
+    compiles, autotuning, input setup are between the rows)."""
+    return f"[{time.time() - _START:7.1f}s]"
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -285,7 +292,7 @@ class Runner:
         row["skipped"] = bool(skipped)
         ms = row["ms"]
         tf = row["tflops"]
-        print(f"  {row['shape']:6s} T={row['T']:<7d} {row['op']:38s} {row['pass']:8s} "
+        print(f"{stamp()} {row['shape']:6s} T={row['T']:<7d} {row['op']:38s} {row['pass']:8s} "
               f"{('%.3f ms' % ms) if ms is not None else '-':>12s} "
               f"{('%.3g TF/s' % tf) if tf is not None else '':>11s} "
               f"{('%.0f MB' % row['peak_mem_mb']) if row['peak_mem_mb'] is not None else '':>9s}"
@@ -772,7 +779,7 @@ def bench_decode(run: Runner, s: Shape, T: int, B: int, cfg: NSA, device, dtype)
                     "branches")
     ops = ["nsa_cuda.decode"] + (["nsa_cuda.decode.graph"] if cuda else []) + \
         [f"nsa_cuda.decode.kernel.{k}" for k in kernel_names] + ["sdpa.decode"]
-    print(f"== decode {s.name} B={B} T={T} {base['dtype']} on {device}", flush=True)
+    print(f"{stamp()} == decode {s.name} B={B} T={T} {base['dtype']} on {device}", flush=True)
     elt = torch.tensor([], dtype=dtype).element_size()
     rows_cmp = nsa_cuda.cmp_cache_rows(T, cfg.l, cfg.d)
     set_bytes = B * (T + rows_cmp) * s.Hkv * (s.Dk + s.Dv) * elt
@@ -895,7 +902,7 @@ def bench_point(run: Runner, s: Shape, T: int, cfg: NSA, device, dtype, args):
     base = dict(shape=s.name, T=T, B=s.B, Hq=s.Hq, Hkv=s.Hkv, Dk=s.Dk, Dv=s.Dv,
                 dtype=str(dtype).replace("torch.", ""), device=device,
                 nsa=dict(l=cfg.l, d=cfg.d, lp=cfg.lp, n=cfg.n, w=cfg.w))
-    print(f"== shape {s.name} {s} T={T} {base['dtype']} on {device}", flush=True)
+    print(f"{stamp()} == shape {s.name} {s} T={T} {base['dtype']} on {device}", flush=True)
     try:
         one = make_set(s, T, device, dtype, True)
         nsets = num_sets(_bytes(one), device)
