@@ -26,8 +26,8 @@
 # NSA_BUDGET_S (total seconds, default 540), NSA_STEP_TIMEOUT (cap per step, default 300),
 # NSA_PROFILE_SHAPES / NSA_PROFILE_LENGTHS / NSA_PROFILE_DECODE_LENGTHS (bench/kernel_profile.py;
 # default paper, 8192,65536, 65536), NSA_BENCH_SHAPES (bench/suite.py --shapes, default paper),
-# NSA_BENCH_LENGTHS (--lengths, in the order measured; default 65536,8192,32768: the
-# targets' length first),
+# NSA_BENCH_LENGTHS (--lengths, in the order measured; default 65536,8192,32768,16384,131072:
+# the targets' length first; the decode rows come with each length),
 # NSA_BENCH_BUDGET (--budget-s: seconds of measuring before later rows are recorded as
 # skipped; default: what is left of the budget, at most the step cap, minus 30), NSA_BENCH_ARGS (extra suite args, e.g. "--skip flex").
 set -u
@@ -155,7 +155,7 @@ want profile && step profile profile.log 120 "$PY" bench/kernel_profile.py \
 BENCH_CAP=$(left); [ "$BENCH_CAP" -gt "$T_STEP" ] && BENCH_CAP=$T_STEP
 BENCH_BUDGET=${NSA_BENCH_BUDGET:-$(( BENCH_CAP - 30 ))}
 want bench && step bench bench.log 600 sh -c "\"$PY\" bench/suite.py --device cuda --shapes \"${NSA_BENCH_SHAPES:-paper}\" \
-  --lengths \"${NSA_BENCH_LENGTHS:-65536,8192,32768}\" --budget-s \"$BENCH_BUDGET\" \
+  --lengths \"${NSA_BENCH_LENGTHS:-65536,8192,32768,16384,131072}\" --budget-s \"$BENCH_BUDGET\" \
   --json \"$LOGS/bench.json\" --plots \"$OUT/plots\" --fault-rounds 4 ${NSA_BENCH_ARGS:-}"
 
 # 8. The record and the summary.
