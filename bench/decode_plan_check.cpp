@@ -84,15 +84,20 @@ int main() {
         for (int dk : {64, 128, 192}) {
           // decode_select_scores' carve-up (select_score_smem_layout): whole MMA passes
           // of rows, 16-byte aligned cp.async / ldmatrix regions, room for every region.
-          const SelectScoreSmem m = select_score_smem_layout(p, dk);
-          const int64_t rows = select_cta_cmp_rows_padded(p);
-          CHECK(rows >= max_rows && rows % kDecodeKeys == 0 && rows - max_rows < kDecodeKeys);
-          CHECK(m.k % 16 == 0 && m.q % 16 == 0 && m.p % 16 == 0);
-          CHECK(m.q - m.k == rows * (dk + kDecodePad) * 2);
-          CHECK(m.p - m.q == int64_t(kSelectHeadsPerPass) * (dk + kDecodePad) * 2);
-          CHECK(m.p_stride >= rows && m.psum - m.p == int64_t(kSelectHeadsPerPass) * m.p_stride * 4);
-          CHECK(m.lse - m.psum >= rows * 4 && m.end - m.lse >= kSelectHeadsPerPass * 4);
-          CHECK(m.end <= select_score_smem(p, dk));
+          // With the attention's kept scores (cmp_scores) the K and q regions are empty.
+          for (const bool kept : {false, true}) {
+            SelectParams pk = p;
+            pk.cmp_scores = kept ? reinterpret_cast<const float*>(16) : nullptr;
+            const SelectScoreSmem m = select_score_smem_layout(pk, dk);
+            const int64_t rows = select_cta_cmp_rows_padded(pk);
+            CHECK(rows >= max_rows && rows % kDecodeKeys == 0 && rows - max_rows < kDecodeKeys);
+            CHECK(m.k % 16 == 0 && m.q % 16 == 0 && m.p % 16 == 0);
+            CHECK(m.q - m.k == (kept ? 0 : rows * (dk + kDecodePad) * 2));
+            CHECK(m.p - m.q == (kept ? 0 : int64_t(kSelectHeadsPerPass) * (dk + kDecodePad) * 2));
+            CHECK(m.p_stride >= rows && m.psum - m.p == int64_t(kSelectHeadsPerPass) * m.p_stride * 4);
+            CHECK(m.lse - m.psum >= rows * 4 && m.end - m.lse >= kSelectHeadsPerPass * 4);
+            CHECK(m.end <= select_score_smem(pk, dk));
+          }
         }
       }
   // Score width: every candidate J of a valid token is < W.

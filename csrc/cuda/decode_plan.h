@@ -150,8 +150,8 @@ NSA_HOST_DEVICE int64_t select_cta_cmp_rows_padded(const SelectParams& p) {
 // decode_select_scores' shared memory, byte offsets from the base: the one carve-up
 // of the kernel, the host's size and bench/decode_plan_check.cpp.
 struct SelectScoreSmem {
-  int64_t k;     // 16-bit [rows_padded][dk + pad]: the compressed rows
-  int64_t q;     // 16-bit [kSelectHeadsPerPass][dk + pad]: one pass's heads of a token
+  int64_t k;     // 16-bit [rows_padded][dk + pad]: the compressed rows (empty with cmp_scores)
+  int64_t q;     // 16-bit [kSelectHeadsPerPass][dk + pad]: one pass's heads of a token (empty with cmp_scores)
   int64_t p;     // fp32 [kSelectHeadsPerPass][p_stride]: p(head, row)
   int64_t p_stride;  // rows_padded + pad: a quad's 8-byte stores of 4 heads hit 4 bank groups
   int64_t psum;  // fp32 [rows_padded]: p summed over the group's heads
@@ -159,12 +159,15 @@ struct SelectScoreSmem {
   int64_t end;
 };
 
+// With the compressed attention's scores (p.cmp_scores) the kernel reads neither K nor
+// q, and their regions are empty: a third of the bytes, more CTAs per SM.
 NSA_HOST_DEVICE SelectScoreSmem select_score_smem_layout(const SelectParams& p, int dk) {
   const int64_t rows = select_cta_cmp_rows_padded(p);
+  const bool operands = p.cmp_scores == nullptr;
   SelectScoreSmem m;
   m.k = 0;
-  m.q = m.k + rows * (dk + kDecodePad) * 2;
-  m.p = m.q + int64_t(kSelectHeadsPerPass) * (dk + kDecodePad) * 2;
+  m.q = m.k + (operands ? rows * (dk + kDecodePad) * 2 : 0);
+  m.p = m.q + (operands ? int64_t(kSelectHeadsPerPass) * (dk + kDecodePad) * 2 : 0);
   m.p_stride = rows + kDecodePad;
   m.psum = m.p + int64_t(kSelectHeadsPerPass) * m.p_stride * 4;
   m.lse = m.psum + rows * 4;
