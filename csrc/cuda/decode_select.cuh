@@ -201,8 +201,15 @@ __global__ void __launch_bounds__(32)
   float* row = reinterpret_cast<float*>(smem);
   uint32_t* taken = reinterpret_cast<uint32_t*>(row + width);
   const float* score = scores + ((b * p.num_heads_kv + kvh) * S + i) * width;
-#pragma unroll 8
-  for (int64_t j = lane; j <= J; j += 32) row[j] = score[j];
+  constexpr int kBatch = 8;  // loads in flight per lane, all issued before any store
+  for (int64_t j0 = lane; j0 <= J; j0 += 32 * kBatch) {
+    float v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) v[u] = j0 + 32 * u <= J ? score[j0 + 32 * u] : 0.f;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (j0 + 32 * u <= J) row[j0 + 32 * u] = v[u];
+  }
   __syncwarp();
   select_top_n_row(p, J, row, taken, out, lane);
 }
