@@ -176,8 +176,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // One warp per (b, kv head, token): blockIdx.x = (b * Hkv + kvh) * S + i, 32 threads,
 // through the prefill kernels' select_top_n_row. Dynamic smem: the score row (width
-// floats), then the `taken` bitmask of ceil(width / 32) words. A template (on the element type, unused) so that every
-// decode TU can hold its own copy.
+// floats), then the `taken` bitmask of ceil(width / 32) words. A template (on the
+// element type, unused) so that every decode TU can hold its own copy.
 template <class Element>
 __global__ void __launch_bounds__(32)
     decode_select_topn_kernel(const SelectParams p, const float* scores, int64_t width) {
