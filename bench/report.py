@@ -1,6 +1,7 @@
 """Turns a device record (bench/gpu_check.sh's record.json) into the README's
 Performance section: a table per shape (NSA against the fastest dense SDPA backend
-and fla's Triton NSA) and the benchmark issue's targets with the measured values.
+and fla's Triton NSA), the decode steps, where the time goes (the record's kernel
+profile) and the benchmark issue's targets with the measured values.
 
     python bench/report.py bench/results/<record>.json              # markdown to stdout
     python bench/report.py bench/results/<record>.json --readme README.md
@@ -168,6 +169,26 @@ def decode_table(rows: Rows) -> List[str]:
     return out + [""]
 
 
+def profile_table(profiles: List[dict], top: int = 4) -> List[str]:
+    """Where a call's time goes (the record's `profile`, bench/kernel_profile.py): per case
+    the wall time, the GPU's busy share and the ops taking the most kernel time."""
+    cases = [p for p in profiles if p.get("ops") is not None]
+    if not cases:
+        return []
+    out = ["**where the time goes** (bench/kernel_profile.py: ms per call; busy = kernel time / wall "
+           "time; the ops with the most kernel time, and their share of it)", "",
+           "| shape | T | B | pass | wall | busy | top ops |", "| --- | ---: | ---: | --- | ---: | ---: | --- |"]
+    for p in cases:
+        total = p.get("kernel_ms") or 0.0
+        ops = ", ".join(f"{o['name'].replace('nsa_cuda::', '')} {_ms(o['ms'])}"
+                        + (f" ({100 * o['ms'] / total:.0f}%)" if total > 0 else "")
+                        for o in p["ops"][:top])
+        busy = p.get("busy")
+        out.append(f"| {p.get('shape')} | {p.get('T')} | {p.get('B')} | {p.get('pass')} | {_ms(p.get('wall_ms'))} "
+                   f"| {'-' if busy is None else f'{busy:.2f}'} | {ops} |")
+    return out + [""]
+
+
 def render(record: dict, rows_list: List[dict]) -> str:
     rows = Rows(rows_list)
     lines = []
@@ -183,6 +204,7 @@ def render(record: dict, rows_list: List[dict]) -> str:
         if rows.lengths(shape, prefill=True):
             lines += shape_table(rows, shape) + [""]
     lines += decode_table(rows)
+    lines += profile_table(record.get("profile") or [])
     lines += ["| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(rows)]
     return "\n".join(lines) + "\n"

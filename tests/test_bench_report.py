@@ -60,7 +60,12 @@ def test_targets_from_known_values():
 def test_render_and_readme_section(tmp_path):
     record = dict(device="NVIDIA H100 80GB HBM3", torch="2.11.0", commit="0123456789abcdef",
                   date="2026-11-28T10:00:00", tests=dict(passed=10, failed=0, skipped=1),
-                  sanitizer=dict(errors=0), bench=synthetic_rows())
+                  sanitizer=dict(errors=0), bench=synthetic_rows(),
+                  profile=[dict(shape="paper", T=T, B=1, **{"pass": "fwd"}, wall_ms=50.0, kernel_ms=40.0,
+                                busy=0.8, kernels=[],
+                                ops=[dict(name="nsa_cuda::selected_attn_fwd", calls=1, ms=30.0),
+                                     dict(name="nsa_cuda::window_attn_fwd", calls=1, ms=10.0)]),
+                           dict(shape="paper", T=8192, B=1, **{"pass": "fwd"}, error="RuntimeError: x")])
     path = tmp_path / "record.json"
     path.write_text(json.dumps(record))
     readme = tmp_path / "README.md"
@@ -73,6 +78,9 @@ def test_render_and_readme_section(tmp_path):
     assert "| 65536 | 10.00 | 80.00 | 8.00x | 20.00 | 100 | 5.00x |" in text
     assert "| 4096 | - | - | - | - | - | - | 5.00 | 4.00 | 0.80x |" in text
     assert "| paper | 1 | 65536 | 0.06 | 0.05 | 0.40 | 8.00x |" in text  # decode table
+    # the kernel profile: shares of the kernel time; a failed case is left out
+    assert "| paper | 65536 | 1 | fwd | 50.00 | 0.80 | selected_attn_fwd 30.00 (75%), window_attn_fwd 10.00 (25%) |" in text
+    assert "| paper | 8192 |" not in text
     # a target whose rows are missing says so (no gqa4 rows: the G=4 target)
     rows = [r for r in synthetic_rows() if r["shape"] != "gqa4"]
     g4 = next(t for t in report.targets(report.Rows(rows)) if t[0].startswith("selected branch G=4"))
