@@ -73,10 +73,10 @@ def dtype(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
 def head_dims(q: torch.Tensor, dk: int, dv: int | None) -> None:
     """dv None: only Dk matters (the block selection reads no values)."""
     if dv is None:
-        if q.device.type == "cuda" and dk not in {p[0] for p in CUDA_HEAD_DIMS}:
-            dks = ", ".join(str(d) for d in sorted({p[0] for p in CUDA_HEAD_DIMS}))
-            raise ValueError(f"head dim Dk={dk} is not supported on CUDA; supported Dk: {dks}. "
-                             "The CPU path takes any head dims.")
+        dks = sorted({p[0] for p in CUDA_HEAD_DIMS})
+        if q.device.type == "cuda" and dk not in dks:
+            raise ValueError(f"head dim Dk={dk} is not supported on CUDA; supported Dk: "
+                             f"{', '.join(map(str, dks))}. The CPU path takes any head dims.")
         return
     if q.device.type == "cuda" and (dk, dv) not in CUDA_HEAD_DIMS:
         pairs = ", ".join(str(p) for p in CUDA_HEAD_DIMS)
