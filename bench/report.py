@@ -169,6 +169,38 @@ def decode_table(rows: Rows) -> List[str]:
     return out + [""]
 
 
+SELECTED_VARIANTS = (("selected", "the suite's selections"),
+                     ("selected_shared", "shared within l'-blocks"),
+                     ("selected_keysplit2", "2 key-range passes"),
+                     ("selected_keysplit4", "4 key-range passes"))
+
+
+def selected_table(rows: Rows) -> List[str]:
+    """The selected forward against its bytes (bench/suite.py, SELECTED_CTA_ROWS): the
+    same FLOPs with the suite's selections, with fewer bytes (shared selections), and
+    with the same bytes from a working set a pass's key range keeps in L2."""
+    keys = sorted({(r["shape"], r["T"]) for r in rows.rows if r.get("ms") is not None
+                   and r.get("op") == "nsa_cuda.branch.selected_shared"})
+    if not keys:
+        return []
+    out = ["**selected forward, by its bytes** (ms, effective TFLOP/s and GB/s of the K/V each "
+           "CTA loads, q and o; the same FLOPs in every column)", "",
+           "| shape | T | " + " | ".join(name for _, name in SELECTED_VARIANTS) + " |",
+           "| --- | ---: | " + " | ".join("---:" for _ in SELECTED_VARIANTS) + " |"]
+    for shape, T in keys:
+        cells = []
+        for op, _ in SELECTED_VARIANTS:
+            r = rows.get(shape, T, f"nsa_cuda.branch.{op}", "fwd")
+            if r is None:
+                cells.append("-")
+                continue
+            tf = f"{r['tflops']:.0f} TF/s" if r.get("tflops") else "-"
+            gb = f"{r['gbps']:.0f} GB/s" if r.get("gbps") else "-"
+            cells.append(f"{_ms(r['ms'])} ({tf}, {gb})")
+        out.append(f"| {shape} | {T} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def profile_table(profiles: List[dict], top: int = 4) -> List[str]:
     """Where a call's time goes (the record's `profile`, bench/kernel_profile.py): per case
     the wall time, the GPU's busy share and the ops taking the most kernel time."""
@@ -204,6 +236,7 @@ def render(record: dict, rows_list: List[dict]) -> str:
         if rows.lengths(shape, prefill=True):
             lines += shape_table(rows, shape) + [""]
     lines += decode_table(rows)
+    lines += selected_table(rows)
     lines += profile_table(record.get("profile") or [])
     lines += ["| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(rows)]

@@ -346,10 +346,10 @@ def _backward(out, grad):
 
 
 def add_passes(run: Runner, base, op, fwd, sets, flops_of, note=None, output_grad=None,
-               fwd_nograd=None):
+               fwd_nograd=None, fwd_bytes=None):
     """fwd, bwd and fwd+bwd rows for ``fwd(i) -> tensor`` (output grad ``sets[i]['do']``,
     or ``output_grad(i, out)``). The fwd row runs ``fwd_nograd(i)`` (default ``fwd``)
-    under torch.no_grad()."""
+    under torch.no_grad(); ``fwd_bytes`` gives it a bytes / GB/s figure."""
     nsets = len(sets)
 
     def grad_of(i, out):
@@ -368,12 +368,115 @@ def add_passes(run: Runner, base, op, fwd, sets, flops_of, note=None, output_gra
         _backward(out, grad_of(i, out))
         _zero_grads(sets[i])
 
-    run.add(base, op, "fwd", fwd_only, nsets=nsets, flops=flops_of("fwd"), note=note)
+    run.add(base, op, "fwd", fwd_only, nsets=nsets, flops=flops_of("fwd"), note=note,
+            bytes_read=fwd_bytes)
     run.add(base, op, "bwd", bwd, setup=fwd, nsets=nsets, flops=flops_of("bwd"), note=note)
     run.add(base, op, "fwd+bwd", fwd_bwd, nsets=nsets, flops=flops_of("fwd+bwd"), note=note)
 
 
 # --- nsa_cuda -----------------------------------------------------------------------------
+
+# --- the selected branch's bytes ------------------------------------------------------------
+# The selected forward is query-centric: a CTA owns SELECTED_CTA_ROWS flattened (token,
+# head) rows of one kv head (the mma.sync kernel's tile, csrc/cuda/attn_traits.cuh) and
+# loads every block that any of its tokens chose, once. On random inputs the tokens of a
+# CTA share few blocks, so its K/V traffic, not its FLOPs, sets the time. The rows below
+# (fwd only) say which limit the kernel meets: GB/s against the device's bandwidth, the
+# same FLOPs with shared selections (fewer bytes), and the same selections in passes over
+# key ranges (the same bytes from a smaller working set, which stays in L2).
+SELECTED_CTA_ROWS = 64
+KEY_SPLITS = (2, 4)
+
+
+def selected_tile_bytes(bi: torch.Tensor, G: int, lp: int, Dk: int, Dv: int, elt: int) -> int:
+    """Bytes the selected forward kernel moves for ``block_indices`` bi [B, T, Hkv, n]:
+    per CTA the keys of the union of its tokens' valid blocks (block j's keys clipped to
+    the CTA's last token, as the kernel clips them), K and V, plus q read and o written."""
+    B, T, Hkv, n = bi.shape
+    nblk = -(-T // lp)
+    f0 = torch.arange(0, T * G, SELECTED_CTA_ROWS, device=bi.device)
+    t_lo = f0 // G
+    t_hi = torch.clamp(f0 + SELECTED_CTA_ROWS - 1, max=T * G - 1) // G
+    span = int((t_hi - t_lo).max()) + 1
+    j = torch.arange(nblk, device=bi.device)
+    keys = torch.clamp(torch.minimum((j + 1) * lp, t_hi[:, None] + 1) - j * lp, min=0)  # [C, nblk]
+    kv_keys = 0
+    for b in range(B):
+        for h in range(Hkv):
+            seen = torch.zeros(len(f0), nblk + 1, dtype=torch.bool, device=bi.device)
+            for off in range(span):
+                t = t_lo + off
+                ok_t = t <= t_hi
+                rows = bi[b, torch.clamp(t, max=T - 1), h, :].long()  # [C, n]
+                ok = ok_t[:, None] & (rows >= 0) & (rows < nblk) & (rows * lp <= t[:, None])
+                seen.scatter_(1, torch.where(ok, rows, nblk), True)
+            kv_keys += int((seen[:, :nblk] * keys).sum())
+    return kv_keys * (Dk + Dv) * elt + B * T * G * Hkv * (Dk + Dv) * elt
+
+
+def shared_block_indices(bi: torch.Tensor, lp: int) -> torch.Tensor:
+    """Every token of an l'-block takes the selection of the block's first token: a
+    locality proxy (a trained model's neighbours mostly agree). The blocks stay valid
+    (j * l' <= first token <= t), the current block stays selected, and each token
+    visits as many keys as before, so the FLOPs are the same."""
+    T = bi.shape[1]
+    first = torch.arange(T, device=bi.device) // lp * lp
+    return bi[:, first].contiguous()
+
+
+def key_split_block_indices(bi: torch.Tensor, lp: int, parts: int) -> List[torch.Tensor]:
+    """The same selections as ``parts`` block lists, each keeping the blocks of one key
+    range of ceil(nblk / parts) blocks (the other slots unused, -1)."""
+    nblk = -(-bi.shape[1] // lp)
+    per = -(-nblk // parts)
+    part = torch.where(bi >= 0, bi.long() // per, -1)
+    return [torch.where(part == c, bi, torch.full_like(bi, -1)).contiguous() for c in range(parts)]
+
+
+def merge_partials(outs: List[torch.Tensor], lses: List[torch.Tensor]):
+    """(o, lse) of attention over the union of disjoint key sets from each set's (o_c,
+    lse_c): lse = logsumexp_c lse_c, o = sum_c exp(lse_c - lse) o_c (o [B, T, H, D],
+    lse [B, H, T]; a row empty everywhere keeps o = 0, lse = -inf)."""
+    lse_all = torch.stack([x.double() for x in lses])
+    lse = torch.logsumexp(lse_all, dim=0)
+    w = torch.exp(lse_all - lse).nan_to_num(0.0)  # -inf - -inf: an empty row
+    o = sum(w[c].permute(0, 2, 1).unsqueeze(-1) * outs[c].double() for c in range(len(outs)))
+    return o.to(outs[0].dtype), lse.to(lses[0].dtype)
+
+
+def bench_selected_bytes(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, pre, flops,
+                         op_prefix, bnote):
+    """The selected forward on the suite's selections, with its bytes; with shared
+    selections; and as key-range passes (see SELECTED_CTA_ROWS)."""
+    G, elt = s.Hq // s.Hkv, sets[0]["k"].element_size()
+
+    def nbytes(bi):
+        return selected_tile_bytes(bi, G, cfg.lp, s.Dk, s.Dv, elt)
+
+    def slc_with(bis):
+        def call(i):
+            x = sets[i]
+            return [nsa_cuda.selected_attn(x["q"], x["k"], x["v"], b, slc_block_size=cfg.lp)
+                    for b in bis[i]]
+        return call
+
+    with torch.no_grad():
+        shared = [[shared_block_indices(p["bi"], cfg.lp)] for p in pre]
+        run.add(base, f"{op_prefix}.branch.selected_shared", "fwd", slc_with(shared),
+                nsets=len(sets), flops=flops, bytes_read=nbytes(shared[0][0]),
+                note=bnote + "; every token of an l'-block uses the block's first token's "
+                "selection (a locality proxy: fewer distinct blocks per CTA, the same FLOPs)")
+        for parts in KEY_SPLITS:
+            split = [key_split_block_indices(p["bi"], cfg.lp, parts) for p in pre]
+            merged = merge_partials(*zip(*slc_with(split)(0)))[0]
+            whole = slc_with([[p["bi"]] for p in pre])(0)[0][0]
+            diff = float((merged.float() - whole.float()).abs().max())
+            run.add(base, f"{op_prefix}.branch.selected_keysplit{parts}", "fwd", slc_with(split),
+                    nsets=len(sets), flops=flops, bytes_read=sum(nbytes(b) for b in split[0]),
+                    note=bnote + f"; the same selections in {parts} passes over key ranges of "
+                    f"1/{parts} of the blocks (a working set that fits L2); kernels only, the "
+                    f"merge by lse is not timed; merged vs one pass: max |diff| {diff:.3g}")
+
 
 def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="nsa_cuda",
               branches=True, win=True, note=None):
@@ -482,8 +585,12 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
                                           slc_local_blocks=cfg.n_local)
     run.add(base, f"{op_prefix}.branch.selection", "fwd", select, nsets=len(sets),
             flops=fl["fwd"]["selection"], note=bnote + "; no backward (discrete choice)")
+    G, elt = s.Hq // s.Hkv, sets[0]["k"].element_size()
     add_passes(run, base, f"{op_prefix}.branch.selected", slc, sets,
-               lambda p: fl[p]["selected"], note=bnote)
+               lambda p: fl[p]["selected"], note=bnote + "; fwd bytes: the K/V of each CTA's "
+               "block union, q and o", fwd_bytes=selected_tile_bytes(pre[0]["bi"], G, cfg.lp,
+                                                                    s.Dk, s.Dv, elt))
+    bench_selected_bytes(run, base, s, T, cfg, sets, pre, fl["fwd"]["selected"], op_prefix, bnote)
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):

@@ -85,3 +85,15 @@ def test_render_and_readme_section(tmp_path):
     rows = [r for r in synthetic_rows() if r["shape"] != "gqa4"]
     g4 = next(t for t in report.targets(report.Rows(rows)) if t[0].startswith("selected branch G=4"))
     assert g4[1:] == ("not measured", "-")
+
+
+def test_selected_bytes_table():
+    rows = [row("paper", "nsa_cuda.branch.selected", "fwd", 60.0, tflops=46.0, gbps=2400.0),
+            row("paper", "nsa_cuda.branch.selected_shared", "fwd", 20.0, tflops=138.0, gbps=2100.0),
+            row("paper", "nsa_cuda.branch.selected_keysplit4", "fwd", 30.0, tflops=92.0, gbps=4900.0),
+            row("paper", "nsa_cuda.branch.selected_keysplit2", "fwd", None)]  # failed: "-"
+    text = "\n".join(report.selected_table(report.Rows(rows)))
+    assert ("| paper | 65536 | 60.00 (46 TF/s, 2400 GB/s) | 20.00 (138 TF/s, 2100 GB/s) | - "
+            "| 30.00 (92 TF/s, 4900 GB/s) |") in text
+    # no shared-selection row (a record from before these rows): no table
+    assert report.selected_table(report.Rows(rows[:1])) == []
