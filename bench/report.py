@@ -170,6 +170,7 @@ def decode_table(rows: Rows) -> List[str]:
 
 
 SELECTED_VARIANTS = (("selected", "the suite's selections"),
+                     ("selected_1stage", "one K/V stage"),
                      ("selected_shared", "shared within l'-blocks"),
                      ("selected_keysplit2", "2 key-range passes"),
                      ("selected_keysplit4", "4 key-range passes"))
@@ -177,8 +178,9 @@ SELECTED_VARIANTS = (("selected", "the suite's selections"),
 
 def selected_table(rows: Rows) -> List[str]:
     """The selected forward against its bytes (bench/suite.py, SELECTED_CTA_ROWS): the
-    same FLOPs with the suite's selections, with fewer bytes (shared selections), and
-    with the same bytes from a working set a pass's key range keeps in L2."""
+    same FLOPs with the suite's selections (two K/V stages, the default, and one), with
+    fewer bytes (shared selections), and with the same bytes from a working set a
+    pass's key range keeps in L2."""
     keys = sorted({(r["shape"], r["T"]) for r in rows.rows if r.get("ms") is not None
                    and r.get("op") == "nsa_cuda.branch.selected_shared"})
     if not keys:

@@ -133,6 +133,11 @@ def run_long_selection(dk, dv, dtype):
     bi = OPS.select_blocks(q, kc, lse, None, T, l, d, lp, n, 1, 1, scale)
     o, lse_s = OPS.selected_attn_fwd(q, k, v, bi, None, T, lp, scale)
     OPS.selected_attn_bwd(torch.randn_like(o), None, q, k, v, bi, o, lse_s, None, T, lp, scale)
+    os.environ["NSA_SLC_FWD_STAGES"] = "1"  # the one-stage selected forward (the default: two)
+    try:
+        OPS.selected_attn_fwd(q, k, v, bi, None, T, lp, scale)
+    finally:
+        del os.environ["NSA_SLC_FWD_STAGES"]
 
 
 def run_selection_groups(dk, dtype):

@@ -585,11 +585,15 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
                                           slc_local_blocks=cfg.n_local)
     run.add(base, f"{op_prefix}.branch.selection", "fwd", select, nsets=len(sets),
             flops=fl["fwd"]["selection"], note=bnote + "; no backward (discrete choice)")
-    G, elt = s.Hq // s.Hkv, sets[0]["k"].element_size()
+    slc_bytes = selected_tile_bytes(pre[0]["bi"], s.Hq // s.Hkv, cfg.lp, s.Dk, s.Dv,
+                                    sets[0]["k"].element_size())
     add_passes(run, base, f"{op_prefix}.branch.selected", slc, sets,
                lambda p: fl[p]["selected"], note=bnote + "; fwd bytes: the K/V of each CTA's "
-               "block union, q and o", fwd_bytes=selected_tile_bytes(pre[0]["bi"], G, cfg.lp,
-                                                                    s.Dk, s.Dv, elt))
+               "block union, q and o", fwd_bytes=slc_bytes)
+    with torch.no_grad():  # the K/V pipeline of the selected forward: one stage against two
+        run.add(base, f"{op_prefix}.branch.selected_1stage", "fwd",
+                with_env("NSA_SLC_FWD_STAGES", "1", slc), nsets=len(sets), flops=fl["fwd"]["selected"],
+                bytes_read=slc_bytes, note=bnote + "; one K/V stage (NSA_SLC_FWD_STAGES=1; branch.selected: two)")
     bench_selected_bytes(run, base, s, T, cfg, sets, pre, fl["fwd"]["selected"], op_prefix, bnote)
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)

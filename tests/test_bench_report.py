@@ -93,7 +93,7 @@ def test_selected_bytes_table():
             row("paper", "nsa_cuda.branch.selected_keysplit4", "fwd", 30.0, tflops=92.0, gbps=4900.0),
             row("paper", "nsa_cuda.branch.selected_keysplit2", "fwd", None)]  # failed: "-"
     text = "\n".join(report.selected_table(report.Rows(rows)))
-    assert ("| paper | 65536 | 60.00 (46 TF/s, 2400 GB/s) | 20.00 (138 TF/s, 2100 GB/s) | - "
+    assert ("| paper | 65536 | 60.00 (46 TF/s, 2400 GB/s) | - | 20.00 (138 TF/s, 2100 GB/s) | - "
             "| 30.00 (92 TF/s, 4900 GB/s) |") in text
     # no shared-selection row (a record from before these rows): no table
     assert report.selected_table(report.Rows(rows[:1])) == []

@@ -62,6 +62,15 @@ def test_bench_suite_cpu_quick(tmp_path):
             for p in ("bwd", "fwd+bwd"):
                 assert row(f"nsa_cuda.branch.{b}", T, p)["ms"] is not None
         assert "APPROXIMATION" in row("flex_attention.nsa_blockmask", T, "fwd")["note"]
+        # the selected forward against its bytes: timed, with GB/s; the key-range passes
+        # merge to the one-pass output (CPU fp32: to rounding)
+        for op in ("selected", "selected_1stage", "selected_shared", "selected_keysplit2",
+                   "selected_keysplit4"):
+            r = row(f"nsa_cuda.branch.{op}", T, "fwd")
+            assert r["ms"] > 0 and r["bytes"] > 0 and r["gbps"] > 0, r
+        for parts in (2, 4):
+            note = row(f"nsa_cuda.branch.selected_keysplit{parts}", T, "fwd")["note"]
+            assert float(note.rsplit("max |diff| ", 1)[1]) < 1e-5, note
 
     # Decode rows (batches 1 and 2 in --quick): the step, each decode kernel alone and
     # dense SDPA, timed, with the cache bytes each must read and the GB/s that makes.

@@ -147,6 +147,23 @@ def mainloop(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["2", "1"])
+def slc_stages(request, monkeypatch):
+    """The selected forward's K/V pipeline: two stages (the default) and one."""
+    monkeypatch.setenv("NSA_SLC_FWD_STAGES", request.param)
+    return request.param
+
+
+def test_slc_fwd_stages_setting(emu, monkeypatch):
+    dk, dv, dtype = DIMS[0]
+    q = torch.rand(1, 8, 2, dk).to(dtype)
+    kv = torch.rand(1, 8, 1, dk).to(dtype)
+    bi = torch.zeros(1, 8, 1, 1, dtype=torch.int32)
+    monkeypatch.setenv("NSA_SLC_FWD_STAGES", "3")
+    with pytest.raises(RuntimeError, match="NSA_SLC_FWD_STAGES must be 1 or 2, got '3'"):
+        emu.selected_attn_fwd(q, kv, kv[..., :dv].contiguous(), bi, None, 8, 16, 0.125)
+
+
 def test_fwd_mainloop_setting(emu, monkeypatch):
     """NSA_MAINLOOP: a bad value and sm90 for the selected branch (no wgmma
     kernel: it stays on mma.sync) are answered clearly or ignored as documented."""
@@ -200,7 +217,7 @@ def test_compressed_fwd_fewer_rows(F, emu, mainloop):
 @pytest.mark.parametrize("T,G,lp,n", [(1, 4, 64, 4), (70, 16, 32, 3), (200, 2, 16, 5),
                                       (130, 1, 64, 2), (90, 8, 128, 3), (700, 1, 16, 6),
                                       (300, 4, 32, 8), (160, 16, 16, 4)])
-def test_selected_fwd(F, dims, T, G, lp, n):
+def test_selected_fwd(F, dims, T, G, lp, n, slc_stages):
     """(700, 1, 16, 6): 44 blocks, so the union bitmap of a CTA spans two words. n = 8
     and 4: the lists read 16 bytes at a time; G = 4 and 16: warps skipping the union
     tiles none of their tokens chose."""
@@ -209,7 +226,7 @@ def test_selected_fwd(F, dims, T, G, lp, n):
     F.check_selected(q, k, v, bi, lp)
 
 
-def test_selected_fwd_varlen(F):
+def test_selected_fwd_varlen(F, slc_stages):
     lengths = [1, 17, 150, 64, 33]
     cu = F.make_cu(lengths)
     q, k, v = _qkv(F, 1, sum(lengths), 2, 4, DIMS[0])
@@ -217,7 +234,7 @@ def test_selected_fwd_varlen(F):
     F.check_selected(q, k, v, bi, 32, cu=cu, max_seqlen=max(lengths))
 
 
-def test_selected_fwd_int64_indices(F):
+def test_selected_fwd_int64_indices(F, slc_stages):
     q, k, v = _qkv(F, 1, 100, 1, 4, DIMS[0])
     bi = F.random_block_indices(1, 100, 1, 4, 16, garbage=False, seed=3).long()
     bi[0, -1, 0, -1] = 2 ** 33

@@ -454,6 +454,14 @@ def check_branch(name, op, ref_fn, q, k, v, extra, size, cu=None, max_seqlen=Non
     assert_close(lse, lse64, lse_lp, f"lse_{name}")
 
 
+@pytest.fixture(params=["2", "1"])
+def slc_stages(request, monkeypatch):
+    """The selected forward's K/V pipeline: two stages (the default) and one
+    (NSA_SLC_FWD_STAGES, read at each call)."""
+    monkeypatch.setenv("NSA_SLC_FWD_STAGES", request.param)
+    return request.param
+
+
 def check_selected(q, k, v, bi, lp, cu=None, max_seqlen=None):
     check_branch("slc", OPS.selected_attn_fwd, ref.selected_attn, q, k, v, (bi,), lp, cu,
                  max_seqlen)
@@ -462,7 +470,7 @@ def check_selected(q, k, v, bi, lp, cu=None, max_seqlen=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
 @pytest.mark.parametrize("G", GROUPS)
-def test_selected(dims, dtype, G):
+def test_selected(dims, dtype, G, slc_stages):
     dk, dv = dims
     B, T, Hkv = 2, 300, 2
     q = rand(B, T, Hkv * G, dk, dtype=dtype)
@@ -474,7 +482,7 @@ def test_selected(dims, dtype, G):
 
 @pytest.mark.parametrize("T,lp,n", [(1, 64, 16), (20, 64, 4), (130, 64, 2), (333, 16, 5), (257, 128, 3),
                                     (300, 32, 8)])
-def test_selected_lengths(T, lp, n):
+def test_selected_lengths(T, lp, n, slc_stages):
     q = rand(1, T, 4, 64, dtype=torch.float16)
     k = rand(1, T, 1, 64, dtype=torch.float16)
     v = rand(1, T, 1, 64, dtype=torch.float16)
@@ -482,7 +490,7 @@ def test_selected_lengths(T, lp, n):
     check_selected(q, k, v, bi, lp)
 
 
-def test_selected_int64_and_clean_indices():
+def test_selected_int64_and_clean_indices(slc_stages):
     T = 200
     q = rand(2, T, 8, 128, dtype=torch.bfloat16)
     k = rand(2, T, 2, 128, dtype=torch.bfloat16)
@@ -503,7 +511,7 @@ def test_selected_from_selection():
 
 
 @pytest.mark.parametrize("dims", HEAD_DIMS, ids=_id)
-def test_selected_varlen(dims):
+def test_selected_varlen(dims, slc_stages):
     dk, dv = dims
     lengths = [1, 17, 300, 64, 129]
     cu = make_cu(lengths)

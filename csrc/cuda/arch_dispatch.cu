@@ -56,4 +56,13 @@ bool use_sm90_kernels() {
   return can;
 }
 
+int selected_fwd_stages() {
+  const char* env = std::getenv("NSA_SLC_FWD_STAGES");
+  if (env == nullptr || *env == '\0') return 2;
+  const std::string value = env;
+  if (value != "1" && value != "2")
+    throw std::runtime_error("NSA_SLC_FWD_STAGES must be 1 or 2, got '" + value + "'");
+  return value == "1" ? 1 : 2;
+}
+
 }  // namespace nsa::cuda

@@ -10,9 +10,29 @@
 
 namespace nsa::cuda {
 
-template <class Traits, class Schedule>
+// Shared memory of the forward's tiles: Q, then kStages stages of K and V (stage s
+// of K at s * kStageElems past stage 0, V likewise: [Q][K0][V0][K1][V1]).
+template <class Traits, int kStages>
+constexpr int fwd_smem_tiles() {
+  if constexpr (kStages == 1) {
+    return Traits::kSmemAttn;
+  } else {
+    return Traits::kSmemAttn + (kStages - 1) * (Traits::kSmemK + Traits::kSmemV);
+  }
+}
+
+// kStages = 1 is FlashAttention-2's loop: one K and one V buffer, V of tile j
+// copied under S_j and K of tile j + 1 under P_j V_j. Where every warp computes on
+// every tile (compressed, window) that hides the copies. The selected branch's
+// warps skip most of the union's tiles, so a tile costs about two dependent
+// round trips to L2 with little to hide them, and the kernel's 255 registers
+// allow two CTAs per SM whatever its shared memory. kStages = 2 copies the next
+// tile's K and V together while this tile's products run: one round trip per
+// tile and twice the bytes in flight, at the same occupancy.
+template <class Traits, class Schedule, int kStages = 1>
 __global__ void __launch_bounds__(Traits::kThreads)
     attn_fwd_kernel(const AttnFwdParams p) {
+  static_assert(kStages == 1 || kStages == 2);
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
@@ -35,7 +55,9 @@ __global__ void __launch_bounds__(Traits::kThreads)
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
   Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
   Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutO{});  // after the mainloop
-  char* smem_schedule = smem + Traits::kSmemAttn;
+  char* smem_schedule = smem + fwd_smem_tiles<Traits, kStages>();
+  constexpr int kStageElems = Traits::kBlockN * (kDk + kDv);
+  static_assert(kStageElems % 512 == 0, "a stage moves whole swizzle periods (8 rows x 64)");
 
   const Element* q = static_cast<const Element*>(p.q) + si.batch * p.q_batch_stride;
   const Element* k = static_cast<const Element*>(p.k) + si.batch * p.k_batch_stride + hkv * p.k_head_stride;
@@ -84,39 +106,91 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
   KvTile tile;
   bool have = sched.next(tile);
-  if (have) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
-  cute::cp_async_fence();
-
-  while (have) {
-    cute::cp_async_wait<0>();
-    __syncthreads();  // K (and Q) landed; everyone is done with the previous V
-    load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
+  if constexpr (kStages == 1) {
+    if (have) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, tile, tid);
     cute::cp_async_fence();
 
-    // Warp-uniform: the loads and barriers above and below run for every warp.
-    const bool warp_sees = warp_sees_tile(sched, tile, row_ok, row_t);
-    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    Tensor rP = make_tensor<Element>(acc_s.layout());
-    if (warp_sees) {
+    while (have) {
+      cute::cp_async_wait<0>();
+      __syncthreads();  // K (and Q) landed; everyone is done with the previous V
+      load_kv_tile<kBlockN, kDv, kThreads>(sV, v, p.v_row_stride, key_row0, tile, tid);
+      cute::cp_async_fence();
+
+      // Warp-uniform: the loads and barriers above and below run for every warp.
+      const bool warp_sees = warp_sees_tile(sched, tile, row_ok, row_t);
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
+      Tensor rP = make_tensor<Element>(acc_s.layout());
+      if (warp_sees) {
+        clear(acc_s);
+        gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+        Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+        if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+        softmax.update(scores, acc_o_rc, scale_log2);
+        convert_fragment(acc_s, rP);
+      }
+      Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+
+      cute::cp_async_wait<0>();
+      __syncthreads();  // V landed; everyone is done reading K
+      KvTile next_tile;
+      const bool have_next = sched.next(next_tile);
+      if (have_next) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, next_tile, tid);
+      cute::cp_async_fence();
+
+      if (warp_sees) gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, copy_v, thr_copy_v);
+      tile = next_tile;
+      have = have_next;
+    }
+  } else {
+    auto load_kv = [&](auto stage, const KvTile& t) {
+      constexpr int off = decltype(stage)::value * kStageElems;
+      auto sK_st = shifted(sK, off);
+      auto sV_st = shifted(sV, off);
+      load_kv_tile<kBlockN, kDk, kThreads>(sK_st, k, p.k_row_stride, key_row0, t, tid);
+      load_kv_tile<kBlockN, kDv, kThreads>(sV_st, v, p.v_row_stride, key_row0, t, tid);
+    };
+    // This warp's S = Q K^T of `tile`, its mask, the online softmax and P, with K
+    // `off` elements past stage 0. (The one-stage loop above keeps its own copy of
+    // these lines: through this helper ptxas spilled in the compressed and window
+    // kernels, and inline here it spilled in this one; sass_report.py.)
+    using TileP = decltype(make_tensor<Element>(
+        partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{}).layout()));
+    auto tile_probs = [&](const KvTile& t, int off, TileP& rP) {
+      Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
-      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
+      gemm_ss(acc_s, tSrQ, tSrK, tSsQ, shifted(tSsK, off), mma, copy_q, copy_k, thr_copy_q, thr_copy_k);
       Tensor scores = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-      if (tile.need_mask) mask_scores(scores, tScS_rc, sched, tile, row_ok, row_t);
+      if (t.need_mask) mask_scores(scores, tScS_rc, sched, t, row_ok, row_t);
       softmax.update(scores, acc_o_rc, scale_log2);
       convert_fragment(acc_s, rP);
-    }
-    Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
-
-    cute::cp_async_wait<0>();
-    __syncthreads();  // V landed; everyone is done reading K
-    KvTile next_tile;
-    const bool have_next = sched.next(next_tile);
-    if (have_next) load_kv_tile<kBlockN, kDk, kThreads>(sK, k, p.k_row_stride, key_row0, next_tile, tid);
+    };
+    auto tile_pv = [&](const TileP& rP, int off) {
+      Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+      gemm_rs(acc_o, tOrP, tOrVt, shifted(tOsVt, off), mma, copy_v, thr_copy_v);
+    };
+    // The stage a compile-time constant (tiles come in pairs), as in the dq kernel.
+    auto run_tile = [&](auto stage) {
+      constexpr int off = decltype(stage)::value * kStageElems;
+      KvTile next_tile;
+      const bool have_next = sched.next(next_tile);
+      cute::cp_async_wait<0>();
+      __syncthreads();  // this stage's K, V (and Q) landed; everyone is done with the other stage
+      if (have_next) load_kv(Int<1 - decltype(stage)::value>{}, next_tile);
+      cute::cp_async_fence();
+      if (warp_sees_tile(sched, tile, row_ok, row_t)) {  // warp-uniform; no barrier below
+        TileP rP;
+        tile_probs(tile, off, rP);
+        tile_pv(rP, off);
+      }
+      tile = next_tile;
+      have = have_next;
+    };
+    if (have) load_kv(_0{}, tile);
     cute::cp_async_fence();
-
-    if (warp_sees) gemm_rs(acc_o, tOrP, tOrVt, tOsVt, mma, copy_v, thr_copy_v);
-    tile = next_tile;
-    have = have_next;
+    while (have) {
+      run_tile(_0{});
+      if (have) run_tile(_1{});
+    }
   }
 
   // Epilogue: normalise, write lse (one thread of each quad) and O (through smem
@@ -131,14 +205,14 @@ __global__ void __launch_bounds__(Traits::kThreads)
 
 // Launches a forward kernel of either family (`kernel`: attn_fwd_kernel here, or the
 // Hopper attn_fwd_sm90_kernel) over the query tiles: one CTA per (kBlockM rows,
-// kv head, sequence), Traits::kSmemAttn bytes of tiles plus the schedule's.
-template <class Traits, class Schedule, class Kernel>
+// kv head, sequence), fwd_smem_tiles bytes of tiles plus the schedule's.
+template <class Traits, class Schedule, int kStages = 1, class Kernel>
 void launch_attn_fwd(const AttnFwdParams& p, cudaStream_t stream, const char* what, Kernel kernel) {
   const int64_t m_blocks = (p.seqlen * p.group + Traits::kBlockM - 1) / Traits::kBlockM;
   if (m_blocks == 0 || p.num_heads_kv == 0 || p.num_seqs == 0) return;
   if (m_blocks > INT32_MAX || p.num_heads_kv > 65535 || p.num_seqs > 65535)
     throw std::runtime_error(std::string("nsa_cuda: ") + what + ": problem too large for the grid");
-  const int smem = Traits::kSmemAttn + Schedule::smem_bytes(p);
+  const int smem = fwd_smem_tiles<Traits, kStages>() + Schedule::smem_bytes(p);
   set_smem_limit(kernel, smem, what, Schedule::smem_hint(p));
   dim3 grid(unsigned(m_blocks), unsigned(p.num_heads_kv), unsigned(p.num_seqs));
   NSA_LAUNCH(grid, Traits::kThreads, smem, stream, kernel)(p);
@@ -159,7 +233,11 @@ void run_attn_fwd(const AttnFwdParams& p, cudaStream_t stream) {
     }
     case Branch::kSelected: {
       using S = SelectedSchedule<Traits::kBlockM, Traits::kBlockN, Traits::kThreads>;
-      launch_attn_fwd<Traits, S>(p, stream, "selected_attn_fwd", attn_fwd_kernel<Traits, S>);
+      if (selected_fwd_stages() == 2) {
+        launch_attn_fwd<Traits, S, 2>(p, stream, "selected_attn_fwd", attn_fwd_kernel<Traits, S, 2>);
+      } else {
+        launch_attn_fwd<Traits, S>(p, stream, "selected_attn_fwd", attn_fwd_kernel<Traits, S, 1>);
+      }
       break;
     }
     case Branch::kWindow: {
