@@ -149,7 +149,7 @@ def mainloop(request, monkeypatch):
 
 @pytest.fixture(params=["2", "1"])
 def slc_stages(request, monkeypatch):
-    """The selected forward's K/V pipeline: two stages (the default) and one."""
+    """The selected forward's K/V pipeline: two stages (the default on an H100) and one."""
     monkeypatch.setenv("NSA_SLC_FWD_STAGES", request.param)
     return request.param
 
@@ -160,8 +160,27 @@ def test_slc_fwd_stages_setting(emu, monkeypatch):
     kv = torch.rand(1, 8, 1, dk).to(dtype)
     bi = torch.zeros(1, 8, 1, 1, dtype=torch.int32)
     monkeypatch.setenv("NSA_SLC_FWD_STAGES", "3")
-    with pytest.raises(RuntimeError, match="NSA_SLC_FWD_STAGES must be 1 or 2, got '3'"):
+    with pytest.raises(RuntimeError, match="NSA_SLC_FWD_STAGES must be auto, 1 or 2, got '3'"):
         emu.selected_attn_fwd(q, kv, kv[..., :dv].contiguous(), bi, None, 8, 16, 0.125)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=_id)
+def test_slc_fwd_stages_small_smem(F, emu, dims, monkeypatch):
+    """On a device with 99 KB of shared memory per block (sm_86/89), the two-stage
+    selected forward at Dk = 192 does not fit: the default takes one stage and is
+    right; forcing two raises a clear error."""
+    dk, dv, dtype = dims
+    if dk < 192:
+        pytest.skip("at Dk <= 128 both pipelines fit in 99 KB")
+    monkeypatch.setenv("NSA_EMU_SMEM_OPTIN", str(99 * 1024))
+    monkeypatch.setenv("NSA_EMU_SMEM_PER_SM", str(100 * 1024))
+    q, k, v = _qkv(F, 1, 130, 1, 4, dims)
+    bi = F.random_block_indices(1, 130, 1, 3, 32, seed=4)
+    monkeypatch.delenv("NSA_SLC_FWD_STAGES", raising=False)
+    F.check_selected(q, k, v, bi, 32)
+    monkeypatch.setenv("NSA_SLC_FWD_STAGES", "2")
+    with pytest.raises(RuntimeError, match="shared memory per block but this device allows 101376"):
+        emu.selected_attn_fwd(q, k, v, bi, None, 130, 32, dk ** -0.5)
 
 
 def test_fwd_mainloop_setting(emu, monkeypatch):

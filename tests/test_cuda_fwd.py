@@ -456,7 +456,7 @@ def check_branch(name, op, ref_fn, q, k, v, extra, size, cu=None, max_seqlen=Non
 
 @pytest.fixture(params=["2", "1"])
 def slc_stages(request, monkeypatch):
-    """The selected forward's K/V pipeline: two stages (the default) and one
+    """The selected forward's K/V pipeline: two stages (the default where they fit) and one
     (NSA_SLC_FWD_STAGES, read at each call)."""
     monkeypatch.setenv("NSA_SLC_FWD_STAGES", request.param)
     return request.param

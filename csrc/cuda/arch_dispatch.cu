@@ -56,13 +56,27 @@ bool use_sm90_kernels() {
   return can;
 }
 
-int selected_fwd_stages() {
+int selected_fwd_stages(int two_stage_smem) {
   const char* env = std::getenv("NSA_SLC_FWD_STAGES");
-  if (env == nullptr || *env == '\0') return 2;
-  const std::string value = env;
-  if (value != "1" && value != "2")
-    throw std::runtime_error("NSA_SLC_FWD_STAGES must be 1 or 2, got '" + value + "'");
-  return value == "1" ? 1 : 2;
+  const std::string value = env == nullptr ? "" : env;
+  if (value == "1") return 1;
+  if (value == "2") return 2;
+  if (!value.empty() && value != "auto")
+    throw std::runtime_error("NSA_SLC_FWD_STAGES must be auto, 1 or 2, got '" + value + "'");
+  // Two CTAs per SM is the registers' limit either way (255 per thread, 128 threads):
+  // two stages where two of its CTAs fit in an SM's shared memory (an H100's 228 KB
+  // at every head dim), one where the second stage would cost that CTA (an A100's
+  // 164 KB at Dk >= 128, a 100 KB sm_86/89 part at Dk >= 128).
+  constexpr int kCtasPerSm = 2, kReservedPerCta = 1024;
+  int device = 0, per_sm = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  const bool fits = two_stage_smem <= optin && kCtasPerSm * (two_stage_smem + kReservedPerCta) <= per_sm;
+  return fits ? 2 : 1;
 }
 
 }  // namespace nsa::cuda

@@ -233,7 +233,7 @@ void run_attn_fwd(const AttnFwdParams& p, cudaStream_t stream) {
     }
     case Branch::kSelected: {
       using S = SelectedSchedule<Traits::kBlockM, Traits::kBlockN, Traits::kThreads>;
-      if (selected_fwd_stages() == 2) {
+      if (selected_fwd_stages(fwd_smem_tiles<Traits, 2>() + S::smem_bytes(p)) == 2) {
         launch_attn_fwd<Traits, S, 2>(p, stream, "selected_attn_fwd", attn_fwd_kernel<Traits, S, 2>);
       } else {
         launch_attn_fwd<Traits, S>(p, stream, "selected_attn_fwd", attn_fwd_kernel<Traits, S, 1>);

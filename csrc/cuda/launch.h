@@ -32,10 +32,13 @@ void run_attn_fwd_sm90(const AttnFwdParams& params, cudaStream_t stream);
 // of two). The selected forward and dq and the decode run mma.sync.
 bool use_sm90_kernels();
 
-// K/V pipeline stages of the selected branch's forward (attn_fwd.cuh): 2, or what
-// NSA_SLC_FWD_STAGES (read at each call: 1 or 2) says, so that a device run can time
-// both on the same inputs (bench/suite.py's branch.selected_1stage row).
-int selected_fwd_stages();
+// K/V pipeline stages of the selected branch's forward (attn_fwd.cuh), given the
+// two-stage kernel's shared memory for this call: 2 where two CTAs of it fit on an
+// SM of the current device (the occupancy its registers allow anyway), else 1.
+// NSA_SLC_FWD_STAGES (read at each call: auto, 1 or 2) overrides, so that a device
+// run can time both on the same inputs (bench/suite.py's branch.selected_1stage);
+// a forced 2 that does not fit raises at the launch.
+int selected_fwd_stages(int two_stage_smem);
 
 // The Hopper backward kernels (attn_bwd_sm90.cuh), instantiated next to
 // run_attn_fwd_sm90: dq of the compressed and window branches, dk/dv of

@@ -39,18 +39,32 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount = 16,
   cudaDevAttrComputeCapabilityMajor = 75,
   cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace nsa_emu {
 constexpr int kSmemOptin = 227 * 1024;  // H100 / H200
+constexpr int kSmemPerSm = 228 * 1024;
 constexpr int kSmemDefault = 48 * 1024;
 constexpr int kNumSms = 132;
 
 inline uint64_t env_u64(const char* name, uint64_t dflt) {
   const char* v = std::getenv(name);
   return v && *v ? std::strtoull(v, nullptr, 10) : dflt;
+}
+
+// The shared memory the emulated device allows a block (opt-in) and has per SM:
+// an H100's, or NSA_EMU_SMEM_OPTIN / NSA_EMU_SMEM_PER_SM (read at each query), e.g.
+// an sm_86 GPU's 99 KB, for the kernels' choices by device size.
+inline int smem_optin() {
+  const uint64_t n = env_u64("NSA_EMU_SMEM_OPTIN", kSmemOptin);
+  return n > 0 && n <= uint64_t(kSmemOptin) ? int(n) : kSmemOptin;
+}
+inline int smem_per_sm() {
+  const uint64_t n = env_u64("NSA_EMU_SMEM_PER_SM", kSmemPerSm);
+  return n > 0 && n <= uint64_t(kSmemPerSm) ? int(n) : kSmemPerSm;
 }
 
 // The SM count the emulated device reports: kNumSms, or NSA_EMU_SMS (read at each
@@ -110,7 +124,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) 
   switch (a) {
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = nsa_emu::kSmemDefault; return cudaSuccess;
     case cudaDevAttrMultiProcessorCount: *v = nsa_emu::num_sms(); return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = nsa_emu::kSmemOptin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = nsa_emu::smem_optin(); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = nsa_emu::smem_per_sm(); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *v = 9; return cudaSuccess;  // sm_90
     case cudaDevAttrComputeCapabilityMinor: *v = 0; return cudaSuccess;
   }
@@ -119,7 +134,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) 
 template <class Fn>
 inline cudaError_t cudaFuncSetAttribute(Fn* fn, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      value > nsa_emu::kSmemOptin) {
+      value > nsa_emu::smem_optin()) {
     nsa_emu::set_error(cudaErrorInvalidValue, "cudaFuncSetAttribute: invalid value");
     return cudaErrorInvalidValue;
   }
