@@ -289,6 +289,7 @@ if rec["bench"]:
         print(f"  {str(r.get('shape', '')):6s} {r.get('op', '?'):34s} {r.get('T', ''):>7} {r.get('pass', ''):8s} "
               f"{('%.3f' % ms) if isinstance(ms, (int, float)) else '-':>9s} "
               f"{('%.1f' % tf) if isinstance(tf, (int, float)) else '':>7s} "
+              f"{('%.0f GB/s ' % r['gbps']) if r.get('gbps') else ''}"
               f"{'' if isinstance(ms, (int, float)) else str(r.get('error'))[:80]}")
 PYEOF
 mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
