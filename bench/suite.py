@@ -437,10 +437,13 @@ def merge_partials(outs: List[torch.Tensor], lses: List[torch.Tensor]):
     """(o, lse) of attention over the union of disjoint key sets from each set's (o_c,
     lse_c): lse = logsumexp_c lse_c, o = sum_c exp(lse_c - lse) o_c (o [B, T, H, D],
     lse [B, H, T]; a row empty everywhere keeps o = 0, lse = -inf)."""
-    lse_all = torch.stack([x.double() for x in lses])
+    acc = torch.promote_types(outs[0].dtype, torch.float32)  # fp32 (fp64 for fp64 inputs)
+    lse_all = torch.stack([x.to(acc) for x in lses])
     lse = torch.logsumexp(lse_all, dim=0)
     w = torch.exp(lse_all - lse).nan_to_num(0.0)  # -inf - -inf: an empty row
-    o = sum(w[c].permute(0, 2, 1).unsqueeze(-1) * outs[c].double() for c in range(len(outs)))
+    o = torch.zeros(outs[0].shape, dtype=acc, device=outs[0].device)
+    for c in range(len(outs)):
+        o.addcmul_(w[c].permute(0, 2, 1).unsqueeze(-1), outs[c])
     return o.to(outs[0].dtype), lse.to(lses[0].dtype)
 
 
