@@ -754,3 +754,23 @@ def test_bwd_dout_scale(varlen):
         assert not torch.allclose(got[0], bwd(do, dlse, *rest)[0])  # the scale is used
     with pytest.raises(RuntimeError, match="dout_scale must be a floating-point"):
         ops.window_attn_bwd(do, None, q, k, v, o, lse, cu, ms, 5, 0.4, dout_scale=g[:, :-1])
+
+
+def test_varlen_padding_rows_cleared():
+    """Rows past cu_seqlens[-1] belong to no sequence: every forward op gives them
+    o = 0 and lse = -inf (an empty row's values), whatever memory it was handed (a NaN left there
+    would reach the gate gradients through rowsum(o * do))."""
+    ops = torch.ops.nsa_cuda
+    gen, cu, ms, q, k, v, kc, vc = _bwd_op_inputs(True, 3, [11, 26], 31)
+    T, total = q.shape[1], int(cu[-1])
+    bi = torch.randint(-1, 3, (1, T, 2, 2), generator=gen, dtype=torch.int32)
+    for fwd, kk, vv, extra, sizes in ((ops.compressed_attn_fwd, kc, vc, (), (8, 4)),
+                                      (ops.selected_attn_fwd, k, v, (bi,), (8,)),
+                                      (ops.window_attn_fwd, k, v, (), (5,))):
+        for _ in range(3):  # freed NaN buffers of the outputs' sizes, for at::empty to reuse
+            dirty = [torch.full((1, T, 4, vv.shape[-1]), float("nan"), dtype=q.dtype),
+                     torch.full((1, 4, T), float("nan"), dtype=q.dtype)]
+            del dirty
+            o, lse = fwd(q, kk, vv, *extra, cu, ms, *sizes, 0.4)
+            assert bool((o[:, total:] == 0).all()) and bool(torch.isneginf(lse[:, :, total:]).all())
+            assert not o[:, :total].isnan().any()

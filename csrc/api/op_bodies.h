@@ -26,6 +26,8 @@
 //   decode_gate_combine(DecodeGateParams, dtype)
 #pragma once
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/ge.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/isneginf.h>
 #include <ATen/ops/where.h>
@@ -108,6 +110,27 @@ AttnFwdParams attn_params(const AttnSpec& spec, const at::Tensor& q, const at::T
   return p;
 }
 
+// Varlen: the rows past the last sequence (cu_seqlens[-1] and on) belong to no
+// sequence and no kernel writes them. Left as at::empty gives them, a NaN there
+// reaches the gate gradients (rowsum(o * do) with do = 0) and, through the layer's
+// projections, every weight; so they get the reference's o = 0, lse = -inf. The CPU
+// reads the total; on CUDA a device-side mask keeps the call free of host syncs.
+inline void clear_padding_rows(at::Tensor& o, at::Tensor& lse, const at::Tensor& cu_seqlens) {
+  const int64_t rows = o.size(1);
+  if (rows == 0 || cu_seqlens.numel() == 0) return;
+  if (cu_seqlens.is_cpu()) {
+    const int64_t total = std::min<int64_t>(cu_seqlens.select(0, -1).item<int64_t>(), rows);
+    if (total >= rows) return;
+    o.narrow(1, total, rows - total).zero_();
+    lse.narrow(2, total, rows - total).fill_(-INFINITY);
+    return;
+  }
+  const at::Tensor pad = at::ge(at::arange(rows, cu_seqlens.options().dtype(at::kLong)),
+                                cu_seqlens.select(0, -1).to(at::kLong));
+  o.masked_fill_(pad.view({1, rows, 1, 1}), 0);
+  lse.masked_fill_(pad.view({1, 1, rows}), -INFINITY);
+}
+
 // Forward of one branch; with seqlens_k, the decode form (queries at the end of
 // each cached sequence, keys from the caches).
 template <class Backend>
@@ -150,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const AttnSpec& spec, const at::Tens
     else
       Backend::attn_fwd(p, q.scalar_type());
   }
+  if (cu_seqlens.has_value() && !decode) clear_padding_rows(o, lse, *cu_seqlens);
   return {o, lse};
 }
 
