@@ -447,15 +447,9 @@ def merge_partials(outs: List[torch.Tensor], lses: List[torch.Tensor]):
     return o.to(outs[0].dtype), lse.to(lses[0].dtype)
 
 
-def bench_selected_bytes(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, pre, flops,
-                         op_prefix, bnote):
-    """The selected forward on the suite's selections, with its bytes; with shared
-    selections; and as key-range passes (see SELECTED_CTA_ROWS)."""
-    G, elt = s.Hq // s.Hkv, sets[0]["k"].element_size()
-
-    def nbytes(bi):
-        return selected_tile_bytes(bi, G, cfg.lp, s.Dk, s.Dv, elt)
-
+def bench_selected_bytes(run: Runner, base, cfg: NSA, sets, pre, flops, nbytes, op_prefix, bnote):
+    """The selected forward with shared selections and as key-range passes (see
+    SELECTED_CTA_ROWS); ``nbytes(bi)``: the kernel's bytes for block indices bi."""
     def slc_with(bis):
         def call(i):
             x = sets[i]
@@ -588,8 +582,9 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
                                           slc_local_blocks=cfg.n_local)
     run.add(base, f"{op_prefix}.branch.selection", "fwd", select, nsets=len(sets),
             flops=fl["fwd"]["selection"], note=bnote + "; no backward (discrete choice)")
-    slc_bytes = selected_tile_bytes(pre[0]["bi"], s.Hq // s.Hkv, cfg.lp, s.Dk, s.Dv,
-                                    sets[0]["k"].element_size())
+    def slc_nbytes(bi):
+        return selected_tile_bytes(bi, s.Hq // s.Hkv, cfg.lp, s.Dk, s.Dv, sets[0]["k"].element_size())
+    slc_bytes = slc_nbytes(pre[0]["bi"])
     add_passes(run, base, f"{op_prefix}.branch.selected", slc, sets,
                lambda p: fl[p]["selected"], note=bnote + "; fwd bytes: the K/V of each CTA's "
                "block union, q and o", fwd_bytes=slc_bytes)
@@ -597,7 +592,7 @@ def bench_nsa(run: Runner, base, s: Shape, T: int, cfg: NSA, sets, op_prefix="ns
         run.add(base, f"{op_prefix}.branch.selected_1stage", "fwd",
                 with_env("NSA_SLC_FWD_STAGES", "1", slc), nsets=len(sets), flops=fl["fwd"]["selected"],
                 bytes_read=slc_bytes, note=bnote + "; one K/V stage (NSA_SLC_FWD_STAGES=1; branch.selected: two)")
-    bench_selected_bytes(run, base, s, T, cfg, sets, pre, fl["fwd"]["selected"], op_prefix, bnote)
+    bench_selected_bytes(run, base, cfg, sets, pre, fl["fwd"]["selected"], slc_nbytes, op_prefix, bnote)
     add_passes(run, base, f"{op_prefix}.branch.window", wnd, sets,
                lambda p: fl[p]["window"], note=bnote)
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
